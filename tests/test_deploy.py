@@ -1,0 +1,115 @@
+"""The deploy form: each rewrite keeps the function, shapes are static, the input model is untouched."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import cloformer_deploy as cd
+from cloformer_deploy.models import DEPLOY_STEPS, InputSizeError
+from cloformer_deploy.models.cloformer import CloFormer, CloFormerConfig
+from cloformer_deploy.models.deploy_modules import ChannelNorm
+from conftest import max_abs, randomise_norms
+
+STEP_NAMES = [s.name for s in DEPLOY_STEPS]
+
+# the authors' default config.py: two local branches with different kernels, so mixers really merge
+TWO_BRANCH = CloFormerConfig(embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(2, 4, 8, 16),
+                             group_splits=((1, 1), (1, 1, 2), (2, 2, 4), (4, 12)),
+                             kernel_sizes=((5,), (5, 3), (5, 3), (3,)))
+
+
+def _model(name):
+    torch.manual_seed(1)
+    model = CloFormer(TWO_BRANCH, num_classes=10) if name == "two_branch" else cd.create_model(name, num_classes=10)
+    return randomise_norms(model.eval(), seed=3)
+
+
+@pytest.fixture(scope="module", params=["cloformer_xxs", "cloformer_global", "cloformer_no_global", "fat_b0",
+                                        "two_branch"])
+def model_and_input(request):
+    torch.manual_seed(2)
+    return _model(request.param), torch.randn(2, 3, 64, 96)
+
+
+@pytest.mark.parametrize("upto", range(1, len(STEP_NAMES) + 1), ids=STEP_NAMES)
+def test_each_rewrite_step_keeps_the_function(model_and_input, upto):
+    model, x = model_and_input
+    deploy = cd.to_deploy(model, (64, 96), steps=STEP_NAMES[:upto])
+    with torch.no_grad():
+        ref, out = model(x), deploy(x)
+    assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_rewrites_reach_their_targets():
+    for name in ("cloformer_xxs", "fat_b0", "two_branch"):
+        d = cd.to_deploy(_model(name), (64, 64))
+        kinds = {type(m).__name__ for m in d.modules()}
+        assert not kinds & {"BatchNorm2d", "SyncBatchNorm", "GroupNorm", "Dropout", "DropPath"}, kinds
+        assert all(s.local_scale is None and s.global_scale is None for s in d.modules()
+                   if type(s).__name__ == "StaticCloAttention")
+        assert all(s.scale is None for s in d.modules() if type(s).__name__ == "StaticFASA")
+        affine = [m for m in d.modules() if isinstance(m, ChannelNorm) and m.affine]
+        if name.startswith("cloformer") or name == "two_branch":
+            # only the stem's norm keeps its affine: it feeds a residual
+            assert len(affine) == 1
+        else:
+            # FAT: stem + blocks whose kv path is a padded strided depthwise conv (stages 0-2)
+            assert len(affine) == 1 + 2 + 2 + 6
+    merged = [m for m in cd.to_deploy(_model("two_branch"), (64, 64)).modules()
+              if type(m).__name__ == "StaticCloAttention" and len(m.local_channels) == 2]
+    assert merged and all(m.mixer.kernel_size == (5, 5) and m.in_proj is not None for m in merged)
+
+
+class _ShapeProbe(torch.Tensor):
+    """A tensor that records every read of its shape (``.shape``, ``.size()``) during forward."""
+
+    reads: list = []
+    _readers = (torch.Tensor.shape.__get__, torch.Tensor.size)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls._readers:
+            cls.reads.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("name", ["cloformer_xxs", "fat_b0", "two_branch"])
+def test_forward_never_reads_input_shape(name):
+    model = _model(name)
+    x = torch.randn(1, 3, 64, 96).as_subclass(_ShapeProbe)
+    _ShapeProbe.reads = []
+    with torch.no_grad():
+        model(x)
+    assert _ShapeProbe.reads, "the probe must see the authors' form read shapes"
+    _ShapeProbe.reads = []
+    with torch.no_grad():
+        cd.to_deploy(model, (64, 96))(x)
+    assert _ShapeProbe.reads == []
+
+
+def test_deploy_form_is_bound_to_its_size():
+    d = cd.to_deploy(_model("cloformer_xxs"), (64, 64))
+    with pytest.raises(RuntimeError):
+        d(torch.randn(1, 3, 96, 96))
+
+
+def test_input_model_is_untouched():
+    model = _model("fat_b0")
+    before = copy.deepcopy(model.state_dict())
+    types = [type(m) for m in model.modules()]
+    cd.to_deploy(model, (64, 64))
+    assert [type(m) for m in model.modules()] == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("size, hint", [((230, 300), "224x288"), ((100, 100), "96x96"), ((16, 64), "32x64")])
+def test_size_not_multiple_of_32_names_nearest(size, hint):
+    with pytest.raises(InputSizeError, match=hint):
+        cd.to_deploy(_model("cloformer_xxs"), size)
+
+
+def test_unknown_step_is_an_error():
+    with pytest.raises(ValueError, match="fold_batchnorm"):
+        cd.to_deploy(_model("cloformer_xxs"), (64, 64), steps=["fold_everything"])
