@@ -50,10 +50,15 @@ class ChannelNorm(nn.Module):
         self.weight = self.bias = None
         return gamma, beta
 
+    def _mean_chw(self, t: torch.Tensor) -> torch.Tensor:
+        # mean over (C, H, W) as two spatial means: mobile delegates (XNNPACK) only
+        # reduce the two innermost dims of a 4-D tensor; the groups are equal-sized, so it is exact
+        t = t.mean(dim=(2, 3), keepdim=True).reshape(-1, 1, self.num_channels, 1)
+        return t.mean(dim=(2, 3), keepdim=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        xc = x - mean
-        var = (xc * xc).mean(dim=(1, 2, 3), keepdim=True)
+        xc = x - self._mean_chw(x)
+        var = self._mean_chw(xc * xc)
         y = xc * torch.rsqrt(var + self.eps)
         if self.weight is not None:
             y = y * self.weight + self.bias
@@ -63,9 +68,35 @@ class ChannelNorm(nn.Module):
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
 
 
-def _split_qkv(t: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = torch.split(t, [c, c, c], dim=1)
-    return q, k, v
+def _channel_slices(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Consecutive channel ranges as slices (``torch.split`` lowers to an op XNNPACK does not take)."""
+    if len(sizes) == 1:  # a full-range slice would export as an alias op outside the delegate
+        return [t]
+    out, start = [], 0
+    for n in sizes:
+        out.append(t[:, start:start + n])
+        start += n
+    return out
+
+
+def pooled_attention(q: torch.Tensor, kv: torch.Tensor, channels: int, dim_head: int, h: int, w: int,
+                     n_kv: int, scale: float | None) -> torch.Tensor:
+    """Multi-head attention of every position over pooled keys and values, as 3-D batched matmuls.
+
+    ``q``: (B, C, h, w); ``kv``: (B, 2C, h', w'), k channels first, C = heads * dim_head.
+    Heads fold into the batch; k is used as stored, (d, n); the output comes out as
+    (d, hw) and reshapes straight back to (B, C, h, w). Only q and the attention map
+    are transposed; no 5-D tensor, expand or squeeze appears.
+    """
+    hw = h * w
+    q_t = q.reshape(-1, dim_head, hw).transpose(1, 2)  # (B*m, hw, d)
+    if scale is not None:
+        q_t = scale * q_t
+    k, v = _channel_slices(kv, [channels, channels])
+    k = k.reshape(-1, dim_head, n_kv)  # (B*m, d, n)
+    v = v.reshape(-1, dim_head, n_kv)  # (B*m, d, n)
+    attn = torch.softmax(torch.bmm(q_t, k), dim=-1)  # (B*m, hw, n)
+    return torch.bmm(v, attn.transpose(1, 2)).reshape(-1, channels, h, w)
 
 
 class StaticCloAttention(nn.Module):
@@ -85,13 +116,16 @@ class StaticCloAttention(nn.Module):
         heads = [g for g in attn.group_split[:-1] if g]
         self.local_channels = [attn.dim_head * g for g in heads]
         self.global_heads = attn.global_heads
+        self.global_channels = attn.global_heads * attn.dim_head
         self.qkvs, self.convs, self.act_blocks = attn.qkvs, attn.convs, attn.act_blocks
         self.local_scale: float | None = attn.scale
         self.global_scale: float | None = attn.scale
         if self.global_heads:
             self.global_q, self.global_kv = attn.global_q, attn.global_kv
-            self.pool = attn.avgpool
-            self.n_kv = (h // self.window_size) * (w // self.window_size)
+            ws = self.window_size
+            # count_include_pad=False: the same average (there is no padding), and the form XNNPACK takes
+            self.pool = nn.AvgPool2d(ws, ws, count_include_pad=False) if ws > 1 else nn.Identity()
+            self.n_kv = (h // ws) * (w // ws)
         self.proj = attn.proj
         # set by merge_parallel_convs
         self.in_proj: nn.Conv2d | None = None
@@ -100,41 +134,26 @@ class StaticCloAttention(nn.Module):
         self.kv_in_proj = False  # window 1: the kv projection shares the input and is merged too
 
     def _local(self, qkv: torch.Tensor, c: int, act_block: nn.Module) -> torch.Tensor:
-        q, k, v = _split_qkv(qkv, c)
+        q, k, v = _channel_slices(qkv, [c, c, c])
         a = act_block(q * k)
         if self.local_scale is not None:
             a = a * self.local_scale
         return torch.tanh(a) * v
 
-    def _global(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        m, d, hw = self.global_heads, self.dim_head, self.h * self.w
-        q = q.reshape(-1, m, d, hw).transpose(-1, -2)
-        k, v = kv.reshape(-1, 2, m, d, self.n_kv).permute(1, 0, 2, 4, 3).unbind(0)
-        if self.global_scale is not None:
-            q = self.global_scale * q
-        attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
-        return (attn @ v).transpose(2, 3).reshape(-1, m * d, self.h, self.w)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = []
         if self.in_proj is None:
             qkvs = [mix(proj(x)) for proj, mix in zip(self.qkvs, self.convs)]
             gq = self.global_q(x) if self.global_heads else None
             gkv = self.global_kv(self.pool(x)) if self.global_heads else None
         else:
-            parts = list(torch.split(self.in_proj(x), self.in_proj_split, dim=1))
+            parts = _channel_slices(self.in_proj(x), self.in_proj_split)
             gkv = parts.pop() if self.kv_in_proj else (self.global_kv(self.pool(x)) if self.global_heads else None)
             gq = parts.pop() if self.global_heads else None
-            local = parts[0] if parts else None
-            if local is not None:
-                local = self.mixer(local)
-                qkvs = list(torch.split(local, [3 * c for c in self.local_channels], dim=1))
-            else:
-                qkvs = []
-        for qkv, c, act_block in zip(qkvs, self.local_channels, self.act_blocks):
-            out.append(self._local(qkv, c, act_block))
+            qkvs = _channel_slices(self.mixer(parts[0]), [3 * c for c in self.local_channels]) if parts else []
+        out = [self._local(qkv, c, ab) for qkv, c, ab in zip(qkvs, self.local_channels, self.act_blocks)]
         if self.global_heads:
-            out.append(self._global(gq, gkv))
+            out.append(pooled_attention(gq, gkv, self.global_channels, self.dim_head, self.h, self.w,
+                                        self.n_kv, self.global_scale))
         return self.proj(torch.cat(out, dim=1) if len(out) > 1 else out[0])
 
 
@@ -146,7 +165,6 @@ class StaticFASA(nn.Module):
         self.h, self.w = h, w
         self.dim = attn.q.in_channels
         self.dim_head = attn.dim_head
-        self.num_heads = self.dim // attn.dim_head
         self.window_size = attn.window_size
         self.n_kv = (h // attn.window_size) * (w // attn.window_size)
         self.q, self.kv, self.pool = attn.q, attn.kv, attn.pool
@@ -155,17 +173,11 @@ class StaticFASA(nn.Module):
         self.in_proj: nn.Conv2d | None = None  # q and kv merged (window 1 only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m, d, hw = self.num_heads, self.dim_head, self.h * self.w
         if self.in_proj is None:
             q_local, kv = self.q(x), self.kv(self.pool(x))
         else:
-            q_local, kv = torch.split(self.in_proj(x), [self.dim, 2 * self.dim], dim=1)
-        q = q_local.reshape(-1, m, d, hw).transpose(-1, -2)
-        k, v = kv.reshape(-1, 2, m, d, self.n_kv).permute(1, 0, 2, 4, 3).unbind(0)
-        if self.scale is not None:
-            q = self.scale * q
-        attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
-        global_feat = (attn @ v).transpose(-1, -2).reshape(-1, self.dim, self.h, self.w)
+            q_local, kv = _channel_slices(self.in_proj(x), [self.dim, 2 * self.dim])
+        global_feat = pooled_attention(q_local, kv, self.dim, self.dim_head, self.h, self.w, self.n_kv, self.scale)
         local_feat = F.silu(self.local_mixer(q_local))
         local_feat = local_feat * torch.sigmoid(global_feat)
         return self.mixer(local_feat * global_feat)
