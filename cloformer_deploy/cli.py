@@ -20,16 +20,26 @@ def _size(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"invalid size {text!r}; use 224 or HxW such as 256x320")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line and exit code 2, without the usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def models_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cloformer-models",
-                                description="List the CloFormer and FAT variants with params and MACs.")
+    p = _Parser(prog="cloformer-models", description="List the CloFormer and FAT variants with params and MACs.")
     p.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW (default 224)")
     args = p.parse_args(argv)
     try:
         rows = [profile_model(n, args.img_size) for n in list_models()]
     except (InputSizeError, UnknownModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(p.prog, str(e))
     h, w = args.img_size
     print(f"{'model':<22}{'params':>12}{'GMACs @' + f'{h}x{w}':>18}{'paper GMACs':>13}")
     for r in rows:
@@ -38,5 +48,96 @@ def models_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def export_main(argv: list[str] | None = None) -> int:
+    from .export import BACKENDS, ExportInputError, export
+    from .export.progress import Progress
+
+    formats = ", ".join(f"{n} ({b.suffix}, {b.runtime}; {'/'.join(b.precisions)}, default {b.default_precision})"
+                        for n, b in BACKENDS.items())
+    p = _Parser(prog="cloformer-export",
+                description="Export CloFormer/FAT to validated ONNX, Core ML and ExecuTorch artifacts, "
+                            "bundled with labels and a manifest.")
+    p.add_argument("--model", default="cloformer-xxs", help=f"one of: {', '.join(list_models())} (default cloformer-xxs)")
+    p.add_argument("--weights", help="checkpoint (.pth/.pt/.safetensors); without it the model is randomly initialised")
+    p.add_argument("--format", default="all", help=f"all, or a comma list of: {formats}")
+    p.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW such as 256x320; multiples of 32")
+    p.add_argument("--num-classes", type=int, help="classes of the head (default: the checkpoint's, else 1000)")
+    p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], help="default: fp16 for coreml, fp32 for the others")
+    p.add_argument("--out", default="export", help="output folder (default export/)")
+    p.add_argument("--labels", help="class names, one per line (default: ImageNet-1k names for 1000 classes)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 18; 17 uses the TorchScript exporter)")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    p.add_argument("--no-validate", action="store_true", help="skip running the artifacts against PyTorch")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--zip", action="store_true", help="also write <bundle>.zip for an app")
+    p.add_argument("--data", help="folder of images for validation (default: photographs bundled with scikit-image)")
+    p.add_argument("--min-top1-agreement", type=float, help="also require this top-1 agreement (0..1)")
+    p.add_argument("--coreml-input", choices=["image", "tensor"], default="image",
+                   help="Core ML input: RGB image with normalisation inside (default) or a normalised float tensor")
+    p.add_argument("--coreml-target", default="iOS16", help="minimum deployment target: iOS16 (default), iOS17, iOS18")
+    p.add_argument("--backend", choices=["xnnpack", "portable"], default="xnnpack",
+                   help="ExecuTorch backend (portable runs about 100x slower)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
+    args = p.parse_args(argv)
+    progress = Progress(quiet=args.quiet)
+    try:
+        result = export(args.model, weights=args.weights, formats=args.format, img_size=args.img_size,
+                        num_classes=args.num_classes, batch=args.batch, precision=args.precision, out=args.out,
+                        labels=args.labels, opset=args.opset, simplify=not args.no_simplify,
+                        validate_artifacts=not args.no_validate, force=args.force, zip_bundle=args.zip,
+                        data=args.data, coreml_input=args.coreml_input, coreml_target=args.coreml_target,
+                        et_backend=args.backend, min_top1_agreement=args.min_top1_agreement, progress=progress,
+                        argv=["cloformer-export", *(sys.argv[1:] if argv is None else argv)])
+    except ExportInputError as e:
+        return _fail(p.prog, str(e))
+    except KeyboardInterrupt:
+        print(f"{p.prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(f"\n{'format':<12}{'file':<44}{'size MB':>9}  validation")
+    for a in result.artifacts:
+        v = a.entry.get("validation")
+        if v is None:
+            verdict = "not validated"
+        elif v.get("figures"):
+            f = v["figures"]
+            verdict = (f"{'PASS' if v['passed'] else 'FAIL'} ({v['method']}) max abs {f['max_abs']:.1e}, "
+                       f"cosine {f['cosine']:.5f}, top-1 {f['top1_agreement']:.0%}")
+        else:
+            verdict = f"{'PASS' if v['passed'] else 'FAIL'} ({v['method']})"
+        print(f"{a.format:<12}{a.path.name:<44}{a.entry['size_bytes'] / 1e6:>9.2f}  {verdict}")
+    print(f"\nbundle: {result.bundle}  ({result.seconds:.1f}s)")
+    if result.zip_path:
+        print(f"zip:    {result.zip_path}")
+    if not result.passed:
+        print(f"{p.prog}: validation FAILED; the bundle was left at {result.bundle} with the figures "
+              "in manifest.json", file=sys.stderr)
+        return 1
+    print(f"next:   cloformer-validate {result.bundle}" + (f" --weights {args.weights}" if args.weights else ""))
+    return 0
+
+
+def validate_main(argv: list[str] | None = None) -> int:
+    from .export import ExportInputError, validate_bundle
+    from .export.progress import Progress
+
+    p = _Parser(prog="cloformer-validate",
+                description="Re-run the validation of an exported bundle against PyTorch; exit 1 if any fails.")
+    p.add_argument("bundle", help="a folder written by cloformer-export")
+    p.add_argument("--weights", help="the checkpoint the bundle was exported from")
+    p.add_argument("--data", help="folder of images (default: photographs bundled with scikit-image)")
+    p.add_argument("--min-top1-agreement", type=float, help="also require this top-1 agreement (0..1)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        ok, reports = validate_bundle(args.bundle, weights=args.weights, data=args.data,
+                                      min_top1_agreement=args.min_top1_agreement,
+                                      progress=Progress(quiet=args.quiet))
+    except ExportInputError as e:
+        return _fail(p.prog, str(e))
+    print(f"{'PASS' if ok else 'FAIL'}: {sum(r['passed'] for r in reports)}/{len(reports)} artifacts pass")
+    return 0 if ok else 1
+
+
 if __name__ == "__main__":
-    sys.exit(models_main())
+    sys.exit(export_main())

@@ -39,3 +39,28 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
+
+
+TINY = "cloformer_tiny_test"
+
+
+@pytest.fixture(scope="session")
+def tiny_variant():
+    """A small CloFormer (all branch kinds, 4 blocks) registered for the session: fast exports."""
+    from cloformer_deploy.models.cloformer import CloFormerConfig
+    from cloformer_deploy.models.registry import VARIANTS, Variant
+
+    cfg = CloFormerConfig(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 3, 4),
+                          group_splits=((1, 1), (1, 1), (2, 1), (1, 3)), kernel_sizes=((3,), (5,), (7,), (9,)))
+    VARIANTS[TINY] = Variant(TINY, "cloformer", cfg, None, "test-only tiny CloFormer")
+    yield TINY
+    VARIANTS.pop(TINY, None)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_variant, tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomise_norms(__import__("cloformer_deploy").create_model(tiny_variant, num_classes=10), seed=5)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save({"model": model.state_dict(), "epoch": 1}, path)
+    return path

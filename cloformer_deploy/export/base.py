@@ -1,0 +1,110 @@
+"""The small interface every export format implements, and the registry that lists them.
+
+A backend turns a deploy-form module plus an example input into an artifact on
+disk, and opens an artifact as a runner. The CLI's choices and help, validation,
+packaging and the benchmark all read :data:`BACKENDS`; adding a format is adding a
+module that registers itself.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .images import ImageBatch
+
+
+@dataclass
+class ModelSpec:
+    """What an artifact computes and how its input is prepared; written to the manifest."""
+
+    name: str
+    num_classes: int
+    input_size: tuple[int, int]
+    batch: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    labels: list[str] | None
+    params: int
+    weights: str | None  # path of the checkpoint, or None for random initialisation
+    weights_sha256: str | None
+
+
+@dataclass
+class ExportJob:
+    """Everything a backend needs to write one artifact."""
+
+    module: torch.nn.Module  # the fp32 deploy form, eval mode
+    example: torch.Tensor  # (batch, 3, H, W) float32
+    spec: ModelSpec
+    precision: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner(ABC):
+    """An artifact opened in its own runtime."""
+
+    method: str  # how it runs: "onnxruntime", "executorch", "coreml", "emulated", "structural"
+    numeric = True  # False where this machine can only check the artifact's structure
+
+    @abstractmethod
+    def run(self, batch: ImageBatch) -> np.ndarray:
+        """Logits (N, num_classes) as float32 for one batch of exactly the artifact's batch size."""
+
+    def check_structure(self) -> list[str]:
+        """Problems found in the artifact's interface (names, shapes, metadata); empty when sound."""
+        return []
+
+    def describe(self) -> dict:
+        return {"method": self.method}
+
+
+class Backend(ABC):
+    name: str  # "onnx", "coreml", "executorch"
+    suffix: str  # ".onnx", ".mlpackage", ".pte"
+    runtime: str  # what runs it, for help text
+    precisions: tuple[str, ...] = ("fp32", "fp16")
+    default_precision = "fp32"
+
+    def filename(self, spec: ModelSpec, precision: str) -> str:
+        return f"{spec.name}-{spec.input_size[0]}x{spec.input_size[1]}-{precision}{self.suffix}"
+
+    @abstractmethod
+    def export(self, job: ExportJob, path: Path, log: Callable[[str], None]) -> dict:
+        """Write the artifact at ``path``; return facts for the manifest (delegation, opset, ...)."""
+
+    @abstractmethod
+    def open(self, path: Path, spec: ModelSpec, info: dict) -> Runner:
+        """Open a written artifact as a runner."""
+
+    def versions(self) -> dict[str, str]:
+        return {}
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    BACKENDS[cls.name] = cls()
+    return cls
+
+
+class FormatError(ValueError):
+    pass
+
+
+def parse_formats(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``all``, one name or a comma list, in registry order; unknown names are an error listing the valid ones."""
+    names = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if not names:
+        raise FormatError(f"no format given; choose from: {', '.join(BACKENDS)}, all")
+    if "all" in names:
+        return list(BACKENDS)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise FormatError(f"unknown format {unknown[0]!r}; choose from: {', '.join(BACKENDS)}, all")
+    return [n for n in BACKENDS if n in names]

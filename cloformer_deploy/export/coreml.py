@@ -1,0 +1,232 @@
+"""Core ML: an ML Program (.mlpackage) converted through torch.export, with the ImageNet normalisation inside.
+
+On macOS the package runs with ``MLModel.predict``; elsewhere coremltools can read
+but not execute it, so the runner checks its structure only.
+"""
+from __future__ import annotations
+
+import platform
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .base import Backend, ExportJob, ModelSpec, Runner, register
+from .images import ImageBatch
+
+TARGETS = ("iOS16", "iOS17", "iOS18")
+IMAGE_INPUT, TENSOR_INPUT = "image", "input"
+
+
+class PixelNormalize(torch.nn.Module):
+    """(pixel / 255 - mean) / std per channel, as one multiply-add inside the model.
+
+    coremltools' ImageType has a single ``scale`` and so cannot express per-channel
+    std; folding it into the first convolution would be wrong where that conv pads
+    with zeros (a zero-padded normalised image is not a zero-padded pixel image).
+    """
+
+    def __init__(self, module: torch.nn.Module, mean, std):
+        super().__init__()
+        self.module = module
+        self.register_buffer("scale", torch.tensor([1.0 / (255.0 * s) for s in std]).reshape(1, 3, 1, 1))
+        self.register_buffer("shift", torch.tensor([-m / s for m, s in zip(mean, std)]).reshape(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.module(pixels * self.scale + self.shift)
+
+
+def keep_norm_statistics_fp32(op) -> bool:
+    """fp16 op selector: False (stay fp32) for the ops that compute norm statistics.
+
+    A channel norm squares deviations and averages them over C*H*W values; in fp16 a
+    deviation of 256 already squares to inf (fp16 max 65504). The means, the square,
+    the variance, its epsilon and the reciprocal root stay fp32; the rest runs fp16.
+    """
+    kind = op.op_type
+    if kind in ("reduce_mean", "rsqrt"):
+        return False
+    ins = [v for v in op.inputs.values() if hasattr(v, "op") and v.op is not None]
+    from_mean = any(v.op.op_type == "reduce_mean" for v in ins)
+    if kind == "mul" and op.inputs.get("x") is op.inputs.get("y"):
+        return False
+    if kind in ("sub", "add", "reshape") and from_mean:
+        return False
+    return True
+
+
+class CoreMLRunner(Runner):
+    """``MLModel.predict`` on macOS; a structural check elsewhere."""
+
+    def __init__(self, path: Path, spec: ModelSpec, compute_units: str = "ALL"):
+        import coremltools as ct
+
+        self.path, self.spec = path, spec
+        self.on_mac = platform.system() == "Darwin"
+        self.compute_units = compute_units
+        self.model = ct.models.MLModel(str(path), skip_model_load=not self.on_mac,
+                                       compute_units=getattr(ct.ComputeUnit, compute_units))
+        self.mlspec = self.model.get_spec()
+        self.method = "coreml" if self.on_mac else "structural"
+        self.numeric = self.on_mac
+
+    def describe(self) -> dict:
+        d = {"method": self.method}
+        if self.on_mac:
+            d["compute_units"] = self.compute_units
+        return d
+
+    def check_structure(self) -> list[str]:
+        problems = []
+        desc = self.mlspec.description
+        if self.mlspec.WhichOneof("Type") != "mlProgram":
+            problems.append("not an ML Program")
+        h, w = self.spec.input_size
+        inp = desc.input[0]
+        kind = inp.type.WhichOneof("Type")
+        if kind == "imageType":
+            it = inp.type.imageType
+            if (it.height, it.width) != (h, w):
+                problems.append(f"image input is {it.height}x{it.width}, expected {h}x{w}")
+        elif kind == "multiArrayType":
+            if list(inp.type.multiArrayType.shape) != [self.spec.batch, 3, h, w]:
+                problems.append(f"tensor input shape {list(inp.type.multiArrayType.shape)}")
+        else:
+            problems.append(f"unexpected input type {kind}")
+        if self.spec.labels and desc.predictedFeatureName:  # a classifier: its labels must be the model's
+            labels = self._labels()
+            if labels != list(self.spec.labels):
+                problems.append(f"classifier labels ({len(labels)}) differ from the model's {len(self.spec.labels)}")
+        meta = desc.metadata.userDefined
+        for key in ("model", "input_size", "mean", "std", "weights_sha256"):
+            if key not in meta:
+                problems.append(f"metadata {key!r} missing")
+        weights = self.path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+        if not weights.is_file() or weights.stat().st_size == 0:
+            problems.append("weights file missing or empty")
+        return problems
+
+    def _labels(self) -> list[str]:
+        """The class labels of the program's ``classify`` op (where ClassifierConfig puts them)."""
+        for op in _main_ops_of_spec(self.mlspec):
+            if op.type == "classify":
+                values = op.inputs["classes"].arguments[0].value.immediateValue.list.values
+                return [v.immediateValue.tensor.strings.values[0] for v in values]
+        return []
+
+    def run(self, batch: ImageBatch) -> np.ndarray:
+        if not self.on_mac:
+            raise RuntimeError("Core ML packages execute only on macOS; on Linux the structure is checked")
+        from PIL import Image
+
+        desc = self.mlspec.description
+        name = desc.input[0].name
+        rows = []
+        for i in range(len(batch)):
+            if desc.input[0].type.WhichOneof("Type") == "imageType":
+                feed = {name: Image.fromarray(batch.images[i])}
+            else:
+                feed = {name: batch.tensor[i:i + 1]}
+            out = self.model.predict(feed)
+            rows.append(self._logits(out))
+        return np.concatenate(rows).astype(np.float32)
+
+    def _logits(self, out: dict) -> np.ndarray:
+        probs = self.mlspec.description.predictedProbabilitiesName
+        if probs and probs in out:
+            scores = out[probs]
+            return np.asarray([[scores[label] for label in self.spec.labels]], dtype=np.float32)
+        return np.asarray(next(iter(out.values())), dtype=np.float32).reshape(1, -1)
+
+
+@register
+class CoreMLBackend(Backend):
+    name = "coreml"
+    suffix = ".mlpackage"
+    runtime = "Core ML (macOS/iOS)"
+    default_precision = "fp16"
+
+    def versions(self) -> dict[str, str]:
+        import coremltools
+
+        return {"coremltools": coremltools.__version__}
+
+    def export(self, job: ExportJob, path: Path, log: Callable[[str], None]) -> dict:
+        import coremltools as ct
+
+        s = job.spec
+        h, w = s.input_size
+        input_kind = job.options.get("coreml_input", "image")
+        target = job.options.get("coreml_target", "iOS16")
+        if target not in TARGETS:
+            raise ValueError(f"unknown Core ML target {target!r}; choose from {', '.join(TARGETS)}")
+        if input_kind == "image":
+            module = PixelNormalize(job.module, s.mean, s.std).eval()
+            example = torch.full((s.batch, 3, h, w), 128.0)
+            inputs = [ct.ImageType(name=IMAGE_INPUT, shape=(s.batch, 3, h, w), color_layout=ct.colorlayout.RGB)]
+        else:
+            module, example = job.module, job.example
+            inputs = [ct.TensorType(name=TENSOR_INPUT, shape=(s.batch, 3, h, w), dtype=np.float32)]
+        precision = (ct.transform.FP16ComputePrecision(op_selector=keep_norm_statistics_fp32)
+                     if job.precision == "fp16" else ct.precision.FLOAT32)
+        classify = bool(s.labels) and s.num_classes > 0 and s.batch == 1
+        kwargs = {}
+        if classify:
+            kwargs["classifier_config"] = ct.ClassifierConfig(list(s.labels))
+        else:
+            kwargs["outputs"] = [ct.TensorType(name="logits", dtype=np.float32)]
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(module, (example,)).run_decompositions({})
+            mlmodel = ct.convert(exported, inputs=inputs, convert_to="mlprogram", compute_precision=precision,
+                                 minimum_deployment_target=getattr(ct.target, target), **kwargs)
+        mlmodel.author = "cloformer-deploy"
+        mlmodel.license = "Weights: see the checkpoint's license. CloFormer/FAT architecture by Fan et al."
+        mlmodel.version = s.weights_sha256[:12] if s.weights_sha256 else "random-init"
+        mlmodel.short_description = (f"{s.name} image classifier ({s.num_classes} classes, {h}x{w} RGB); "
+                                     "scores are logits: apply softmax for probabilities")
+        meta = {"model": s.name, "input_size": f"{h}x{w}", "mean": ",".join(map(str, s.mean)),
+                "std": ",".join(map(str, s.std)), "weights_sha256": s.weights_sha256 or "random-init",
+                "precision": job.precision, "num_classes": str(s.num_classes), "input": input_kind}
+        mlmodel.user_defined_metadata.update(meta)
+        mlmodel.save(str(path))
+        ops = _count_ops(mlmodel)
+        return {"input": input_kind, "minimum_deployment_target": target, "classifier": classify,
+                "ops": ops, "fp32_ops_in_fp16_program": _fp32_compute_ops(mlmodel) if job.precision == "fp16" else 0}
+
+    def open(self, path: Path, spec: ModelSpec, info: dict) -> Runner:
+        return CoreMLRunner(path, spec)
+
+
+def _main_ops(mlmodel):
+    return _main_ops_of_spec(mlmodel.get_spec())
+
+
+def _main_ops_of_spec(spec):
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[fn.opset]
+    return block.operations
+
+
+def _count_ops(mlmodel) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for op in _main_ops(mlmodel):
+        if op.type != "const":
+            counts[op.type] = counts.get(op.type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _fp32_compute_ops(mlmodel) -> int:
+    """Ops of an fp16 program that compute in fp32 (the norm statistics kept there on purpose)."""
+    from coremltools.proto import MIL_pb2
+
+    n = 0
+    for op in _main_ops(mlmodel):
+        if op.type in ("const", "cast"):
+            continue
+        outs = [o.type.tensorType.dataType for o in op.outputs if o.type.HasField("tensorType")]
+        if outs and all(t == MIL_pb2.FLOAT32 for t in outs):
+            n += 1
+    return n

@@ -1,0 +1,96 @@
+"""Validation images: real photographs, preprocessed exactly as the manifest states.
+
+The default set is the photographs bundled in scikit-image's wheel (no network).
+Real images matter: noise inputs keep activations small and hide fp16 and
+quantisation drift that photographs expose.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# crop_pct of the authors' evaluation transform (Resize(256/224 * size), CenterCrop(size))
+CROP_PCT = 0.875
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+_SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                   "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "coins.png", "moon.png",
+                   "brick.png")
+
+
+class ImageDataError(ValueError):
+    pass
+
+
+@dataclass
+class ImageBatch:
+    """Images as an app would hand them over (uint8 RGB, NHWC) and as the model takes them (float NCHW)."""
+
+    names: list[str]
+    images: np.ndarray  # (N, H, W, 3) uint8 RGB after resize and centre crop
+    tensor: np.ndarray  # (N, 3, H, W) float32, normalised with mean/std
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def batches(self, size: int):
+        """Consecutive sub-batches of exactly ``size`` images (a static-batch artifact needs exactly that)."""
+        for i in range(0, len(self) - size + 1, size):
+            yield ImageBatch(self.names[i:i + size], self.images[i:i + size], self.tensor[i:i + size])
+
+
+def default_image_paths() -> list[Path]:
+    import skimage.data
+
+    root = Path(skimage.data.__file__).parent
+    return [root / n for n in _SKIMAGE_PHOTOS if (root / n).exists()]
+
+
+def folder_image_paths(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageDataError(f"--data {str(folder)!r} is not a folder; pass a folder of .jpg/.png images")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ImageDataError(f"--data {str(folder)!r} holds no .jpg/.png images; pass a folder with photographs")
+    return paths
+
+
+def load_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """Resize so the image covers size/0.875 (bicubic), centre-crop to size; uint8 RGB (H, W, 3)."""
+    h, w = size
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = max(h / CROP_PCT / im.height, w / CROP_PCT / im.width)
+        rw, rh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+        im = im.resize((rw, rh), Image.BICUBIC)
+        left, top = (rw - w) // 2, (rh - h) // 2
+        return np.asarray(im.crop((left, top, left + w, top + h)), dtype=np.uint8)
+
+
+def normalise(images: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 NHWC RGB -> float32 NCHW: (x / 255 - mean) / std per channel."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def load_images(size: tuple[int, int], mean, std, folder: str | Path | None = None,
+                limit: int | None = None) -> ImageBatch:
+    paths = folder_image_paths(folder) if folder is not None else default_image_paths()
+    if limit:
+        paths = paths[:limit]
+    names, arrays = [], []
+    for p in paths:
+        try:
+            arrays.append(load_rgb(p, size))
+            names.append(p.name)
+        except (UnidentifiedImageError, OSError):
+            continue  # a broken file among many is skipped; none readable is an error below
+    if not arrays:
+        where = f"--data {str(folder)!r}" if folder is not None else "the default image set"
+        raise ImageDataError(f"no readable image in {where}; pass --data with a folder of .jpg/.png photographs")
+    images = np.stack(arrays)
+    return ImageBatch(names, images, normalise(images, mean, std))

@@ -1,0 +1,62 @@
+"""Per-stage progress with timings: a rich spinner on a terminal, plain timestamped lines in a log."""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+
+class Progress:
+    def __init__(self, quiet: bool = False, stream=None):
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.t0 = time.perf_counter()
+        self.console = None
+        if not quiet and self.stream.isatty():
+            from rich.console import Console
+
+            self.console = Console(file=self.stream)
+        self.timings: dict[str, float] = {}
+
+    def _line(self, text: str) -> None:
+        if self.quiet:
+            return
+        stamp = f"[{time.perf_counter() - self.t0:6.1f}s]"
+        if self.console is not None:
+            self.console.print(f"[dim]{stamp}[/dim] {text}", highlight=False)
+        else:
+            print(f"{stamp} {text}", file=self.stream, flush=True)
+
+    def log(self, text: str) -> None:
+        self._line(text)
+
+    def warn(self, text: str) -> None:
+        if self.console is not None:
+            self._line(f"[bold yellow]WARNING[/bold yellow] {text}")
+        else:
+            self._line(f"WARNING {text}")
+
+    @contextmanager
+    def stage(self, name: str):
+        t = time.perf_counter()
+        if self.console is not None and not self.quiet:
+            with self.console.status(name):
+                yield
+        else:
+            yield
+        dt = time.perf_counter() - t
+        self.timings[name] = dt
+        self._line(f"{name} ... done in {dt:.1f}s")
+
+    def report(self, fmt: str, report: dict) -> None:
+        fig = report.get("figures")
+        verdict = "PASS" if report.get("passed") else "FAIL"
+        if fig:
+            text = (f"{fmt}: {verdict} ({report.get('method')}) max abs {fig['max_abs']:.2e}, "
+                    f"mean abs {fig['mean_abs']:.2e}, cosine {fig['cosine']:.6f}, "
+                    f"top-1 agreement {fig['top1_agreement']:.0%} on {fig['images']} images")
+        else:
+            text = f"{fmt}: {verdict} ({report.get('method')}) {report.get('note', '')}"
+        if report.get("problems"):
+            text += " -- " + "; ".join(report["problems"])
+        self._line(text)

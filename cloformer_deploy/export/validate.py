@@ -1,0 +1,83 @@
+"""Comparison of an artifact's outputs with the PyTorch fp32 authors' form, with bounds per precision."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .base import Runner
+from .images import ImageBatch
+
+
+@dataclass(frozen=True)
+class Bounds:
+    max_abs: float | None = None
+    min_cosine: float | None = None
+    min_top1_agreement: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# fp32 artifacts must compute the same function; fp16 ones the same ranking and direction
+DEFAULT_BOUNDS = {"fp32": Bounds(max_abs=1e-4), "fp16": Bounds(min_cosine=0.999)}
+
+
+def bounds_for(precision: str, min_top1_agreement: float | None = None) -> Bounds:
+    b = DEFAULT_BOUNDS.get(precision, Bounds(min_cosine=0.99))
+    if min_top1_agreement is not None:
+        b = Bounds(b.max_abs, b.min_cosine, min_top1_agreement)
+    return b
+
+
+def compare(out: np.ndarray, ref: np.ndarray) -> dict:
+    """max/mean abs difference, the lowest per-image cosine, and the share of images with the same top-1."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if out.shape != ref.shape:
+        raise ValueError(f"output shape {out.shape} differs from the reference {ref.shape}")
+    diff = np.abs(out - ref)
+    num = (out * ref).sum(1)
+    den = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1)
+    cos = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
+    finite = bool(np.isfinite(out).all())
+    return {
+        "max_abs": float(diff.max()) if finite else float("inf"),
+        "mean_abs": float(diff.mean()) if finite else float("inf"),
+        "cosine": float(cos.min()) if finite else float("nan"),
+        "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
+        "images": int(out.shape[0]),
+        "finite": finite,
+    }
+
+
+def check(figures: dict, bounds: Bounds) -> list[str]:
+    """The bounds a set of figures breaches, as readable sentences."""
+    failures = []
+    if not figures.get("finite", True):
+        failures.append("outputs contain inf or NaN")
+    if bounds.max_abs is not None and not figures["max_abs"] <= bounds.max_abs:
+        failures.append(f"max abs {figures['max_abs']:.3g} > {bounds.max_abs:g}")
+    if bounds.min_cosine is not None and not figures["cosine"] >= bounds.min_cosine:
+        failures.append(f"cosine {figures['cosine']:.6f} < {bounds.min_cosine:g}")
+    if bounds.min_top1_agreement is not None and figures["top1_agreement"] < bounds.min_top1_agreement:
+        failures.append(f"top-1 agreement {figures['top1_agreement']:.3f} < {bounds.min_top1_agreement:g}")
+    return failures
+
+
+def run_all(runner: Runner, images: ImageBatch, batch: int) -> np.ndarray:
+    return np.concatenate([runner.run(b) for b in images.batches(batch)])
+
+
+def validate(runner: Runner, images: ImageBatch, reference: np.ndarray, batch: int, bounds: Bounds) -> dict:
+    """Run the artifact on every image and judge it; a runner that can only check structure says so."""
+    problems = runner.check_structure()
+    result: dict = {**runner.describe(), "bounds": bounds.as_dict()}
+    if not runner.numeric:
+        result.update(passed=not problems, problems=problems, figures=None,
+                      note="numeric check needs macOS (MLModel.predict); structure checked here")
+        return result
+    out = run_all(runner, images, batch)
+    figures = compare(out, reference[: len(out)])
+    failures = problems + check(figures, bounds)
+    result.update(passed=not failures, problems=failures, figures=figures)
+    return result
