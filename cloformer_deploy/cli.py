@@ -113,7 +113,8 @@ def export_main(argv: list[str] | None = None) -> int:
         print(f"{p.prog}: validation FAILED; the bundle was left at {result.bundle} with the figures "
               "in manifest.json", file=sys.stderr)
         return 1
-    print(f"next:   cloformer-validate {result.bundle}" + (f" --weights {args.weights}" if args.weights else ""))
+    if args.weights:
+        print(f"next:   cloformer-validate {result.bundle} --weights {args.weights}")
     return 0
 
 

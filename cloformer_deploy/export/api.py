@@ -212,7 +212,7 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
             backend = BACKENDS[fmt]
             prec = precisions[fmt]
             path = staging.path / backend.filename(spec, prec)
-            job = ExportJob(deploy, example, spec, prec, options)
+            job = ExportJob(deploy, example, spec, prec, options, images.tensor if images is not None else None)
             t = time.perf_counter()
             with progress.stage(f"{fmt}: export ({prec})"):
                 info = backend.export(job, path, progress.log)

@@ -43,6 +43,7 @@ class ExportJob:
     spec: ModelSpec
     precision: str
     options: dict[str, Any] = field(default_factory=dict)
+    images: np.ndarray | None = None  # real images (normalised NCHW) for analysis and calibration
 
 
 class Runner(ABC):

@@ -193,11 +193,42 @@ class CoreMLBackend(Backend):
         mlmodel.user_defined_metadata.update(meta)
         mlmodel.save(str(path))
         ops = _count_ops(mlmodel)
-        return {"input": input_kind, "minimum_deployment_target": target, "classifier": classify,
+        extra = {}
+        if job.precision == "fp16" and job.images is not None:
+            extra["norm_statistics"] = norm_statistics_range(job.module, job.images)
+        return {**extra, "input": input_kind, "minimum_deployment_target": target, "classifier": classify,
                 "ops": ops, "fp32_ops_in_fp16_program": _fp32_compute_ops(mlmodel) if job.precision == "fp16" else 0}
 
     def open(self, path: Path, spec: ModelSpec, info: dict) -> Runner:
         return CoreMLRunner(path, spec)
+
+
+def norm_statistics_range(module: torch.nn.Module, images: np.ndarray) -> dict:
+    """How close the channel norms' statistics come to fp16's range on real images (fp32 reference).
+
+    ``max_squared_deviation`` is the largest (x - mean)^2 any norm squares; above 65504
+    it would be inf in fp16, which is why those ops are kept fp32.
+    """
+    from ..models.deploy_modules import ChannelNorm
+
+    peak = {"max_squared_deviation": 0.0, "max_variance": 0.0, "max_abs_input": 0.0}
+
+    def hook(mod, args):
+        x = args[0].detach().double()
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        sq = (x - mean) ** 2
+        peak["max_squared_deviation"] = max(peak["max_squared_deviation"], float(sq.max()))
+        peak["max_variance"] = max(peak["max_variance"], float(sq.mean(dim=(1, 2, 3)).max()))
+        peak["max_abs_input"] = max(peak["max_abs_input"], float(x.abs().max()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in module.modules() if isinstance(m, ChannelNorm)]
+    try:
+        with torch.no_grad():
+            module(torch.from_numpy(images))
+    finally:
+        for h in handles:
+            h.remove()
+    return {**{k: float(f"{v:.4g}") for k, v in peak.items()}, "fp16_max": 65504.0}
 
 
 def _main_ops(mlmodel):

@@ -1,0 +1,40 @@
+"""CloFormer-XXS at 224 with the golden weights through every format: the artifacts reproduce the authors' logits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cloformer_deploy.export import BACKENDS, export
+from cloformer_deploy.export.images import ImageBatch
+from conftest import golden_file
+
+EXPORTED_FP32 = 1e-4  # the golden README's bound for exported fp32 artifacts
+
+
+@pytest.fixture(scope="module")
+def golden_bundle(tmp_path_factory):
+    data = load_file(str(golden_file("cloformer_xxs.safetensors")))
+    tmp = tmp_path_factory.mktemp("e2e")
+    ckpt = tmp / "cloformer_xxs.pth"
+    torch.save({k[len("weights."):]: v for k, v in data.items() if k.startswith("weights.")}, ckpt)
+    result = export("cloformer-xxs", weights=ckpt, formats="all", img_size=224, out=tmp / "export")
+    return result, data["input.0"].numpy(), data["logits.0"].numpy()
+
+
+def test_all_formats_pass_validation(golden_bundle):
+    result, _, _ = golden_bundle
+    assert result.passed and len(result.artifacts) == len(BACKENDS)
+    et = next(a.entry for a in result.artifacts if a.format == "executorch")
+    assert et["partitions"] == 1 and et["non_delegated_kernels"] == 0
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
+def test_artifact_reproduces_golden_logits(golden_bundle, fmt):
+    result, x, expected = golden_bundle
+    art = next(a for a in result.artifacts if a.format == fmt)
+    runner = BACKENDS[fmt].open(art.path, None, art.entry)
+    for i in range(x.shape[0]):  # the artifact's static batch is 1
+        batch = ImageBatch([f"golden{i}"], np.zeros((1, 224, 224, 3), np.uint8), x[i:i + 1])
+        assert np.abs(runner.run(batch) - expected[i:i + 1]).max() <= EXPORTED_FP32
