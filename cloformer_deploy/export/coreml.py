@@ -58,26 +58,40 @@ def keep_norm_statistics_fp32(op) -> bool:
 
 
 class CoreMLRunner(Runner):
-    """``MLModel.predict`` on macOS; a structural check elsewhere."""
+    """``MLModel.predict`` on macOS (method "coreml"); the package's program interpreted elsewhere ("emulated").
 
-    def __init__(self, path: Path, spec: ModelSpec, compute_units: str = "ALL"):
+    The figures have the same names either way. The interpreter evaluates the arithmetic of
+    the package as written, not Apple hardware: the Neural Engine and GPU accumulate
+    differently, and latency needs a Mac or an iPhone.
+    """
+
+    def __init__(self, path: Path, spec: ModelSpec, compute_units: str = "ALL", emulate: bool | None = None):
         import coremltools as ct
 
         self.path, self.spec = path, spec
-        self.on_mac = platform.system() == "Darwin"
+        self.on_mac = platform.system() == "Darwin" if emulate is None else not emulate
         self.compute_units = compute_units
         self.model = ct.models.MLModel(str(path), skip_model_load=not self.on_mac,
                                        compute_units=getattr(ct.ComputeUnit, compute_units))
         self.mlspec = self.model.get_spec()
-        self.method = "coreml" if self.on_mac else "structural"
-        self.numeric = self.on_mac
+        self.method = "coreml" if self.on_mac else "emulated"
+        self.interpreter = None
+        if not self.on_mac:
+            from .mil_interpreter import MILInterpreter
+
+            self.interpreter = MILInterpreter(path)
+        self.fp16: dict = {"first_nonfinite_op": None, "nonfinite_ops": 0, "largest_fp16_departures": []}
 
     def describe(self) -> dict:
         d = {"method": self.method}
         if self.on_mac:
             d["compute_units"] = self.compute_units
+        else:
+            d["note"] = ("reference evaluation of the package's arithmetic on this machine, not Apple hardware "
+                         "(the Neural Engine and GPU accumulate differently); Core ML latency needs a Mac or iPhone")
+            if self.interpreter.is_fp16:
+                d["fp16"] = self.fp16
         return d
-
     def check_structure(self) -> list[str]:
         problems = []
         desc = self.mlspec.description
@@ -118,7 +132,7 @@ class CoreMLRunner(Runner):
 
     def run(self, batch: ImageBatch) -> np.ndarray:
         if not self.on_mac:
-            raise RuntimeError("Core ML packages execute only on macOS; on Linux the structure is checked")
+            return self._emulate(batch)
         from PIL import Image
 
         desc = self.mlspec.description
@@ -132,6 +146,32 @@ class CoreMLRunner(Runner):
             out = self.model.predict(feed)
             rows.append(self._logits(out))
         return np.concatenate(rows).astype(np.float32)
+
+    def _emulate(self, batch: ImageBatch) -> np.ndarray:
+        desc = self.mlspec.description
+        inp = desc.input[0]
+        if inp.type.WhichOneof("Type") == "imageType":
+            feeds = [batch.images[i:i + 1].transpose(0, 3, 1, 2).astype(np.float32) for i in range(len(batch))]
+        else:
+            feeds = [batch.tensor]
+        rows = []
+        for x in feeds:
+            outputs, report = self.interpreter.run({inp.name: x}, trace=self.interpreter.is_fp16)
+            if report is not None:
+                self._merge(report.as_dict())
+            key = desc.predictedProbabilitiesName or self.interpreter.output_names[0]
+            rows.append(outputs[key].float().reshape(x.shape[0], -1).numpy())
+        return np.concatenate(rows).astype(np.float32)
+
+    def _merge(self, r: dict) -> None:
+        f = self.fp16
+        f["first_nonfinite_op"] = f["first_nonfinite_op"] or r["first_nonfinite_op"]
+        f["nonfinite_ops"] = max(f["nonfinite_ops"], r["nonfinite_ops"])
+        worst = {d["op"]: d for d in f["largest_fp16_departures"]}
+        for d in r["largest_fp16_departures"]:
+            if d["op"] not in worst or d["rel_error"] > worst[d["op"]]["rel_error"]:
+                worst[d["op"]] = d
+        f["largest_fp16_departures"] = sorted(worst.values(), key=lambda d: -d["rel_error"])[:5]
 
     def _logits(self, out: dict) -> np.ndarray:
         probs = self.mlspec.description.predictedProbabilitiesName
@@ -169,7 +209,9 @@ class CoreMLBackend(Backend):
         else:
             module, example = job.module, job.example
             inputs = [ct.TensorType(name=TENSOR_INPUT, shape=(s.batch, 3, h, w), dtype=np.float32)]
-        precision = (ct.transform.FP16ComputePrecision(op_selector=keep_norm_statistics_fp32)
+        # options["norm_statistics_fp32"]=False converts naively (everything fp16), to show what it guards against
+        selector = keep_norm_statistics_fp32 if job.options.get("norm_statistics_fp32", True) else (lambda op: True)
+        precision = (ct.transform.FP16ComputePrecision(op_selector=selector)
                      if job.precision == "fp16" else ct.precision.FLOAT32)
         classify = bool(s.labels) and s.num_classes > 0 and s.batch == 1
         kwargs = {}

@@ -74,10 +74,11 @@ def validate(runner: Runner, images: ImageBatch, reference: np.ndarray, batch: i
     result: dict = {**runner.describe(), "bounds": bounds.as_dict()}
     if not runner.numeric:
         result.update(passed=not problems, problems=problems, figures=None,
-                      note="numeric check needs macOS (MLModel.predict); structure checked here")
+                      note="structure checked only: this runtime cannot execute here")
         return result
     out = run_all(runner, images, batch)
     figures = compare(out, reference[: len(out)])
     failures = problems + check(figures, bounds)
+    result.update(runner.describe())  # after running: e.g. the fp16 report of the Core ML interpreter
     result.update(passed=not failures, problems=failures, figures=figures)
     return result
