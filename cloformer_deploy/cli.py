@@ -140,5 +140,46 @@ def validate_main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def bench_main(argv: list[str] | None = None) -> int:
+    from .export.progress import Progress
+    from .runtime_bench.harness import RUNTIMES, BenchInputError, bench
+    from .runtime_bench.report import console_table
+
+    p = _Parser(prog="cloformer-bench",
+                description="Latency, load time, peak memory, size and drift per runtime, precision and thread "
+                            "count; writes results.json/csv/md and plots.")
+    p.add_argument("--model", default="cloformer-xxs", help=f"one of: {', '.join(list_models())}")
+    p.add_argument("--weights", help="checkpoint; without it the model is randomly initialised")
+    p.add_argument("--formats", default="all", help=f"all, or a comma list of runtimes: {', '.join(RUNTIMES)}")
+    p.add_argument("--threads", default="1,2", help="thread counts, comma separated (default 1,2)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per row (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW")
+    p.add_argument("--compare-authors", action="store_true",
+                   help="also run a naive export of the authors' form in the same runtimes")
+    p.add_argument("--baselines", action="store_true", help="also run timm baselines (needs timm + torchvision)")
+    p.add_argument("--portable", action="store_true", help="also run ExecuTorch's portable kernels (slow)")
+    p.add_argument("--data", help="image folder: drift on it; top-1/top-5 if it has one subfolder per class")
+    p.add_argument("--bundle", help="use the artifacts of an existing export bundle instead of exporting")
+    p.add_argument("--out", default="runtime_bench", help="output folder (default runtime_bench/)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    except ValueError:
+        return _fail(p.prog, f"--threads {args.threads!r}: give counts such as 1,2")
+    try:
+        result = bench(args.model, weights=args.weights, formats=args.formats, threads=threads, runs=args.runs,
+                       warmup=args.warmup, img_size=args.img_size, compare_authors=args.compare_authors,
+                       baselines=args.baselines, portable=args.portable, data=args.data, out=args.out,
+                       bundle=args.bundle, progress=Progress(quiet=args.quiet),
+                       argv=["cloformer-bench", *(sys.argv[1:] if argv is None else argv)])
+    except BenchInputError as e:
+        return _fail(p.prog, str(e))
+    console_table(result.results)
+    print(f"results: {result.out}/results.md (and .json, .csv, latency.png, latency_vs_drift.png)")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(export_main())

@@ -1,0 +1,347 @@
+"""``bench(...)``: latency, load time, peak memory, size and drift per runtime, precision and thread count.
+
+Every runtime runs in its own process (its own thread pool and memory accounting).
+The processes stay loaded and are timed in turns, a slice of runs each per round, so
+that a noisy neighbour affects all rows alike; medians and p90 come from all rounds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..export import BACKENDS
+from ..export.api import ExportInputError, export, prepare_model, versions
+from ..export.base import ExportJob, ModelSpec
+from ..export.bundle import read_manifest, size_bytes
+from ..export.images import ImageBatch, ImageDataError, folder_image_paths, load_images
+from ..export.progress import Progress
+from ..export.validate import compare
+from ..models import InputSizeError, check_input_size, profile_model
+from .machine import machine_info
+from .report import write_reports
+
+RUNTIMES = ("torch", "onnxruntime", "executorch-xnnpack", "executorch-portable", "coreml")
+_FORMAT_OF = {"onnxruntime": "onnx", "executorch-xnnpack": "executorch", "executorch-portable": "executorch",
+              "coreml": "coreml"}
+PORTABLE_RUNS = 3  # the portable kernels take seconds per run
+
+
+class BenchInputError(ValueError):
+    pass
+
+
+@dataclass
+class Combo:
+    model: str
+    form: str | None
+    runtime: str
+    precision: str
+    threads: int | None
+    path: str | None = None
+    size_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+    worker: "Worker | None" = None
+    times: list[float] = field(default_factory=list)
+    load_ms: float | None = None
+    error: str | None = None
+    outputs: np.ndarray | None = None
+    peak_rss_mb: float | None = None
+
+
+class Worker:
+    def __init__(self, cfg: dict, timeout: float):
+        self.timeout = timeout
+        self.proc = subprocess.Popen([sys.executable, "-m", "cloformer_deploy.runtime_bench.worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        self.first = self.ask(cfg)
+
+    def ask(self, cmd: dict, timeout: float | None = None) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout or self.timeout)
+        if not ready:
+            self.close()
+            raise TimeoutError(f"no answer within {timeout or self.timeout:.0f}s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited (code {self.proc.poll()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    results: dict
+    rows: list[dict]
+
+
+def _labelled(data: str | Path | None) -> list[int] | None:
+    """Class indices for an ImageNet-validation-layout folder (one subfolder per class, sorted), else None."""
+    if data is None:
+        return None
+    root = Path(data)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        return None
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[p.relative_to(root).parts[0]] for p in folder_image_paths(root)]
+
+
+def _accuracy(outputs: np.ndarray, labels: list[int]) -> dict:
+    y = np.asarray(labels[: len(outputs)])
+    top5 = np.argsort(-outputs, axis=1)[:, :5]
+    return {"top1": float((top5[:, 0] == y).mean()), "top5": float((top5 == y[:, None]).any(1).mean()),
+            "images": int(len(y))}
+
+
+def bench(model: str = "cloformer_xxs", *, weights=None, formats="all", threads=(1, 2), runs: int = 50,
+          warmup: int = 10, img_size=224, compare_authors: bool = False, baselines: bool = False,
+          portable: bool = False, data=None, out="runtime_bench", bundle=None, timeout: float = 900.0,
+          progress: Progress | None = None, argv: list[str] | None = None) -> BenchResult:
+    progress = progress or Progress(quiet=True)
+    try:
+        size = check_input_size(img_size)
+    except InputSizeError as e:
+        raise BenchInputError(str(e)) from None
+    threads = sorted({int(t) for t in threads})
+    if not threads or threads[0] < 1:
+        raise BenchInputError("--threads takes positive counts such as 1,2")
+    if runs < 1 or warmup < 0:
+        raise BenchInputError("--runs must be 1 or more and --warmup 0 or more")
+    runtimes = _runtimes(formats, portable)
+    if baselines:
+        _check_baselines()
+    try:
+        variant, authors, weights_sha = prepare_model(model, weights, None)
+        images = load_images(size, variant.mean, variant.std, folder=data)
+        labels = _labelled(data)
+    except (ExportInputError, ImageDataError) as e:
+        raise BenchInputError(str(e)) from None
+    out_dir = Path(out) / f"{variant.name}-{size[0]}x{size[1]}"
+    work = Path(tempfile.mkdtemp(prefix="cloformer-bench-"))
+    combos: list[Combo] = []
+    try:
+        torch.save(authors.state_dict(), work / "weights.pth")
+        np.save(work / "images.npy", images.tensor)
+        np.save(work / "pixels.npy", images.images)
+        with torch.no_grad():
+            reference = authors(torch.from_numpy(images.tensor)).numpy()
+        with progress.stage("machine (matmul peak per thread count)"):
+            machine = machine_info(threads)
+        prof = profile_model(variant.name, size, authors.num_classes)
+        artifacts = _artifacts(variant.name, work, size, authors, weights, runtimes, compare_authors, bundle,
+                               progress)
+        forms = ["deploy", "authors"] if compare_authors else ["deploy"]
+        for form in forms:
+            for rt in runtimes:
+                if rt == "torch":
+                    combos += [Combo(variant.name, form, rt, "fp32", t,
+                                     size_mb=size_bytes(work / "weights.pth") / 1e6) for t in threads]
+                    continue
+                art = artifacts.get((form, rt))
+                if art is None:
+                    continue
+                if rt == "coreml":  # latency is not measurable off Apple hardware; drift still is
+                    combos.append(Combo(variant.name, form, rt, art["precision"], None, art["path"],
+                                        art["size_mb"], art["extra"]))
+                    continue
+                combos += [Combo(variant.name, form, rt, art["precision"], t, art["path"], art["size_mb"],
+                                 art["extra"]) for t in threads]
+        _measure(combos, work, variant, authors.num_classes, size, runs, warmup, timeout, progress)
+        rows = [_row(c, reference, prof, machine, labels) for c in combos]
+    finally:
+        for c in combos:
+            if c.worker is not None:
+                c.worker.close()
+        shutil.rmtree(work, ignore_errors=True)
+    results = {
+        "machine": machine, "versions": versions(),
+        "config": {"model": variant.name, "input_size": list(size), "threads": threads, "runs": runs,
+                   "warmup": warmup, "weights_sha256": weights_sha, "random_init": weights is None,
+                   "images": len(images), "data": str(data) if data else "scikit-image bundled photographs",
+                   "macs": prof.macs, "params": prof.params, "compare_authors": compare_authors},
+        "rows": rows, "command": argv if argv is not None else sys.argv,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_reports(out_dir, results)
+    return BenchResult(out_dir, results, rows)
+
+
+def _runtimes(formats, portable: bool) -> list[str]:
+    names = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    if "all" in names:
+        chosen = ["torch", "onnxruntime", "executorch-xnnpack", "coreml"]
+    else:
+        alias = {"onnx": "onnxruntime", "executorch": "executorch-xnnpack", "xnnpack": "executorch-xnnpack",
+                 "portable": "executorch-portable", "pytorch": "torch"}
+        chosen = [alias.get(n, n) for n in names]
+        unknown = [n for n in chosen if n not in RUNTIMES]
+        if unknown:
+            raise BenchInputError(f"unknown runtime {unknown[0]!r}; choose from: {', '.join(RUNTIMES)}, all")
+    if portable and "executorch-portable" not in chosen:
+        chosen.append("executorch-portable")
+    return [r for r in RUNTIMES if r in chosen]
+
+
+def _check_baselines() -> None:
+    try:
+        import timm  # noqa: F401
+    except Exception as e:  # ImportError, or torchvision's CUDA-only binary failing to load
+        raise BenchInputError(
+            "--baselines needs timm, which imports torchvision; no torchvision build for CPU torch 2.13 "
+            f"loads here ({type(e).__name__}). Install a matching torchvision+timm, or drop --baselines") from None
+
+
+def _artifacts(name, work: Path, size, authors, weights, runtimes, compare_authors, bundle, progress) -> dict:
+    """(form, runtime) -> {path, precision, size_mb, extra}: exported now, or taken from --bundle."""
+    out: dict = {}
+    formats = sorted({_FORMAT_OF[r] for r in runtimes if r in _FORMAT_OF and r != "executorch-portable"},
+                     key=list(BACKENDS).index)
+    if bundle is not None:
+        manifest = read_manifest(Path(bundle))
+        if manifest["model"]["name"] != name or tuple(manifest["model"]["input_size"]) != size:
+            raise BenchInputError(f"--bundle holds {manifest['model']['name']} at {manifest['model']['input_size']}, "
+                                  f"not {name} at {list(size)}")
+        entries = manifest["artifacts"]
+        root = Path(bundle)
+    elif formats:
+        ckpt = work / "weights.pth"
+        with progress.stage(f"export deploy form ({', '.join(formats)})"):
+            result = export(name, weights=ckpt, formats=formats, img_size=size,
+                            num_classes=authors.num_classes, out=work / "export", validate_artifacts=False)
+        entries, root = result.manifest["artifacts"], result.bundle
+    else:
+        entries, root = [], work
+    for e in entries:
+        rt = {"onnx": "onnxruntime", "executorch": "executorch-xnnpack", "coreml": "coreml"}[e["format"]]
+        if rt in runtimes:
+            out[("deploy", rt)] = _art(root / e["path"], e)
+    spec = ModelSpec(name, authors.num_classes, size, 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
+    example = torch.randn(1, 3, *size)
+    jobs = []
+    if "executorch-portable" in runtimes:
+        from ..models import to_deploy
+
+        jobs.append(("deploy", "executorch-portable", to_deploy(authors, size), {"et_backend": "portable"}))
+    if compare_authors:
+        for rt in ("onnxruntime", "executorch-xnnpack"):
+            if rt in runtimes:
+                jobs.append(("authors", rt, authors, {"opset": None, "simplify": True}))
+    for form, rt, module, options in jobs:
+        backend = BACKENDS[_FORMAT_OF[rt]]
+        path = work / f"{form}-{rt}{backend.suffix}"
+        with progress.stage(f"export {form} form for {rt}"):
+            info = backend.export(ExportJob(module, example, spec, "fp32", options), path, progress.log)
+        out[(form, rt)] = _art(path, {"precision": "fp32", **info})
+    return out
+
+
+def _art(path: Path, entry: dict) -> dict:
+    keys = ("partitions", "non_delegated_kernels", "non_delegated_ops", "nodes", "op_types", "ops")
+    return {"path": str(path), "precision": entry["precision"], "size_mb": round(size_bytes(path) / 1e6, 3),
+            "extra": {k: entry[k] for k in keys if k in entry}}
+
+
+def _measure(combos, work: Path, variant, num_classes, size, runs, warmup, timeout, progress) -> None:
+    base = {"model": variant.name, "family": variant.family, "architecture": dataclasses.asdict(variant.config),
+            "num_classes": num_classes, "input_size": list(size),
+            "weights": str(work / "weights.pth"), "images": str(work / "images.npy"),
+            "pixels": str(work / "pixels.npy")}
+    with progress.stage(f"load {len(combos)} runtime processes"):
+        for c in combos:
+            cfg = {**base, "runtime": c.runtime, "form": c.form, "threads": c.threads or 1, "path": c.path}
+            try:
+                c.worker = Worker(cfg, timeout)
+                if "error" in c.worker.first:
+                    c.error = c.worker.first["error"]
+                    c.worker.close()
+                    c.worker = None
+                else:
+                    c.load_ms = c.worker.first["load_ms"]
+            except (TimeoutError, RuntimeError, OSError) as e:
+                c.error, c.worker = str(e), None
+    timed = [c for c in combos if c.worker is not None and c.threads is not None]
+    rounds = max(1, min(5, runs))
+    with progress.stage(f"time {len(timed)} rows: {warmup} warm-up + {runs} runs each, in {rounds} interleaved rounds"):
+        for r in range(rounds):
+            for c in timed:
+                if c.worker is None:
+                    continue
+                n = runs // rounds + (1 if r < runs % rounds else 0)
+                w = warmup if r == 0 else 0
+                if c.runtime == "executorch-portable":
+                    n, w = (PORTABLE_RUNS if r == 0 else 0), (1 if r == 0 else 0)
+                try:
+                    if w:
+                        c.worker.ask({"cmd": "time", "n": w})
+                    if n:
+                        c.times += c.worker.ask({"cmd": "time", "n": n})["times_ms"]
+                except (TimeoutError, RuntimeError, OSError) as e:
+                    c.error = f"timing failed: {e}"
+                    c.worker.close()
+                    c.worker = None
+                time.sleep(0.2)  # let the previous runtime's spinning threads go idle
+    with progress.stage("outputs on the validation images (drift)"):
+        for c in combos:
+            if c.worker is None:
+                continue
+            try:
+                path = work / f"out-{id(c)}.npy"
+                c.worker.ask({"cmd": "outputs", "path": str(path)})
+                c.outputs = np.load(path)
+                c.peak_rss_mb = round(c.worker.ask({"cmd": "rss"})["peak_rss_mb"], 1)
+            except (TimeoutError, RuntimeError, OSError) as e:
+                c.error = f"outputs failed: {e}"
+            c.worker.close()
+            c.worker = None
+
+
+def _row(c: Combo, reference: np.ndarray, prof, machine: dict, labels) -> dict:
+    lat = None
+    gflops = eff = None
+    if c.times:
+        t = np.asarray(c.times)
+        lat = {"median": round(float(np.median(t)), 3), "p90": round(float(np.percentile(t, 90)), 3),
+               "min": round(float(t.min()), 3), "runs": int(len(t))}
+        gflops = round(2 * prof.macs / (lat["median"] / 1e3) / 1e9, 2)
+        peak = machine["matmul_gflops"].get(str(c.threads))
+        eff = round(gflops / peak, 3) if peak else None
+    drift = None
+    accuracy = None
+    if c.outputs is not None:
+        figures = compare(c.outputs, reference[: len(c.outputs)])
+        drift = {k: figures[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")}
+        if labels:
+            accuracy = _accuracy(c.outputs, labels)
+    note = None
+    if c.runtime == "coreml" and c.threads is None:
+        note = ("latency not measurable here: Core ML runs on Apple hardware; drift by the package interpreter"
+                if sys.platform != "darwin" else None)
+    return {"model": c.model, "form": c.form, "runtime": c.runtime, "precision": c.precision, "threads": c.threads,
+            "latency_ms": lat, "load_ms": round(c.load_ms, 1) if c.load_ms is not None else None,
+            "peak_rss_mb": c.peak_rss_mb, "size_mb": c.size_mb, "drift": drift, "accuracy": accuracy,
+            "gflops_per_s": gflops, "efficiency": eff, **({"delegation": c.extra} if c.extra else {}),
+            "note": note, "error": c.error}

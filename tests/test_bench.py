@@ -1,0 +1,79 @@
+"""cloformer-bench measures and reports: on a tiny model with few runs. Timings are printed, never asserted."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from cloformer_deploy.cli import bench_main
+from cloformer_deploy.runtime_bench.harness import bench
+
+
+@pytest.fixture(scope="module")
+def result(tiny_variant, tiny_checkpoint, tmp_path_factory):
+    return bench(tiny_variant, weights=tiny_checkpoint, formats="torch,onnx,executorch,coreml", threads=(1, 2),
+                 runs=4, warmup=1, img_size=64, compare_authors=True, out=tmp_path_factory.mktemp("bench"))
+
+
+def test_rows_cover_every_runtime_form_and_thread_count(result):
+    keys = {(r["form"], r["runtime"], r["threads"]) for r in result.rows}
+    for form in ("deploy", "authors"):
+        for rt in ("torch", "onnxruntime", "executorch-xnnpack"):
+            assert {(form, rt, 1), (form, rt, 2)} <= keys
+    assert ("deploy", "coreml", None) in keys
+    assert not [r for r in result.rows if r["error"]], [r["error"] for r in result.rows if r["error"]]
+
+
+def test_each_row_is_measured(result):
+    for r in result.rows:
+        if r["runtime"] == "coreml":
+            assert r["latency_ms"] is None and r["note"] and r["drift"]["cosine"] >= 0.999
+            continue
+        lat = r["latency_ms"]
+        assert lat["runs"] == 4 and 0 < lat["min"] <= lat["median"] <= lat["p90"]
+        assert r["load_ms"] > 0 and r["peak_rss_mb"] > 50 and r["size_mb"] > 0
+        assert r["drift"]["max_abs"] <= 1e-4 and r["drift"]["top1_agreement"] == 1.0
+        assert r["gflops_per_s"] > 0 and r["efficiency"] > 0
+    xnn = [r for r in result.rows if r["runtime"] == "executorch-xnnpack" and r["form"] == "deploy"]
+    assert all(r["delegation"]["partitions"] == 1 for r in xnn)
+
+
+def test_machine_and_outputs_written(result):
+    m = result.results["machine"]
+    assert m["cpu"] and m["cores"] >= 1 and set(m["matmul_gflops"]) == {"1", "2"}
+    assert all(v > 0 for v in m["matmul_gflops"].values())
+    saved = json.loads((result.out / "results.json").read_text())
+    assert len(saved["rows"]) == len(result.rows)
+    with open(result.out / "results.csv") as f:
+        assert len(list(csv.reader(f))) == len(result.rows) + 1
+    md = (result.out / "results.md").read_text()
+    assert "| model |" in md and "Deploy form vs the authors' form" in md
+    assert (result.out / "latency.png").stat().st_size > 10_000
+    assert (result.out / "latency_vs_drift.png").stat().st_size > 10_000
+
+
+def test_failing_runtime_becomes_an_error_row(tiny_variant, tmp_path, monkeypatch):
+    from cloformer_deploy.runtime_bench import harness
+
+    real = harness._artifacts
+
+    def broken(*args, **kwargs):
+        arts = real(*args, **kwargs)
+        arts[("deploy", "onnxruntime")]["path"] = str(tmp_path / "missing.onnx")
+        return arts
+
+    monkeypatch.setattr(harness, "_artifacts", broken)
+    r = bench(tiny_variant, formats="torch,onnx", threads=(1,), runs=2, warmup=0, img_size=64, out=tmp_path)
+    rows = {r_["runtime"]: r_ for r_ in r.rows}
+    assert rows["onnxruntime"]["error"] and rows["onnxruntime"]["latency_ms"] is None
+    assert rows["torch"]["latency_ms"] is not None and rows["torch"]["error"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--formats", "tflite"], "unknown runtime"), (["--threads", "a"], "--threads"),
+    (["--img-size", "100"], "multiple of 32"), (["--model", "vgg"], "unknown model")])
+def test_bad_input(args, message, tmp_path, capsys):
+    assert bench_main(args + ["--out", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and list(tmp_path.iterdir()) == []
