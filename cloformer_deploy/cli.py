@@ -20,6 +20,18 @@ def _size(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"invalid size {text!r}; use 224 or HxW such as 256x320")
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal to our stages: converters' progress bars and warnings go, errors stay."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' pass-by-pass progress bars
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torch.onnx", "torch._export", "coremltools", "executorch", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad input as one line and exit code 2, without the usage dump."""
 
@@ -49,6 +61,7 @@ def models_main(argv: list[str] | None = None) -> int:
 
 
 def export_main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     from .export import BACKENDS, ExportInputError, export
     from .export.progress import Progress
 
@@ -119,6 +132,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def validate_main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     from .export import ExportInputError, validate_bundle
     from .export.progress import Progress
 
@@ -141,6 +155,7 @@ def validate_main(argv: list[str] | None = None) -> int:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     from .export.progress import Progress
     from .runtime_bench.harness import RUNTIMES, BenchInputError, bench
     from .runtime_bench.report import console_table
@@ -162,12 +177,26 @@ def bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="image folder: drift on it; top-1/top-5 if it has one subfolder per class")
     p.add_argument("--bundle", help="use the artifacts of an existing export bundle instead of exporting")
     p.add_argument("--out", default="runtime_bench", help="output folder (default runtime_bench/)")
+    p.add_argument("--ablation", action="store_true",
+                   help="instead: time the deploy form step by step (ONNX Runtime and XNNPACK, first thread count)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
         threads = [int(t) for t in args.threads.split(",") if t.strip()]
     except ValueError:
         return _fail(p.prog, f"--threads {args.threads!r}: give counts such as 1,2")
+    if args.ablation:
+        from .export.api import ExportInputError
+        from .models import InputSizeError
+        from .runtime_bench.ablation import ablation
+
+        try:
+            res = ablation(args.model, weights=args.weights, img_size=args.img_size, threads=threads[0],
+                           runs=args.runs, warmup=args.warmup, out=args.out, progress=Progress(quiet=args.quiet))
+        except (ExportInputError, InputSizeError) as e:
+            return _fail(p.prog, str(e))
+        print(open(res["path"]).read())
+        return 0
     try:
         result = bench(args.model, weights=args.weights, formats=args.formats, threads=threads, runs=args.runs,
                        warmup=args.warmup, img_size=args.img_size, compare_authors=args.compare_authors,

@@ -7,20 +7,42 @@ import platform
 import subprocess
 import sys
 
+# fp32 GEMM throughput of the two BLAS libraries the runtimes use: PyTorch's (MKL, which takes a
+# slow path on some AMD CPUs) and ONNX Runtime's MLAS (which XNNPACK-class kernels resemble); the higher
+# is the machine's peak for the efficiency column
 _MATMUL_PROBE = r"""
-import json, sys, time, torch
-torch.set_num_threads(int(sys.argv[1]))
-n = 1024
+import json, sys, time
+import numpy as np, torch
+threads, n = int(sys.argv[1]), 1024
+torch.set_num_threads(threads)
+
+def best(fn, reps=4, rounds=7):
+    for _ in range(3):
+        fn()
+    t_best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        t_best = min(t_best, (time.perf_counter() - t) / reps)
+    return 2 * n**3 / t_best / 1e9
+
 a, b = torch.randn(n, n), torch.randn(n, n)
-for _ in range(3):
-    a @ b
-best = float("inf")
-for _ in range(7):
-    t = time.perf_counter()
-    for _ in range(4):
-        a @ b
-    best = min(best, (time.perf_counter() - t) / 4)
-print(json.dumps({"gflops": 2 * n**3 / best / 1e9}))
+out = {"torch": best(lambda: a @ b)}
+try:
+    import onnx, onnxruntime as ort
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    o = ort.SessionOptions(); o.intra_op_num_threads = threads
+    s = ort.InferenceSession(m.SerializeToString(), o, providers=["CPUExecutionProvider"])
+    feed = {"a": a.numpy(), "b": b.numpy()}
+    out["onnxruntime"] = best(lambda: s.run(None, feed))
+except Exception:
+    pass
+print(json.dumps(out))
 """
 
 
@@ -35,14 +57,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def matmul_gflops(threads: int) -> float:
-    """Best-of-7 fp32 1024x1024 matmul throughput at this thread count, in a fresh process."""
+def matmul_probe(threads: int) -> dict[str, float]:
+    """Best-of-7 fp32 1024x1024 GEMM throughput per library at this thread count, in a fresh process."""
     out = subprocess.run([sys.executable, "-c", _MATMUL_PROBE, str(threads)], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    return round(json.loads(out.stdout.strip().splitlines()[-1])["gflops"], 1)
+    return {k: round(v, 1) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
 def machine_info(thread_counts: list[int]) -> dict:
+    probes = {str(t): matmul_probe(t) for t in thread_counts}
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(),
-            "matmul_gflops": {str(t): matmul_gflops(t) for t in thread_counts}}
+            "matmul_gflops": {t: max(p.values()) for t, p in probes.items()},
+            "matmul_gflops_by_library": probes}

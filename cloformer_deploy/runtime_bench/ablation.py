@@ -1,0 +1,105 @@
+"""What each deploy rewrite buys: the deploy form built step by step, each prefix exported and timed in one run."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..export import BACKENDS
+from ..export.api import prepare_model
+from ..export.base import ExportJob, ModelSpec
+from ..export.bundle import size_bytes
+from ..export.images import load_images
+from ..export.progress import Progress
+from ..export.validate import compare
+from ..models import DEPLOY_STEPS, check_input_size, to_deploy
+from .harness import Combo, _measure
+from .machine import machine_info
+
+
+def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, threads: int = 1, runs: int = 30,
+             warmup: int = 5, out="runtime_bench", progress: Progress | None = None) -> dict:
+    progress = progress or Progress(quiet=True)
+    size = check_input_size(img_size)
+    variant, authors, _ = prepare_model(model, weights, None)
+    images = load_images(size, variant.mean, variant.std)
+    with torch.no_grad():
+        reference = authors(torch.from_numpy(images.tensor)).numpy()
+    names = [s.name for s in DEPLOY_STEPS]
+    stages = [("authors' form", authors)] + [
+        (f"+ {n}", to_deploy(authors, size, steps=names[: i + 1])) for i, n in enumerate(names)]
+    work = Path(tempfile.mkdtemp(prefix="cloformer-ablation-"))
+    spec = ModelSpec(variant.name, authors.num_classes, size, 1, variant.mean, variant.std, None, 0, None, None)
+    combos, facts = [], []
+    try:
+        torch.save(authors.state_dict(), work / "weights.pth")
+        np.save(work / "images.npy", images.tensor)
+        np.save(work / "pixels.npy", images.images)
+        example = torch.from_numpy(images.tensor[:1])
+        for i, (label, module) in enumerate(stages):
+            fact = {"stage": label}
+            for fmt, rt in (("onnx", "onnxruntime"), ("executorch", "executorch-xnnpack")):
+                path = work / f"stage{i}{BACKENDS[fmt].suffix}"
+                with progress.stage(f"{label}: export {fmt}"):
+                    info = BACKENDS[fmt].export(ExportJob(module, example, spec, "fp32", {}), path, progress.log)
+                if fmt == "onnx":
+                    fact["onnx_nodes"] = info["nodes"]
+                else:
+                    fact["partitions"] = info["partitions"]
+                    fact["kernels_outside"] = info["non_delegated_kernels"]
+                combos.append(Combo(variant.name, label, rt, "fp32", threads, str(path),
+                                    round(size_bytes(path) / 1e6, 2)))
+            facts.append(fact)
+        _measure(combos, work, variant, authors.num_classes, size, runs, warmup, 900.0, progress)
+    finally:
+        for c in combos:
+            if c.worker is not None:
+                c.worker.close()
+        shutil.rmtree(work, ignore_errors=True)
+    rows = []
+    for fact in facts:
+        row = dict(fact)
+        for c in combos:
+            if c.form != fact["stage"]:
+                continue
+            key = "ort" if c.runtime == "onnxruntime" else "xnnpack"
+            row[f"{key}_median_ms"] = round(float(np.median(c.times)), 2) if c.times else None
+            row[f"{key}_max_abs"] = compare(c.outputs, reference)["max_abs"] if c.outputs is not None else None
+            row[f"{key}_error"] = c.error
+        rows.append(row)
+    result = {"model": variant.name, "input_size": list(size), "threads": threads, "runs": runs,
+              "machine": machine_info([threads]), "rows": rows,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{variant.name}-{size[0]}x{size[1]}-ablation"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(ablation_markdown(result))
+    result["path"] = str(out / f"{stem}.md")
+    return result
+
+
+def ablation_markdown(result: dict) -> str:
+    base = result["rows"][0]
+    lines = [f"# What each deploy rewrite buys: {result['model']} at {result['input_size'][0]}x{result['input_size'][1]}",
+             "", f"{result['created']}, {result['machine']['cpu']}, {result['threads']} thread, median of "
+             f"{result['runs']} interleaved runs. Each row adds one rewrite step to the row above; the first is "
+             "a naive export of the authors' form. Speed-up is against that first row, measured in the same run.",
+             "", "| stage | ONNX Runtime ms | speed-up | XNNPACK ms | speed-up | XNNPACK partitions | kernels outside "
+             "| ONNX nodes | max abs vs authors |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        def sp(key):
+            a, b = base.get(key), r.get(key)
+            return f"{a / b:.2f}x" if a and b else "-"
+        drift = max(v for v in (r.get("ort_max_abs"), r.get("xnnpack_max_abs")) if v is not None) \
+            if r.get("ort_max_abs") is not None or r.get("xnnpack_max_abs") is not None else None
+        lines.append(f"| {r['stage']} | {r.get('ort_median_ms') or '-'} | {sp('ort_median_ms')} | "
+                     f"{r.get('xnnpack_median_ms') or '-'} | {sp('xnnpack_median_ms')} | {r['partitions']} | "
+                     f"{r['kernels_outside']} | {r['onnx_nodes']} | {drift:.1e} |" if drift is not None else
+                     f"| {r['stage']} | - | - | - | - | {r['partitions']} | {r['kernels_outside']} | {r['onnx_nodes']} | - |")
+    return "\n".join(lines) + "\n"
