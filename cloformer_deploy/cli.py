@@ -76,10 +76,15 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW such as 256x320; multiples of 32")
     p.add_argument("--num-classes", type=int, help="classes of the head (default: the checkpoint's, else 1000)")
     p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], help="default: fp16 for coreml, fp32 for the others")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "w4"],
+                   help="default: fp16 for coreml, fp32 for the others; int8: static int8 (ONNX, ExecuTorch) or "
+                        "8-bit weights (Core ML); w4: 4-bit palettised weights (Core ML)")
+    p.add_argument("--calibration-size", type=int, default=32, help="images to calibrate int8 with (default 32)")
+    p.add_argument("--keep-float", type=int, default=0,
+                   help="int8: leave the N layers whose quantisation moves the logits most in float")
     p.add_argument("--out", default="export", help="output folder (default export/)")
     p.add_argument("--labels", help="class names, one per line (default: ImageNet-1k names for 1000 classes)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default 18; 17 uses the TorchScript exporter)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 20, native GELU; 17 uses the TorchScript exporter)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     p.add_argument("--no-validate", action="store_true", help="skip running the artifacts against PyTorch")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
@@ -100,7 +105,8 @@ def export_main(argv: list[str] | None = None) -> int:
                         labels=args.labels, opset=args.opset, simplify=not args.no_simplify,
                         validate_artifacts=not args.no_validate, force=args.force, zip_bundle=args.zip,
                         data=args.data, coreml_input=args.coreml_input, coreml_target=args.coreml_target,
-                        et_backend=args.backend, min_top1_agreement=args.min_top1_agreement, progress=progress,
+                        et_backend=args.backend, min_top1_agreement=args.min_top1_agreement,
+                        calibration_size=args.calibration_size, keep_float=args.keep_float, progress=progress,
                         argv=["cloformer-export", *(sys.argv[1:] if argv is None else argv)])
     except ExportInputError as e:
         return _fail(p.prog, str(e))

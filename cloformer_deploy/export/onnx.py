@@ -13,8 +13,11 @@ import torch
 from .base import Backend, ExportJob, ModelSpec, Runner, register
 from .images import ImageBatch
 
-DEFAULT_OPSET = 18  # the dynamo exporter's native opset
+# opset 20 has a native Gelu: ONNX Runtime runs CloFormer-XXS 16% faster than with opset 18's
+# Erf decomposition (8.9 vs 10.6 ms, 1 thread, measured here); ONNX Runtime 1.17+ reads it
+DEFAULT_OPSET = 20
 MIN_OPSET = 17
+DYNAMO_MIN_OPSET = 18  # below this the dynamo exporter's down-conversion fails on ReduceMean
 
 
 class OnnxRunner(Runner):
@@ -54,6 +57,7 @@ class OnnxBackend(Backend):
     name = "onnx"
     suffix = ".onnx"
     runtime = "ONNX Runtime"
+    precisions = ("fp32", "fp16", "int8")
 
     def versions(self) -> dict[str, str]:
         import onnx
@@ -92,6 +96,8 @@ class OnnxBackend(Backend):
 
             # keep_io_types: the app still feeds and reads float32
             model = convert_float_to_float16(model, keep_io_types=True)
+        elif job.precision == "int8":
+            model, info["quantization"] = quantize_static_qdq(model, job)
         del model.metadata_props[:]
         for k, v in _metadata(job).items():
             model.metadata_props.add(key=k, value=v)
@@ -112,7 +118,7 @@ class OnnxBackend(Backend):
         kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if opset >= DEFAULT_OPSET:
+            if opset >= DYNAMO_MIN_OPSET:
                 prog = torch.onnx.export(job.module, (job.example,), dynamo=True, verbose=False, **kwargs)
                 return prog.model_proto
             # opset 17: the dynamo exporter's down-conversion fails on ReduceMean; the TorchScript exporter works
@@ -122,6 +128,45 @@ class OnnxBackend(Backend):
 
     def open(self, path: Path, spec: ModelSpec, info: dict) -> Runner:
         return OnnxRunner(path)
+
+
+def quantize_static_qdq(model, job: ExportJob):
+    """Static QDQ int8 with ONNX Runtime's tools: per-channel int8 weights, uint8 activations calibrated
+    (min/max) on real images. Layers named in ``job.keep_float`` stay float."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if job.calibration is None:
+        raise ValueError("int8 needs calibration images")
+    b = job.example.shape[0]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([job.calibration[i:i + b] for i in range(0, len(job.calibration) - b + 1, b)])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"input": batch}
+
+    excluded = _nodes_reading(model, [f"{name}.weight" for name in job.keep_float])
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, dst = (str(Path(tmp) / n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(model, src)
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+        quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=excluded, extra_options={"WeightSymmetric": True})
+        quantized = onnx.load(dst)
+    return quantized, {"format": "QDQ", "weights": "int8 per-channel symmetric",
+                       "activations": "uint8 per-tensor, min/max calibration", "excluded_nodes": len(excluded)}
+
+
+def _nodes_reading(model, initializer_names: list[str]) -> list[str]:
+    wanted = set(initializer_names)
+    return [n.name for n in model.graph.node if wanted.intersection(n.input)]
 
 
 def _count_ops(model) -> dict[str, int]:

@@ -83,14 +83,15 @@ def plots(out: Path, results: dict) -> list[Path]:
     paths = []
     if not rows:
         return paths
-    labels = [f"{r['runtime']}\n{r['form'] or ''} {r['precision']} {r['threads']}t" for r in rows]
+    short = {"onnxruntime": "ORT", "executorch-xnnpack": "ET-XNNPACK", "executorch-portable": "ET-portable"}
+    labels = [f"{short.get(r['runtime'], r['runtime'])} {r['precision']} {r['threads']}t" for r in rows]
     med = [r["latency_ms"]["median"] for r in rows]
     err = [[m - r["latency_ms"]["min"] for m, r in zip(med, rows)],
            [r["latency_ms"]["p90"] - m for m, r in zip(med, rows)]]
     colors = ["tab:blue" if r["form"] == "deploy" else "tab:orange" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4.5))
     ax.bar(range(len(rows)), med, yerr=err, color=colors, capsize=3)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8, rotation=40, ha="right")
     ax.set_ylabel("latency, ms (median; whiskers min..p90)")
     ax.set_yscale("log")
     ax.set_title(f"{results['config']['model']} latency per runtime and thread count (blue: deploy, orange: authors')")
