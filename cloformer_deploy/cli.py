@@ -173,6 +173,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", help="checkpoint; without it the model is randomly initialised")
     p.add_argument("--formats", default="all", help=f"all, or a comma list of runtimes: {', '.join(RUNTIMES)}")
     p.add_argument("--threads", default="1,2", help="thread counts, comma separated (default 1,2)")
+    p.add_argument("--precisions", default="default",
+                   help="comma list: default (each format's), fp32, fp16, int8, w4 (default: default)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per row (default 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     p.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW")
@@ -208,6 +210,7 @@ def bench_main(argv: list[str] | None = None) -> int:
                        warmup=args.warmup, img_size=args.img_size, compare_authors=args.compare_authors,
                        baselines=args.baselines, portable=args.portable, data=args.data, out=args.out,
                        bundle=args.bundle, progress=Progress(quiet=args.quiet),
+                       precisions=[x.strip() for x in args.precisions.split(",") if x.strip()],
                        argv=["cloformer-bench", *(sys.argv[1:] if argv is None else argv)])
     except BenchInputError as e:
         return _fail(p.prog, str(e))

@@ -60,7 +60,7 @@ def test_failing_runtime_becomes_an_error_row(tiny_variant, tmp_path, monkeypatc
 
     def broken(*args, **kwargs):
         arts = real(*args, **kwargs)
-        arts[("deploy", "onnxruntime")]["path"] = str(tmp_path / "missing.onnx")
+        arts[("deploy", "onnxruntime", "fp32")]["path"] = str(tmp_path / "missing.onnx")
         return arts
 
     monkeypatch.setattr(harness, "_artifacts", broken)

@@ -113,3 +113,18 @@ def test_size_not_multiple_of_32_names_nearest(size, hint):
 def test_unknown_step_is_an_error():
     with pytest.raises(ValueError, match="fold_batchnorm"):
         cd.to_deploy(_model("cloformer_xxs"), (64, 64), steps=["fold_everything"])
+
+
+@pytest.mark.parametrize("name", ["cloformer_xxs", "two_branch"])
+def test_quantization_friendly_form_keeps_the_function(name):
+    from cloformer_deploy.models.deploy import QUANTIZATION_FRIENDLY
+
+    model = _model(name)
+    x = torch.randn(2, 3, 64, 96)
+    steps, extra = QUANTIZATION_FRIENDLY
+    d = cd.to_deploy(model, (64, 96), steps=steps, extra_steps=extra)
+    with torch.no_grad():
+        ref, out = model(x), d(x)
+    assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+    attn = [m for m in d.modules() if type(m).__name__ == "StaticCloAttention" and m.local_split is not None]
+    assert attn and all(m.in_proj is None for m in attn)

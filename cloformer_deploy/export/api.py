@@ -1,6 +1,7 @@
 """``export(...)``: checkpoint -> deploy form -> artifacts -> validation -> bundle. The CLI is a thin layer over it."""
 from __future__ import annotations
 
+import hashlib
 import platform
 import tempfile
 import sys
@@ -20,7 +21,7 @@ from ..models import (CheckpointError, InputSizeError, UnknownModelError, apply_
 from ..models.checkpoint import num_classes_of
 from . import bundle as bundle_io
 from .base import BACKENDS, ExportJob, FormatError, ModelSpec, parse_formats
-from .images import CROP_PCT, ImageBatch, ImageDataError, load_images
+from .images import CROP_PCT, ImageBatch, ImageDataError, load_calibration, load_images
 from .progress import Progress
 from .validate import bounds_for, validate
 
@@ -96,6 +97,34 @@ def _precisions(formats: list[str], precision: str | None) -> dict[str, str]:
     return out
 
 
+def layer_sensitivity(deploy: torch.nn.Module, calibration: np.ndarray, limit: int = 8) -> list[dict]:
+    """How much int8 weights in each single layer move the logits (1 - cosine), worst first.
+
+    Each convolution or linear layer in turn gets its weights rounded to int8 (per output
+    channel, symmetric) while every other layer stays fp32; measured on calibration images.
+    """
+    import copy
+
+    x = torch.from_numpy(calibration[:limit])
+    model = copy.deepcopy(deploy).eval()
+    with torch.no_grad():
+        ref = model(x).flatten(1).double()
+        out = []
+        for name, mod in model.named_modules():
+            if not isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                continue
+            w = mod.weight.data
+            scale = w.abs().flatten(1).amax(1).clamp_min(1e-12) / 127
+            shape = (-1,) + (1,) * (w.ndim - 1)
+            q = (w / scale.reshape(shape)).round().clamp(-127, 127) * scale.reshape(shape)
+            mod.weight.data = q
+            y = model(x).flatten(1).double()
+            mod.weight.data = w
+            cos = torch.nn.functional.cosine_similarity(y, ref, dim=1).min().item()
+            out.append({"layer": name, "drift": float(f"{1 - cos:.3g}")})
+    return sorted(out, key=lambda d: -d["drift"])
+
+
 def versions() -> dict[str, str | None]:
     v: dict[str, str | None] = {"cloformer_deploy": __version__, "torch": torch.__version__,
                                 "python": platform.python_version()}
@@ -140,6 +169,7 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
            simplify: bool = True, validate_artifacts: bool = True, force: bool = False, zip_bundle: bool = False,
            data: str | Path | None = None, coreml_input: str = "image", coreml_target: str = "iOS16",
            et_backend: str = "xnnpack", min_top1_agreement: float | None = None,
+           calibration_size: int = 32, keep_float: int = 0,
            progress: Progress | None = None, argv: list[str] | None = None) -> ExportResult:
     """Export one model to the given formats, validate every artifact, and write the bundle.
 
@@ -186,11 +216,27 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
             reps = -(-batch // len(images))
             images = ImageBatch(images.names * reps, np.concatenate([images.images] * reps),
                                 np.concatenate([images.tensor] * reps))
+    quantised = [f for f in fmts if precisions[f] in ("int8",)]
+    calibration = None
+    if quantised:
+        if calibration_size < 1:
+            raise ExportInputError("--calibration-size must be 1 or more")
+        try:
+            calibration = load_calibration(size, variant.mean, variant.std, folder=data, count=calibration_size)
+        except ImageDataError as e:
+            raise ExportInputError(str(e)) from None
     if weights is None:
         progress.warn("no --weights: exporting RANDOMLY INITIALISED weights (for testing the pipeline only)")
 
     with progress.stage("deploy form"):
         deploy = to_deploy(authors, size)
+    sensitivities: dict[int, list[dict]] = {}  # per exported module: formats may take different forms
+
+    def sensitivity_of(module) -> list[dict]:
+        if id(module) not in sensitivities:
+            with progress.stage(f"per-layer int8 sensitivity on {min(len(calibration), 8)} calibration images"):
+                sensitivities[id(module)] = layer_sensitivity(module, calibration)
+        return sensitivities[id(module)]
     spec = ModelSpec(name=variant.name, num_classes=n_classes, input_size=size, batch=batch, mean=variant.mean,
                      std=variant.std, labels=label_list, params=sum(p.numel() for p in authors.parameters()),
                      weights=str(weights) if weights else None, weights_sha256=weights_sha)
@@ -212,13 +258,24 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
             backend = BACKENDS[fmt]
             prec = precisions[fmt]
             path = staging.path / backend.filename(spec, prec)
-            job = ExportJob(deploy, example, spec, prec, options, images.tensor if images is not None else None)
+            form = backend.deploy_steps(prec)
+            module = deploy if form is None else to_deploy(authors, size, steps=form[0], extra_steps=form[1])
+            sensitivity = sensitivity_of(module) if prec == "int8" and keep_float else None
+            kept = [d["layer"] for d in sensitivity[:keep_float]] if sensitivity else []
+            job = ExportJob(module, example, spec, prec, options, images.tensor if images is not None else None,
+                            calibration, kept)
             t = time.perf_counter()
             with progress.stage(f"{fmt}: export ({prec})"):
                 info = backend.export(job, path, progress.log)
             entry = {"format": fmt, "path": path.name, "precision": prec, "size_bytes": bundle_io.size_bytes(path),
                      "sha256": bundle_io.sha256_path(path), "export_seconds": round(time.perf_counter() - t, 2),
                      **info}
+            if prec == "int8" and calibration is not None:
+                entry["calibration"] = {"images": int(len(calibration)), "source": str(data) if data else
+                                        "scikit-image bundled photographs, mirrored / wider crops",
+                                        "sha256": hashlib.sha256(calibration.tobytes()).hexdigest(),
+                                        "kept_float": kept if fmt != "coreml" else [],
+                                        "sensitivity_top": (sensitivity or [])[:10]}
             passed = None
             if reference is not None:
                 with progress.stage(f"{fmt}: validate"):

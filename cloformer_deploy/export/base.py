@@ -43,7 +43,9 @@ class ExportJob:
     spec: ModelSpec
     precision: str
     options: dict[str, Any] = field(default_factory=dict)
-    images: np.ndarray | None = None  # real images (normalised NCHW) for analysis and calibration
+    images: np.ndarray | None = None  # real images (normalised NCHW) for analysis
+    calibration: np.ndarray | None = None  # real images (normalised NCHW) to calibrate int8 activations
+    keep_float: list[str] = field(default_factory=list)  # deploy-form layer names to leave unquantised
 
 
 class Runner(ABC):
@@ -70,6 +72,10 @@ class Backend(ABC):
     runtime: str  # what runs it, for help text
     precisions: tuple[str, ...] = ("fp32", "fp16")
     default_precision = "fp32"
+
+    def deploy_steps(self, precision: str) -> tuple[list[str], list[str]] | None:
+        """(steps, extra steps) of the deploy form this format wants at this precision; None: the default form."""
+        return None
 
     def filename(self, spec: ModelSpec, precision: str) -> str:
         return f"{spec.name}-{spec.input_size[0]}x{spec.input_size[1]}-{precision}{self.suffix}"

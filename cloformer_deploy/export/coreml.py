@@ -187,6 +187,9 @@ class CoreMLBackend(Backend):
     suffix = ".mlpackage"
     runtime = "Core ML (macOS/iOS)"
     default_precision = "fp16"
+    # int8: 8-bit linear (symmetric, per-channel) weights; w4: 4-bit palettised weights (k-means LUT).
+    # Both compress weights only: activations and arithmetic stay fp16.
+    precisions = ("fp16", "fp32", "int8", "w4")
 
     def versions(self) -> dict[str, str]:
         import coremltools
@@ -211,8 +214,8 @@ class CoreMLBackend(Backend):
             inputs = [ct.TensorType(name=TENSOR_INPUT, shape=(s.batch, 3, h, w), dtype=np.float32)]
         # options["norm_statistics_fp32"]=False converts naively (everything fp16), to show what it guards against
         selector = keep_norm_statistics_fp32 if job.options.get("norm_statistics_fp32", True) else (lambda op: True)
-        precision = (ct.transform.FP16ComputePrecision(op_selector=selector)
-                     if job.precision == "fp16" else ct.precision.FLOAT32)
+        precision = (ct.precision.FLOAT32 if job.precision == "fp32"
+                     else ct.transform.FP16ComputePrecision(op_selector=selector))
         classify = bool(s.labels) and s.num_classes > 0 and s.batch == 1
         kwargs = {}
         if classify:
@@ -224,6 +227,9 @@ class CoreMLBackend(Backend):
             exported = torch.export.export(module, (example,)).run_decompositions({})
             mlmodel = ct.convert(exported, inputs=inputs, convert_to="mlprogram", compute_precision=precision,
                                  minimum_deployment_target=getattr(ct.target, target), **kwargs)
+        compression = None
+        if job.precision in ("int8", "w4"):
+            mlmodel, compression = compress_weights(mlmodel, job.precision)
         mlmodel.author = "cloformer-deploy"
         mlmodel.license = "Weights: see the checkpoint's license. CloFormer/FAT architecture by Fan et al."
         mlmodel.version = s.weights_sha256[:12] if s.weights_sha256 else "random-init"
@@ -236,13 +242,28 @@ class CoreMLBackend(Backend):
         mlmodel.save(str(path))
         ops = _count_ops(mlmodel)
         extra = {}
-        if job.precision == "fp16" and job.images is not None:
+        if compression:
+            extra["compression"] = compression
+        if job.precision != "fp32" and job.images is not None:
             extra["norm_statistics"] = norm_statistics_range(job.module, job.images)
         return {**extra, "input": input_kind, "minimum_deployment_target": target, "classifier": classify,
-                "ops": ops, "fp32_ops_in_fp16_program": _fp32_compute_ops(mlmodel) if job.precision == "fp16" else 0}
+                "ops": ops, "fp32_ops_in_fp16_program": _fp32_compute_ops(mlmodel) if job.precision != "fp32" else 0}
 
     def open(self, path: Path, spec: ModelSpec, info: dict) -> Runner:
         return CoreMLRunner(path, spec)
+
+
+def compress_weights(mlmodel, precision: str):
+    import coremltools.optimize.coreml as cto
+
+    if precision == "int8":
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                         weight_threshold=512)
+        out = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
+        return out, {"weights": "int8 linear symmetric per-channel", "activations": "fp16"}
+    op = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_tensor", weight_threshold=512)
+    out = cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
+    return out, {"weights": "4-bit palettised (k-means LUT per tensor)", "activations": "fp16"}
 
 
 def norm_statistics_range(module: torch.nn.Module, images: np.ndarray) -> dict:

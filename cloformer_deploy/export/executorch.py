@@ -33,6 +33,33 @@ class ExecuTorchRunner(Runner):
         return self.program.load_method(name).execute([])
 
 
+def quantize_pt2e_xnnpack(job: ExportJob) -> torch.nn.Module:
+    """Static int8: per-channel symmetric weights, per-tensor activations calibrated on real images."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                         get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if job.calibration is None:
+        raise ValueError("int8 needs calibration images")
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    if job.keep_float:
+        keep = set(job.keep_float)
+
+        def quantize_node(node) -> bool:  # nodes traced from a kept layer stay float
+            stack = node.meta.get("nn_module_stack") or {}
+            return not any(path.split("L['self'].")[-1] in keep for path, _ in stack.values())
+
+        quantizer.set_filter_function(quantize_node)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        graph = torch.export.export(job.module, (job.example,)).module()
+        prepared = prepare_pt2e(graph, quantizer)
+        b = job.example.shape[0]
+        for i in range(0, len(job.calibration) - b + 1, b):
+            prepared(torch.from_numpy(job.calibration[i:i + b]))
+        return convert_pt2e(prepared)
+
+
 def delegation_report(edge_program) -> dict:
     """Partitions and the kernels left outside any delegate, from the lowered graph."""
     outside: Counter = Counter()
@@ -56,7 +83,14 @@ class ExecuTorchBackend(Backend):
     runtime = "ExecuTorch (XNNPACK)"
     # fp16 is not offered: XNNPACK in executorch 1.4.1 leaves GELU and the fp16/fp32 casts around the
     # norms outside the delegate (measured on CloFormer-XXS: 88 partitions, 90 kernels outside)
-    precisions = ("fp32",)
+    precisions = ("fp32", "int8")
+
+    def deploy_steps(self, precision: str):
+        if precision == "int8":  # quantised XNNPACK cannot compile channel slices between quantised ops
+            from ..models.deploy import QUANTIZATION_FRIENDLY
+
+            return QUANTIZATION_FRIENDLY
+        return None
 
     def versions(self) -> dict[str, str]:
         from importlib.metadata import version
@@ -68,6 +102,8 @@ class ExecuTorchBackend(Backend):
 
         backend = job.options.get("et_backend", "xnnpack")
         module = job.module
+        if job.precision == "int8":
+            module = quantize_pt2e_xnnpack(job)
         s = job.spec
         constants = {
             "input_size": list(s.input_size), "batch": s.batch, "num_classes": s.num_classes,

@@ -58,12 +58,12 @@ def folder_image_paths(folder: str | Path) -> list[Path]:
     return paths
 
 
-def load_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Resize so the image covers size/0.875 (bicubic), centre-crop to size; uint8 RGB (H, W, 3)."""
+def load_rgb(path: Path, size: tuple[int, int], crop_pct: float = CROP_PCT) -> np.ndarray:
+    """Resize so the image covers size/crop_pct (bicubic), centre-crop to size; uint8 RGB (H, W, 3)."""
     h, w = size
     with Image.open(path) as im:
         im = im.convert("RGB")
-        scale = max(h / CROP_PCT / im.height, w / CROP_PCT / im.width)
+        scale = max(h / crop_pct / im.height, w / crop_pct / im.width)
         rw, rh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
         im = im.resize((rw, rh), Image.BICUBIC)
         left, top = (rw - w) // 2, (rh - h) // 2
@@ -94,3 +94,25 @@ def load_images(size: tuple[int, int], mean, std, folder: str | Path | None = No
         raise ImageDataError(f"no readable image in {where}; pass --data with a folder of .jpg/.png photographs")
     images = np.stack(arrays)
     return ImageBatch(names, images, normalise(images, mean, std))
+
+
+def load_calibration(size: tuple[int, int], mean, std, folder: str | Path | None = None,
+                     count: int = 32) -> np.ndarray:
+    """Images to calibrate int8 activations: each photograph mirrored and cropped wider than for
+    validation, so that calibration and validation inputs are never the same pixels."""
+    paths = folder_image_paths(folder) if folder is not None else default_image_paths()
+    arrays = []
+    for p in paths:
+        for crop_pct, flip in ((1.0, True), (0.75, False)):
+            try:
+                a = load_rgb(p, size, crop_pct)
+            except (UnidentifiedImageError, OSError):
+                break
+            arrays.append(a[:, ::-1] if flip else a)
+            if len(arrays) >= count:
+                break
+        if len(arrays) >= count:
+            break
+    if not arrays:
+        raise ImageDataError("no readable image for calibration; pass --data with a folder of photographs")
+    return normalise(np.stack(arrays), mean, std)

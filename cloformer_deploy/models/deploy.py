@@ -282,6 +282,39 @@ def merge_parallel_convs(model: nn.Module, input_size) -> None:
             del mod.q, mod.kv
 
 
+def _rows(conv: nn.Conv2d, rows: slice) -> nn.Conv2d:
+    """The output channels ``rows`` of a convolution, as a convolution of its own."""
+    w = conv.weight.detach()[rows]
+    groups = w.shape[0] if conv.groups == conv.out_channels else conv.groups
+    out = nn.Conv2d(w.shape[1] * groups if groups > 1 else conv.in_channels, w.shape[0], conv.kernel_size,
+                    conv.stride, conv.padding, conv.dilation, groups, bias=conv.bias is not None)
+    out.weight.data.copy_(w)
+    if conv.bias is not None:
+        out.bias.data.copy_(conv.bias.detach()[rows])
+    return out
+
+
+def split_local_qkv(model: nn.Module, input_size) -> None:
+    """CloFormer's local q, k and v as separate projection + depthwise pairs (the inverse of a merge).
+
+    Not a default step: int8 XNNPACK (executorch 1.4.1) fails to compile a channel slice between
+    quantised ops, so quantised exports take the unmerged form without slices.
+    """
+    for mod in list(model.modules()):
+        if isinstance(mod, StaticCloAttention) and mod.local_split is None and len(mod.act_blocks):
+            if mod.in_proj is not None:
+                raise RuntimeError("split_local_qkv takes the form before merge_parallel_convs")
+            branches = nn.ModuleList()
+            for proj, mix, c in zip(mod.qkvs, mod.convs, mod.local_channels):
+                parts = nn.ModuleDict()
+                for i, n in enumerate("qkv"):
+                    rows = slice(i * c, (i + 1) * c)
+                    parts[n], parts[f"{n}_mix"] = _rows(proj, rows), _rows(mix, rows)
+                branches.append(parts)
+            mod.local_split = branches
+            del mod.qkvs, mod.convs
+
+
 DEPLOY_STEPS: list[DeployStep] = [
     DeployStep(f.__name__, f, (f.__doc__ or "").strip().splitlines()[0])
     for f in (drop_training_only, static_shapes, fold_residuals, fold_batchnorm, fold_attention_scale,
@@ -289,7 +322,14 @@ DEPLOY_STEPS: list[DeployStep] = [
 ]
 
 
-def to_deploy(model: nn.Module, input_size=(224, 224), steps: list[str] | None = None) -> nn.Module:
+# rewrites that are not part of the default form, applied after it on request
+EXTRA_STEPS = {"split_local_qkv": split_local_qkv}
+# the form quantised XNNPACK exports take: no merged projections, no channel slices between quantised ops
+QUANTIZATION_FRIENDLY = ([s.name for s in DEPLOY_STEPS if s.name != "merge_parallel_convs"], ["split_local_qkv"])
+
+
+def to_deploy(model: nn.Module, input_size=(224, 224), steps: list[str] | None = None,
+              extra_steps: tuple[str, ...] | list[str] = ()) -> nn.Module:
     """A new, export-ready module computing the same function as ``model`` for inputs of ``input_size``.
 
     ``model`` is left untouched. ``steps`` restricts the rewrites to a prefix or
@@ -299,8 +339,8 @@ def to_deploy(model: nn.Module, input_size=(224, 224), steps: list[str] | None =
         raise TypeError(f"to_deploy takes a model from cloformer_deploy.create_model, not {type(model).__name__}")
     size = check_input_size(input_size)
     known = [s.name for s in DEPLOY_STEPS]
-    if steps is not None:
-        unknown = [s for s in steps if s not in known]
+    if steps is not None or extra_steps:
+        unknown = [s for s in (steps or []) if s not in known] + [s for s in extra_steps if s not in EXTRA_STEPS]
         if unknown:
             raise ValueError(f"unknown deploy steps {unknown}; known: {known}")
     out = copy.deepcopy(model).eval()
@@ -308,7 +348,9 @@ def to_deploy(model: nn.Module, input_size=(224, 224), steps: list[str] | None =
     for step in DEPLOY_STEPS:
         if steps is None or step.name in steps:
             step.fn(out, size)
-    out.deploy_steps = [s.name for s in DEPLOY_STEPS if steps is None or s.name in steps]
+    for name in extra_steps:
+        EXTRA_STEPS[name](out, size)
+    out.deploy_steps = [s.name for s in DEPLOY_STEPS if steps is None or s.name in steps] + list(extra_steps)
     for p in out.parameters():
         p.requires_grad_(False)
     return out

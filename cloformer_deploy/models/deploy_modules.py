@@ -132,6 +132,8 @@ class StaticCloAttention(nn.Module):
         self.in_proj_split: list[int] = []
         self.mixer: nn.Conv2d | None = None
         self.kv_in_proj = False  # window 1: the kv projection shares the input and is merged too
+        # set by split_local_qkv: q, k and v of each local branch as separate conv + depthwise pairs
+        self.local_split: nn.ModuleList | None = None
 
     def _local(self, qkv: torch.Tensor, c: int, act_block: nn.Module) -> torch.Tensor:
         q, k, v = _channel_slices(qkv, [c, c, c])
@@ -140,7 +142,20 @@ class StaticCloAttention(nn.Module):
             a = a * self.local_scale
         return torch.tanh(a) * v
 
+    def _local_split(self, x: torch.Tensor, parts: nn.ModuleDict, act_block: nn.Module) -> torch.Tensor:
+        q, k, v = (parts[f"{n}_mix"](parts[n](x)) for n in "qkv")
+        a = act_block(q * k)
+        if self.local_scale is not None:
+            a = a * self.local_scale
+        return torch.tanh(a) * v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.local_split is not None:
+            out = [self._local_split(x, parts, ab) for parts, ab in zip(self.local_split, self.act_blocks)]
+            if self.global_heads:
+                out.append(pooled_attention(self.global_q(x), self.global_kv(self.pool(x)), self.global_channels,
+                                            self.dim_head, self.h, self.w, self.n_kv, self.global_scale))
+            return self.proj(torch.cat(out, dim=1) if len(out) > 1 else out[0])
         if self.in_proj is None:
             qkvs = [mix(proj(x)) for proj, mix in zip(self.qkvs, self.convs)]
             gq = self.global_q(x) if self.global_heads else None

@@ -119,6 +119,7 @@ def _accuracy(outputs: np.ndarray, labels: list[int]) -> dict:
 def bench(model: str = "cloformer_xxs", *, weights=None, formats="all", threads=(1, 2), runs: int = 50,
           warmup: int = 10, img_size=224, compare_authors: bool = False, baselines: bool = False,
           portable: bool = False, data=None, out="runtime_bench", bundle=None, timeout: float = 900.0,
+          precisions=("default",),
           progress: Progress | None = None, argv: list[str] | None = None) -> BenchResult:
     progress = progress or Progress(quiet=True)
     try:
@@ -131,6 +132,9 @@ def bench(model: str = "cloformer_xxs", *, weights=None, formats="all", threads=
     if runs < 1 or warmup < 0:
         raise BenchInputError("--runs must be 1 or more and --warmup 0 or more")
     runtimes = _runtimes(formats, portable)
+    bad = [p for p in precisions if p not in ("default", "fp32", "fp16", "int8", "w4")]
+    if bad:
+        raise BenchInputError(f"unknown precision {bad[0]!r}; choose from default, fp32, fp16, int8, w4")
     if baselines:
         _check_baselines()
     try:
@@ -152,7 +156,7 @@ def bench(model: str = "cloformer_xxs", *, weights=None, formats="all", threads=
             machine = machine_info(threads)
         prof = profile_model(variant.name, size, authors.num_classes)
         artifacts = _artifacts(variant.name, work, size, authors, weights, runtimes, compare_authors, bundle,
-                               progress)
+                               progress, list(precisions), data)
         forms = ["deploy", "authors"] if compare_authors else ["deploy"]
         for form in forms:
             for rt in runtimes:
@@ -160,15 +164,15 @@ def bench(model: str = "cloformer_xxs", *, weights=None, formats="all", threads=
                     combos += [Combo(variant.name, form, rt, "fp32", t,
                                      size_mb=size_bytes(work / "weights.pth") / 1e6) for t in threads]
                     continue
-                art = artifacts.get((form, rt))
-                if art is None:
-                    continue
-                if rt == "coreml":  # latency is not measurable off Apple hardware; drift still is
-                    combos.append(Combo(variant.name, form, rt, art["precision"], None, art["path"],
-                                        art["size_mb"], art["extra"]))
-                    continue
-                combos += [Combo(variant.name, form, rt, art["precision"], t, art["path"], art["size_mb"],
-                                 art["extra"]) for t in threads]
+                for (f, r, _), art in artifacts.items():
+                    if (f, r) != (form, rt):
+                        continue
+                    if rt == "coreml":  # latency is not measurable off Apple hardware; drift still is
+                        combos.append(Combo(variant.name, form, rt, art["precision"], None, art["path"],
+                                            art["size_mb"], art["extra"]))
+                        continue
+                    combos += [Combo(variant.name, form, rt, art["precision"], t, art["path"], art["size_mb"],
+                                     art["extra"]) for t in threads]
         _measure(combos, work, variant, authors.num_classes, size, runs, warmup, timeout, progress)
         rows = [_row(c, reference, prof, machine, labels) for c in combos]
     finally:
@@ -215,30 +219,34 @@ def _check_baselines() -> None:
             f"loads here ({type(e).__name__}). Install a matching torchvision+timm, or drop --baselines") from None
 
 
-def _artifacts(name, work: Path, size, authors, weights, runtimes, compare_authors, bundle, progress) -> dict:
-    """(form, runtime) -> {path, precision, size_mb, extra}: exported now, or taken from --bundle."""
+def _artifacts(name, work: Path, size, authors, weights, runtimes, compare_authors, bundle, progress,
+               precisions: list[str], data) -> dict:
+    """(form, runtime, precision) -> {path, precision, size_mb, extra}: exported now, or taken from --bundle."""
     out: dict = {}
     formats = sorted({_FORMAT_OF[r] for r in runtimes if r in _FORMAT_OF and r != "executorch-portable"},
                      key=list(BACKENDS).index)
+    entries: list[tuple[Path, dict]] = []
     if bundle is not None:
         manifest = read_manifest(Path(bundle))
         if manifest["model"]["name"] != name or tuple(manifest["model"]["input_size"]) != size:
             raise BenchInputError(f"--bundle holds {manifest['model']['name']} at {manifest['model']['input_size']}, "
                                   f"not {name} at {list(size)}")
-        entries = manifest["artifacts"]
-        root = Path(bundle)
-    elif formats:
-        ckpt = work / "weights.pth"
-        with progress.stage(f"export deploy form ({', '.join(formats)})"):
-            result = export(name, weights=ckpt, formats=formats, img_size=size,
-                            num_classes=authors.num_classes, out=work / "export", validate_artifacts=False)
-        entries, root = result.manifest["artifacts"], result.bundle
+        entries = [(Path(bundle), e) for e in manifest["artifacts"]]
     else:
-        entries, root = [], work
-    for e in entries:
+        ckpt = work / "weights.pth"
+        for prec in precisions:
+            fmts = [f for f in formats if prec == "default" or prec in BACKENDS[f].precisions]
+            if not fmts:
+                continue
+            with progress.stage(f"export deploy form ({', '.join(fmts)}; {prec} precision)"):
+                result = export(name, weights=ckpt, formats=fmts, img_size=size, num_classes=authors.num_classes,
+                                out=work / f"export-{prec}", validate_artifacts=False, data=data,
+                                precision=None if prec == "default" else prec)
+            entries += [(result.bundle, e) for e in result.manifest["artifacts"]]
+    for root, e in entries:
         rt = {"onnx": "onnxruntime", "executorch": "executorch-xnnpack", "coreml": "coreml"}[e["format"]]
         if rt in runtimes:
-            out[("deploy", rt)] = _art(root / e["path"], e)
+            out[("deploy", rt, e["precision"])] = _art(root / e["path"], e)
     spec = ModelSpec(name, authors.num_classes, size, 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
     example = torch.randn(1, 3, *size)
     jobs = []
@@ -255,7 +263,7 @@ def _artifacts(name, work: Path, size, authors, weights, runtimes, compare_autho
         path = work / f"{form}-{rt}{backend.suffix}"
         with progress.stage(f"export {form} form for {rt}"):
             info = backend.export(ExportJob(module, example, spec, "fp32", options), path, progress.log)
-        out[(form, rt)] = _art(path, {"precision": "fp32", **info})
+        out[(form, rt, "fp32")] = _art(path, {"precision": "fp32", **info})
     return out
 
 
