@@ -39,6 +39,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model-choosing options export and bench share."""
+    p.add_argument("--model", default="cloformer-xxs", help=f"one of: {', '.join(list_models())} (default cloformer-xxs)")
+    p.add_argument("--weights", help="checkpoint (.pth/.pt/.safetensors); without it the model is randomly initialised")
+    p.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW such as 256x320; multiples of 32")
+
+
 def _fail(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
@@ -70,10 +77,8 @@ def export_main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="cloformer-export",
                 description="Export CloFormer/FAT to validated ONNX, Core ML and ExecuTorch artifacts, "
                             "bundled with labels and a manifest.")
-    p.add_argument("--model", default="cloformer-xxs", help=f"one of: {', '.join(list_models())} (default cloformer-xxs)")
-    p.add_argument("--weights", help="checkpoint (.pth/.pt/.safetensors); without it the model is randomly initialised")
+    _add_model_args(p)
     p.add_argument("--format", default="all", help=f"all, or a comma list of: {formats}")
-    p.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW such as 256x320; multiples of 32")
     p.add_argument("--num-classes", type=int, help="classes of the head (default: the checkpoint's, else 1000)")
     p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "w4"],
@@ -169,15 +174,13 @@ def bench_main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="cloformer-bench",
                 description="Latency, load time, peak memory, size and drift per runtime, precision and thread "
                             "count; writes results.json/csv/md and plots.")
-    p.add_argument("--model", default="cloformer-xxs", help=f"one of: {', '.join(list_models())}")
-    p.add_argument("--weights", help="checkpoint; without it the model is randomly initialised")
+    _add_model_args(p)
     p.add_argument("--formats", default="all", help=f"all, or a comma list of runtimes: {', '.join(RUNTIMES)}")
     p.add_argument("--threads", default="1,2", help="thread counts, comma separated (default 1,2)")
     p.add_argument("--precisions", default="default",
                    help="comma list: default (each format's), fp32, fp16, int8, w4 (default: default)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per row (default 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    p.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW")
     p.add_argument("--compare-authors", action="store_true",
                    help="also run a naive export of the authors' form in the same runtimes")
     p.add_argument("--baselines", action="store_true", help="also run timm baselines (needs timm + torchvision)")
