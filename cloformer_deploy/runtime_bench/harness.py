@@ -25,7 +25,7 @@ from ..export import BACKENDS
 from ..export.api import ExportInputError, export, prepare_model, versions
 from ..export.base import ExportJob, ModelSpec
 from ..export.bundle import read_manifest, size_bytes
-from ..export.images import ImageBatch, ImageDataError, folder_image_paths, load_images
+from ..export.images import ImageDataError, folder_image_paths, load_images
 from ..export.progress import Progress
 from ..export.validate import compare
 from ..models import InputSizeError, check_input_size, profile_model
