@@ -23,12 +23,17 @@ def _size(text: str) -> tuple[int, int]:
 def _quiet_libraries() -> None:
     """Keep the terminal to our stages: converters' progress bars and warnings go, errors stay."""
     import logging
-    import os
     import warnings
+    from functools import partialmethod
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' pass-by-pass progress bars
+    try:  # coremltools' pass-by-pass progress bars; our stages report progress instead
+        from tqdm import tqdm
+
+        tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)
+    except ImportError:
+        pass
     warnings.filterwarnings("ignore")
-    for name in ("torch", "torch.onnx", "torch._export", "coremltools", "executorch", "onnxscript"):
+    for name in ("torch", "torch.onnx", "torch._export", "torchao", "coremltools", "executorch", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
