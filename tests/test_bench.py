@@ -77,3 +77,27 @@ def test_bad_input(args, message, tmp_path, capsys):
     assert bench_main(args + ["--out", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_labelled_folder_gives_top1_and_top5(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cloformer_deploy.export.images import load_images
+    from cloformer_deploy.runtime_bench.harness import _accuracy, _labelled
+
+    rng = np.random.default_rng(0)
+    for cls in ("n01", "n02", "n03"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    images = load_images((32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), folder=tmp_path)
+    labels = _labelled(images, tmp_path)
+    assert labels == [0, 0, 1, 1, 2, 2]
+    logits = np.zeros((6, 10))
+    logits[np.arange(6), labels] = 1.0   # right
+    logits[1] = np.arange(10)            # class 0 is not in image 1's top-5
+    logits[3, 1], logits[3, 9] = 2.0, 5.0  # class 1 second: in top-5, not top-1
+    acc = _accuracy(logits, labels)
+    assert acc == {"top1": 4 / 6, "top5": 5 / 6, "images": 6}
+    assert _labelled(images, None) is None

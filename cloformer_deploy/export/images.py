@@ -86,7 +86,8 @@ def load_images(size: tuple[int, int], mean, std, folder: str | Path | None = No
     for p in paths:
         try:
             arrays.append(load_rgb(p, size))
-            names.append(p.name)
+            # relative to --data, so a class-per-subfolder layout can be read back from the name
+            names.append(p.relative_to(folder).as_posix() if folder is not None else p.name)
         except (UnidentifiedImageError, OSError):
             continue  # a broken file among many is skipped; none readable is an error below
     if not arrays:

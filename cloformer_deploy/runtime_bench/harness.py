@@ -25,7 +25,7 @@ from ..export import BACKENDS
 from ..export.api import ExportInputError, export, prepare_model, versions
 from ..export.base import ExportJob, ModelSpec
 from ..export.bundle import read_manifest, size_bytes
-from ..export.images import ImageDataError, folder_image_paths, load_images
+from ..export.images import ImageBatch, ImageDataError, load_images
 from ..export.progress import Progress
 from ..export.validate import compare
 from ..models import InputSizeError, check_input_size, profile_model
@@ -97,16 +97,16 @@ class BenchResult:
     rows: list[dict]
 
 
-def _labelled(data: str | Path | None) -> list[int] | None:
-    """Class indices for an ImageNet-validation-layout folder (one subfolder per class, sorted), else None."""
+def _labelled(images: ImageBatch, data: str | Path | None) -> list[int] | None:
+    """Class indices for an ImageNet-validation-layout folder (one subfolder per class, sorted by name, as
+    ImageNet's synset folders give the class order), from the images' paths; None for a flat folder."""
     if data is None:
         return None
-    root = Path(data)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in Path(data).iterdir() if p.is_dir())
     if not classes:
         return None
     index = {c: i for i, c in enumerate(classes)}
-    return [index[p.relative_to(root).parts[0]] for p in folder_image_paths(root)]
+    return [index[name.split("/")[0]] for name in images.names]
 
 
 def _accuracy(outputs: np.ndarray, labels: list[int]) -> dict:
@@ -140,7 +140,7 @@ def bench(model: str = "cloformer_xxs", *, weights=None, formats="all", threads=
     try:
         variant, authors, weights_sha = prepare_model(model, weights, None)
         images = load_images(size, variant.mean, variant.std, folder=data)
-        labels = _labelled(data)
+        labels = _labelled(images, data)
     except (ExportInputError, ImageDataError) as e:
         raise BenchInputError(str(e)) from None
     out_dir = Path(out) / f"{variant.name}-{size[0]}x{size[1]}"
