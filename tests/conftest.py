@@ -64,3 +64,15 @@ def tiny_checkpoint(tiny_variant, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
     torch.save({"model": model.state_dict(), "epoch": 1}, path)
     return path
+
+
+TINY_SIZE = (64, 96)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
+    """The tiny model exported once to every format (fp32/fp16 defaults), validated and zipped."""
+    from cloformer_deploy.export import export
+
+    return export(tiny_variant, weights=tiny_checkpoint, formats="all", img_size=TINY_SIZE,
+                  out=tmp_path_factory.mktemp("export"), zip_bundle=True)

@@ -16,14 +16,12 @@ from cloformer_deploy.export import BACKENDS, export, validate_bundle
 from cloformer_deploy.export.bundle import sha256_path
 from cloformer_deploy.export.images import load_images
 
-SIZE = (64, 96)
+from conftest import TINY_SIZE as SIZE
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    result = export(tiny_variant, weights=tiny_checkpoint, formats="all", img_size=SIZE, out=out, zip_bundle=True)
-    return result
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 def test_every_format_exported_and_validated(bundle):

@@ -51,8 +51,7 @@ class ExportJob:
 class Runner(ABC):
     """An artifact opened in its own runtime."""
 
-    method: str  # how it runs: "onnxruntime", "executorch", "coreml", "emulated", "structural"
-    numeric = True  # False where this machine can only check the artifact's structure
+    method: str  # how it runs: "onnxruntime", "executorch", "coreml" (macOS), "emulated" (Core ML elsewhere)
 
     @abstractmethod
     def run(self, batch: ImageBatch) -> np.ndarray:

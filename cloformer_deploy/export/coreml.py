@@ -1,7 +1,8 @@
 """Core ML: an ML Program (.mlpackage) converted through torch.export, with the ImageNet normalisation inside.
 
 On macOS the package runs with ``MLModel.predict``; elsewhere coremltools can read
-but not execute it, so the runner checks its structure only.
+but not execute it, so the runner executes the saved program with our interpreter
+(:mod:`.mil_interpreter`).
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class CoreMLRunner(Runner):
             if self.interpreter.is_fp16:
                 d["fp16"] = self.fp16
         return d
+
     def check_structure(self) -> list[str]:
         problems = []
         desc = self.mlspec.description

@@ -49,7 +49,7 @@ class Progress:
         self._line(f"{name} ... done in {dt:.1f}s")
 
     def report(self, fmt: str, report: dict) -> None:
-        fig = report.get("figures")
+        fig = report.get("figures")  # None for an artifact missing or changed since export
         verdict = "PASS" if report.get("passed") else "FAIL"
         if fig:
             text = (f"{fmt}: {verdict} ({report.get('method')}) max abs {fig['max_abs']:.2e}, "

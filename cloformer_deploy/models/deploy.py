@@ -67,10 +67,6 @@ def _blocks(model: Backbone):
                 h, w = h // 2, w // 2
 
 
-def _replace(parent: nn.Module, name: str, new: nn.Module) -> None:
-    setattr(parent, name, new)
-
-
 def _fused_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
     out = nn.Conv2d(conv.in_channels, weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, bias=True)
@@ -117,12 +113,12 @@ def drop_training_only(model: nn.Module, input_size) -> None:
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, (DropPath, nn.Dropout)):
-                _replace(mod, child_name, nn.Identity())
+                setattr(mod, child_name, nn.Identity())
             elif isinstance(child, nn.SyncBatchNorm):
                 bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
                                     child.track_running_stats)
                 bn.load_state_dict(child.state_dict())
-                _replace(mod, child_name, bn)
+                setattr(mod, child_name, bn)
 
 
 def static_shapes(model: nn.Module, input_size) -> None:
@@ -135,7 +131,7 @@ def static_shapes(model: nn.Module, input_size) -> None:
     for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.GroupNorm):
-                _replace(mod, child_name, ChannelNorm.from_group_norm(child))
+                setattr(mod, child_name, ChannelNorm.from_group_norm(child))
 
 
 def fold_residuals(model: nn.Module, input_size) -> None:

@@ -155,7 +155,7 @@ def bench(model: str = "cloformer_xxs", *, weights=None, formats="all", threads=
         with progress.stage("machine (matmul peak per thread count)"):
             machine = machine_info(threads)
         prof = profile_model(variant.name, size, authors.num_classes)
-        artifacts = _artifacts(variant.name, work, size, authors, weights, runtimes, compare_authors, bundle,
+        artifacts = _artifacts(variant.name, work, size, authors, runtimes, compare_authors, bundle,
                                progress, list(precisions), data)
         forms = ["deploy", "authors"] if compare_authors else ["deploy"]
         for form in forms:
@@ -219,7 +219,7 @@ def _check_baselines() -> None:
             f"loads here ({type(e).__name__}). Install a matching torchvision+timm, or drop --baselines") from None
 
 
-def _artifacts(name, work: Path, size, authors, weights, runtimes, compare_authors, bundle, progress,
+def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundle, progress,
                precisions: list[str], data) -> dict:
     """(form, runtime, precision) -> {path, precision, size_mb, extra}: exported now, or taken from --bundle."""
     out: dict = {}
