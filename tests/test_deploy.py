@@ -128,3 +128,46 @@ def test_quantization_friendly_form_keeps_the_function(name):
     assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
     attn = [m for m in d.modules() if type(m).__name__ == "StaticCloAttention" and m.local_split is not None]
     assert attn and all(m.in_proj is None for m in attn)
+
+
+@pytest.mark.parametrize("kernel, stride", [(7, 1), (9, 1), (9, 2), (11, 2)])
+def test_ring_depthwise_equals_the_wide_convolution(kernel, stride):
+    from cloformer_deploy.models.deploy_modules import RingDepthwise, ring_taps
+
+    pieces = ring_taps(kernel, 5)
+    taps = [t for _, _, ts in pieces for t in ts]
+    r = kernel // 2
+    assert sorted(taps) == [(i, j) for i in range(-r, r + 1) for j in range(-r, r + 1)]  # each tap exactly once
+    assert all(s[0] * s[1] <= 25 for s, _, _ in pieces)
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(6, 6, kernel, stride, kernel // 2, groups=6).eval()
+    ring = RingDepthwise(conv).eval()
+    x = torch.randn(2, 6, 15, 22)  # odd, non-square: the output grid must match at the borders too
+    with torch.no_grad():
+        ref, out = conv(x), ring(x)
+    assert out.shape == ref.shape
+    assert max_abs(out, ref) <= 1e-5
+
+
+def test_ring_depthwise_refuses_what_it_cannot_split():
+    from cloformer_deploy.models.deploy_modules import RingDepthwise
+
+    with pytest.raises(ValueError, match="depthwise"):
+        RingDepthwise(torch.nn.Conv2d(4, 8, 7, padding=3, groups=4))
+    with pytest.raises(ValueError, match="up to 11x11"):
+        RingDepthwise(torch.nn.Conv2d(4, 4, 13, padding=6, groups=4))
+
+
+@pytest.mark.parametrize("name", ["cloformer_xxs", "fat_b0", "two_branch"])
+def test_split_wide_depthwise_keeps_the_function(name):
+    model = _model(name)
+    x = torch.randn(2, 3, 64, 96)
+    d = cd.to_deploy(model, (64, 96), extra_steps=["split_wide_depthwise"])
+    with torch.no_grad():
+        ref, out = model(x), d(x)
+    assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+    wide = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1
+            and m.kernel_size[0] * m.kernel_size[1] > 25]
+    assert wide == []
+    rings = [m for m in d.modules() if type(m).__name__ == "RingDepthwise"]
+    assert bool(rings) == (name != "two_branch")  # the two-branch config has no kernel beyond 5x5

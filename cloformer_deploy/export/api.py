@@ -257,7 +257,7 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
             backend = BACKENDS[fmt]
             prec = precisions[fmt]
             path = staging.path / backend.filename(spec, prec)
-            form = backend.deploy_steps(prec)
+            form = backend.deploy_steps(prec, options)
             module = deploy if form is None else to_deploy(authors, size, steps=form[0], extra_steps=form[1])
             sensitivity = sensitivity_of(module) if prec == "int8" and keep_float else None
             kept = [d["layer"] for d in sensitivity[:keep_float]] if sensitivity else []
@@ -268,7 +268,7 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
                 info = backend.export(job, path, progress.log)
             entry = {"format": fmt, "path": path.name, "precision": prec, "size_bytes": bundle_io.size_bytes(path),
                      "sha256": bundle_io.sha256_path(path), "export_seconds": round(time.perf_counter() - t, 2),
-                     **info}
+                     "deploy_steps": list(module.deploy_steps), **info}
             if prec == "int8" and calibration is not None:
                 entry["calibration"] = {"images": int(len(calibration)), "source": str(data) if data else
                                         "scikit-image bundled photographs, mirrored / wider crops",

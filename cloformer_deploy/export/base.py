@@ -72,8 +72,8 @@ class Backend(ABC):
     precisions: tuple[str, ...] = ("fp32", "fp16")
     default_precision = "fp32"
 
-    def deploy_steps(self, precision: str) -> tuple[list[str], list[str]] | None:
-        """(steps, extra steps) of the deploy form this format wants at this precision; None: the default form."""
+    def deploy_steps(self, precision: str, options: dict) -> tuple[list[str], list[str]] | None:
+        """(steps, extra steps) of the deploy form this format wants with these options; None: the default form."""
         return None
 
     def filename(self, spec: ModelSpec, precision: str) -> str:

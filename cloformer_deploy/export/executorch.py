@@ -85,12 +85,16 @@ class ExecuTorchBackend(Backend):
     # norms outside the delegate (measured on CloFormer-XXS: 88 partitions, 90 kernels outside)
     precisions = ("fp32", "int8")
 
-    def deploy_steps(self, precision: str):
-        if precision == "int8":  # quantised XNNPACK cannot compile channel slices between quantised ops
-            from ..models.deploy import QUANTIZATION_FRIENDLY
+    def deploy_steps(self, precision: str, options: dict):
+        from ..models.deploy import DEPLOY_STEPS, QUANTIZATION_FRIENDLY
 
-            return QUANTIZATION_FRIENDLY
-        return None
+        if options.get("et_backend", "xnnpack") != "xnnpack":
+            return None
+        # XNNPACK's depthwise kernels stop at 25 taps: wider ones are cut into pieces that fit
+        if precision == "int8":  # quantised XNNPACK cannot compile channel slices between quantised ops
+            steps, extra = QUANTIZATION_FRIENDLY
+            return steps, [*extra, "split_wide_depthwise"]
+        return [s.name for s in DEPLOY_STEPS], ["split_wide_depthwise"]
 
     def versions(self) -> dict[str, str]:
         from importlib.metadata import version

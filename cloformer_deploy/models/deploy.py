@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .cloformer import CloBlock, CloFormer, EfficientAttention
-from .deploy_modules import ChannelNorm, StaticCloAttention, StaticFASA
+from .deploy_modules import ChannelNorm, RingDepthwise, StaticCloAttention, StaticFASA
 from .fat import FAT, FASA, ConvFFN as FATConvFFN, FATBlock
 from .layers import Backbone, DropPath
 
@@ -311,6 +311,18 @@ def split_local_qkv(model: nn.Module, input_size) -> None:
             del mod.qkvs, mod.convs
 
 
+def split_wide_depthwise(model: nn.Module, input_size) -> None:
+    """Depthwise convolutions wider than 5x5 as a 5x5 core plus dilated ring pieces, summed.
+
+    Not a default step: it is for XNNPACK, whose depthwise kernels stop at 25 taps (wider ones run
+    as a slow grouped GEMM); ONNX Runtime runs the single wide convolution faster than the pieces.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d) and child.kernel_size[0] > 5 and RingDepthwise.splits(child):
+                setattr(parent, name, RingDepthwise(child))
+
+
 DEPLOY_STEPS: list[DeployStep] = [
     DeployStep(f.__name__, f, (f.__doc__ or "").strip().splitlines()[0])
     for f in (drop_training_only, static_shapes, fold_residuals, fold_batchnorm, fold_attention_scale,
@@ -319,7 +331,7 @@ DEPLOY_STEPS: list[DeployStep] = [
 
 
 # rewrites that are not part of the default form, applied after it on request
-EXTRA_STEPS = {"split_local_qkv": split_local_qkv}
+EXTRA_STEPS = {"split_local_qkv": split_local_qkv, "split_wide_depthwise": split_wide_depthwise}
 # the form quantised XNNPACK exports take: no merged projections, no channel slices between quantised ops
 QUANTIZATION_FRIENDLY = ([s.name for s in DEPLOY_STEPS if s.name != "merge_parallel_convs"], ["split_local_qkv"])
 
@@ -338,7 +350,7 @@ def to_deploy(model: nn.Module, input_size=(224, 224), steps: list[str] | None =
     if steps is not None or extra_steps:
         unknown = [s for s in (steps or []) if s not in known] + [s for s in extra_steps if s not in EXTRA_STEPS]
         if unknown:
-            raise ValueError(f"unknown deploy steps {unknown}; known: {known}")
+            raise ValueError(f"unknown deploy steps {unknown}; known: {known + list(EXTRA_STEPS)}")
     out = copy.deepcopy(model).eval()
     out.deploy_input_size = size
     for step in DEPLOY_STEPS:
