@@ -101,3 +101,22 @@ def test_labelled_folder_gives_top1_and_top5(tmp_path):
     acc = _accuracy(logits, labels)
     assert acc == {"top1": 4 / 6, "top5": 5 / 6, "images": 6}
     assert _labelled(images, None) is None
+
+
+@pytest.mark.slow
+def test_ablation_table_covers_every_step_and_the_shipped_forms(tiny_variant, tiny_checkpoint, tmp_path):
+    from cloformer_deploy.models import DEPLOY_STEPS
+    from cloformer_deploy.runtime_bench.ablation import ablation
+
+    res = ablation(tiny_variant, weights=tiny_checkpoint, img_size=64, runs=2, warmup=1, out=tmp_path)
+    stages = [r["stage"] for r in res["rows"]]
+    assert stages == ["authors' form"] + [f"+ {s.name}" for s in DEPLOY_STEPS] + ["+ split_wide_depthwise"]
+    shipped = {rt: r["stage"] for r in res["rows"] for rt in r["shipped_by"]}
+    assert shipped == {"onnxruntime": "+ merge_parallel_convs", "executorch-xnnpack": "+ split_wide_depthwise"}
+    for r in res["rows"]:
+        assert r["ort_error"] is None and r["xnnpack_error"] is None
+        assert r["ort_max_abs"] <= 1e-4 and r["xnnpack_max_abs"] <= 1e-4
+        assert r["ort_median_ms"] > 0 and r["xnnpack_median_ms"] > 0
+    assert all(r["partitions"] == 1 and r["kernels_outside"] == 0 for r in res["rows"][2:])
+    md = (tmp_path / f"{res['model']}-64x64-ablation.md").read_text()
+    assert md.count("\n| +") == len(stages) - 1 and "| XNNPACK |" in md

@@ -21,6 +21,9 @@ from ..models import DEPLOY_STEPS, check_input_size, to_deploy
 from .harness import Combo, _measure
 from .machine import machine_info
 
+RUNTIMES = (("onnx", "onnxruntime"), ("executorch", "executorch-xnnpack"))
+NAMES = {"onnxruntime": "ONNX Runtime", "executorch-xnnpack": "XNNPACK"}
+
 
 def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, threads: int = 1, runs: int = 30,
              warmup: int = 5, out="runtime_bench", progress: Progress | None = None) -> dict:
@@ -33,6 +36,14 @@ def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, thread
     names = [s.name for s in DEPLOY_STEPS]
     stages = [("authors' form", authors)] + [
         (f"+ {n}", to_deploy(authors, size, steps=names[: i + 1])) for i, n in enumerate(names)]
+    # what each runtime's fp32 export really takes: the default form, or the default plus format-only steps
+    shipped = {}
+    for fmt, rt in RUNTIMES:
+        form = BACKENDS[fmt].deploy_steps("fp32", {})
+        label = stages[-1][0] if form is None else "+ " + " + ".join(form[1])
+        if form is not None and label not in [s[0] for s in stages]:
+            stages.append((label, to_deploy(authors, size, steps=form[0], extra_steps=form[1])))
+        shipped.setdefault(label, []).append(rt)
     work = Path(tempfile.mkdtemp(prefix="cloformer-ablation-"))
     spec = ModelSpec(variant.name, authors.num_classes, size, 1, variant.mean, variant.std, None, 0, None, None)
     combos, facts = [], []
@@ -42,8 +53,8 @@ def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, thread
         np.save(work / "pixels.npy", images.images)
         example = torch.from_numpy(images.tensor[:1])
         for i, (label, module) in enumerate(stages):
-            fact = {"stage": label}
-            for fmt, rt in (("onnx", "onnxruntime"), ("executorch", "executorch-xnnpack")):
+            fact = {"stage": label, "shipped_by": shipped.get(label, [])}
+            for fmt, rt in RUNTIMES:
                 path = work / f"stage{i}{BACKENDS[fmt].suffix}"
                 with progress.stage(f"{label}: export {fmt}"):
                     info = BACKENDS[fmt].export(ExportJob(module, example, spec, "fp32", {}), path, progress.log)
@@ -89,17 +100,21 @@ def ablation_markdown(result: dict) -> str:
     lines = [f"# What each deploy rewrite buys: {result['model']} at {result['input_size'][0]}x{result['input_size'][1]}",
              "", f"{result['created']}, {result['machine']['cpu']}, {result['threads']} thread, median of "
              f"{result['runs']} interleaved runs. Each row adds one rewrite step to the row above; the first is "
-             "a naive export of the authors' form. Speed-up is against that first row, measured in the same run.",
+             "a naive export of the authors' form. Speed-up is against that first row, measured in the same run. "
+             "Rows after the last default step are format-only steps, added to the default form; "
+             "'shipped by' names the runtime whose fp32 export takes that row's form.",
              "", "| stage | ONNX Runtime ms | speed-up | XNNPACK ms | speed-up | XNNPACK partitions | kernels outside "
-             "| ONNX nodes | max abs vs authors |", "|---|---|---|---|---|---|---|---|---|"]
+             "| ONNX nodes | max abs vs authors | shipped by |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         def sp(key):
             a, b = base.get(key), r.get(key)
             return f"{a / b:.2f}x" if a and b else "-"
+        shipped = ", ".join(NAMES.get(rt, rt) for rt in r.get("shipped_by", [])) or "-"
         drift = max(v for v in (r.get("ort_max_abs"), r.get("xnnpack_max_abs")) if v is not None) \
             if r.get("ort_max_abs") is not None or r.get("xnnpack_max_abs") is not None else None
         lines.append(f"| {r['stage']} | {r.get('ort_median_ms') or '-'} | {sp('ort_median_ms')} | "
                      f"{r.get('xnnpack_median_ms') or '-'} | {sp('xnnpack_median_ms')} | {r['partitions']} | "
-                     f"{r['kernels_outside']} | {r['onnx_nodes']} | {drift:.1e} |" if drift is not None else
-                     f"| {r['stage']} | - | - | - | - | {r['partitions']} | {r['kernels_outside']} | {r['onnx_nodes']} | - |")
+                     f"{r['kernels_outside']} | {r['onnx_nodes']} | {drift:.1e} | {shipped} |" if drift is not None else
+                     f"| {r['stage']} | - | - | - | - | {r['partitions']} | {r['kernels_outside']} | {r['onnx_nodes']} | - "
+                     f"| {shipped} |")
     return "\n".join(lines) + "\n"
