@@ -112,7 +112,7 @@ def test_ablation_table_covers_every_step_and_the_shipped_forms(tiny_variant, ti
     stages = [r["stage"] for r in res["rows"]]
     assert stages == ["authors' form"] + [f"+ {s.name}" for s in DEPLOY_STEPS] + ["+ split_wide_depthwise"]
     shipped = {rt: r["stage"] for r in res["rows"] for rt in r["shipped_by"]}
-    assert shipped == {"onnxruntime": "+ merge_parallel_convs", "executorch-xnnpack": "+ split_wide_depthwise"}
+    assert shipped == {"onnxruntime": "+ fold_norm_affine", "executorch-xnnpack": "+ split_wide_depthwise"}
     for r in res["rows"]:
         assert r["ort_error"] is None and r["xnnpack_error"] is None
         assert r["ort_max_abs"] <= 1e-4 and r["xnnpack_max_abs"] <= 1e-4

@@ -39,9 +39,9 @@ def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, thread
     # what each runtime's fp32 export really takes: the default form, or the default plus format-only steps
     shipped = {}
     for fmt, rt in RUNTIMES:
-        form = BACKENDS[fmt].deploy_steps("fp32", {})
-        label = stages[-1][0] if form is None else "+ " + " + ".join(form[1])
-        if form is not None and label not in [s[0] for s in stages]:
+        form = BACKENDS[fmt].deploy_steps("fp32", {}) or (names, [])
+        label = form_label(names, *form)
+        if label not in [s[0] for s in stages]:
             stages.append((label, to_deploy(authors, size, steps=form[0], extra_steps=form[1])))
         shipped.setdefault(label, []).append(rt)
     work = Path(tempfile.mkdtemp(prefix="cloformer-ablation-"))
@@ -93,6 +93,15 @@ def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, thread
     (out / f"{stem}.md").write_text(ablation_markdown(result))
     result["path"] = str(out / f"{stem}.md")
     return result
+
+
+def form_label(names: list[str], steps: list[str], extra: list[str]) -> str:
+    """The ablation row of a deploy form: a prefix of the default steps is its last step's row."""
+    steps = list(steps)
+    if steps == names[:len(steps)] and not extra:
+        return f"+ {steps[-1]}" if steps else "authors' form"
+    base = "" if steps == names else "default without " + ", ".join(n for n in names if n not in steps) + " "
+    return f"{base}+ " + " + ".join(extra) if extra else base.strip()
 
 
 def ablation_markdown(result: dict) -> str:
