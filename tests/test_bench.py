@@ -110,9 +110,10 @@ def test_ablation_table_covers_every_step_and_the_shipped_forms(tiny_variant, ti
 
     res = ablation(tiny_variant, weights=tiny_checkpoint, img_size=64, runs=2, warmup=1, out=tmp_path)
     stages = [r["stage"] for r in res["rows"]]
-    assert stages == ["authors' form"] + [f"+ {s.name}" for s in DEPLOY_STEPS] + ["+ split_wide_depthwise"]
+    onnx_form = "default without merge_parallel_convs + single_reduce_norm"
+    assert stages == ["authors' form"] + [f"+ {s.name}" for s in DEPLOY_STEPS] + [onnx_form, "+ split_wide_depthwise"]
     shipped = {rt: r["stage"] for r in res["rows"] for rt in r["shipped_by"]}
-    assert shipped == {"onnxruntime": "+ fold_norm_affine", "executorch-xnnpack": "+ split_wide_depthwise"}
+    assert shipped == {"onnxruntime": onnx_form, "executorch-xnnpack": "+ split_wide_depthwise"}
     for r in res["rows"]:
         assert r["ort_error"] is None and r["xnnpack_error"] is None
         assert r["ort_max_abs"] <= 1e-4 and r["xnnpack_max_abs"] <= 1e-4

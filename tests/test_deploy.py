@@ -171,3 +171,21 @@ def test_split_wide_depthwise_keeps_the_function(name):
     assert wide == []
     rings = [m for m in d.modules() if type(m).__name__ == "RingDepthwise"]
     assert bool(rings) == (name != "two_branch")  # the two-branch config has no kernel beyond 5x5
+
+
+@pytest.mark.parametrize("name", ["cloformer_xxs", "fat_b0"])
+def test_every_format_form_keeps_the_function(name):
+    """The form each exporter takes at each precision (default steps minus some, plus format-only steps)."""
+    from cloformer_deploy.export import BACKENDS
+
+    model = _model(name)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(x)
+    forms = {tuple(map(tuple, f)) for b in BACKENDS.values() for p in b.precisions
+             if (f := b.deploy_steps(p, {})) is not None}
+    assert len(forms) >= 3  # ONNX, XNNPACK fp32, XNNPACK int8
+    for steps, extra in forms:
+        with torch.no_grad():
+            out = cd.to_deploy(model, (64, 96), steps=list(steps), extra_steps=list(extra))(x)
+        assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item()), (steps, extra)

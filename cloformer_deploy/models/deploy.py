@@ -323,6 +323,17 @@ def split_wide_depthwise(model: nn.Module, input_size) -> None:
                 setattr(parent, name, RingDepthwise(child))
 
 
+def single_reduce_norm(model: nn.Module, input_size) -> None:
+    """Channel norms take their mean over (C, H, W) in one reduction instead of two spatial means.
+
+    Not a default step: the two-stage mean is what XNNPACK takes; ONNX Runtime runs the single
+    reduction faster (CloFormer-XXS, 1 thread: 10.92 -> 10.62 ms, 104 fewer nodes).
+    """
+    for mod in model.modules():
+        if isinstance(mod, ChannelNorm):
+            mod.single_reduce = True
+
+
 DEPLOY_STEPS: list[DeployStep] = [
     DeployStep(f.__name__, f, (f.__doc__ or "").strip().splitlines()[0])
     for f in (drop_training_only, static_shapes, fold_residuals, fold_batchnorm, fold_attention_scale,
@@ -331,7 +342,8 @@ DEPLOY_STEPS: list[DeployStep] = [
 
 
 # rewrites that are not part of the default form, applied after it on request
-EXTRA_STEPS = {"split_local_qkv": split_local_qkv, "split_wide_depthwise": split_wide_depthwise}
+EXTRA_STEPS = {"split_local_qkv": split_local_qkv, "split_wide_depthwise": split_wide_depthwise,
+               "single_reduce_norm": single_reduce_norm}
 # the form quantised XNNPACK exports take: no merged projections, no channel slices between quantised ops
 QUANTIZATION_FRIENDLY = ([s.name for s in DEPLOY_STEPS if s.name != "merge_parallel_convs"], ["split_local_qkv"])
 

@@ -50,7 +50,11 @@ class ChannelNorm(nn.Module):
         self.weight = self.bias = None
         return gamma, beta
 
+    single_reduce = False  # set by the single_reduce_norm step
+
     def _mean_chw(self, t: torch.Tensor) -> torch.Tensor:
+        if self.single_reduce:
+            return t.mean(dim=(1, 2, 3), keepdim=True)
         # mean over (C, H, W) as two spatial means: mobile delegates (XNNPACK) only
         # reduce the two innermost dims of a 4-D tensor; the groups are equal-sized, so it is exact
         t = t.mean(dim=(2, 3), keepdim=True).reshape(-1, 1, self.num_channels, 1)
