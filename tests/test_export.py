@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from cloformer_deploy.cli import export_main, validate_main
 from cloformer_deploy.export import BACKENDS, export, validate_bundle
@@ -238,3 +239,15 @@ def test_cli_subprocess_bad_input_has_no_traceback(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("cloformer-export")]
     assert lines and "unknown model" in lines[0] and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_random_weights_are_the_same_in_every_run():
+    from cloformer_deploy.export.api import prepare_model
+
+    torch.manual_seed(123)  # the caller's RNG state must neither matter nor change
+    state = torch.random.get_rng_state()
+    a = prepare_model("cloformer_xxs", None, None)[1].state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(456)
+    b = prepare_model("cloformer_xxs", None, None)[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

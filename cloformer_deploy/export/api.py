@@ -153,7 +153,9 @@ def prepare_model(model: str, weights: str | Path | None, num_classes: int | Non
         if num_classes is None:
             num_classes = num_classes_of(state) or 1000
     num_classes = 1000 if num_classes is None else num_classes
-    net = variant.build(num_classes=num_classes).eval()
+    with torch.random.fork_rng():  # random weights are the same in every run, so reference runs repeat
+        torch.manual_seed(0)
+        net = variant.build(num_classes=num_classes).eval()
     if state is not None:
         try:
             apply_state_dict(net, state, variant.name, source=Path(weights).name)
@@ -225,7 +227,7 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
         except ImageDataError as e:
             raise ExportInputError(str(e)) from None
     if weights is None:
-        progress.warn("no --weights: exporting RANDOMLY INITIALISED weights (for testing the pipeline only)")
+        progress.warn("no --weights: exporting RANDOMLY INITIALISED weights (seed 0; for testing the pipeline only)")
 
     with progress.stage("deploy form"):
         deploy = to_deploy(authors, size)
