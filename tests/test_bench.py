@@ -118,6 +118,8 @@ def test_ablation_table_covers_every_step_and_the_shipped_forms(tiny_variant, ti
         assert r["ort_error"] is None and r["xnnpack_error"] is None
         assert r["ort_max_abs"] <= 1e-4 and r["xnnpack_max_abs"] <= 1e-4
         assert r["ort_median_ms"] > 0 and r["xnnpack_median_ms"] > 0
-    assert all(r["partitions"] == 1 and r["kernels_outside"] == 0 for r in res["rows"][2:])
+    # from static_shapes on, every form XNNPACK could be given lowers whole (the ONNX form's one-pass norm
+    # mean is not one: XNNPACK reduces only the two innermost dims, hence that row's many partitions)
+    assert all(r["partitions"] == 1 and r["kernels_outside"] == 0 for r in res["rows"][2:] if r["stage"] != onnx_form)
     md = (tmp_path / f"{res['model']}-64x64-ablation.md").read_text()
-    assert md.count("\n| +") == len(stages) - 1 and "| XNNPACK |" in md
+    assert md.count("\n| ") == len(stages) + 1 and "| XNNPACK |" in md  # header + one row per stage

@@ -64,9 +64,9 @@ class OnnxBackend(Backend):
 
         if precision == "int8":
             return None
-        # merged projections cost ONNX Runtime 0.2-0.3 ms on CloFormer-XXS at 1 thread (two ablation runs):
-        # the channel slices after the merged convolution force layout reorders around its NCHWc kernels;
-        # the norms' mean is one ReduceMean instead of two and a Reshape (0.3 ms)
+        # merged projections cost ONNX Runtime 0.3 ms on CloFormer-XXS at 1 thread (interleaved A/B, faster
+        # unmerged in 10 of 12 rounds): the channel slices after a merged convolution force layout reorders
+        # around its NCHWc kernels. The norms' mean is one ReduceMean instead of two and a Reshape.
         return [s.name for s in DEPLOY_STEPS if s.name != "merge_parallel_convs"], ["single_reduce_norm"]
 
     def versions(self) -> dict[str, str]:
