@@ -134,7 +134,7 @@ def test_quantization_friendly_form_keeps_the_function(name):
 def test_ring_depthwise_equals_the_wide_convolution(kernel, stride):
     from cloformer_deploy.models.deploy_modules import RingDepthwise, ring_taps
 
-    pieces = ring_taps(kernel, 5)
+    pieces = ring_taps(kernel)
     taps = [t for _, _, ts in pieces for t in ts]
     r = kernel // 2
     assert sorted(taps) == [(i, j) for i in range(-r, r + 1) for j in range(-r, r + 1)]  # each tap exactly once

@@ -86,7 +86,7 @@ class ExecuTorchBackend(Backend):
     precisions = ("fp32", "int8")
 
     def deploy_steps(self, precision: str, options: dict):
-        from ..models.deploy import DEPLOY_STEPS, QUANTIZATION_FRIENDLY
+        from ..models.deploy import DEFAULT_STEPS, QUANTIZATION_FRIENDLY
 
         if options.get("et_backend", "xnnpack") != "xnnpack":
             return None
@@ -94,7 +94,7 @@ class ExecuTorchBackend(Backend):
         if precision == "int8":  # quantised XNNPACK cannot compile channel slices between quantised ops
             steps, extra = QUANTIZATION_FRIENDLY
             return steps, [*extra, "split_wide_depthwise"]
-        return [s.name for s in DEPLOY_STEPS], ["split_wide_depthwise"]
+        return list(DEFAULT_STEPS), ["split_wide_depthwise"]
 
     def versions(self) -> dict[str, str]:
         from importlib.metadata import version

@@ -60,14 +60,14 @@ class OnnxBackend(Backend):
     precisions = ("fp32", "fp16", "int8")
 
     def deploy_steps(self, precision: str, options: dict):
-        from ..models.deploy import DEPLOY_STEPS
+        from ..models.deploy import UNMERGED_STEPS
 
         if precision == "int8":
             return None
         # merged projections cost ONNX Runtime 0.3 ms on CloFormer-XXS at 1 thread (interleaved A/B, faster
         # unmerged in 10 of 12 rounds): the channel slices after a merged convolution force layout reorders
         # around its NCHWc kernels. The norms' mean is one ReduceMean instead of two and a Reshape.
-        return [s.name for s in DEPLOY_STEPS if s.name != "merge_parallel_convs"], ["single_reduce_norm"]
+        return list(UNMERGED_STEPS), ["single_reduce_norm"]
 
     def versions(self) -> dict[str, str]:
         import onnx

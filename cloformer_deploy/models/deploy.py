@@ -344,8 +344,11 @@ DEPLOY_STEPS: list[DeployStep] = [
 # rewrites that are not part of the default form, applied after it on request
 EXTRA_STEPS = {"split_local_qkv": split_local_qkv, "split_wide_depthwise": split_wide_depthwise,
                "single_reduce_norm": single_reduce_norm}
+DEFAULT_STEPS = [s.name for s in DEPLOY_STEPS]
+# the default steps without merged projections (taken by ONNX and by quantised XNNPACK)
+UNMERGED_STEPS = [n for n in DEFAULT_STEPS if n != "merge_parallel_convs"]
 # the form quantised XNNPACK exports take: no merged projections, no channel slices between quantised ops
-QUANTIZATION_FRIENDLY = ([s.name for s in DEPLOY_STEPS if s.name != "merge_parallel_convs"], ["split_local_qkv"])
+QUANTIZATION_FRIENDLY = (UNMERGED_STEPS, ["split_local_qkv"])
 
 
 def to_deploy(model: nn.Module, input_size=(224, 224), steps: list[str] | None = None,

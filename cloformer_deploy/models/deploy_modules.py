@@ -202,19 +202,22 @@ class StaticFASA(nn.Module):
         return self.mixer(local_feat * global_feat)
 
 
-def ring_taps(kernel: int, core: int) -> list[tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]]:
+RING_CORE = 5  # the centre piece: 25 taps, the most XNNPACK's depthwise kernels take
+
+
+def ring_taps(kernel: int) -> list[tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]]:
     """A square odd ``kernel`` cut into pieces of at most 25 taps that keep their output grid.
 
     Each piece is (kernel size, dilation, taps as (row, col) offsets from the centre): the centred
-    ``core`` x ``core`` block, then for every distance d beyond it the two rows at +-d (one kernel
+    ``RING_CORE`` x ``RING_CORE`` block, then for every distance d beyond it the two rows at +-d (one kernel
     of height 2 with dilation 2d) and the two columns at +-d between them (width 2, dilation 2d).
     Every piece is symmetric about the centre, so padding = dilation * (size - 1) / 2 keeps the
     output grid of the whole kernel for any stride. Up to 11x11 every piece fits 25 taps.
     """
     if kernel > 11 or kernel % 2 == 0:
         raise ValueError(f"ring pieces cover odd kernels up to 11x11, not {kernel}x{kernel}")
-    r = core // 2
-    pieces = [((core, core), (1, 1), [(i, j) for i in range(-r, r + 1) for j in range(-r, r + 1)])]
+    r = RING_CORE // 2
+    pieces = [((RING_CORE, RING_CORE), (1, 1), [(i, j) for i in range(-r, r + 1) for j in range(-r, r + 1)])]
     for d in range(r + 1, kernel // 2 + 1):
         pieces.append(((2, 2 * d + 1), (2 * d, 1), [(i, j) for i in (-d, d) for j in range(-d, d + 1)]))
         pieces.append(((2 * d - 1, 2), (1, 2 * d), [(i, j) for i in range(-d + 1, d) for j in (-d, d)]))
@@ -236,7 +239,7 @@ class RingDepthwise(nn.Module):
         return (conv.kernel_size == (k, k) and k % 2 == 1 and k <= 11 and conv.groups == conv.in_channels
                 == conv.out_channels and conv.padding == (k // 2, k // 2) and conv.dilation == (1, 1))
 
-    def __init__(self, conv: nn.Conv2d, core: int = 5):
+    def __init__(self, conv: nn.Conv2d):
         super().__init__()
         k = conv.kernel_size[0]
         c = conv.in_channels
@@ -245,7 +248,7 @@ class RingDepthwise(nn.Module):
                              f"not {conv}")
         weight = conv.weight.detach()
         self.pieces = nn.ModuleList()
-        for n, (size, dilation, taps) in enumerate(ring_taps(k, core)):
+        for n, (size, dilation, taps) in enumerate(ring_taps(k)):
             padding = tuple(dl * (s - 1) // 2 for s, dl in zip(size, dilation))
             piece = nn.Conv2d(c, c, size, conv.stride, padding, dilation, groups=c,
                               bias=n == 0 and conv.bias is not None, dtype=weight.dtype)

@@ -17,7 +17,8 @@ from ..export.bundle import size_bytes
 from ..export.images import load_images
 from ..export.progress import Progress
 from ..export.validate import compare
-from ..models import DEPLOY_STEPS, check_input_size, to_deploy
+from ..models import check_input_size, to_deploy
+from ..models.deploy import DEFAULT_STEPS
 from .harness import Combo, _measure
 from .machine import machine_info
 
@@ -33,7 +34,7 @@ def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, thread
     images = load_images(size, variant.mean, variant.std)
     with torch.no_grad():
         reference = authors(torch.from_numpy(images.tensor)).numpy()
-    names = [s.name for s in DEPLOY_STEPS]
+    names = list(DEFAULT_STEPS)
     stages = [("authors' form", authors)] + [
         (f"+ {n}", to_deploy(authors, size, steps=names[: i + 1])) for i, n in enumerate(names)]
     # what each runtime's fp32 export really takes: the default form, or the default plus format-only steps
