@@ -3,17 +3,39 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 COLUMNS = ["model", "form", "runtime", "precision", "threads", "median ms", "p90 ms", "min ms", "load ms",
            "peak RSS MB", "size MB", "max abs", "cosine", "top-1 agr.", "GFLOP/s", "efficiency", "partitions",
            "error"]
+CONSOLE_TEXT_WIDTH = 60  # the error/note column in the console table; files keep the whole text
+SHORT_RUNTIME = {"onnxruntime": "ORT", "executorch-xnnpack": "ET-XNNPACK", "executorch-portable": "ET-portable",
+                 "coreml": "Core ML"}
+FORM_COLOURS = {"deploy": "tab:blue", "authors": "tab:orange"}
+FORM_NAMES = {"deploy": "deploy form", "authors": "authors' form"}
 
 
 def _fmt(v, spec: str = "") -> str:
     if v is None:
         return "-"
     return format(v, spec) if spec else str(v)
+
+
+def shorten(text: str, width: int) -> str:
+    """At most ``width`` characters, cut at a word boundary and ending in an ellipsis when cut."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    head = text[:width]  # a space at index width-1 or width still counts as a boundary
+    cut = head.rfind(" ")
+    if cut < width // 2:  # a long path or token: break inside it at a separator rather than lose the rest
+        cut = max(cut, max(head.rfind(c) for c in "/\\,;:") + 1)
+    if cut <= 0:
+        cut = width - 1
+    return text[:min(cut, width - 1)].rstrip(" ,;:") + "…"
 
 
 def table_rows(rows: list[dict]) -> list[list[str]]:
@@ -27,9 +49,13 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
             _fmt(r.get("load_ms"), ".0f"), _fmt(r.get("peak_rss_mb"), ".0f"), _fmt(r.get("size_mb"), ".1f"),
             _fmt(d.get("max_abs"), ".1e"), _fmt(d.get("cosine"), ".6f"), _fmt(d.get("top1_agreement"), ".0%"),
             _fmt(r.get("gflops_per_s"), ".1f"), _fmt(r.get("efficiency"), ".0%"),
-            _fmt(deleg.get("partitions")), (r.get("error") or r.get("note") or "")[:80],
+            _fmt(deleg.get("partitions")), r.get("error") or r.get("note") or "",
         ])
     return out
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
 
 
 def markdown(results: dict) -> str:
@@ -47,7 +73,7 @@ def markdown(results: dict) -> str:
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(results["rows"])]
+    lines += ["| " + " | ".join(_md_cell(x) for x in r) + " |" for r in table_rows(results["rows"])]
     ratios = speedups(results["rows"])
     if ratios:
         lines += ["", "Deploy form vs the authors' form, same runtime and threads (median latency ratio):", ""]
@@ -73,61 +99,253 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(table_rows(rows))
 
 
-def plots(out: Path, results: dict) -> list[Path]:
+# ---------------------------------------------------------------- plots
+
+@dataclass
+class Plot:
+    """What a plot function drew, read back from the figure's artists, so that tests can check it."""
+    path: Path | None
+    drawn: list[tuple[str, float, float]] = field(default_factory=list)  # (label, x, y)
+    left_out: list[str] = field(default_factory=list)  # rows not drawn, each with the reason
+
+
+def _label(r: dict, threads: bool = True) -> str:
+    s = f"{SHORT_RUNTIME.get(r['runtime'], r['runtime'])} {r['precision']}"
+    return f"{s} {r['threads']}t" if threads and r.get("threads") is not None else s
+
+
+def _timed(r: dict) -> bool:
+    lat = r.get("latency_ms") or {}
+    return isinstance(lat.get("median"), (int, float)) and math.isfinite(lat["median"]) and lat["median"] > 0
+
+
+def _nice_floor(v: float) -> float:
+    """Largest 1-2-5 x 10^k value <= v."""
+    e = math.floor(math.log10(v))
+    return max(s * 10.0 ** e for s in (1, 2, 5) if s * 10.0 ** e <= v * (1 + 1e-9))
+
+
+def _nice_ceil(v: float) -> float:
+    e = math.floor(math.log10(v))
+    return min(s * 10.0 ** e for s in (1, 2, 5, 10) if s * 10.0 ** e >= v * (1 - 1e-9))
+
+
+def _plain(v: float, _pos=None) -> str:
+    return f"{v:g}"
+
+
+def _ms_axis(ax, which: str, lo: float, hi: float) -> bool:
+    """Latency axis: log with plain 1-2-5 labels when values span more than 10x, else linear. True if log."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    if hi / lo <= 10:
+        axis.get_major_formatter().set_scientific(False)
+        return False
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    axis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5) if math.log10(hi / lo) <= 4 else (1,)))
+    axis.set_major_formatter(FuncFormatter(_plain))
+    axis.set_minor_formatter(NullFormatter())  # minor labels are what printed 6x10^1
+    return True
+
+
+def _left_out_note(left_out: list[str], width: int) -> str:
+    return "\n".join(textwrap.fill(s, width, subsequent_indent="    ", break_on_hyphens=False) for s in left_out)
+
+
+def _reasons(rows: list[dict], why_default: str) -> list[str]:
+    """'label (form): reason' for rows not drawn, rows with the same reason grouped on one line."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        why = r.get("error") or r.get("note") or why_default
+        groups.setdefault(shorten(why, 110), []).append(f"{_label(r)} ({r['form']})")
+    return [f"Not shown: {', '.join(labels)}: {why}" for why, labels in groups.items()]
+
+
+def _note_below(ax, text: str) -> None:
+    if text:  # anchored under the x label so that it never covers tick labels; bbox_inches="tight" keeps it
+        ax.annotate(text, xy=(0, 0), xycoords=("axes fraction", ax.xaxis.label), xytext=(0, -8),
+                    textcoords="offset points", ha="left", va="top", fontsize=8, color="0.3",
+                    annotation_clip=False)
+
+
+def plot_latency(path: Path, results: dict) -> Plot:
+    """Median latency bars (whiskers min..p90) for the rows with a latency; other rows only in a note."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    all_rows = results["rows"]
+    rows = [r for r in all_rows if _timed(r)]
+    left_out = _reasons([r for r in all_rows if not _timed(r)], "no latency")
+    if not rows:
+        return Plot(None, [], left_out)
+    c = results["config"]
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.62 * n), 4.6))
+    med = [r["latency_ms"]["median"] for r in rows]
+    # a missing or zero min/p90 must not break the log axis: the whisker then ends at the median
+    lo = [a if isinstance(a := r["latency_ms"].get("min"), (int, float)) and 0 < a <= m else m
+          for m, r in zip(med, rows)]
+    hi = [b if isinstance(b := r["latency_ms"].get("p90"), (int, float)) and b >= m else m
+          for m, r in zip(med, rows)]
+    colours = [FORM_COLOURS.get(r["form"], "tab:gray") for r in rows]
+    bars = ax.bar(range(n), med, width=0.7, color=colours,
+                  yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+                  capsize=3, error_kw={"elinewidth": 1, "ecolor": "black"})
+    log = _ms_axis(ax, "y", min(lo), max(hi))
+    if log:
+        ax.set_ylim(_nice_floor(min(lo)), max(hi) * 1.6)  # headroom for the value labels
+    else:
+        ax.set_ylim(0, max(hi) * 1.12)
+    for i, (m, b) in enumerate(zip(med, hi)):
+        ax.annotate(f"{m:.0f}" if m >= 100 else f"{m:.1f}" if m >= 10 else f"{m:.2f}", (i, b),
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(n), [_label(r) for r in rows], fontsize=8, rotation=40, ha="right",
+                  rotation_mode="anchor")
+    pad = max(0, 4 - n) / 2  # a few rows: narrower bars rather than slabs
+    ax.set_xlim(-0.6 - pad, n - 0.4 + pad)
+    ax.set_ylabel(f"latency per image, ms{' (log scale)' if log else ''}")
+    ax.grid(axis="y", which="major", color="0.9")
+    ax.set_axisbelow(True)
+    forms = list(dict.fromkeys(r["form"] for r in rows))
+    handles = [Patch(color=FORM_COLOURS.get(f, "tab:gray"), label=FORM_NAMES.get(f, f"{f} form")) for f in forms]
+    handles.append(Line2D([], [], color="black", marker="_", markersize=8, linestyle="-", linewidth=1,
+                          label="whiskers: min to p90"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+              title="bar: median", title_fontsize=8, alignment="left")
+    width_in = fig.get_size_inches()[0]
+    title = f"{c['model']} {c['input_size'][0]}x{c['input_size'][1]}: latency per runtime, precision, threads"
+    ax.set_title(textwrap.fill(title, max(30, int(width_in * 11))), fontsize=10)
+    _note_below(ax, _left_out_note(left_out, max(50, int(width_in * 13))))
+    drawn = [(f"{_label(r)} ({r['form']})", float(p.get_x() + p.get_width() / 2), float(p.get_height()))
+             for p, r in zip(bars.patches, rows)]
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
+    return Plot(path, drawn, left_out)
+
+
+_THREAD_MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+
+
+def plot_drift(path: Path, results: dict) -> Plot:
+    """Median latency against max abs drift: colour per runtime+precision, marker per thread count,
+    filled for the deploy form, hollow for the authors' form; rows without latency or drift only in a note."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def drift(r):
+        v = (r.get("drift") or {}).get("max_abs")
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    all_rows = results["rows"]
+    rows = [r for r in all_rows if _timed(r) and drift(r) is not None]
+    left_out = _reasons([r for r in all_rows if not _timed(r)], "no latency")
+    left_out += _reasons([r for r in all_rows if _timed(r) and drift(r) is None], "no finite drift")
+    if not rows:
+        return Plot(None, [], left_out)
+    c = results["config"]
+    positive = [drift(r) for r in rows if drift(r) > 0]
+    floor = (min(positive) / 10) if positive else 1e-9
+    if len(positive) < len(rows):
+        left_out.append(f"A drift of exactly 0 is drawn at {floor:.0e}.")
+    combos = list(dict.fromkeys(_label(r, threads=False) for r in rows))
+    palette = ["tab:green", "tab:red", "tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "black",
+               "tab:gray", "gold"]  # blue/orange mean forms in latency.png: not reused here
+    colour = {k: palette[i % len(palette)] for i, k in enumerate(combos)}
+    threads = sorted({r["threads"] for r in rows}, key=lambda t: (t is None, t or 0))
+    marker = {t: _THREAD_MARKERS[i % len(_THREAD_MARKERS)] for i, t in enumerate(threads)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    # a faint line joins the thread counts of one runtime+precision+form: which points belong together
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((_label(r, threads=False), r["form"]), []).append(r)
+    for (k, form), g in groups.items():
+        if len(g) > 1:
+            g = sorted(g, key=lambda r: r["latency_ms"]["median"])
+            ax.plot([r["latency_ms"]["median"] for r in g], [max(drift(r), floor) for r in g], color=colour[k],
+                    linewidth=0.8, alpha=0.5, linestyle="-" if form == "deploy" else "--", zorder=2)
+    # hollow (authors') markers drawn larger and on top, so a deploy point at the same place shows inside the ring
+    for r in sorted(rows, key=lambda r: r["form"] != "deploy"):
+        filled = r["form"] == "deploy"
+        k = _label(r, threads=False)
+        # translucent fill, solid edge: a point hidden under another of nearly the same figures still shows
+        coll = ax.scatter(r["latency_ms"]["median"], max(drift(r), floor), marker=marker[r["threads"]],
+                          s=50 if filled else 120, linewidths=1.3 if filled else 1.6,
+                          facecolors=to_rgba(colour[k], 0.45) if filled else "none", edgecolors=colour[k],
+                          zorder=3 if filled else 4)
+        coll.set_gid(f"{_label(r)} ({r['form']})")
+    lat = [r["latency_ms"]["median"] for r in rows]
+    ys = [max(drift(r), floor) for r in rows]
+    if _ms_axis(ax, "x", min(lat), max(lat)):
+        ax.set_xlim(_nice_floor(min(lat) / 1.15), _nice_ceil(max(lat) * 1.15))
+    else:  # from 0, so that a 1% difference does not fill the width
+        ax.set_xlim(0, max(lat) * 1.12)
+    ax.set_yscale("log")
+    # whole decades, so that at least two labelled ticks show however narrow the data; no point on the edge
+    e_lo, e_hi = math.floor(math.log10(min(ys) / 1.3)), math.ceil(math.log10(max(ys) * 1.3))
+    if e_hi - e_lo < 2:
+        e_lo, e_hi = e_lo - 1, e_hi + 1
+    ax.set_ylim(10.0 ** e_lo, 10.0 ** e_hi)
+    ax.yaxis.set_major_locator(LogLocator(base=10, numticks=12))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"1e{round(math.log10(v))}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(which="major", color="0.9")
+    ax.set_axisbelow(True)
+    ax.set_xlabel("median latency per image, ms" + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel("max abs difference of the logits\nvs PyTorch fp32 authors' form (log scale)")
+    ax.set_title(f"{c['model']} {c['input_size'][0]}x{c['input_size'][1]}: latency against drift "
+                 "(lower left is better)", fontsize=10)
+
+    headings = [Line2D([], [], linestyle="none", label=t) for t in ("runtime, precision", "threads", "form")]
+    handles = [headings[0]]
+    handles += [Line2D([], [], linestyle="none", marker="o", markersize=8, markerfacecolor=to_rgba(colour[k], 0.45),
+                       markeredgecolor=colour[k], markeredgewidth=1.3, label=k) for k in combos]
+    handles.append(headings[1])
+    handles += [Line2D([], [], linestyle="none", marker=marker[t], markersize=7, color="0.3",
+                       label="runtime's default" if t is None else f"{t} thread{'s' if t != 1 else ''}")
+                for t in threads]
+    forms = list(dict.fromkeys(r["form"] for r in rows))
+    handles.append(headings[2])
+    handles += [Line2D([], [], linestyle="none", marker="o", markersize=7 if f == "deploy" else 9,
+                       markerfacecolor=to_rgba("0.3", 0.45) if f == "deploy" else "none", markeredgecolor="0.3",
+                       markeredgewidth=1.6,
+                       label=f"{FORM_NAMES.get(f, f'{f} form')}: {'filled' if f == 'deploy' else 'hollow'}")
+                for f in forms]
+    leg = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+                    handletextpad=0.4, borderaxespad=0)
+    for t, h in zip(leg.get_texts(), handles):
+        if any(h is x for x in headings):
+            t.set_fontweight("bold")
+            t.set_x(-20)  # headings start at the handles' left edge
+    _note_below(ax, _left_out_note(left_out, 95))
+    drawn = [(coll.get_gid(), *map(float, coll.get_offsets()[0])) for coll in ax.collections if coll.get_gid()]
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
+    return Plot(path, drawn, left_out)
+
+
+def plots(out: Path, results: dict) -> dict[str, Plot]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in results["rows"] if r.get("latency_ms")]
-    paths = []
-    if not rows:
-        return paths
-    short = {"onnxruntime": "ORT", "executorch-xnnpack": "ET-XNNPACK", "executorch-portable": "ET-portable"}
-    labels = [f"{short.get(r['runtime'], r['runtime'])} {r['precision']} {r['threads']}t" for r in rows]
-    med = [r["latency_ms"]["median"] for r in rows]
-    err = [[m - r["latency_ms"]["min"] for m, r in zip(med, rows)],
-           [r["latency_ms"]["p90"] - m for m, r in zip(med, rows)]]
-    colors = ["tab:blue" if r["form"] == "deploy" else "tab:orange" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4.5))
-    ax.bar(range(len(rows)), med, yerr=err, color=colors, capsize=3)
-    ax.set_xticks(range(len(rows)), labels, fontsize=8, rotation=40, ha="right")
-    ax.set_ylabel("latency, ms (median; whiskers min..p90)")
-    ax.set_yscale("log")
-    ax.set_title(f"{results['config']['model']} latency per runtime and thread count (blue: deploy, orange: authors')")
-    fig.tight_layout()
-    paths.append(out / "latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    pts = [r for r in rows if r.get("drift")]
-    if pts:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for r in pts:
-            y = max(r["drift"]["max_abs"], 1e-9)
-            ax.scatter(r["latency_ms"]["median"], y, color="tab:blue" if r["form"] == "deploy" else "tab:orange")
-            ax.annotate(f"{r['runtime']} {r['precision']} {r['threads']}t", (r["latency_ms"]["median"], y), fontsize=7)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("median latency, ms")
-        ax.set_ylabel("max abs drift vs PyTorch fp32")
-        ax.set_title("latency against drift")
-        fig.tight_layout()
-        paths.append(out / "latency_vs_drift.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
+    return {"latency": plot_latency(out / "latency.png", results),
+            "latency_vs_drift": plot_drift(out / "latency_vs_drift.png", results)}
 
 
-def write_reports(out: Path, results: dict) -> None:
+def write_reports(out: Path, results: dict) -> dict[str, Plot]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_csv(out / "results.csv", results["rows"])
     (out / "results.md").write_text(markdown(results))
-    plots(out, results)
+    return plots(out, results)
 
 
-def console_table(results: dict, stream=None) -> None:
+def console_table(results: dict, stream=None, text_width: int = CONSOLE_TEXT_WIDTH) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     keep = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 14, 15, 16, 17]
@@ -135,7 +353,8 @@ def console_table(results: dict, stream=None) -> None:
     for i in keep:
         t.add_column(COLUMNS[i], justify="right" if 4 <= i <= 16 else "left")
     for r in table_rows(results["rows"]):
-        t.add_row(*[r[i] for i in keep])
+        r[-1] = shorten(r[-1], text_width)
+        t.add_row(*[escape(r[i]) for i in keep])  # error text like "[...]" is not rich markup
     Console(file=stream, width=220).print(t)
     for k, v in speedups(results["rows"]).items():
         Console(file=stream).print(f"deploy vs authors', {k}: {v:.2f}x")
