@@ -1,40 +1,16 @@
-"""Command-line entry points: argument parsing and display only; the work is in the Python API."""
+"""Command-line entry points: argument parsing and display only; the work is in the Python API.
+
+Parsing imports nothing heavy (``--help`` and bad input answer at once); the API is imported
+after the arguments are read. Bad input of any kind is one line on stderr and exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from functools import wraps
 
-from .models import InputSizeError, UnknownModelError, list_models, profile_model
-
-
-def _size(text: str) -> tuple[int, int]:
-    """``224`` or ``256x320`` (height x width)."""
-    parts = text.lower().split("x")
-    try:
-        if len(parts) == 1:
-            return int(parts[0]), int(parts[0])
-        if len(parts) == 2:
-            return int(parts[0]), int(parts[1])
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"invalid size {text!r}; use 224 or HxW such as 256x320")
-
-
-def _quiet_libraries() -> None:
-    """Keep the terminal to our stages: converters' progress bars and warnings go, errors stay."""
-    import logging
-    import warnings
-    from functools import partialmethod
-
-    try:  # coremltools' pass-by-pass progress bars; our stages report progress instead
-        from tqdm import tqdm
-
-        tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)
-    except ImportError:
-        pass
-    warnings.filterwarnings("ignore")
-    for name in ("torch", "torch.onnx", "torch._export", "torchao", "coremltools", "executorch", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+from .inputs import InputError
+from .models.registry import PROFILE_224, get_variant, list_models
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,85 +20,105 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _command(prog: str):
+    """Run a command's body: InputError -> one line and 2; Ctrl-C -> one line and 130, at any point."""
+    def wrap(body):
+        @wraps(body)
+        def main(argv: list[str] | None = None) -> int:
+            try:
+                return body(_Parser(prog=prog, description=body.__doc__), argv)
+            except InputError as e:
+                print(f"{prog}: error: {e.cli_message}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(f"\n{prog}: interrupted; nothing was written", file=sys.stderr)
+                return 130
+        return main
+    return wrap
+
+
+def _argv(prog: str, argv) -> list[str]:
+    return [prog, *(sys.argv[1:] if argv is None else argv)]
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = "cloformer-xxs") -> None:
     """The model-choosing options export and bench share."""
-    p.add_argument("--model", default="cloformer-xxs", help=f"one of: {', '.join(list_models())} (default cloformer-xxs)")
-    p.add_argument("--weights", help="checkpoint (.pth/.pt/.safetensors); without it the model is randomly initialised")
-    p.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW such as 256x320; multiples of 32")
+    p.add_argument("--model", default=default_model,
+                   help=f"one of: {', '.join(list_models())} (default {default_model or 'cloformer-xxs'})")
+    p.add_argument("--weights", help="checkpoint (.pth/.pt/.safetensors); without it the model is randomly "
+                                     "initialised (seed 0)")
+    p.add_argument("--img-size", default="224", help="224 or HxW such as 256x320; multiples of 32")
 
 
-def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def models_main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="cloformer-models", description="List the CloFormer and FAT variants with params and MACs.")
-    p.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW (default 224)")
+@_command("cloformer-models")
+def models_main(p: _Parser, argv) -> int:
+    """List the CloFormer and FAT variants with params and MACs."""
+    p.add_argument("--img-size", default="224", help="224 or HxW (default 224)")
     args = p.parse_args(argv)
-    try:
-        rows = [profile_model(n, args.img_size) for n in list_models()]
-    except (InputSizeError, UnknownModelError) as e:
-        return _fail(p.prog, str(e))
-    h, w = args.img_size
+    from .inputs import image_size
+
+    size = image_size("--img-size", args.img_size)
+    if size == (224, 224) and set(list_models()) <= set(PROFILE_224):  # the verified table: no torch import
+        rows = [(n, *PROFILE_224[n], get_variant(n).paper_gmacs) for n in list_models()]
+    else:
+        from .models import check_input_size, profile_model
+
+        check_input_size(size)
+        rows = [(r.name, r.params, r.macs, r.paper_gmacs) for r in (profile_model(n, size) for n in list_models())]
+    h, w = size
     print(f"{'model':<22}{'params':>12}{'GMACs @' + f'{h}x{w}':>18}{'paper GMACs':>13}")
-    for r in rows:
-        paper = f"{r.paper_gmacs:.1f}" if r.paper_gmacs else "-"
-        print(f"{r.name:<22}{r.params:>12,}{r.macs / 1e9:>18.3f}{paper:>13}")
+    for name, params, macs, paper in rows:
+        print(f"{name:<22}{params:>12,}{macs / 1e9:>18.3f}{f'{paper:.1f}' if paper else '-':>13}")
     return 0
 
 
-def export_main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
-    from .export import BACKENDS, ExportInputError, export
-    from .export.progress import Progress
+@_command("cloformer-export")
+def export_main(p: _Parser, argv) -> int:
+    """Export CloFormer/FAT to validated ONNX, Core ML and ExecuTorch artifacts, bundled with labels and a manifest."""
+    from .export.base import BACKENDS
 
     formats = ", ".join(f"{n} ({b.suffix}, {b.runtime}; {'/'.join(b.precisions)}, default {b.default_precision})"
                         for n, b in BACKENDS.items())
-    p = _Parser(prog="cloformer-export",
-                description="Export CloFormer/FAT to validated ONNX, Core ML and ExecuTorch artifacts, "
-                            "bundled with labels and a manifest.")
     _add_model_args(p)
     p.add_argument("--format", default="all", help=f"all, or a comma list of: {formats}")
     p.add_argument("--num-classes", type=int, help="classes of the head (default: the checkpoint's, else 1000)")
     p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "w4"],
-                   help="default: fp16 for coreml, fp32 for the others; int8: static int8 (ONNX, ExecuTorch) or "
-                        "8-bit weights (Core ML); w4: 4-bit palettised weights (Core ML)")
-    p.add_argument("--calibration-size", type=int, default=32, help="images to calibrate int8 with (default 32)")
+    p.add_argument("--precision", help="fp32, fp16, int8 or w4; default: fp16 for coreml, fp32 for the others; "
+                                       "int8: static int8 (ONNX, ExecuTorch) or 8-bit weights (Core ML); "
+                                       "w4: 4-bit palettised weights (Core ML)")
+    p.add_argument("--calibration-size", type=int, help="int8: images to calibrate with (default 32)")
     p.add_argument("--keep-float", type=int, default=0,
                    help="int8: leave the N layers whose quantisation moves the logits most in float")
-    p.add_argument("--out", default="export", help="output folder (default export/)")
+    p.add_argument("--out", default="export", help="output folder (default export/); the bundle is "
+                                                   "<out>/<model>-<H>x<W>/ and keeps artifacts exported earlier")
     p.add_argument("--labels", help="class names, one per line (default: ImageNet-1k names for 1000 classes)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default 20, native GELU; 17 uses the TorchScript exporter)")
+    p.add_argument("--opset", type=int, help="ONNX opset, 17 to 23 (default 20, native GELU; 17 uses the "
+                                             "TorchScript exporter)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     p.add_argument("--no-validate", action="store_true", help="skip running the artifacts against PyTorch")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--force", action="store_true", help="replace an artifact of the same format and precision, "
+                                                        "or a bundle of other weights")
     p.add_argument("--zip", action="store_true", help="also write <bundle>.zip for an app")
     p.add_argument("--data", help="folder of images for validation (default: photographs bundled with scikit-image)")
     p.add_argument("--min-top1-agreement", type=float, help="also require this top-1 agreement (0..1)")
-    p.add_argument("--coreml-input", choices=["image", "tensor"], default="image",
-                   help="Core ML input: RGB image with normalisation inside (default) or a normalised float tensor")
+    p.add_argument("--coreml-input", default="image",
+                   help="Core ML input: image (RGB, normalisation inside; default) or tensor (normalised float)")
     p.add_argument("--coreml-target", default="iOS16", help="minimum deployment target: iOS16 (default), iOS17, iOS18")
-    p.add_argument("--backend", choices=["xnnpack", "portable"], default="xnnpack",
-                   help="ExecuTorch backend (portable runs about 100x slower)")
+    p.add_argument("--backend", default="xnnpack",
+                   help="ExecuTorch backend: xnnpack (default) or portable (runs about 100x slower)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
     args = p.parse_args(argv)
-    progress = Progress(quiet=args.quiet)
-    try:
-        result = export(args.model, weights=args.weights, formats=args.format, img_size=args.img_size,
-                        num_classes=args.num_classes, batch=args.batch, precision=args.precision, out=args.out,
-                        labels=args.labels, opset=args.opset, simplify=not args.no_simplify,
-                        validate_artifacts=not args.no_validate, force=args.force, zip_bundle=args.zip,
-                        data=args.data, coreml_input=args.coreml_input, coreml_target=args.coreml_target,
-                        et_backend=args.backend, min_top1_agreement=args.min_top1_agreement,
-                        calibration_size=args.calibration_size, keep_float=args.keep_float, progress=progress,
-                        argv=["cloformer-export", *(sys.argv[1:] if argv is None else argv)])
-    except ExportInputError as e:
-        return _fail(p.prog, str(e))
-    except KeyboardInterrupt:
-        print(f"{p.prog}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    from .export.api import export
+    from .export.progress import Progress
+
+    result = export(args.model, weights=args.weights, formats=args.format, img_size=args.img_size,
+                    num_classes=args.num_classes, batch=args.batch, precision=args.precision, out=args.out,
+                    labels=args.labels, opset=args.opset, simplify=not args.no_simplify,
+                    validate_artifacts=not args.no_validate, force=args.force, zip_bundle=args.zip,
+                    data=args.data, coreml_input=args.coreml_input, coreml_target=args.coreml_target,
+                    et_backend=args.backend, min_top1_agreement=args.min_top1_agreement,
+                    calibration_size=args.calibration_size, keep_float=args.keep_float,
+                    progress=Progress(quiet=args.quiet), argv=_argv(p.prog, argv))
     print(f"\n{'format':<12}{'file':<44}{'size MB':>9}  validation")
     for a in result.artifacts:
         v = a.entry.get("validation")
@@ -135,6 +131,9 @@ def export_main(argv: list[str] | None = None) -> int:
         else:
             verdict = f"{'PASS' if v['passed'] else 'FAIL'} ({v['method']})"
         print(f"{a.format:<12}{a.path.name:<44}{a.entry['size_bytes'] / 1e6:>9.2f}  {verdict}")
+    others = [e for e in result.manifest["artifacts"] if e["path"] not in {a.path.name for a in result.artifacts}]
+    if others:
+        print(f"kept in the bundle: {', '.join(e['path'] for e in others)}")
     print(f"\nbundle: {result.bundle}  ({result.seconds:.1f}s)")
     if result.zip_path:
         print(f"zip:    {result.zip_path}")
@@ -142,44 +141,35 @@ def export_main(argv: list[str] | None = None) -> int:
         print(f"{p.prog}: validation FAILED; the bundle was left at {result.bundle} with the figures "
               "in manifest.json", file=sys.stderr)
         return 1
-    if args.weights:
-        print(f"next:   cloformer-validate {result.bundle} --weights {args.weights}")
+    print(f"next:   cloformer-validate {result.bundle}" + (f" --weights {args.weights}" if args.weights else ""))
     return 0
 
 
-def validate_main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
-    from .export import ExportInputError, validate_bundle
-    from .export.progress import Progress
-
-    p = _Parser(prog="cloformer-validate",
-                description="Re-run the validation of an exported bundle against PyTorch; exit 1 if any fails.")
+@_command("cloformer-validate")
+def validate_main(p: _Parser, argv) -> int:
+    """Re-run the validation of an exported bundle against PyTorch; exit 1 if any artifact fails."""
     p.add_argument("bundle", help="a folder written by cloformer-export")
-    p.add_argument("--weights", help="the checkpoint the bundle was exported from")
+    p.add_argument("--weights", help="the checkpoint the bundle was exported from (not needed for random weights)")
     p.add_argument("--data", help="folder of images (default: photographs bundled with scikit-image)")
     p.add_argument("--min-top1-agreement", type=float, help="also require this top-1 agreement (0..1)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    try:
-        ok, reports = validate_bundle(args.bundle, weights=args.weights, data=args.data,
-                                      min_top1_agreement=args.min_top1_agreement,
-                                      progress=Progress(quiet=args.quiet))
-    except ExportInputError as e:
-        return _fail(p.prog, str(e))
+    from .export.api import validate_bundle
+    from .export.progress import Progress
+
+    ok, reports = validate_bundle(args.bundle, weights=args.weights, data=args.data,
+                                  min_top1_agreement=args.min_top1_agreement, progress=Progress(quiet=args.quiet))
     print(f"{'PASS' if ok else 'FAIL'}: {sum(r['passed'] for r in reports)}/{len(reports)} artifacts pass")
     return 0 if ok else 1
 
 
-def bench_main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
-    from .export.progress import Progress
-    from .runtime_bench.harness import RUNTIMES, BenchInputError, bench
-    from .runtime_bench.report import console_table
+@_command("cloformer-bench")
+def bench_main(p: _Parser, argv) -> int:
+    """Latency, load time, peak memory, size and drift per runtime, precision and thread count; writes
+    results.json/csv/md and plots."""
+    from .runtime_bench.runtimes import RUNTIMES
 
-    p = _Parser(prog="cloformer-bench",
-                description="Latency, load time, peak memory, size and drift per runtime, precision and thread "
-                            "count; writes results.json/csv/md and plots.")
-    _add_model_args(p)
+    _add_model_args(p, default_model=None)
     p.add_argument("--formats", default="all", help=f"all, or a comma list of runtimes: {', '.join(RUNTIMES)}")
     p.add_argument("--threads", default="1,2", help="thread counts, comma separated (default 1,2)")
     p.add_argument("--precisions", default="default",
@@ -191,37 +181,31 @@ def bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", action="store_true", help="also run timm baselines (needs timm + torchvision)")
     p.add_argument("--portable", action="store_true", help="also run ExecuTorch's portable kernels (slow)")
     p.add_argument("--data", help="image folder: drift on it; top-1/top-5 if it has one subfolder per class")
-    p.add_argument("--bundle", help="use the artifacts of an existing export bundle instead of exporting")
+    p.add_argument("--bundle", help="use the artifacts of an existing export bundle instead of exporting "
+                                    "(with --weights of its checkpoint, as cloformer-validate)")
     p.add_argument("--out", default="runtime_bench", help="output folder (default runtime_bench/)")
     p.add_argument("--ablation", action="store_true",
                    help="instead: time the deploy form step by step (ONNX Runtime and XNNPACK, first thread count)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    try:
-        threads = [int(t) for t in args.threads.split(",") if t.strip()]
-    except ValueError:
-        return _fail(p.prog, f"--threads {args.threads!r}: give counts such as 1,2")
+    from .export.progress import Progress
+
     if args.ablation:
-        from .export.api import ExportInputError
-        from .models import InputSizeError
         from .runtime_bench.ablation import ablation
 
-        try:
-            res = ablation(args.model, weights=args.weights, img_size=args.img_size, threads=threads[0],
-                           runs=args.runs, warmup=args.warmup, out=args.out, progress=Progress(quiet=args.quiet))
-        except (ExportInputError, InputSizeError) as e:
-            return _fail(p.prog, str(e))
+        res = ablation(args.model or "cloformer_xxs", weights=args.weights, img_size=args.img_size,
+                       threads=args.threads, runs=args.runs, warmup=args.warmup, out=args.out,
+                       progress=Progress(quiet=args.quiet))
         print(open(res["path"]).read())
         return 0
-    try:
-        result = bench(args.model, weights=args.weights, formats=args.formats, threads=threads, runs=args.runs,
-                       warmup=args.warmup, img_size=args.img_size, compare_authors=args.compare_authors,
-                       baselines=args.baselines, portable=args.portable, data=args.data, out=args.out,
-                       bundle=args.bundle, progress=Progress(quiet=args.quiet),
-                       precisions=[x.strip() for x in args.precisions.split(",") if x.strip()],
-                       argv=["cloformer-bench", *(sys.argv[1:] if argv is None else argv)])
-    except BenchInputError as e:
-        return _fail(p.prog, str(e))
+    from .runtime_bench.harness import bench
+    from .runtime_bench.report import console_table
+
+    result = bench(args.model, weights=args.weights, formats=args.formats, threads=args.threads, runs=args.runs,
+                   warmup=args.warmup, img_size=args.img_size, compare_authors=args.compare_authors,
+                   baselines=args.baselines, portable=args.portable, data=args.data, out=args.out,
+                   bundle=args.bundle, progress=Progress(quiet=args.quiet), precisions=args.precisions,
+                   argv=_argv(p.prog, argv))
     console_table(result.results)
     print(f"results: {result.out}/results.md (and .json, .csv, latency.png, latency_vs_drift.png)")
     return 0

@@ -1,9 +1,12 @@
-"""``export(...)``: checkpoint -> deploy form -> artifacts -> validation -> bundle. The CLI is a thin layer over it."""
+"""``export(...)``: checkpoint -> deploy form -> artifacts -> validation -> bundle. The CLI is a thin layer over it.
+
+Every option and file argument is checked before a model is built or converted; bad input raises
+:class:`ExportInputError` (one line naming the fix) and writes nothing.
+"""
 from __future__ import annotations
 
 import hashlib
 import platform
-import tempfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,17 +18,22 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..models import (CheckpointError, InputSizeError, UnknownModelError, apply_state_dict, check_input_size,
-                      get_variant, load_checkpoint, to_deploy)
+from ..inputs import InputError, existing_file, existing_folder, fraction, image_size, whole_number, writable_folder
+from ..models import apply_state_dict, check_input_size, get_variant, load_checkpoint, to_deploy
 from ..models.checkpoint import num_classes_of
+from ..quiet import quiet_libraries
 from . import bundle as bundle_io
-from .base import BACKENDS, ExportJob, FormatError, ModelSpec, parse_formats
-from .images import CROP_PCT, ImageBatch, ImageDataError, load_calibration, load_images
+from .base import BACKENDS, ExportJob, ModelSpec, parse_formats
+from .images import CROP_PCT, ImageBatch, load_calibration, load_images
 from .progress import Progress
 from .validate import bounds_for, validate
 
+RANDOM_SEED = 0  # random weights are drawn with this seed, so a bundle of random weights can be re-validated
+DEFAULT_CALIBRATION_SIZE = 32
+PRECISIONS = ("fp32", "fp16", "int8", "w4")
 
-class ExportInputError(ValueError):
+
+class ExportInputError(InputError):
     """Bad input to export/validate: a one-line message that names the fix."""
 
 
@@ -48,16 +56,32 @@ class ExportResult:
     zip_path: Path | None = None
 
 
+@dataclass
+class PreparedModel:
+    """The authors' form with its weights, and what identifies those weights."""
+
+    variant: object
+    module: torch.nn.Module
+    weights_sha256: str | None  # of the checkpoint file; None for random weights
+    state_sha256: str  # of the weights themselves
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights_sha256 is None
+
+
 def imagenet_labels() -> list[str]:
     text = resources.files("cloformer_deploy").joinpath("data/imagenet1k_labels.txt").read_text()
     return text.splitlines()
 
 
 def read_labels(path: str | Path, num_classes: int) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise ExportInputError(f"--labels {str(p)!r} does not exist; pass a text file with one class name per line")
-    labels = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    p = existing_file("--labels", path, "a text file with one class name per line")
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ExportInputError(f"--labels {str(p)!r} is not text; pass a text file with one class name per line") from None
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
     if len(labels) != num_classes:
         raise ExportInputError(f"--labels has {len(labels)} names but the model has {num_classes} classes; "
                                "give one name per class")
@@ -72,20 +96,9 @@ def unique_labels(labels: list[str]) -> list[str]:
     return [f"{lab} ({i})" if seen[lab] > 1 else lab for i, lab in enumerate(labels)]
 
 
-def _check_writable(out: Path) -> None:
-    """Fail early, writing nothing that stays, when --out cannot hold the bundle."""
-    probe = out.absolute()
-    while not probe.exists():
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise OSError
-        tempfile.TemporaryDirectory(dir=probe).cleanup()  # root passes os.access everywhere; try for real
-    except OSError:
-        raise ExportInputError(f"--out {str(out)!r} is not writable; choose a folder you can write to") from None
-
-
 def _precisions(formats: list[str], precision: str | None) -> dict[str, str]:
+    if precision is not None and str(precision).lower() not in PRECISIONS:
+        raise ExportInputError(f"--precision {precision!r} is not offered; choose from {', '.join(PRECISIONS)}")
     out = {}
     for f in formats:
         backend = BACKENDS[f]
@@ -96,7 +109,7 @@ def _precisions(formats: list[str], precision: str | None) -> dict[str, str]:
     return out
 
 
-def layer_sensitivity(deploy: torch.nn.Module, calibration: np.ndarray, limit: int = 8) -> list[dict]:
+def layer_sensitivity(deploy: torch.nn.Module, calibration: np.ndarray, limit: int = 8, on_progress=None) -> list[dict]:
     """How much int8 weights in each single layer move the logits (1 - cosine), worst first.
 
     Each convolution or linear layer in turn gets its weights rounded to int8 (per output
@@ -106,12 +119,11 @@ def layer_sensitivity(deploy: torch.nn.Module, calibration: np.ndarray, limit: i
 
     x = torch.from_numpy(calibration[:limit])
     model = copy.deepcopy(deploy).eval()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     with torch.no_grad():
         ref = model(x).flatten(1).double()
         out = []
-        for name, mod in model.named_modules():
-            if not isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
-                continue
+        for i, (name, mod) in enumerate(layers):
             w = mod.weight.data
             scale = w.abs().flatten(1).amax(1).clamp_min(1e-12) / 127
             shape = (-1,) + (1,) * (w.ndim - 1)
@@ -121,7 +133,13 @@ def layer_sensitivity(deploy: torch.nn.Module, calibration: np.ndarray, limit: i
             mod.weight.data = w
             cos = torch.nn.functional.cosine_similarity(y, ref, dim=1).min().item()
             out.append({"layer": name, "drift": float(f"{1 - cos:.3g}")})
+            if on_progress is not None:
+                on_progress(f"{i + 1}/{len(layers)} layers")
     return sorted(out, key=lambda d: -d["drift"])
+
+
+def quantisable_layers(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in module.modules())
 
 
 def versions() -> dict[str, str | None]:
@@ -136,32 +154,57 @@ def versions() -> dict[str, str | None]:
     return v
 
 
-def prepare_model(model: str, weights: str | Path | None, num_classes: int | None):
-    """The authors' form with weights loaded, its spec facts, and the checkpoint's hash."""
-    try:
-        variant = get_variant(model)
-    except UnknownModelError as e:
-        raise ExportInputError(str(e)) from None
-    state = None
-    sha = None
+def check_weights(weights) -> Path | None:
+    return None if weights is None else existing_file("--weights", weights, "a .pth/.pt/.safetensors checkpoint")
+
+
+def prepare_model(model: str, weights: str | Path | None, num_classes: int | None) -> PreparedModel:
+    """The authors' form with weights loaded (or random ones drawn with :data:`RANDOM_SEED`)."""
+    variant = get_variant(model)
+    state = sha = None
     if weights is not None:
-        try:
-            state = load_checkpoint(weights)
-        except CheckpointError as e:
-            raise ExportInputError(str(e)) from None
+        state = load_checkpoint(check_weights(weights))
         sha = bundle_io.sha256_file(Path(weights))
         if num_classes is None:
             num_classes = num_classes_of(state) or 1000
     num_classes = 1000 if num_classes is None else num_classes
     with torch.random.fork_rng():  # random weights are the same in every run, so reference runs repeat
-        torch.manual_seed(0)
+        torch.manual_seed(RANDOM_SEED)
         net = variant.build(num_classes=num_classes).eval()
     if state is not None:
-        try:
-            apply_state_dict(net, state, variant.name, source=Path(weights).name)
-        except CheckpointError as e:
-            raise ExportInputError(str(e)) from None
-    return variant, net, sha
+        apply_state_dict(net, state, variant.name, source=Path(weights).name)
+    return PreparedModel(variant, net, sha, bundle_io.state_sha256(net.state_dict()))
+
+
+def _check_export_inputs(formats, img_size, num_classes, batch, precision, out, data, min_top1_agreement,
+                         calibration_size, keep_float, weights, labels, options: dict):
+    """Every option and file argument of :func:`export`, checked and normalised before any work."""
+    fmts = parse_formats(formats)
+    size = check_input_size(image_size("--img-size", img_size))
+    if num_classes is not None:
+        num_classes = whole_number("--num-classes", num_classes, 1)
+    batch = whole_number("--batch", batch, 1, 1024)
+    precisions = _precisions(fmts, precision)
+    int8 = any(p == "int8" for p in precisions.values())
+    if calibration_size is not None and not int8:
+        raise ExportInputError("--calibration-size applies to --precision int8 only; drop it or add --precision int8")
+    calibration_size = whole_number("--calibration-size", DEFAULT_CALIBRATION_SIZE if calibration_size is None
+                                    else calibration_size, 1, 10_000)
+    keep_float = whole_number("--keep-float", keep_float, 0)
+    if keep_float and not any(p == "int8" and f != "coreml" for f, p in precisions.items()):
+        raise ExportInputError("--keep-float applies to int8 ONNX and ExecuTorch exports only; "
+                               "drop it or add --precision int8")
+    if min_top1_agreement is not None:
+        min_top1_agreement = fraction("--min-top1-agreement", min_top1_agreement)
+    for backend in BACKENDS.values():  # every format's options, chosen or not: a bad value is a bad value
+        options = backend.check_options(options)
+    check_weights(weights)
+    if labels is not None:
+        existing_file("--labels", labels, "a text file with one class name per line")
+    if data is not None:
+        existing_folder("--data", data, "a folder of .jpg/.png images")
+    writable_folder("--out", out)
+    return fmts, size, num_classes, batch, precisions, calibration_size, keep_float, min_top1_agreement, options
 
 
 def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, formats="all",
@@ -170,64 +213,67 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
            simplify: bool = True, validate_artifacts: bool = True, force: bool = False, zip_bundle: bool = False,
            data: str | Path | None = None, coreml_input: str = "image", coreml_target: str = "iOS16",
            et_backend: str = "xnnpack", min_top1_agreement: float | None = None,
-           calibration_size: int = 32, keep_float: int = 0,
+           calibration_size: int | None = None, keep_float: int = 0,
            progress: Progress | None = None, argv: list[str] | None = None) -> ExportResult:
-    """Export one model to the given formats, validate every artifact, and write the bundle.
+    """Export one model to the given formats, validate every artifact, and add them to the bundle.
 
-    Raises :class:`ExportInputError` for bad input before anything is written.
-    A validation breach leaves the bundle at ``<bundle>.failed`` and ``passed`` False.
+    The bundle ``<out>/<variant>-<H>x<W>/`` keeps artifacts of other formats and precisions
+    exported earlier from the same weights, batch and labels; ``force`` replaces an artifact of
+    the same format and precision, or a bundle of other weights. Raises :class:`ExportInputError`
+    for bad input before anything is written. A validation breach leaves the bundle at
+    ``<bundle>.failed`` and ``passed`` False.
     """
+    with quiet_libraries():
+        return _export(model, weights, formats, img_size, num_classes, batch, precision, out, labels,
+                       {"opset": opset, "simplify": simplify, "coreml_input": coreml_input,
+                        "coreml_target": coreml_target, "et_backend": et_backend},
+                       validate_artifacts, force, zip_bundle, data, min_top1_agreement, calibration_size,
+                       keep_float, progress or Progress(quiet=True), argv)
+
+
+def _export(model, weights, formats, img_size, num_classes, batch, precision, out, labels, options,
+            validate_artifacts, force, zip_bundle, data, min_top1_agreement, calibration_size, keep_float,
+            progress: Progress, argv) -> ExportResult:
     t0 = time.perf_counter()
-    progress = progress or Progress(quiet=True)
-    # --- check every input before writing anything ---
-    try:
-        fmts = parse_formats(formats)
-        size = check_input_size(img_size)
-    except (FormatError, InputSizeError) as e:
-        raise ExportInputError(str(e)) from None
-    if batch < 1:
-        raise ExportInputError(f"--batch {batch} must be 1 or more")
-    if coreml_input not in ("image", "tensor"):
-        raise ExportInputError(f"--coreml-input {coreml_input!r}: choose image or tensor")
-    if et_backend not in ("xnnpack", "portable"):
-        raise ExportInputError(f"--backend {et_backend!r}: choose xnnpack or portable")
-    precisions = _precisions(fmts, precision)
+    variant = get_variant(model)
+    (fmts, size, num_classes, batch, precisions, calibration_size, keep_float, min_top1_agreement,
+     options) = _check_export_inputs(formats, img_size, num_classes, batch, precision, out, data,
+                                     min_top1_agreement, calibration_size, keep_float, weights, labels, options)
     out = Path(out)
-    _check_writable(out)
     with progress.stage("load model"):
-        variant, authors, weights_sha = prepare_model(model, weights, num_classes)
+        prepared = prepare_model(variant.name, weights, num_classes)
+    authors = prepared.module
     n_classes = authors.num_classes
+    if keep_float > quantisable_layers(authors):
+        raise ExportInputError(f"--keep-float {keep_float} is more than the model's "
+                               f"{quantisable_layers(authors)} quantisable layers; give fewer")
     if labels is not None:
         label_list = read_labels(labels, n_classes)
     elif n_classes == 1000:
         label_list = imagenet_labels()
     else:
         label_list = [str(i) for i in range(n_classes)]
-    name = f"{variant.name}-{size[0]}x{size[1]}"
-    final = out / name
-    if final.exists() and not force:
-        raise ExportInputError(f"{final} already exists; pass --force to replace it or --out another folder")
+    final = out / f"{variant.name}-{size[0]}x{size[1]}"
+    spec = ModelSpec(name=variant.name, num_classes=n_classes, input_size=size, batch=batch, mean=variant.mean,
+                     std=variant.std, labels=label_list, params=sum(p.numel() for p in authors.parameters()),
+                     weights=str(weights) if weights else None, weights_sha256=prepared.weights_sha256)
+    kept = _kept_artifacts(final, force, spec, prepared, label_list, precisions)
     images = None
     if validate_artifacts:
-        try:
-            images = load_images(size, variant.mean, variant.std, folder=data)
-        except ImageDataError as e:
-            raise ExportInputError(str(e)) from None
+        images = load_images(size, variant.mean, variant.std, folder=data)
         if len(images) < batch:  # a static batch needs at least one full batch
             reps = -(-batch // len(images))
             images = ImageBatch(images.names * reps, np.concatenate([images.images] * reps),
                                 np.concatenate([images.tensor] * reps))
-    quantised = [f for f in fmts if precisions[f] in ("int8",)]
     calibration = None
-    if quantised:
-        if calibration_size < 1:
-            raise ExportInputError("--calibration-size must be 1 or more")
-        try:
-            calibration = load_calibration(size, variant.mean, variant.std, folder=data, count=calibration_size)
-        except ImageDataError as e:
-            raise ExportInputError(str(e)) from None
+    if any(p == "int8" for p in precisions.values()):
+        calibration = load_calibration(size, variant.mean, variant.std, folder=data, count=calibration_size)
+        if len(calibration) < calibration_size:
+            progress.warn(f"--calibration-size {calibration_size}: the images give only {len(calibration)} "
+                          "distinct views; calibrating with those (pass --data with more photographs)")
     if weights is None:
-        progress.warn("no --weights: exporting RANDOMLY INITIALISED weights (seed 0; for testing the pipeline only)")
+        progress.warn(f"no --weights: exporting RANDOMLY INITIALISED weights (seed {RANDOM_SEED}; "
+                      "for testing the pipeline only)")
 
     with progress.stage("deploy form"):
         deploy = to_deploy(authors, size)
@@ -235,19 +281,17 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
 
     def sensitivity_of(module) -> list[dict]:
         if id(module) not in sensitivities:
-            with progress.stage(f"per-layer int8 sensitivity on {min(len(calibration), 8)} calibration images"):
-                sensitivities[id(module)] = layer_sensitivity(module, calibration)
+            with progress.stage(f"per-layer int8 sensitivity on {min(len(calibration), 8)} calibration images") as st:
+                sensitivities[id(module)] = layer_sensitivity(module, calibration, on_progress=st.update)
         return sensitivities[id(module)]
-    spec = ModelSpec(name=variant.name, num_classes=n_classes, input_size=size, batch=batch, mean=variant.mean,
-                     std=variant.std, labels=label_list, params=sum(p.numel() for p in authors.parameters()),
-                     weights=str(weights) if weights else None, weights_sha256=weights_sha)
     reference = None
     if images is not None:
         with progress.stage(f"reference (PyTorch fp32, authors' form, {len(images)} images)"), torch.no_grad():
             reference = authors(torch.from_numpy(images.tensor)).numpy()
     example = torch.from_numpy(images.tensor[:batch]) if images is not None else torch.randn(batch, 3, *size)
-    options = {"opset": opset, "simplify": simplify, "coreml_input": coreml_input, "coreml_target": coreml_target,
-               "et_backend": et_backend}
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    command = argv if argv is not None else sys.argv
+    run_versions = versions()
 
     try:
         staging = bundle_io.StagingDir(final)
@@ -255,6 +299,10 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
         raise ExportInputError(f"--out {str(out)!r} is not writable ({e.strerror}); choose another folder") from None
     results: list[ArtifactResult] = []
     try:
+        for entry in kept:
+            bundle_io.link_or_copy(final / entry["path"], staging.path / entry["path"])
+            passed = (entry.get("validation") or {}).get("passed")
+            results.append(ArtifactResult(entry["format"], final / entry["path"], entry["precision"], passed, entry))
         for fmt in fmts:
             backend = BACKENDS[fmt]
             prec = precisions[fmt]
@@ -262,31 +310,34 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
             form = backend.deploy_steps(prec, options)
             module = deploy if form is None else to_deploy(authors, size, steps=form[0], extra_steps=form[1])
             sensitivity = sensitivity_of(module) if prec == "int8" and keep_float else None
-            kept = [d["layer"] for d in sensitivity[:keep_float]] if sensitivity else []
+            kept_float = [d["layer"] for d in sensitivity[:keep_float]] if sensitivity else []
             job = ExportJob(module, example, spec, prec, options, images.tensor if images is not None else None,
-                            calibration, kept)
+                            calibration, kept_float)
             t = time.perf_counter()
             with progress.stage(f"{fmt}: export ({prec})"):
-                info = backend.export(job, path, progress.log)
+                info = backend.export(job, path, lambda text, fmt=fmt: progress.log(f"{fmt}: {text}"))
             entry = {"format": fmt, "path": path.name, "precision": prec, "size_bytes": bundle_io.size_bytes(path),
                      "sha256": bundle_io.sha256_path(path), "export_seconds": round(time.perf_counter() - t, 2),
                      "deploy_steps": list(module.deploy_steps), **info}
             if prec == "int8" and calibration is not None:
-                entry["calibration"] = {"images": int(len(calibration)), "source": str(data) if data else
-                                        "scikit-image bundled photographs, mirrored / wider crops",
+                entry["calibration"] = {"images": int(len(calibration)), "requested": calibration_size,
+                                        "source": str(data) if data else
+                                        "scikit-image bundled photographs, mirrored / wider / tighter crops",
                                         "sha256": hashlib.sha256(calibration.tobytes()).hexdigest(),
-                                        "kept_float": kept if fmt != "coreml" else [],
+                                        "kept_float": kept_float if fmt != "coreml" else [],
                                         "sensitivity_top": (sensitivity or [])[:10]}
             passed = None
             if reference is not None:
-                with progress.stage(f"{fmt}: validate"):
+                with progress.stage(f"{fmt}: validate") as st:
                     runner = backend.open(path, spec, info)
-                    report = validate(runner, images, reference, batch, bounds_for(prec, min_top1_agreement))
+                    report = validate(runner, images, reference, batch, bounds_for(prec, min_top1_agreement),
+                                      on_progress=st.update)
                 entry["validation"] = report
                 passed = report["passed"]
                 progress.report(fmt, report)
+            entry.update(created=created, command=command, versions=run_versions)
             results.append(ArtifactResult(fmt, final / path.name, prec, passed, entry))
-        manifest = build_manifest(spec, variant, results, images, data, argv)
+        manifest = build_manifest(spec, variant, prepared, results, images, data, command, created, run_versions)
         (staging.path / bundle_io.LABELS).write_text("\n".join(label_list) + "\n")
         bundle_io.write_manifest(staging.path, manifest)
         ok = all(r.passed is not False for r in results)
@@ -298,18 +349,58 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
     for r in results:
         r.path = bundle_path / r.path.name
     zip_path = bundle_io.zip_bundle(bundle_path) if zip_bundle and ok else None
-    return ExportResult(bundle_path, manifest, results, ok, time.perf_counter() - t0, zip_path)
+    new = [r for r in results if r.entry.get("created") == created]
+    return ExportResult(bundle_path, manifest, new, ok, time.perf_counter() - t0, zip_path)
 
 
-def build_manifest(spec: ModelSpec, variant, results: list[ArtifactResult], images: ImageBatch | None,
-                   data, argv) -> dict:
+def _kept_artifacts(final: Path, force: bool, spec: ModelSpec, prepared: PreparedModel, labels: list[str],
+                    precisions: dict[str, str]) -> list[dict]:
+    """The entries of an existing bundle at ``final`` that this export keeps beside its own artifacts.
+
+    A bundle holds one model, size, batch, class count, set of weights and labels; an export that
+    differs in any of these would mix artifacts that compute different functions, so it is refused
+    unless ``force`` (then the old bundle is replaced whole).
+    """
+    if not final.exists():
+        return []
+    try:
+        old = bundle_io.read_manifest(final)
+        bundle_io.check_files(final, old)
+        old_labels = (final / bundle_io.LABELS).read_text().splitlines()
+    except (bundle_io.BundleError, OSError):
+        if force:
+            return []
+        raise ExportInputError(f"{final} exists but is not a sound bundle; pass --force to replace it "
+                               "or --out another folder") from None
+    new_manifest = {"model": {"name": spec.name, "input_size": list(spec.input_size), "batch": spec.batch,
+                              "num_classes": spec.num_classes, "weights_sha256": prepared.weights_sha256,
+                              "state_sha256": prepared.state_sha256}}
+    mine, theirs = bundle_io.identity(new_manifest, labels), bundle_io.identity(old, old_labels)
+    differs = [k for k in mine if mine[k] != theirs[k]]
+    if differs:
+        if force:
+            return []
+        raise ExportInputError(f"{final} holds artifacts of other {' and '.join(differs)}; pass --force to "
+                               "replace the whole bundle or --out another folder")
+    clashes = [e for e in old["artifacts"] if precisions.get(e["format"]) == e["precision"]]
+    if clashes and not force:
+        names = ", ".join(f"{e['format']} {e['precision']}" for e in clashes)
+        raise ExportInputError(f"{final} already holds {names}; pass --force to replace "
+                               f"{'it' if len(clashes) == 1 else 'them'} (the bundle's other artifacts stay)")
+    return [e for e in old["artifacts"] if e not in clashes]
+
+
+def build_manifest(spec: ModelSpec, variant, prepared: PreparedModel, results: list[ArtifactResult],
+                   images: ImageBatch | None, data, command, created, run_versions) -> dict:
     h, w = spec.input_size
     return {
         "schema_version": bundle_io.SCHEMA_VERSION,
         "model": {"name": spec.name, "family": variant.family, "num_classes": spec.num_classes,
                   "input_size": [h, w], "batch": spec.batch, "params": spec.params,
                   "weights": Path(spec.weights).name if spec.weights else None,
-                  "weights_sha256": spec.weights_sha256, "random_init": spec.weights is None},
+                  "weights_sha256": spec.weights_sha256, "state_sha256": prepared.state_sha256,
+                  "random_init": prepared.random_init,
+                  **({"random_seed": RANDOM_SEED} if prepared.random_init else {})},
         "preprocessing": {"mean": list(spec.mean), "std": list(spec.std), "scale": 1 / 255,
                           "formula": "(pixel / 255 - mean) / std", "color_order": "RGB", "layout": "NCHW",
                           "dtype": "float32", "resize": f"bicubic, shorter side to size / {CROP_PCT}",
@@ -321,56 +412,84 @@ def build_manifest(spec: ModelSpec, variant, results: list[ArtifactResult], imag
             "source": str(data) if data else "scikit-image bundled photographs", "count": len(images),
             "names": images.names},
         "passed": all(r.passed is not False for r in results),
-        "versions": versions(),
-        "command": argv if argv is not None else sys.argv,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": run_versions,
+        "command": command,
+        "created": created,
     }
 
 
-def validate_bundle(folder: str | Path, *, weights: str | Path | None = None, data: str | Path | None = None,
-                    min_top1_agreement: float | None = None, progress: Progress | None = None,
-                    update_manifest: bool = True) -> tuple[bool, list[dict]]:
-    """Re-run validation of every artifact of an existing bundle; True when all pass."""
-    progress = progress or Progress(quiet=True)
+@dataclass
+class OpenedBundle:
+    """A checked bundle with the weights it was exported from, ready to validate or benchmark."""
+
+    folder: Path
+    manifest: dict
+    prepared: PreparedModel
+    spec: ModelSpec
+
+
+def open_bundle(folder, weights=None) -> OpenedBundle:
+    """Check a bundle (manifest, files, hashes) and the weights it needs, then build its model.
+
+    A bundle of random weights is rebuilt from the seed its manifest records; one exported from a
+    checkpoint needs that very checkpoint (its sha256 is compared before anything is built).
+    """
     folder = Path(folder)
-    if not (folder / bundle_io.MANIFEST).is_file():
-        raise ExportInputError(f"{str(folder)!r} is not a bundle (no {bundle_io.MANIFEST}); "
-                               "pass a folder written by cloformer-export")
     manifest = bundle_io.read_manifest(folder)
     m = manifest["model"]
-    if weights is None and not m["random_init"]:
-        raise ExportInputError(f"the bundle was exported from {m['weights']}; pass --weights with that checkpoint")
-    if weights is None:
-        raise ExportInputError("the bundle holds randomly initialised weights that were not saved; "
-                               "re-export with --weights to validate later")
-    if m.get("weights_sha256") and bundle_io.sha256_file(Path(weights)) != m["weights_sha256"]:
-        raise ExportInputError(f"{Path(weights).name} is not the checkpoint this bundle was exported from "
-                               f"(sha256 differs); pass {m['weights']}")
-    variant, authors, _ = prepare_model(m["name"], weights, m["num_classes"])
-    size = tuple(m["input_size"])
-    labels = (folder / bundle_io.LABELS).read_text().splitlines()
-    try:
-        images = load_images(size, variant.mean, variant.std, folder=data)
-    except ImageDataError as e:
-        raise ExportInputError(str(e)) from None
-    spec = ModelSpec(m["name"], m["num_classes"], size, m["batch"], variant.mean, variant.std, labels,
-                     m["params"], str(weights), m.get("weights_sha256"))
-    with torch.no_grad():
-        reference = authors(torch.from_numpy(images.tensor)).numpy()
-    reports = []
+    get_variant(m["name"])
     for entry in manifest["artifacts"]:
-        backend = BACKENDS[entry["format"]]
-        path = folder / entry["path"]
-        if not path.exists():
-            report = {"passed": False, "problems": [f"{entry['path']} is missing"]}
-        elif bundle_io.sha256_path(path) != entry["sha256"]:
-            report = {"passed": False, "problems": [f"{entry['path']} changed since export (sha256 differs)"]}
-        else:
-            with progress.stage(f"{entry['format']}: validate"):
-                runner = backend.open(path, spec, entry)
-                report = validate(runner, images, reference, m["batch"],
-                                  bounds_for(entry["precision"], min_top1_agreement))
-        progress.report(entry["format"], report)
-        reports.append({"format": entry["format"], "path": entry["path"], **report})
-    ok = all(r["passed"] for r in reports)
-    return ok, reports
+        if entry["format"] not in BACKENDS:
+            raise bundle_io.BundleError(f"{entry['path']} has format {entry['format']!r}, which this version "
+                                        f"does not know ({', '.join(BACKENDS)}); export the bundle again")
+    bundle_io.check_files(folder, manifest)
+    if m.get("random_init"):
+        if weights is not None:
+            raise ExportInputError(f"the bundle holds random weights (seed {m.get('random_seed', RANDOM_SEED)}), "
+                                   "not a checkpoint's; drop --weights, or export again with --weights")
+        if not m.get("state_sha256"):
+            raise ExportInputError("the bundle holds random weights from a version that did not record them; "
+                                   "export it again")
+    else:
+        if weights is None:
+            raise ExportInputError(f"the bundle was exported from {m.get('weights')}; pass --weights with that "
+                                   "checkpoint")
+        check_weights(weights)
+        if m.get("weights_sha256") and bundle_io.sha256_file(Path(weights)) != m["weights_sha256"]:
+            raise ExportInputError(f"{Path(weights).name} is not the checkpoint this bundle was exported from "
+                                   f"(sha256 differs); pass {m.get('weights')}")
+    prepared = prepare_model(m["name"], weights, m["num_classes"])
+    if m.get("random_init") and prepared.state_sha256 != m["state_sha256"]:
+        raise ExportInputError("this torch draws other random weights than the one that exported the bundle "
+                               f"(torch {manifest.get('versions', {}).get('torch')}); export it again here")
+    variant = prepared.variant
+    labels = (folder / bundle_io.LABELS).read_text().splitlines()
+    spec = ModelSpec(m["name"], m["num_classes"], tuple(m["input_size"]), m["batch"], variant.mean, variant.std,
+                     labels, m["params"], str(weights) if weights else None, m.get("weights_sha256"))
+    return OpenedBundle(folder, manifest, prepared, spec)
+
+
+def validate_bundle(folder: str | Path, *, weights: str | Path | None = None, data: str | Path | None = None,
+                    min_top1_agreement: float | None = None, progress: Progress | None = None
+                    ) -> tuple[bool, list[dict]]:
+    """Re-run validation of every artifact of an existing bundle; True when all pass."""
+    with quiet_libraries():
+        progress = progress or Progress(quiet=True)
+        if min_top1_agreement is not None:
+            min_top1_agreement = fraction("--min-top1-agreement", min_top1_agreement)
+        if data is not None:
+            existing_folder("--data", data, "a folder of .jpg/.png images")
+        opened = open_bundle(folder, weights)
+        spec = opened.spec
+        images = load_images(spec.input_size, spec.mean, spec.std, folder=data)
+        with torch.no_grad():
+            reference = opened.prepared.module(torch.from_numpy(images.tensor)).numpy()
+        reports = []
+        for entry in opened.manifest["artifacts"]:
+            with progress.stage(f"{entry['format']} {entry['precision']}: validate") as st:
+                runner = BACKENDS[entry["format"]].open(opened.folder / entry["path"], spec, entry)
+                report = validate(runner, images, reference, spec.batch,
+                                  bounds_for(entry["precision"], min_top1_agreement), on_progress=st.update)
+            progress.report(entry["format"], report)
+            reports.append({"format": entry["format"], "path": entry["path"], **report})
+        return all(r["passed"] for r in reports), reports

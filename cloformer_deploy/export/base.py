@@ -10,12 +10,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
+from ..inputs import InputError
 from .images import ImageBatch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -72,6 +75,10 @@ class Backend(ABC):
     precisions: tuple[str, ...] = ("fp32", "fp16")
     default_precision = "fp32"
 
+    def check_options(self, options: dict) -> dict:
+        """This format's options, normalised; InputError for a value it cannot take. Runs before any work."""
+        return options
+
     def deploy_steps(self, precision: str, options: dict) -> tuple[list[str], list[str]] | None:
         """(steps, extra steps) of the deploy form this format wants with these options; None: the default form."""
         return None
@@ -99,7 +106,7 @@ def register(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
-class FormatError(ValueError):
+class FormatError(InputError):
     pass
 
 
@@ -107,10 +114,10 @@ def parse_formats(text: str | list[str] | tuple[str, ...]) -> list[str]:
     """``all``, one name or a comma list, in registry order; unknown names are an error listing the valid ones."""
     names = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     if not names:
-        raise FormatError(f"no format given; choose from: {', '.join(BACKENDS)}, all")
+        raise FormatError(f"--format: no format given; choose from: {', '.join(BACKENDS)}, all")
     if "all" in names:
         return list(BACKENDS)
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
-        raise FormatError(f"unknown format {unknown[0]!r}; choose from: {', '.join(BACKENDS)}, all")
+        raise FormatError(f"--format: unknown format {unknown[0]!r}; choose from: {', '.join(BACKENDS)}, all")
     return [n for n in BACKENDS if n in names]

@@ -9,34 +9,19 @@ from __future__ import annotations
 import platform
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
+from ..inputs import choice
 from .base import Backend, ExportJob, ModelSpec, Runner, register
 from .images import ImageBatch
 
+if TYPE_CHECKING:
+    import torch
+
 TARGETS = ("iOS16", "iOS17", "iOS18")
 IMAGE_INPUT, TENSOR_INPUT = "image", "input"
-
-
-class PixelNormalize(torch.nn.Module):
-    """(pixel / 255 - mean) / std per channel, as one multiply-add inside the model.
-
-    coremltools' ImageType has a single ``scale`` and so cannot express per-channel
-    std; folding it into the first convolution would be wrong where that conv pads
-    with zeros (a zero-padded normalised image is not a zero-padded pixel image).
-    """
-
-    def __init__(self, module: torch.nn.Module, mean, std):
-        super().__init__()
-        self.module = module
-        self.register_buffer("scale", torch.tensor([1.0 / (255.0 * s) for s in std]).reshape(1, 3, 1, 1))
-        self.register_buffer("shift", torch.tensor([-m / s for m, s in zip(mean, std)]).reshape(1, 3, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.module(pixels * self.scale + self.shift)
 
 
 def keep_norm_statistics_fp32(op) -> bool:
@@ -193,6 +178,11 @@ class CoreMLBackend(Backend):
     # Both compress weights only: activations and arithmetic stay fp16.
     precisions = ("fp16", "fp32", "int8", "w4")
 
+    def check_options(self, options: dict) -> dict:
+        options["coreml_input"] = choice("--coreml-input", options.get("coreml_input", "image"), ("image", "tensor"))
+        options["coreml_target"] = choice("--coreml-target", options.get("coreml_target", "iOS16"), TARGETS)
+        return options
+
     def versions(self) -> dict[str, str]:
         import coremltools
 
@@ -200,13 +190,14 @@ class CoreMLBackend(Backend):
 
     def export(self, job: ExportJob, path: Path, log: Callable[[str], None]) -> dict:
         import coremltools as ct
+        import torch
+
+        from .coreml_input import PixelNormalize
 
         s = job.spec
         h, w = s.input_size
         input_kind = job.options.get("coreml_input", "image")
         target = job.options.get("coreml_target", "iOS16")
-        if target not in TARGETS:
-            raise ValueError(f"unknown Core ML target {target!r}; choose from {', '.join(TARGETS)}")
         if input_kind == "image":
             module = PixelNormalize(job.module, s.mean, s.std).eval()
             example = torch.full((s.batch, 3, h, w), 128.0)
@@ -226,11 +217,14 @@ class CoreMLBackend(Backend):
             kwargs["outputs"] = [ct.TensorType(name="logits", dtype=np.float32)]
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            log("torch.export")
             exported = torch.export.export(module, (example,)).run_decompositions({})
+            log(f"converting to an ML Program ({job.precision})")
             mlmodel = ct.convert(exported, inputs=inputs, convert_to="mlprogram", compute_precision=precision,
                                  minimum_deployment_target=getattr(ct.target, target), **kwargs)
         compression = None
         if job.precision in ("int8", "w4"):
+            log(f"compressing weights ({job.precision})")
             mlmodel, compression = compress_weights(mlmodel, job.precision)
         mlmodel.author = "cloformer-deploy"
         mlmodel.license = "Weights: see the checkpoint's license. CloFormer/FAT architecture by Fan et al."
@@ -274,6 +268,8 @@ def norm_statistics_range(module: torch.nn.Module, images: np.ndarray) -> dict:
     ``max_squared_deviation`` is the largest (x - mean)^2 any norm squares; above 65504
     it would be inf in fp16, which is why those ops are kept fp32.
     """
+    import torch
+
     from ..models.deploy_modules import ChannelNorm
 
     peak = {"max_squared_deviation": 0.0, "max_variance": 0.0, "max_abs_input": 0.0}

@@ -4,13 +4,16 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
+from ..inputs import choice
 from .base import Backend, ExportJob, ModelSpec, Runner, register
 from .images import ImageBatch
+
+if TYPE_CHECKING:
+    import torch
 
 # graph nodes that are bookkeeping, not kernels
 _NOT_KERNELS = {"getitem", "executorch_call_delegate"}
@@ -26,6 +29,8 @@ class ExecuTorchRunner(Runner):
         self.forward = self.program.load_method("forward")
 
     def run(self, batch: ImageBatch) -> np.ndarray:
+        import torch
+
         out = self.forward.execute([torch.from_numpy(batch.tensor)])
         return out[0].numpy().astype(np.float32)
 
@@ -33,10 +38,11 @@ class ExecuTorchRunner(Runner):
         return self.program.load_method(name).execute([])
 
 
-def quantize_pt2e_xnnpack(job: ExportJob) -> torch.nn.Module:
+def quantize_pt2e_xnnpack(job: ExportJob, log: Callable[[str], None] = lambda text: None) -> torch.nn.Module:
     """Static int8: per-channel symmetric weights, per-tensor activations calibrated on real images."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                          get_symmetric_quantization_config)
+    import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     if job.calibration is None:
@@ -55,8 +61,12 @@ def quantize_pt2e_xnnpack(job: ExportJob) -> torch.nn.Module:
         graph = torch.export.export(job.module, (job.example,)).module()
         prepared = prepare_pt2e(graph, quantizer)
         b = job.example.shape[0]
-        for i in range(0, len(job.calibration) - b + 1, b):
+        starts = range(0, len(job.calibration) - b + 1, b)
+        log(f"calibrating int8 activations on {len(starts) * b} images")
+        for n, i in enumerate(starts, 1):
             prepared(torch.from_numpy(job.calibration[i:i + b]))
+            if n == len(starts) // 2:
+                log(f"calibrated {n * b}/{len(starts) * b} images")
         return convert_pt2e(prepared)
 
 
@@ -85,6 +95,10 @@ class ExecuTorchBackend(Backend):
     # norms outside the delegate (measured on CloFormer-XXS: 88 partitions, 90 kernels outside)
     precisions = ("fp32", "int8")
 
+    def check_options(self, options: dict) -> dict:
+        options["et_backend"] = choice("--backend", options.get("et_backend", "xnnpack"), ("xnnpack", "portable"))
+        return options
+
     def deploy_steps(self, precision: str, options: dict):
         from ..models.deploy import DEFAULT_STEPS, QUANTIZATION_FRIENDLY
 
@@ -102,12 +116,13 @@ class ExecuTorchBackend(Backend):
         return {"executorch": version("executorch")}
 
     def export(self, job: ExportJob, path: Path, log: Callable[[str], None]) -> dict:
+        import torch
         from executorch.exir import to_edge_transform_and_lower
 
         backend = job.options.get("et_backend", "xnnpack")
         module = job.module
         if job.precision == "int8":
-            module = quantize_pt2e_xnnpack(job)
+            module = quantize_pt2e_xnnpack(job, log)
         s = job.spec
         constants = {
             "input_size": list(s.input_size), "batch": s.batch, "num_classes": s.num_classes,
@@ -120,8 +135,11 @@ class ExecuTorchBackend(Backend):
             partitioner = [XnnpackPartitioner()]
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            log("torch.export")
             exported = torch.export.export(module, (job.example,))
+            log(f"lowering to {backend}")
             edge = to_edge_transform_and_lower(exported, partitioner=partitioner, constant_methods=constants)
+            log("writing the program")
         report = delegation_report(edge.exported_program())
         program = edge.to_executorch()
         path.write_bytes(program.buffer)

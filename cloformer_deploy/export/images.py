@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..inputs import InputError
+
 # crop_pct of the authors' evaluation transform (Resize(256/224 * size), CenterCrop(size))
 CROP_PCT = 0.875
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -20,7 +22,7 @@ _SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "
                    "brick.png")
 
 
-class ImageDataError(ValueError):
+class ImageDataError(InputError):
     pass
 
 
@@ -97,23 +99,27 @@ def load_images(size: tuple[int, int], mean, std, folder: str | Path | None = No
     return ImageBatch(names, images, normalise(images, mean, std))
 
 
+# views of each photograph for calibration: (crop_pct, mirrored); validation uses (CROP_PCT, not mirrored)
+CALIBRATION_VIEWS = ((1.0, True), (0.75, False), (0.6, True))
+
+
 def load_calibration(size: tuple[int, int], mean, std, folder: str | Path | None = None,
                      count: int = 32) -> np.ndarray:
-    """Images to calibrate int8 activations: each photograph mirrored and cropped wider than for
-    validation, so that calibration and validation inputs are never the same pixels."""
+    """Images to calibrate int8 activations: each photograph mirrored and cropped wider or tighter than for
+    validation, so that calibration and validation inputs are never the same pixels. Views are taken
+    photograph by photograph until ``count``; a folder with too few photographs gives fewer (the caller
+    says so)."""
     paths = folder_image_paths(folder) if folder is not None else default_image_paths()
     arrays = []
-    for p in paths:
-        for crop_pct, flip in ((1.0, True), (0.75, False)):
+    for crop_pct, flip in CALIBRATION_VIEWS:
+        for p in paths:
             try:
                 a = load_rgb(p, size, crop_pct)
             except (UnidentifiedImageError, OSError):
-                break
+                continue
             arrays.append(a[:, ::-1] if flip else a)
             if len(arrays) >= count:
-                break
-        if len(arrays) >= count:
-            break
+                return normalise(np.stack(arrays), mean, std)
     if not arrays:
         raise ImageDataError("no readable image for calibration; pass --data with a folder of photographs")
     return normalise(np.stack(arrays), mean, std)

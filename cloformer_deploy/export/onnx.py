@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
+from ..inputs import whole_number
 from .base import Backend, ExportJob, ModelSpec, Runner, register
 from .images import ImageBatch
 
@@ -17,6 +17,7 @@ from .images import ImageBatch
 # Erf decomposition (8.9 vs 10.6 ms, 1 thread, measured here); ONNX Runtime 1.17+ reads it
 DEFAULT_OPSET = 20
 MIN_OPSET = 17
+MAX_OPSET = 23  # the newest opset ONNX Runtime 1.20 (the oldest we admit) reads
 DYNAMO_MIN_OPSET = 18  # below this the dynamo exporter's down-conversion fails on ReduceMean
 
 
@@ -42,6 +43,8 @@ class OnnxRunner(Runner):
 
 
 def _metadata(job: ExportJob) -> dict[str, str]:
+    import torch
+
     s = job.spec
     return {
         "model": s.name, "num_classes": str(s.num_classes), "input_size": f"{s.input_size[0]}x{s.input_size[1]}",
@@ -58,6 +61,11 @@ class OnnxBackend(Backend):
     suffix = ".onnx"
     runtime = "ONNX Runtime"
     precisions = ("fp32", "fp16", "int8")
+
+    def check_options(self, options: dict) -> dict:
+        if options.get("opset") is not None:
+            options["opset"] = whole_number("--opset", options["opset"], MIN_OPSET, MAX_OPSET)
+        return options
 
     def deploy_steps(self, precision: str, options: dict):
         from ..models.deploy import UNMERGED_STEPS
@@ -86,14 +94,14 @@ class OnnxBackend(Backend):
         import onnx
 
         opset = int(job.options.get("opset") or DEFAULT_OPSET)
-        if opset < MIN_OPSET:
-            raise ValueError(f"--opset {opset} is too old; use {MIN_OPSET} or newer")
+        log(f"torch.onnx export (opset {opset})")
         model = self._to_onnx(job, opset)
         info: dict = {"opset": opset, "simplified": False}
         if job.options.get("simplify", True):
             try:
                 import onnxsim
 
+                log("onnxsim")
                 simplified, ok = onnxsim.simplify(model)
                 if not ok:
                     raise RuntimeError("onnxsim could not check the simplified graph")
@@ -102,12 +110,9 @@ class OnnxBackend(Backend):
                 info["simplify_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 log(f"onnxsim failed ({info['simplify_error']}); keeping the unsimplified graph")
         if job.precision == "fp16":
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-
-            # keep_io_types: the app still feeds and reads float32
-            model = convert_float_to_float16(model, keep_io_types=True)
+            model, info["fp32_nodes_in_fp16_graph"] = to_fp16(model)
         elif job.precision == "int8":
-            model, info["quantization"] = quantize_static_qdq(model, job)
+            model, info["quantization"] = quantize_static_qdq(model, job, log)
         del model.metadata_props[:]
         for k, v in _metadata(job).items():
             model.metadata_props.add(key=k, value=v)
@@ -124,6 +129,7 @@ class OnnxBackend(Backend):
     @staticmethod
     def _to_onnx(job: ExportJob, opset: int):
         import onnx
+        import torch
 
         kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
         with warnings.catch_warnings():
@@ -140,7 +146,93 @@ class OnnxBackend(Backend):
         return OnnxRunner(path)
 
 
-def quantize_static_qdq(model, job: ExportJob):
+def norm_statistics_nodes(model) -> list[str]:
+    """Nodes that compute channel-norm statistics, to keep in fp32 inside an fp16 graph.
+
+    As for Core ML: a norm squares deviations and averages them over C*H*W values, and in
+    fp16 a deviation of 256 already squares to inf. The means, the deviation, its square,
+    the epsilon, the root and its reciprocal stay fp32.
+    """
+    from_mean: set[str] = set()  # outputs computed from a ReduceMean result
+    keep = []
+    for n in model.graph.node:
+        inputs_from_mean = any(i in from_mean for i in n.input)
+        if n.op_type == "ReduceMean" or (n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1]):
+            keep.append(n.name)
+            if n.op_type == "ReduceMean":
+                from_mean.update(n.output)
+        elif n.op_type in ("Sub", "Add", "Sqrt", "Reciprocal", "Reshape") and inputs_from_mean:
+            keep.append(n.name)
+            if n.op_type != "Sub":  # x - mean is the deviation; what reads it is judged on its own
+                from_mean.update(n.output)
+    return keep
+
+
+def to_fp16(model):
+    """fp16 weights and activations with float32 input and output, norm statistics kept fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    keep = norm_statistics_nodes(model)
+    # keep_io_types: the app still feeds and reads float32
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+    drop_fp16_round_trips(converted.graph)
+    # the converter appends the casts it inserts at the end of the node list; ONNX wants topological order
+    topological_sort(converted.graph)
+    return converted, len(keep)
+
+
+def drop_fp16_round_trips(graph) -> None:
+    """Remove fp32 -> fp16 -> fp32 cast pairs between two fp32 nodes.
+
+    The converter casts every kept-fp32 node's output to fp16 and back before the next kept node,
+    so a squared deviation would still pass through fp16 (and overflow) between the square and its
+    mean. Readers of such a pair read the fp32 value directly; a cast still read by fp16 nodes stays.
+    """
+    from onnx import TensorProto
+
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def cast_to(node, dtype) -> bool:
+        return node.op_type == "Cast" and any(a.name == "to" and a.i == dtype for a in node.attribute)
+
+    outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}  # output of a cast back to fp32 -> the fp32 value before the round trip
+    for n in list(graph.node):
+        first = producer.get(n.input[0]) if n.input else None
+        if (cast_to(n, TensorProto.FLOAT) and first is not None and cast_to(first, TensorProto.FLOAT16)
+                and n.output[0] not in outputs):
+            rename[n.output[0]] = first.input[0]
+            graph.node.remove(n)
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            n.input[i] = rename.get(name, name)
+    still_read = {i for n in graph.node for i in n.input} | outputs
+    for n in [n for n in graph.node if cast_to(n, TensorProto.FLOAT16) and n.output[0] not in still_read]:
+        graph.node.remove(n)
+
+
+def topological_sort(graph) -> None:
+    """Reorder ``graph.node`` in place so every node comes after the producers of its inputs."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise RuntimeError(f"the ONNX graph has a cycle or a dangling input at {pending[0].name!r}")
+        ready_ids = {id(n) for n in ready}
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        pending = [n for n in pending if id(n) not in ready_ids]
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def quantize_static_qdq(model, job: ExportJob, log: Callable[[str], None] = lambda text: None):
     """Static QDQ int8 with ONNX Runtime's tools: per-channel int8 weights, uint8 activations calibrated
     (min/max) on real images. Layers named in ``job.keep_float`` stay float."""
     import tempfile
@@ -165,7 +257,9 @@ def quantize_static_qdq(model, job: ExportJob):
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, dst = (str(Path(tmp) / n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(model, src)
+        log("quantisation pre-processing")
         quant_pre_process(src, pre, skip_symbolic_shape=True)
+        log(f"calibrating int8 activations on {len(job.calibration) // b * b} images and quantising")
         quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=excluded, extra_options={"WeightSymmetric": True})

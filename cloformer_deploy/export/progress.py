@@ -1,4 +1,9 @@
-"""Per-stage progress with timings: a rich spinner on a terminal, plain timestamped lines in a log."""
+"""Per-stage progress with timings: a rich spinner on a terminal, plain timestamped lines in a log.
+
+A long stage reports how far it is from inside (``stage.update("7/12 images")``): on a
+terminal the spinner's text changes; in a log a line is written at most every
+``plain_interval`` seconds, so that a CI log shows a stage is alive without flooding.
+"""
 from __future__ import annotations
 
 import sys
@@ -6,10 +11,24 @@ import time
 from contextlib import contextmanager
 
 
+class Stage:
+    def __init__(self, progress: "Progress", name: str, status=None):
+        self.progress, self.name, self.status = progress, name, status
+        self.last_line = time.perf_counter()
+
+    def update(self, text: str) -> None:
+        if self.status is not None:
+            self.status.update(f"{self.name}: {text}")
+        elif time.perf_counter() - self.last_line >= self.progress.plain_interval:
+            self.last_line = time.perf_counter()
+            self.progress.log(f"{self.name}: {text}")
+
+
 class Progress:
-    def __init__(self, quiet: bool = False, stream=None):
+    def __init__(self, quiet: bool = False, stream=None, plain_interval: float = 10.0):
         self.quiet = quiet
         self.stream = stream or sys.stderr
+        self.plain_interval = plain_interval
         self.t0 = time.perf_counter()
         self.console = None
         if not quiet and self.stream.isatty():
@@ -40,16 +59,16 @@ class Progress:
     def stage(self, name: str):
         t = time.perf_counter()
         if self.console is not None and not self.quiet:
-            with self.console.status(name):
-                yield
+            with self.console.status(name) as status:
+                yield Stage(self, name, status)
         else:
-            yield
+            yield Stage(self, name)
         dt = time.perf_counter() - t
         self.timings[name] = dt
         self._line(f"{name} ... done in {dt:.1f}s")
 
     def report(self, fmt: str, report: dict) -> None:
-        fig = report.get("figures")  # None for an artifact missing or changed since export
+        fig = report.get("figures")
         verdict = "PASS" if report.get("passed") else "FAIL"
         if fig:
             text = (f"{fmt}: {verdict} ({report.get('method')}) max abs {fig['max_abs']:.2e}, "

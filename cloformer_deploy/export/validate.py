@@ -66,14 +66,22 @@ def check(figures: dict, bounds: Bounds) -> list[str]:
     return failures
 
 
-def run_all(runner: Runner, images: ImageBatch, batch: int) -> np.ndarray:
-    return np.concatenate([runner.run(b) for b in images.batches(batch)])
+def run_all(runner: Runner, images: ImageBatch, batch: int, on_progress=None) -> np.ndarray:
+    """Outputs for every whole batch of images; ``on_progress(text)`` after each batch."""
+    outs = []
+    usable = len(images) - len(images) % batch
+    for b in images.batches(batch):
+        outs.append(runner.run(b))
+        if on_progress is not None:
+            on_progress(f"{len(outs) * batch}/{usable} images")
+    return np.concatenate(outs)
 
 
-def validate(runner: Runner, images: ImageBatch, reference: np.ndarray, batch: int, bounds: Bounds) -> dict:
+def validate(runner: Runner, images: ImageBatch, reference: np.ndarray, batch: int, bounds: Bounds,
+             on_progress=None) -> dict:
     """Check the artifact's structure, run it on every image and judge its outputs against the bounds."""
     problems = runner.check_structure()
-    out = run_all(runner, images, batch)
+    out = run_all(runner, images, batch, on_progress)
     figures = compare(out, reference[: len(out)])
     failures = problems + check(figures, bounds)
     # described after running: e.g. the fp16 report of the Core ML interpreter

@@ -1,14 +1,30 @@
-"""Model zoo: CloFormer and FAT in the authors' form, checkpoint loading, and the deploy form."""
+"""Model zoo: CloFormer and FAT in the authors' form, checkpoint loading, and the deploy form.
+
+Names are imported on first use, so that listing variants or printing help does not import torch.
+"""
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch.nn as nn
-
-from .checkpoint import CheckpointError, apply_state_dict, guess_variant, load_checkpoint
-from .deploy import DEPLOY_STEPS, InputSizeError, check_input_size, to_deploy
-from .profile import ModelProfile, count_macs, profile_model
 from .registry import VARIANTS, UnknownModelError, Variant, canonical_name, get_variant, list_models
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+_LAZY = {
+    "CheckpointError": "checkpoint", "apply_state_dict": "checkpoint", "guess_variant": "checkpoint",
+    "load_checkpoint": "checkpoint", "DEPLOY_STEPS": "deploy", "InputSizeError": "deploy",
+    "check_input_size": "deploy", "to_deploy": "deploy", "ModelProfile": "profile", "count_macs": "profile",
+    "profile_model": "profile",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create_model(name: str, *, num_classes: int = 1000, checkpoint: str | Path | None = None,
@@ -19,6 +35,8 @@ def create_model(name: str, *, num_classes: int = 1000, checkpoint: str | Path |
     loads weights (see :func:`load_checkpoint`) with strict key matching.
     ``features_only`` returns the four stage maps (strides 4, 8, 16, 32) instead of logits.
     """
+    from .checkpoint import apply_state_dict, load_checkpoint
+
     variant = get_variant(name)
     model = variant.build(num_classes=num_classes, features_only=features_only)
     if checkpoint is not None:

@@ -18,10 +18,11 @@ from typing import Mapping
 
 import torch
 
+from ..inputs import InputError
 from .registry import VARIANTS, Variant
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used; the message says what is wrong and what to do."""
 
 
@@ -206,7 +207,7 @@ def apply_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     if head_only and "head.weight" in state_dict:
         n = num_classes_of(state_dict)
         raise CheckpointError(f"{source} has a {n}-class head but the model was built with "
-                              f"{expected['head.weight'].shape[0]} classes; pass num_classes={n} (--num-classes {n})")
+                              f"{expected['head.weight'].shape[0]} classes; pass --num-classes {n}")
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")

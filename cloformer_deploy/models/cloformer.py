@@ -7,28 +7,11 @@ Shapes are derived from the input at run time here; the deploy form
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
+from .configs import CloFormerConfig
 from .layers import Backbone, DropPath, stochastic_depth_rates
-
-
-@dataclass(frozen=True)
-class CloFormerConfig:
-    embed_dims: tuple[int, ...]
-    depths: tuple[int, ...]
-    num_heads: tuple[int, ...]
-    # heads per local (high-frequency) branch, then the heads of the global branch
-    group_splits: tuple[tuple[int, ...], ...]
-    # depthwise kernel of each local branch
-    kernel_sizes: tuple[tuple[int, ...], ...]
-    window_sizes: tuple[int, ...] = (8, 4, 2, 1)
-    mlp_kernel_sizes: tuple[int, ...] = (5, 5, 5, 5)
-    mlp_ratios: tuple[float, ...] = (4, 4, 4, 4)
-    qkv_bias: bool = True
-    drop_path_rate: float = 0.0
 
 
 class AttnMap(nn.Module):

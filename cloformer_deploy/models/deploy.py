@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..inputs import InputError
 from .cloformer import CloBlock, CloFormer, EfficientAttention
 from .deploy_modules import ChannelNorm, RingDepthwise, StaticCloAttention, StaticFASA
 from .fat import FAT, FASA, ConvFFN as FATConvFFN, FATBlock
@@ -24,7 +25,7 @@ from .layers import Backbone, DropPath
 STRIDE = 32  # the stem (4) times three stride-2 stages; the pooling windows 8/4/2/1 tile exactly
 
 
-class InputSizeError(ValueError):
+class InputSizeError(InputError):
     pass
 
 
@@ -42,14 +43,16 @@ def check_input_size(input_size) -> tuple[int, int]:
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     h, w = (int(v) for v in input_size)
-    if h > 0 and w > 0 and h % STRIDE == 0 and w % STRIDE == 0:
+    if h <= 0 or w <= 0:
+        raise InputSizeError(f"input size {h}x{w}: sizes must be positive multiples of {STRIDE}, such as 224 or 256x320")
+    if h % STRIDE == 0 and w % STRIDE == 0:
         return h, w
 
     def near(v):
         lo = max(STRIDE, v // STRIDE * STRIDE)
         return sorted({lo, lo + STRIDE}) if v % STRIDE else [v]
 
-    hs, ws = near(max(h, 1)), near(max(w, 1))
+    hs, ws = near(h), near(w)
     options = sorted({(a, b) for a in hs for b in ws}, key=lambda s: abs(s[0] - h) + abs(s[1] - w))
     nearest = " or ".join(f"{a}x{b}" for a, b in options[:2])
     raise InputSizeError(f"input size {h}x{w} is not a multiple of {STRIDE} in each dimension "

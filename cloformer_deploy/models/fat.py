@@ -6,24 +6,11 @@ with the same parameters as ``nn.Conv2d``; plain convolutions are used here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
+from .configs import FATConfig
 from .layers import Backbone, DropPath, stochastic_depth_rates
-
-
-@dataclass(frozen=True)
-class FATConfig:
-    embed_dims: tuple[int, ...]
-    depths: tuple[int, ...]
-    kernel_sizes: tuple[int, ...]
-    num_heads: tuple[int, ...]
-    window_sizes: tuple[int, ...] = (8, 4, 2, 1)
-    mlp_kernel_sizes: tuple[int, ...] = (5, 5, 5, 5)
-    mlp_ratios: tuple[float, ...] = (4, 4, 4, 4)
-    drop_path_rate: float = 0.0
 
 
 def _dwconv(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:

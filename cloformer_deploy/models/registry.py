@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
-import torch.nn as nn
+from ..inputs import InputError
+from .configs import CloFormerConfig, FATConfig
 
-from .cloformer import CloFormer, CloFormerConfig
-from .fat import FAT, FATConfig
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,7 +25,10 @@ class Variant:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def build(self, num_classes: int = 1000, features_only: bool = False) -> nn.Module:
-        cls: Callable[..., nn.Module] = CloFormer if self.family == "cloformer" else FAT
+        if self.family == "cloformer":
+            from .cloformer import CloFormer as cls
+        else:
+            from .fat import FAT as cls
         return cls(self.config, num_classes=num_classes, features_only=features_only)
 
 
@@ -57,12 +61,21 @@ _TABLE = {
                             depths=(4, 4, 16, 4), dpr=0.15)),
 }
 
+# (params, MACs) at 224x224 with 1000 classes, as profile_model counts them; listed so that
+# `cloformer-models` needs no torch import (tests/test_models.py checks every row against the counter)
+PROFILE_224 = {
+    "cloformer_xxs": (4_166_728, 660_528_256), "cloformer_xs": (7_172_216, 1_219_194_464),
+    "cloformer_s": (12_345_576, 2_169_830_880), "cloformer_global": (3_998_024, 616_944_128),
+    "cloformer_no_global": (4_733_256, 742_057_984), "fat_b0": (4_494_488, 754_119_040),
+    "fat_b1": (7_819_720, 1_243_486_560), "fat_b2": (13_466_728, 2_131_442_816), "fat_b3": (29_196_264, 4_631_781_888),
+}
+
 VARIANTS: dict[str, Variant] = {
     name: Variant(name, family, cfg, gmacs, desc) for name, (family, cfg, gmacs, desc) in _TABLE.items()
 }
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(InputError):
     pass
 
 

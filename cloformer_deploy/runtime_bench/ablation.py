@@ -11,13 +11,15 @@ import numpy as np
 import torch
 
 from ..export import BACKENDS
-from ..export.api import prepare_model
+from ..export.api import check_weights, prepare_model
 from ..export.base import ExportJob, ModelSpec
 from ..export.bundle import size_bytes
 from ..export.images import load_images
 from ..export.progress import Progress
 from ..export.validate import compare
-from ..models import check_input_size, to_deploy
+from ..inputs import image_size, thread_counts, whole_number, writable_folder
+from ..models import check_input_size, get_variant, to_deploy
+from ..quiet import quiet_libraries
 from ..models.deploy import DEFAULT_STEPS
 from .harness import Combo, _measure
 from .machine import machine_info
@@ -26,11 +28,22 @@ RUNTIMES = (("onnx", "onnxruntime"), ("executorch", "executorch-xnnpack"))
 NAMES = {"onnxruntime": "ONNX Runtime", "executorch-xnnpack": "XNNPACK"}
 
 
-def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, threads: int = 1, runs: int = 30,
+def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, threads=1, runs: int = 30,
              warmup: int = 5, out="runtime_bench", progress: Progress | None = None) -> dict:
-    progress = progress or Progress(quiet=True)
-    size = check_input_size(img_size)
-    variant, authors, _ = prepare_model(model, weights, None)
+    """Time the deploy form step by step at the first of ``threads``; writes <out>/<model>-<H>x<W>-ablation.md/json."""
+    with quiet_libraries():
+        get_variant(model)
+        size = check_input_size(image_size("--img-size", img_size))
+        threads = thread_counts("--threads", threads)[0]
+        runs, warmup = whole_number("--runs", runs, 1), whole_number("--warmup", warmup, 0)
+        check_weights(weights)
+        writable_folder("--out", out)
+        return _ablation(model, weights, size, threads, runs, warmup, Path(out), progress or Progress(quiet=True))
+
+
+def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: Progress) -> dict:
+    prepared = prepare_model(model, weights, None)
+    variant, authors = prepared.variant, prepared.module
     images = load_images(size, variant.mean, variant.std)
     with torch.no_grad():
         reference = authors(torch.from_numpy(images.tensor)).numpy()
@@ -87,7 +100,6 @@ def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, thread
     result = {"model": variant.name, "input_size": list(size), "threads": threads, "runs": runs,
               "machine": machine_info([threads]), "rows": rows,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{variant.name}-{size[0]}x{size[1]}-ablation"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

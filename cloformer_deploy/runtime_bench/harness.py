@@ -22,23 +22,24 @@ import numpy as np
 import torch
 
 from ..export import BACKENDS
-from ..export.api import ExportInputError, export, prepare_model, versions
+from ..export.api import PRECISIONS, check_weights, export, open_bundle, prepare_model, versions
 from ..export.base import ExportJob, ModelSpec
-from ..export.bundle import read_manifest, size_bytes
-from ..export.images import ImageBatch, ImageDataError, load_images
+from ..export.bundle import size_bytes
+from ..export.images import ImageBatch, load_images
 from ..export.progress import Progress
 from ..export.validate import compare
-from ..models import InputSizeError, check_input_size, profile_model
+from ..inputs import (InputError, comma_list, existing_folder, image_size, thread_counts, whole_number,
+                      writable_folder)
+from ..models import check_input_size, get_variant, profile_model
+from ..quiet import quiet_libraries
 from .machine import machine_info
 from .report import write_reports
+from .runtimes import ALIASES, FORMAT_OF as _FORMAT_OF, RUNTIME_OF_FORMAT, RUNTIMES
 
-RUNTIMES = ("torch", "onnxruntime", "executorch-xnnpack", "executorch-portable", "coreml")
-_FORMAT_OF = {"onnxruntime": "onnx", "executorch-xnnpack": "executorch", "executorch-portable": "executorch",
-              "coreml": "coreml"}
 PORTABLE_RUNS = 3  # the portable kernels take seconds per run
 
 
-class BenchInputError(ValueError):
+class BenchInputError(InputError):
     pass
 
 
@@ -116,34 +117,58 @@ def _accuracy(outputs: np.ndarray, labels: list[int]) -> dict:
             "images": int(len(y))}
 
 
-def bench(model: str = "cloformer_xxs", *, weights=None, formats="all", threads=(1, 2), runs: int = 50,
-          warmup: int = 10, img_size=224, compare_authors: bool = False, baselines: bool = False,
+def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 2), runs: int = 50,
+          warmup: int = 10, img_size=None, compare_authors: bool = False, baselines: bool = False,
           portable: bool = False, data=None, out="runtime_bench", bundle=None, timeout: float = 900.0,
           precisions=("default",),
           progress: Progress | None = None, argv: list[str] | None = None) -> BenchResult:
-    progress = progress or Progress(quiet=True)
-    try:
-        size = check_input_size(img_size)
-    except InputSizeError as e:
-        raise BenchInputError(str(e)) from None
-    threads = sorted({int(t) for t in threads})
-    if not threads or threads[0] < 1:
-        raise BenchInputError("--threads takes positive counts such as 1,2")
-    if runs < 1 or warmup < 0:
-        raise BenchInputError("--runs must be 1 or more and --warmup 0 or more")
-    runtimes = _runtimes(formats, portable)
-    bad = [p for p in precisions if p not in ("default", "fp32", "fp16", "int8", "w4")]
-    if bad:
-        raise BenchInputError(f"unknown precision {bad[0]!r}; choose from default, fp32, fp16, int8, w4")
-    if baselines:
-        _check_baselines()
-    try:
-        variant, authors, weights_sha = prepare_model(model, weights, None)
-        images = load_images(size, variant.mean, variant.std, folder=data)
-        labels = _labelled(images, data)
-    except (ExportInputError, ImageDataError) as e:
-        raise BenchInputError(str(e)) from None
-    out_dir = Path(out) / f"{variant.name}-{size[0]}x{size[1]}"
+    """Time every runtime (own process each) on the deploy form, optionally beside the authors' form.
+
+    ``bundle`` takes the artifacts of an existing export instead of exporting; its checkpoint
+    must be given as ``weights`` exactly as :func:`~cloformer_deploy.export.validate_bundle` requires.
+    """
+    with quiet_libraries():
+        progress = progress or Progress(quiet=True)
+        threads = thread_counts("--threads", threads)
+        runs, warmup = whole_number("--runs", runs, 1), whole_number("--warmup", warmup, 0)
+        runtimes = _runtimes(formats, portable)
+        precisions = comma_list("--precisions", precisions, "default,int8")
+        bad = [p for p in precisions if p not in ("default", *PRECISIONS)]
+        if bad:
+            raise BenchInputError(f"--precisions: unknown precision {bad[0]!r}; choose from default, "
+                                  f"{', '.join(PRECISIONS)}")
+        if model is not None:
+            get_variant(model)
+        size = None if img_size is None else check_input_size(image_size("--img-size", img_size))
+        if data is not None:
+            existing_folder("--data", data, "a folder of .jpg/.png images")
+        writable_folder("--out", out)
+        if baselines:
+            _check_baselines()
+        if bundle is not None:
+            opened = open_bundle(bundle, weights)
+            m = opened.manifest["model"]
+            if model is not None and get_variant(model).name != m["name"]:
+                raise BenchInputError(f"--bundle holds {m['name']}, not {get_variant(model).name}; "
+                                      "drop --model or pass another bundle")
+            if size is not None and size != tuple(m["input_size"]):
+                raise BenchInputError(f"--bundle is for {m['input_size'][0]}x{m['input_size'][1]} images, "
+                                      f"not {size[0]}x{size[1]}; drop --img-size or pass another bundle")
+            prepared, size = opened.prepared, tuple(m["input_size"])
+        else:
+            check_weights(weights)
+            prepared = prepare_model(model or "cloformer_xxs", weights, None)
+        return _bench(prepared, weights, runtimes, threads, runs, warmup, size or (224, 224), compare_authors,
+                      data, Path(out), bundle, timeout, precisions, progress, argv)
+
+
+def _bench(prepared, weights, runtimes, threads, runs, warmup, size, compare_authors, data, out: Path, bundle,
+           timeout, precisions, progress: Progress, argv) -> BenchResult:
+    variant, authors = prepared.variant, prepared.module
+    weights_sha = prepared.weights_sha256
+    images = load_images(size, variant.mean, variant.std, folder=data)
+    labels = _labelled(images, data)
+    out_dir = out / f"{variant.name}-{size[0]}x{size[1]}"
     work = Path(tempfile.mkdtemp(prefix="cloformer-bench-"))
     combos: list[Combo] = []
     try:
@@ -195,16 +220,15 @@ def bench(model: str = "cloformer_xxs", *, weights=None, formats="all", threads=
 
 
 def _runtimes(formats, portable: bool) -> list[str]:
-    names = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    names = [n.lower() for n in comma_list("--formats", formats, "onnxruntime,executorch-xnnpack")]
     if "all" in names:
         chosen = ["torch", "onnxruntime", "executorch-xnnpack", "coreml"]
     else:
-        alias = {"onnx": "onnxruntime", "executorch": "executorch-xnnpack", "xnnpack": "executorch-xnnpack",
-                 "portable": "executorch-portable", "pytorch": "torch"}
-        chosen = [alias.get(n, n) for n in names]
+        chosen = [ALIASES.get(n, n) for n in names]
         unknown = [n for n in chosen if n not in RUNTIMES]
         if unknown:
-            raise BenchInputError(f"unknown runtime {unknown[0]!r}; choose from: {', '.join(RUNTIMES)}, all")
+            raise BenchInputError(f"--formats: unknown runtime {unknown[0]!r}; choose from: "
+                                  f"{', '.join(RUNTIMES)}, all")
     if portable and "executorch-portable" not in chosen:
         chosen.append("executorch-portable")
     return [r for r in RUNTIMES if r in chosen]
@@ -226,12 +250,10 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
     formats = sorted({_FORMAT_OF[r] for r in runtimes if r in _FORMAT_OF and r != "executorch-portable"},
                      key=list(BACKENDS).index)
     entries: list[tuple[Path, dict]] = []
-    if bundle is not None:
-        manifest = read_manifest(Path(bundle))
-        if manifest["model"]["name"] != name or tuple(manifest["model"]["input_size"]) != size:
-            raise BenchInputError(f"--bundle holds {manifest['model']['name']} at {manifest['model']['input_size']}, "
-                                  f"not {name} at {list(size)}")
-        entries = [(Path(bundle), e) for e in manifest["artifacts"]]
+    if bundle is not None:  # checked by open_bundle: the manifest, its files and the weights
+        from ..export.bundle import read_manifest
+
+        entries = [(Path(bundle), e) for e in read_manifest(Path(bundle))["artifacts"]]
     else:
         ckpt = work / "weights.pth"
         for prec in precisions:
@@ -244,7 +266,7 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
                                 precision=None if prec == "default" else prec)
             entries += [(result.bundle, e) for e in result.manifest["artifacts"]]
     for root, e in entries:
-        rt = {"onnx": "onnxruntime", "executorch": "executorch-xnnpack", "coreml": "coreml"}[e["format"]]
+        rt = RUNTIME_OF_FORMAT[e["format"]]
         if rt in runtimes:
             out[("deploy", rt, e["precision"])] = _art(root / e["path"], e)
     spec = ModelSpec(name, authors.num_classes, size, 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
@@ -340,7 +362,7 @@ def _row(c: Combo, reference: np.ndarray, prof, machine: dict, labels) -> dict:
                "min": round(float(t.min()), 3), "runs": int(len(t))}
         gflops = round(2 * prof.macs / (lat["median"] / 1e3) / 1e9, 2)
         peak = machine["matmul_gflops"].get(str(c.threads))
-        eff = round(gflops / peak, 3) if peak else None
+        eff = float(f"{gflops / peak:.3g}") if peak else None  # significant digits: a slow row is not 0
     drift = None
     accuracy = None
     if c.outputs is not None:

@@ -1,0 +1,123 @@
+"""Keep a terminal or notebook to this project's own progress while converters and runtimes work.
+
+Converters and runtimes report through four channels: Python warnings, ``logging`` (coremltools'
+untested-torch notice, torchao's optional kernels, torch.onnx's registrations), tqdm progress
+bars (coremltools' passes) and C++ writes to file descriptor 2 (ExecuTorch's cpuinfo lines on
+every program load). :func:`quiet_libraries` silences the first three for its duration and
+filters the fourth line by line, so that a real error from native code still shows.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+
+# lines native code prints that say nothing to a user (cpuinfo's probing of sysfs on x86)
+NATIVE_NOISE = re.compile(r"^\[cpuinfo_utils\.cpp:\d+\]")
+
+_depth = 0  # nested calls (export inside bench) install the filters once
+_lock = threading.Lock()
+
+
+@contextmanager
+def quiet_libraries():
+    global _depth
+    with _lock:
+        _depth += 1
+        outermost = _depth == 1
+    if not outermost:
+        try:
+            yield
+        finally:
+            with _lock:
+                _depth -= 1
+        return
+    previous_disable = logging.root.manager.disable
+    restore_tqdm = _disable_tqdm()
+    native = _NativeStderrFilter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            native.start()
+            yield
+    finally:
+        native.stop()
+        logging.disable(previous_disable)
+        restore_tqdm()
+        with _lock:
+            _depth -= 1
+
+
+def _disable_tqdm():
+    """tqdm bars off by default while quiet (coremltools draws one per conversion pass)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda: None
+    original = tqdm.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("disable", True)
+        original(self, *args, **kwargs)
+
+    tqdm.__init__ = init
+
+    def restore():
+        tqdm.__init__ = original
+    return restore
+
+
+class _NativeStderrFilter:
+    """Route file descriptor 2 through a pipe; a thread passes on every line but the known noise.
+
+    Python's own ``sys.stderr`` writes go through the same descriptor, so our progress lines
+    pass through the filter unchanged and in order.
+    """
+
+    def __init__(self):
+        self.saved = None
+        self.thread = None
+
+    def start(self) -> None:
+        try:
+            fd = sys.__stderr__.fileno()
+        except (AttributeError, ValueError, OSError):  # no real stderr (embedded interpreter)
+            return
+        sys.__stderr__.flush()
+        self.saved = os.dup(fd)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        self.thread = threading.Thread(target=self._pump, args=(read_end, self.saved), daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _pump(read_end: int, out: int) -> None:
+        buffer = b""
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while True:
+                chunk = pipe.read(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if not NATIVE_NOISE.match(line.decode(errors="replace")):
+                        os.write(out, line + b"\n")
+        if buffer and not NATIVE_NOISE.match(buffer.decode(errors="replace")):
+            os.write(out, buffer)
+
+    def stop(self) -> None:
+        if self.saved is None:
+            return
+        fd = sys.__stderr__.fileno()
+        sys.__stderr__.flush()
+        os.dup2(self.saved, fd)  # closes the pipe's last write end: the pump sees EOF
+        self.thread.join(timeout=5)
+        os.close(self.saved)
+        self.saved = None
