@@ -10,7 +10,7 @@ ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-from cloformer_deploy.export.mil_interpreter import MILInterpreter, UnsupportedOpError  # noqa: E402
+from cloformer_deploy.export.mil_interpreter import MILInterpreter, UnsupportedOpError, _intra_op_threads  # noqa: E402
 
 RNG = np.random.default_rng(0)
 W3 = RNG.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.3
@@ -141,3 +141,141 @@ def test_unknown_op_is_named(tmp_path):
     model.save(str(tmp_path / "e.mlpackage"))
     with pytest.raises(UnsupportedOpError, match="no kernel for: erf"):
         MILInterpreter(tmp_path / "e.mlpackage")
+
+
+# ---- the compiled step list against a plain op-by-op evaluation --------------------------------------------
+
+def _network(x, c, np_dtype):
+    """Constants-only ops (folded at load), list arguments mixing variables and constants, split outputs,
+    an fp32 island in an fp16 program (cast, mean, cast back) and a square that can overflow fp16."""
+    w = mb.add(x=c(W3), y=c(W3 * 0.5), name="weight_on_constants")
+    y = mb.conv(x=x, weight=w, bias=c(B6), pad_type="custom", pad=[1, 1, 1, 1], name="conv")
+    a, b = mb.split(x=y, split_sizes=[2, 4], axis=1, name="split")
+    z = mb.concat(values=[b, c(np.ones((1, 2, 8, 8))), a], axis=1, name="concat")
+    wide = mb.cast(x=z, dtype="fp32", name="to_fp32") if np_dtype == np.float16 else z
+    mean = mb.reduce_mean(x=mb.mul(x=wide, y=wide, name="square"), axes=[1, 2, 3], keep_dims=True, name="mean")
+    mean = mb.cast(x=mean, dtype="fp16", name="to_fp16") if np_dtype == np.float16 else mean
+    big = mb.mul(x=z, y=c(10.0), name="scale_up")
+    return mb.add(x=mb.mul(x=big, y=big, name="square_big"), y=mean, name="out")
+
+
+def _reference_run(interp, x: np.ndarray, trace: bool):
+    """The plain evaluation the compiled one must equal: op by op, every argument looked up by name and
+    converted where it is read, every op run twice when tracing."""
+    from cloformer_deploy.export import mil_interpreter as mi
+
+    env, shadow = {}, ({} if trace and interp.is_fp16 else None)
+    name = interp.input_names[0]
+    want = mi._DTYPES[interp.input_dtypes[name]]
+    env[name] = torch.as_tensor(x).to(want)
+    if shadow is not None:
+        shadow[name] = torch.as_tensor(x).to(torch.float32)
+
+    def args(op, values, to_fp32):
+        def look(binding):
+            v = binding.value if isinstance(binding, mi.InlineValue) else values.get(binding, interp.consts.get(binding))
+            return v.float() if to_fp32 and isinstance(v, torch.Tensor) and v.dtype == torch.float16 else v
+        return {k: [look(b) for b in bs] if k in mi.LIST_ARGUMENTS.get(op.op_type, ()) else look(bs[0])
+                for k, bs in op.inputs.items()}
+
+    nonfinite, drifts = [], []
+    with torch.no_grad(), _intra_op_threads(1):  # reductions split across threads round differently
+        for op in interp.compute_ops:
+            for (out, dtype), value in zip(op.outputs, mi.KERNELS[op.op_type](args(op, env, False))):
+                env[out] = value.to(mi._DTYPES[dtype])
+            if shadow is None:
+                continue
+            for (out, dtype), value in zip(op.outputs, mi.KERNELS[op.op_type](args(op, shadow, True))):
+                shadow[out] = value.to(torch.float32 if dtype == "fp16" else mi._DTYPES[dtype])
+                if dtype != "fp16":
+                    continue
+                a, b = env[out].float(), shadow[out]
+                if not torch.isfinite(a).all():
+                    nonfinite.append(f"{op.op_type} {op.name}")
+                    continue
+                drifts.append((op.name, float((a - b).abs().max()) / max(float(b.abs().max()), 1e-6)))
+    outputs = {n: env[n] for n in interp.output_names}
+    worst = sorted(drifts, key=lambda d: -d[1])[:5]
+    if shadow is None:
+        return outputs, None
+    return outputs, ((nonfinite[:1] or [None])[0], len(nonfinite), worst)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_compiled_run_equals_a_plain_op_by_op_run(dtype, tmp_path):
+    np_dtype = np.float16 if dtype == "fp16" else np.float32
+    interp = _save(lambda x, c: _network(x, c, np_dtype), (1, 4, 8, 8), dtype, tmp_path / "n.mlpackage")
+    # the op on constants only runs once, at load (white box: it must not be a step of every run)
+    assert "weight_on_constants" not in {step.op.name for step in interp._steps}
+    for scale in (1.0, 30.0):  # 30: the fp16 square overflows to inf
+        x = (RNG.standard_normal((1, 4, 8, 8)) * scale).astype(np_dtype)
+        for trace in (False, True):
+            out, report = interp.run({"x": x}, trace=trace)
+            ref_out, ref_report = _reference_run(interp, x, trace)
+            assert out.keys() == ref_out.keys()
+            for k in out:
+                assert out[k].dtype == ref_out[k].dtype and torch.equal(out[k], ref_out[k]), k  # bit for bit
+            if ref_report is None:
+                assert report is None
+                continue
+            first, count, worst = ref_report
+            assert (report.first_nonfinite, report.nonfinite_ops) == (first, count)
+            assert [(d.name, d.rel_error) for d in report.worst] == worst
+            assert (count > 0) == (scale > 1) and worst
+
+
+def test_run_uses_one_thread_and_restores_the_callers(tmp_path, monkeypatch):
+    from cloformer_deploy.export import mil_interpreter as mi
+
+    seen = []
+
+    def relu(a):
+        seen.append(torch.get_num_threads())
+        if a["x"].sum() > 1e6:
+            raise ValueError("boom")
+        return (torch.relu(a["x"]),)
+
+    monkeypatch.setitem(mi.KERNELS, "relu", relu)
+    interp = _save(lambda x, c: mb.relu(x=x), (1, 4, 8, 8), "fp32", tmp_path / "r.mlpackage")
+    caller = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        interp.run({"x": np.zeros((1, 4, 8, 8), np.float32)})
+        assert seen[-1] == 1 and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"):
+            interp.run({"x": np.full((1, 4, 8, 8), 1e6, np.float32)})
+        assert torch.get_num_threads() == 2  # restored after a failure too
+        interp.num_threads = None  # the caller's setting
+        interp.run({"x": np.zeros((1, 4, 8, 8), np.float32)})
+        assert seen[-1] == 2
+    finally:
+        torch.set_num_threads(caller)
+
+
+def test_constants_read_from_the_package_equal_coremltools_loader(tmp_path):
+    """The program is read straight from its protobuf and weight file: each constant as coremltools reads it."""
+    from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+
+    def build(x, c):
+        big = mb.const(val=RNG.standard_normal((1, 4, 8, 8)).astype(np.float16), name="blob_fp16")  # weight file
+        y = mb.add(x=mb.cast(x=x, dtype="fp16"), y=big)
+        y = mb.reshape(x=y, shape=np.array([1, 4, 64], np.int32))
+        y = mb.slice_by_index(x=y, begin=[0, 1, 0], end=[1, 3, 64], end_mask=[True, False, True])
+        return mb.softmax(x=mb.cast(x=y, dtype="fp32"), axis=-1)
+
+    interp = _save(build, (1, 4, 8, 8), "fp32", tmp_path / "k.mlpackage")
+    spec = interp.spec
+    program = load_milproto(spec, spec.specificationVersion,
+                            str(tmp_path / "k.mlpackage" / "Data" / "com.apple.CoreML" / "weights"))
+    theirs = {op.outputs[0].name: op.outputs[0].val for op in program.functions["main"].operations
+              if op.op_type == "const"}
+    assert theirs.keys() == interp.consts.keys() and len(theirs) > 5
+    for name, value in theirs.items():
+        ours = interp.consts[name]
+        if isinstance(ours, torch.Tensor):
+            expected = np.asarray(value)
+            assert ours.numpy().dtype == expected.dtype and ours.shape == expected.shape, name
+            assert np.array_equal(ours.numpy(), expected), name
+        else:
+            assert ours == value, name
+    assert interp.consts["blob_fp16"].dtype == torch.float16

@@ -1,8 +1,8 @@
 """Execute a saved Core ML ML Program on any OS, op by op: the arithmetic of the package as written.
 
 coremltools reads a package on Linux but ``MLModel.predict`` runs only on macOS. This
-interpreter loads the saved ``.mlpackage`` (its spec and its weight blob, through
-coremltools' MIL proto loader) and evaluates every operation with torch kernels.
+interpreter reads the saved ``.mlpackage`` (its MIL program and its weight blob) and
+evaluates every operation with torch kernels.
 
 fp16 semantics: an op whose output the program types as fp16 computes in fp32 and
 rounds its result to fp16, so overflow to inf and precision loss show as they would.
@@ -12,13 +12,22 @@ ops where inf/NaN first appear and where the fp16 result departs most from fp32.
 It is a reference evaluation of the program's arithmetic, not a model of Apple
 hardware: the Neural Engine and GPU accumulate differently, and it says nothing about
 latency.
+
+Speed: a program is thousands of small ops, so the work per op outside the kernels
+matters. The program is compiled once into a list of steps (inputs resolved, constants
+converted to their compute dtype, variables freed after their last reader), ops on
+constants only (weight decompression) are evaluated once at load, and ``run`` uses one
+intra-op thread: tiny ops gain nothing from threads and lose much on a busy machine.
 """
 from __future__ import annotations
 
+import heapq
 import math
-from dataclasses import dataclass, field
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -34,25 +43,130 @@ _DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64, 
            "bool": torch.bool}
 
 
-def _dtype_name(var) -> str | None:
-    from coremltools.converters.mil.mil import types
+# ---- reading the package: the MIL program straight from its protobuf, weights from the blob file --------
+# coremltools' own loader rebuilds a PyMIL program with type and value inference (~10x the time), and
+# names the inline values it turns into consts (a classifier's labels) from a process-wide counter:
+# "const_10" then overwrites the package's own const_10 on the 11th load in a process. Packages written
+# by coremltools state every optional input; the kernels' fallbacks are MIL's defaults for those that don't.
 
-    try:  # list-typed vars (classify's class names) have no dtype
-        dt = var.dtype
-        return types.builtin_to_string(dt) if dt is not None else None
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
+# MIL proto DataType names -> the dtype names of MIL (and of _DTYPES)
+_MIL_DTYPE_NAMES = {"FLOAT16": "fp16", "FLOAT32": "fp32", "FLOAT64": "fp64", "INT8": "int8", "UINT8": "uint8",
+                    "INT16": "int16", "UINT16": "uint16", "INT32": "int32", "UINT32": "uint32", "INT64": "int64",
+                    "UINT64": "uint64", "BOOL": "bool", "STRING": "string"}
+_NUMPY_DTYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int8": np.int8, "uint8": np.uint8,
+                 "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32,
+                 "int64": np.int64, "uint64": np.uint64, "bool": np.bool_}
+_BLOB_SENTINEL = 0xDEADBEEF
+_BLOB_RECORD = struct.Struct("<IIQQ")  # sentinel, blob dtype, size in bytes, offset of the data
 
 
-def _value(val) -> Any:
-    """A const's value as a torch tensor (numbers and arrays) or as is (strings, lists of strings)."""
-    if isinstance(val, np.ndarray):
-        if val.dtype.kind in "USO":
-            return val
-        return torch.from_numpy(np.ascontiguousarray(val))
-    if isinstance(val, (np.generic, float, int, bool)) and not isinstance(val, (str, np.str_)):
-        return torch.tensor(np.asarray(val))
-    return val
+@dataclass(frozen=True)
+class InlineValue:
+    """A value written into an op's argument (classify's class names) rather than bound to a variable."""
+    value: Any
+
+
+@dataclass
+class Operation:
+    """One operation of the program as the package states it."""
+    name: str
+    op_type: str
+    inputs: dict[str, tuple]  # argument -> its bindings: variable names (str) or InlineValues
+    outputs: list[tuple[str, str | None]]  # (variable, dtype name; None for non-tensors)
+
+
+def _tensor_type(value_type) -> tuple[str | None, tuple[int, ...]]:
+    """(dtype name, shape) of a MIL ValueType; (None, ()) for lists, dictionaries and states."""
+    if value_type.WhichOneof("type") != "tensorType":
+        return None, ()
+    from coremltools.proto import MIL_pb2
+
+    tensor_type = value_type.tensorType
+    proto_name = MIL_pb2.DataType.Name(tensor_type.dataType)
+    shape = tuple(d.constant.size for d in tensor_type.dimensions)
+    return _MIL_DTYPE_NAMES.get(proto_name, proto_name.lower()), shape
+
+
+class _BlobFiles:
+    """The package's weight files, each read once; constants are views into them."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.buffers: dict[str, bytearray] = {}
+
+    def read(self, blob_value, np_dtype, shape: tuple[int, ...]) -> np.ndarray:
+        name = blob_value.fileName.split("/")[-1]
+        if name not in self.buffers:
+            path = self.folder / name
+            buffer = bytearray(path.stat().st_size)  # writable, so torch.from_numpy shares it without a warning
+            with open(path, "rb") as f:
+                f.readinto(buffer)
+            self.buffers[name] = buffer
+        buffer = self.buffers[name]
+        sentinel, _, size, offset = _BLOB_RECORD.unpack_from(buffer, blob_value.offset)
+        count = math.prod(shape)
+        if sentinel != _BLOB_SENTINEL or size != count * np.dtype(np_dtype).itemsize or offset + size > len(buffer):
+            raise ValueError(f"weight file {name}: no valid record at offset {blob_value.offset}")
+        return np.frombuffer(buffer, np_dtype, count, offset).reshape(shape)
+
+
+def _decode_value(value, blobs: _BlobFiles) -> Any:
+    """A MIL Value as a torch tensor (numbers), a str, an array of str, or a list (of decoded values)."""
+    if value.type.WhichOneof("type") == "listType":
+        return [_decode_value(v, blobs) for v in value.immediateValue.list.values]
+    dtype, shape = _tensor_type(value.type)
+    if dtype is None:
+        raise UnsupportedOpError(f"constant of type {value.type.WhichOneof('type')}")
+    if dtype == "string":
+        strings = list(value.immediateValue.tensor.strings.values)
+        return strings[0] if not shape else np.array(strings).reshape(shape)
+    if dtype not in _NUMPY_DTYPES:
+        raise UnsupportedOpError(f"constant of type {dtype}")
+    np_dtype = _NUMPY_DTYPES[dtype]
+    if value.WhichOneof("value") == "blobFileValue":
+        return torch.from_numpy(blobs.read(value.blobFileValue, np_dtype, shape))
+    tensor = value.immediateValue.tensor
+    kind = tensor.WhichOneof("value")
+    if kind == "bytes":  # fp16 and 8/16-bit integers are stored as raw bytes
+        array = np.frombuffer(tensor.bytes.values, np_dtype).copy()
+    elif kind is None:
+        array = np.zeros(0, np_dtype)
+    else:
+        array = np.array(list(getattr(tensor, kind).values), np_dtype)
+    return torch.from_numpy(array.reshape(shape))
+
+
+def _read_operation(op_spec, blobs: _BlobFiles) -> Operation:
+    inputs: dict[str, tuple] = {}
+    for key, argument in op_spec.inputs.items():
+        inputs[key] = tuple(b.name if b.WhichOneof("binding") == "name"
+                            else InlineValue(_decode_value(b.value, blobs)) for b in argument.arguments)
+    for key, value in op_spec.attributes.items():  # iOS16 constexpr ops carry their data as attributes
+        if key != "name":
+            inputs[key] = (InlineValue(_decode_value(value, blobs)),)
+    outputs = [(o.name, _tensor_type(o.type)[0]) for o in op_spec.outputs]
+    name_attribute = op_spec.attributes.get("name")
+    name = name_attribute.immediateValue.tensor.strings.values[0] if name_attribute else outputs[0][0]
+    return Operation(name, op_spec.type, inputs, outputs)
+
+
+def _main_function(spec):
+    function = spec.mlProgram.functions["main"]
+    return function, function.block_specializations[function.opset]
+
+
+@contextmanager
+def _intra_op_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` for the block, then restored (None: leave it)."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---- kernels: each takes the op's resolved inputs (a dict) and returns a tuple of outputs -----------
@@ -253,6 +367,9 @@ KERNELS: dict[str, Callable[[dict], tuple]] = {
     "constexpr_lut_to_dense": k_constexpr_lut_to_dense,
 }
 
+# arguments that MIL types as a tuple of variables: a list for the kernel even when it holds one
+LIST_ARGUMENTS = {"concat": {"values"}}
+
 
 def _expand_shape(x, axes):
     shape = list(x.shape)
@@ -280,117 +397,260 @@ class Fp16Report:
                                             for d in self.worst]}
 
 
-class MILInterpreter:
-    """Loads a saved ``.mlpackage`` and evaluates its ``main`` function."""
+# ---- compiled execution ---------------------------------------------------------------------------------
 
-    def __init__(self, package: str | Path):
+def _cast(value, dtype: torch.dtype | None):
+    if dtype is not None and isinstance(value, torch.Tensor) and value.dtype != dtype:
+        return value.to(dtype)
+    return value
+
+
+def _to_shadow(value, dtype: torch.dtype | None):
+    """A value as the fp32 shadow holds it: its shadow dtype, and no fp16 even where the program gives no type."""
+    if dtype is None and isinstance(value, torch.Tensor) and value.dtype == torch.float16:
+        return value.float()
+    return _cast(value, dtype)
+
+
+def _compute_form(value):
+    """A constant as the kernels take it: fp16 as an exact fp32 copy (every kernel computes floats in fp32
+    and every result is cast to its program dtype, so this changes no result and saves a conversion per run)."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float16:
+        return value.float()
+    return value
+
+
+def _departure(fp16: torch.Tensor, fp32: torch.Tensor) -> float | None:
+    """max |fp16 - fp32| / max |fp32|, or None where the fp16 result holds inf or NaN."""
+    if fp32.numel() == 0:
+        return 0.0
+    # aminmax: one pass, no abs temporary. inf or NaN in fp16 makes the difference non-finite, so the
+    # isfinite pass (slow on fp16) runs only then
+    low, high = torch.aminmax(fp16.float().sub_(fp32))
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)) and not bool(torch.isfinite(fp16).all()):
+        return None
+    difference = max(-low, high)
+    low, high = torch.aminmax(fp32)
+    return difference / max(max(-float(low), float(high)), 1e-6)
+
+
+@dataclass(frozen=True)
+class _Output:
+    name: str
+    dtype: torch.dtype | None  # the program's dtype: the main run casts to it
+    shadow_dtype: torch.dtype | None  # the same with fp16 as fp32
+    compared: bool  # an fp16 output: compared with the shadow when tracing
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A compute op, compiled: what it reads, its kernel, where its outputs go and what it frees."""
+    index: int  # position among the program's compute ops
+    op: Operation
+    kernel: Callable[[dict], tuple]
+    args: dict  # constant arguments, in compute form
+    shadow_args: dict  # the same for the shadow run (differ only after an fp16 op folded at load)
+    var_args: tuple[tuple[str, str], ...]  # (argument, variable)
+    list_args: tuple[tuple[str, tuple], ...]  # (argument, items: (variable or None, constant, shadow constant))
+    outputs: tuple[_Output, ...]
+    frees: tuple[str, ...]  # variables this step reads last
+    shadow_from_main: bool  # the shadow's inputs are the main run's, so is the kernel's result
+
+
+class MILInterpreter:
+    """Loads a saved ``.mlpackage`` and evaluates its ``main`` function.
+
+    ``num_threads``: torch's intra-op threads during :meth:`run`, restored afterwards (the setting is
+    process-wide); None leaves the caller's. One thread: most ops are too small to split, and a second
+    thread that the OS has given to another process stalls every op (seconds per image on a busy machine).
+    """
+
+    def __init__(self, package: str | Path, num_threads: int | None = 1):
         import coremltools as ct
-        from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 
         self.package = Path(package)
-        spec = ct.models.MLModel(str(self.package), skip_model_load=True).get_spec()
+        self.num_threads = num_threads
+        spec = ct.utils.load_spec(str(self.package))
         if spec.WhichOneof("Type") != "mlProgram":
             raise ValueError(f"{self.package.name} is not an ML Program")
-        weights = self.package / "Data" / "com.apple.CoreML" / "weights"
         self.spec = spec
-        self.program = load_milproto(spec, spec.specificationVersion, str(weights))
-        self.function = self.program.functions["main"]
-        self.ops = list(self.function.operations)
-        unknown = sorted({op.op_type for op in self.ops if op.op_type != "const"} - KERNELS.keys())
+        function, block = _main_function(spec)
+        blobs = _BlobFiles(self.package / "Data" / "com.apple.CoreML" / "weights")
+        self.input_dtypes = {i.name: _tensor_type(i.type)[0] for i in function.inputs}
+        self.input_names = list(self.input_dtypes)
+        self.output_names = list(block.outputs)
+        self.consts: dict[str, Any] = {}  # the program's constants, as stored
+        self.compute_ops: list[Operation] = []
+        for op_spec in block.operations:
+            if op_spec.type == "const":
+                self.consts[op_spec.outputs[0].name] = _decode_value(op_spec.attributes["val"], blobs)
+            else:
+                self.compute_ops.append(_read_operation(op_spec, blobs))
+        unknown = sorted({op.op_type for op in self.compute_ops} - KERNELS.keys())
         if unknown:
             raise UnsupportedOpError(f"the Core ML interpreter has no kernel for: {', '.join(unknown)}")
-        self.input_names = list(self.function.inputs)
-        self.output_names = [v.name for v in self.function.outputs]
-        self.dtypes = {o.name: _dtype_name(o) for op in self.ops for o in op.outputs}
-        self.consts = {op.outputs[0].name: _value(op.outputs[0].val) for op in self.ops if op.op_type == "const"}
-        self.compute_ops = [op for op in self.ops if op.op_type != "const"]
-        self.is_fp16 = any(self.dtypes[o.name] == "fp16" for op in self.compute_ops for o in op.outputs)
+        self.dtypes = {name: dtype for op in self.compute_ops for name, dtype in op.outputs}
+        self.is_fp16 = "fp16" in self.dtypes.values()
+        with _intra_op_threads(num_threads), torch.no_grad():
+            self._compile()
+
+    # ---- compilation ------------------------------------------------------------------------------------
+
+    def _compile(self) -> None:
+        """Resolve every op's arguments once; evaluate ops on constants only (weight decompression) once."""
+        constants = {name: _compute_form(v) for name, v in self.consts.items()}
+        shadow_constants = dict(constants)
+        # variables whose shadow value is the main run's value: fp32 inputs, then ops on such values only
+        same_in_shadow = {name for name, dtype in self.input_dtypes.items() if dtype != "fp16"} | set(constants)
+        defined = set(self.input_dtypes)
+        self._folded_drifts: list[tuple[int, OpDrift]] = []
+        self._folded_nonfinite: list[tuple[int, str]] = []
+        self._constant_outputs: dict[str, Any] = {}
+        steps: list[_Step] = []
+        for index, op in enumerate(self.compute_ops):
+            args, shadow_args, var_args, list_args, reads = self._bind(op, constants, shadow_constants, defined)
+            outputs = tuple(_Output(name, _DTYPES.get(dtype), _DTYPES.get("fp32" if dtype == "fp16" else dtype),
+                                    dtype == "fp16") for name, dtype in op.outputs)
+            shadow_from_main = all(name in same_in_shadow for name in reads)
+            same_in_shadow.update(o.name for o in outputs if shadow_from_main and not o.compared)
+            step = _Step(index, op, KERNELS[op.op_type], args, shadow_args, var_args, list_args, outputs, (),
+                         shadow_from_main)
+            if not var_args and not list_args:
+                self._fold(step, constants, shadow_constants)
+            else:
+                steps.append(step)
+                defined.update(o.name for o in outputs)
         # free intermediates after their last reader: activations of every op at once would not fit
-        self.last_use: dict[str, int] = {}
-        for i, op in enumerate(self.compute_ops):
-            for v in self._input_vars(op):
-                self.last_use[v.name] = i
+        last_reader: dict[str, int] = {}
+        for position, step in enumerate(steps):
+            for _, var in step.var_args:
+                last_reader[var] = position
+            for _, items in step.list_args:
+                for var, _, _ in items:
+                    if var is not None:
+                        last_reader[var] = position
+        frees: dict[int, list[str]] = {}
+        for var, position in last_reader.items():
+            if var not in self.output_names:
+                frees.setdefault(position, []).append(var)
+        self._steps = [replace(step, frees=tuple(frees.get(position, ()))) for position, step in enumerate(steps)]
 
     @staticmethod
-    def _input_vars(op):
-        for v in op.inputs.values():
-            if isinstance(v, (list, tuple)):
-                yield from v
+    def _bind(op: Operation, constants: dict, shadow_constants: dict, defined: set):
+        """An op's arguments: constants (main and shadow forms), variables, lists mixing the two, and
+        the names it reads."""
+        args, shadow_args, var_args, list_args, reads = {}, {}, [], [], []
+        for key, bindings in op.inputs.items():
+            items = []  # (variable or None, constant, shadow constant)
+            for binding in bindings:
+                if isinstance(binding, InlineValue):
+                    value = _compute_form(binding.value)
+                    items.append((None, value, value))
+                elif binding in constants:
+                    items.append((None, constants[binding], shadow_constants[binding]))
+                    reads.append(binding)
+                elif binding in defined:
+                    items.append((binding, None, None))
+                    reads.append(binding)
+                else:
+                    raise ValueError(f"op {op.op_type} {op.name!r} reads {binding!r}, which nothing defines")
+            if key in LIST_ARGUMENTS.get(op.op_type, ()) or len(items) != 1:
+                if any(var is not None for var, _, _ in items):
+                    list_args.append((key, tuple(items)))
+                else:
+                    args[key] = [value for _, value, _ in items]
+                    shadow_args[key] = [value for _, _, value in items]
+            elif items[0][0] is not None:
+                var_args.append((key, items[0][0]))
             else:
-                yield v
+                args[key], shadow_args[key] = items[0][1], items[0][2]
+        return args, shadow_args, tuple(var_args), tuple(list_args), reads
 
-    def _resolve(self, op, env: dict, shadow32: bool) -> dict:
-        args = {}
-        for k, v in op.inputs.items():
-            if isinstance(v, (list, tuple)):
-                args[k] = [self._lookup(x.name, env, shadow32) for x in v]
-            else:
-                args[k] = self._lookup(v.name, env, shadow32)
-        return args
+    def _fold(self, step: _Step, constants: dict, shadow_constants: dict) -> None:
+        """Evaluate an op on constants only, once: its outputs become constants (and its drift is fixed)."""
+        op = step.op
+        try:
+            results = step.kernel(dict(step.args))
+        except UnsupportedOpError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"op {op.op_type} {op.name!r} failed: {e}") from e
+        shadow_results = results if step.shadow_from_main or not self.is_fp16 else step.kernel(dict(step.shadow_args))
+        for out, result, shadow_result in zip(step.outputs, results, shadow_results):
+            value = _cast(result, out.dtype)
+            constants[out.name] = _compute_form(value)
+            shadow_constants[out.name] = _to_shadow(shadow_result, out.shadow_dtype)
+            if out.name in self.output_names:
+                self._constant_outputs[out.name] = value
+            if self.is_fp16 and out.compared and isinstance(value, torch.Tensor):
+                self._record(step, value, shadow_constants[out.name], self._folded_drifts, self._folded_nonfinite)
 
-    def _lookup(self, name: str, env: dict, shadow32: bool):
-        val = env[name] if name in env else self.consts[name]
-        if shadow32 and isinstance(val, torch.Tensor) and val.dtype == torch.float16:
-            return val.float()
-        return val
+    @staticmethod
+    def _record(step: _Step, fp16, fp32, drifts: list, nonfinite: list) -> None:
+        if not fp16.is_floating_point():
+            return
+        departure = _departure(fp16, fp32)
+        if departure is None:
+            nonfinite.append((step.index, f"{step.op.op_type} {step.op.name}"))
+        else:
+            drifts.append((step.index, OpDrift(step.op.name, step.op.op_type, departure)))
 
-    def _store(self, op, outs, env: dict, shadow32: bool) -> None:
-        for var, val in zip(op.outputs, outs):
-            if isinstance(val, torch.Tensor):
-                want = self.dtypes.get(var.name)
-                if want == "fp16" and shadow32:
-                    want = "fp32"
-                if want in _DTYPES and val.dtype != _DTYPES[want]:
-                    val = val.to(_DTYPES[want])
-            env[var.name] = val
+    # ---- execution --------------------------------------------------------------------------------------
 
     def run(self, inputs: dict[str, np.ndarray], trace: bool = False, top: int = 5):
         """Outputs by name; with ``trace`` also an :class:`Fp16Report` from a lockstep fp32 shadow run."""
+        with _intra_op_threads(self.num_threads), torch.no_grad():
+            return self._run(inputs, trace and self.is_fp16, top)
+
+    def _run(self, inputs: dict[str, np.ndarray], traced: bool, top: int):
         env: dict = {}
-        shadow: dict | None = {} if trace and self.is_fp16 else None
-        for name, var in self.function.inputs.items():
+        shadow: dict | None = {} if traced else None
+        for name, dtype_name in self.input_dtypes.items():
             if name not in inputs:
                 raise ValueError(f"missing input {name!r}")
             t = torch.as_tensor(np.asarray(inputs[name]))
-            want = _DTYPES.get(_dtype_name(var), torch.float32)
+            want = _DTYPES.get(dtype_name, torch.float32)
             env[name] = t.to(want)
             if shadow is not None:
                 shadow[name] = t.to(torch.float32 if want == torch.float16 else want)
-        report = Fp16Report() if shadow is not None else None
-        drifts: list[OpDrift] = []
-        with torch.no_grad():
-            for i, op in enumerate(self.compute_ops):
-                try:
-                    outs = KERNELS[op.op_type](self._resolve(op, env, False))
-                except UnsupportedOpError:
-                    raise
-                except Exception as e:
-                    raise RuntimeError(f"op {op.op_type} {op.name!r} failed: {e}") from e
-                self._store(op, outs, env, False)
-                if shadow is not None:
-                    self._store(op, KERNELS[op.op_type](self._resolve(op, shadow, True)), shadow, True)
-                    self._compare(op, env, shadow, report, drifts)
-                for v in self._input_vars(op):
-                    if self.last_use.get(v.name) == i and v.name not in self.output_names:
-                        env.pop(v.name, None)
-                        if shadow is not None:
-                            shadow.pop(v.name, None)
-        outputs = {name: env[name] for name in self.output_names}
-        if report is not None:
-            report.worst = sorted(drifts, key=lambda d: -d.rel_error)[:top]
+        drifts: list[tuple[int, OpDrift]] = []
+        nonfinite: list[tuple[int, str]] = []
+        for step in self._steps:
+            args = step.args.copy()
+            for key, var in step.var_args:
+                args[key] = env[var]
+            for key, items in step.list_args:
+                args[key] = [env[var] if var is not None else value for var, value, _ in items]
+            try:
+                results = step.kernel(args)
+            except UnsupportedOpError:
+                raise
+            except Exception as e:
+                raise RuntimeError(f"op {step.op.op_type} {step.op.name!r} failed: {e}") from e
+            for out, result in zip(step.outputs, results):
+                env[out.name] = _cast(result, out.dtype)
+            if shadow is not None:
+                if not step.shadow_from_main:
+                    args = step.shadow_args.copy()
+                    for key, var in step.var_args:
+                        args[key] = shadow[var]
+                    for key, items in step.list_args:
+                        args[key] = [shadow[var] if var is not None else value for var, _, value in items]
+                    results = step.kernel(args)
+                for out, result in zip(step.outputs, results):
+                    shadow[out.name] = _to_shadow(result, out.shadow_dtype)
+                    if out.compared and isinstance(env[out.name], torch.Tensor):
+                        self._record(step, env[out.name], shadow[out.name], drifts, nonfinite)
+                for var in step.frees:
+                    del shadow[var]
+            for var in step.frees:
+                del env[var]
+        outputs = {name: env[name] if name in env else self._constant_outputs[name] for name in self.output_names}
+        if shadow is None:
+            return outputs, None
+        nonfinite += self._folded_nonfinite
+        in_op_order = [drift for _, drift in heapq.merge(self._folded_drifts, drifts, key=lambda entry: entry[0])]
+        report = Fp16Report(first_nonfinite=min(nonfinite)[1] if nonfinite else None, nonfinite_ops=len(nonfinite),
+                            worst=sorted(in_op_order, key=lambda d: -d.rel_error)[:top])
         return outputs, report
-
-    def _compare(self, op, env, shadow, report: Fp16Report, drifts: list[OpDrift]) -> None:
-        for var in op.outputs:
-            a, b = env.get(var.name), shadow.get(var.name)
-            if not isinstance(a, torch.Tensor) or not a.is_floating_point() or self.dtypes.get(var.name) != "fp16":
-                continue
-            a = a.float()
-            if not torch.isfinite(a).all():
-                report.nonfinite_ops += 1
-                if report.first_nonfinite is None:
-                    report.first_nonfinite = f"{op.op_type} {op.name}"
-                continue
-            scale = float(b.abs().max()) if b.numel() else 0.0
-            err = float((a - b).abs().max()) / max(scale, 1e-6) if b.numel() else 0.0
-            drifts.append(OpDrift(op.name, op.op_type, err))
