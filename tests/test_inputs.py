@@ -119,9 +119,9 @@ CASES = [
     ("export", ["--model", "{model}", "--weights", "{ckpt}", "--img-size", "64x96", "--format", "onnx",
                 "--out", "{good_parent}"], "already holds onnx fp32; pass --force"),
     ("export", ["--model", "{model}", "--weights", "{root}/other.pth", "--img-size", "64x96", "--format", "onnx",
-                "--out", "{good_parent}"], "holds artifacts of other weights"),
+                "--out", "{good_parent}"], "holds artifacts that differ in weights"),
     ("export", ["--model", "{model}", "--weights", "{ckpt}", "--img-size", "64x96", "--batch", "2",
-                "--format", "onnx", "--out", "{good_parent}"], "holds artifacts of other batch"),
+                "--format", "onnx", "--out", "{good_parent}"], "holds artifacts that differ in batch"),
     # cloformer-validate
     ("validate", ["{root}/nope"], "does not exist; pass a folder written by cloformer-export"),
     ("validate", ["{root}/file.txt"], "is a file"),

@@ -380,7 +380,7 @@ def _kept_artifacts(final: Path, force: bool, spec: ModelSpec, prepared: Prepare
     if differs:
         if force:
             return []
-        raise ExportInputError(f"{final} holds artifacts of other {' and '.join(differs)}; pass --force to "
+        raise ExportInputError(f"{final} holds artifacts that differ in {', '.join(differs)}; pass --force to "
                                "replace the whole bundle or --out another folder")
     clashes = [e for e in old["artifacts"] if precisions.get(e["format"]) == e["precision"]]
     if clashes and not force:
