@@ -164,6 +164,7 @@ CASES = [
     ("bench", ["--bundle", "{good}", "--weights", "{root}/other.pth"], "is not the checkpoint this bundle"),
     ("bench", ["--bundle", "{good}", "--weights", "{ckpt}", "--model", "fat-b0"], "--bundle holds cloformer_tiny_test"),
     ("bench", ["--bundle", "{good}", "--weights", "{ckpt}", "--img-size", "224"], "--bundle is for 64x96 images"),
+    ("bench", ["--baselines"], "--baselines: timm peers are not benchmarked by this version yet"),
     ("bench", ["--ablation", "--threads", "0"], "--threads 0 is out of range"),
     ("bench", ["--ablation", "--model", "vgg"], "unknown model 'vgg'"),
     # cloformer-models
