@@ -158,11 +158,11 @@ def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 
         else:
             check_weights(weights)
             prepared = prepare_model(model or "cloformer_xxs", weights, None)
-        return _bench(prepared, weights, runtimes, threads, runs, warmup, size or (224, 224), compare_authors,
+        return _bench(prepared, runtimes, threads, runs, warmup, size or (224, 224), compare_authors,
                       data, Path(out), bundle, timeout, precisions, progress, argv)
 
 
-def _bench(prepared, weights, runtimes, threads, runs, warmup, size, compare_authors, data, out: Path, bundle,
+def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, data, out: Path, bundle,
            timeout, precisions, progress: Progress, argv) -> BenchResult:
     variant, authors = prepared.variant, prepared.module
     weights_sha = prepared.weights_sha256
@@ -208,7 +208,7 @@ def _bench(prepared, weights, runtimes, threads, runs, warmup, size, compare_aut
     results = {
         "machine": machine, "versions": versions(),
         "config": {"model": variant.name, "input_size": list(size), "threads": threads, "runs": runs,
-                   "warmup": warmup, "weights_sha256": weights_sha, "random_init": weights is None,
+                   "warmup": warmup, "weights_sha256": weights_sha, "random_init": prepared.random_init,
                    "images": len(images), "data": str(data) if data else "scikit-image bundled photographs",
                    "macs": prof.macs, "params": prof.params, "compare_authors": compare_authors},
         "rows": rows, "command": argv if argv is not None else sys.argv,
