@@ -189,3 +189,94 @@ def test_every_format_form_keeps_the_function(name):
         with torch.no_grad():
             out = cd.to_deploy(model, (64, 96), steps=list(steps), extra_steps=list(extra))(x)
         assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item()), (steps, extra)
+
+
+def test_erfc_gelu_matches_the_exact_gelu():
+    """The polynomial is the erf GELU (not tanh's approximation, 4.7e-4 off) to within fp32 rounding."""
+    from cloformer_deploy.models.deploy_modules import ErfcGELU
+
+    x = torch.linspace(-12, 12, 200_001, dtype=torch.float64)
+    err = (ErfcGELU().double()(x) - torch.nn.functional.gelu(x)).abs()
+    assert err.max().item() <= 2.5e-7
+    tanh = (torch.nn.functional.gelu(x, approximate="tanh") - torch.nn.functional.gelu(x)).abs().max().item()
+    assert tanh > 100 * err.max().item()  # the tolerance above would catch the tanh form
+
+
+@pytest.mark.parametrize("name", ["cloformer_xxs", "fat_b0"])
+def test_fp16_xnnpack_steps_keep_the_function_and_reach_their_targets(name):
+    from cloformer_deploy.models.deploy import FP16_XNNPACK_STEPS
+
+    model = _model(name)
+    x = torch.randn(2, 3, 64, 96)
+    d = cd.to_deploy(model, (64, 96), extra_steps=FP16_XNNPACK_STEPS)
+    with torch.no_grad():
+        ref, out = model(x), d(x)
+    assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+    kinds = {type(m).__name__ for m in d.modules()}
+    assert {"GELU", "SiLU"}.isdisjoint(kinds) and {"ErfcGELU", "SigmoidSiLU"} <= kinds
+    norms = [m for m in d.modules() if isinstance(m, ChannelNorm)]
+    assert norms and all(m.eps_tensor is not None and m.eps_tensor.item() == pytest.approx(m.eps) for m in norms)
+    # no Python float left in the graph for ExecuTorch to lift into an fp32 constant (and a cast)
+    half = copy.deepcopy(d).half()
+    with torch.no_grad():
+        graph = torch.export.export(half, (x[:1].half(),)).graph
+    scalar_args = [n.format_node() for n in graph.nodes
+                   if n.op == "call_function" and any(isinstance(a, float) for a in n.args)]
+    assert scalar_args == []
+
+
+def test_scale_norm_inputs_is_exact_and_fits_fp16():
+    """Stem 2000x louder (the norm after it makes that the same function): its squared deviations pass fp16's
+    65504; a power-of-two input scale brings them under the limit without changing fp32 output by one bit."""
+    from cloformer_deploy.models.deploy import NORM_DEVIATION_LIMIT, norm_constants_as_buffers, scale_norm_inputs
+
+    model = _model("cloformer_xxs")
+    with torch.no_grad():
+        model.patch_embed.conv5.weight.mul_(2000)
+        model.patch_embed.conv5.bias.mul_(2000)
+    x = torch.randn(4, 3, 64, 96)
+    d = cd.to_deploy(model, (64, 96))
+    norm_constants_as_buffers(d, (64, 96))
+    with torch.no_grad():
+        before = d(x)
+    shifts = scale_norm_inputs(d, x)
+    assert shifts and all(s > 0 for s in shifts.values())
+    peaks = []
+    hooks = [m.register_forward_hook(lambda m, a, o: peaks.append(
+        ((a[0] * m.input_scale if m.input_scale is not None else a[0])
+         - (a[0] * m.input_scale if m.input_scale is not None else a[0]).mean((1, 2, 3), keepdim=True)).abs().max()))
+        for m in d.modules() if isinstance(m, ChannelNorm)]
+    with torch.no_grad():
+        after = d(x)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(after, before)
+    assert max(peaks).item() <= NORM_DEVIATION_LIMIT
+    with pytest.raises(ValueError, match="norm_constants_as_buffers first"):
+        scale_norm_inputs(cd.to_deploy(model, (64, 96)), x)
+
+
+def test_scaled_norms_stay_finite_in_fp16_where_unscaled_ones_overflow():
+    """In fp16 arithmetic (PyTorch's, as a phone CPU's) the loud stem's squared deviations overflow without
+    the scaling: the norm's variance is inf and it breaks the output; with it the fp16 model stays close."""
+    from cloformer_deploy.models.deploy import norm_constants_as_buffers, scale_norm_inputs
+
+    model = _model("cloformer_xxs")
+    with torch.no_grad():
+        model.patch_embed.conv5.weight.mul_(2000)
+        model.patch_embed.conv5.bias.mul_(2000)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(x)
+    d = cd.to_deploy(model, (64, 96))
+    norm_constants_as_buffers(d, (64, 96))
+    unscaled = copy.deepcopy(d).half()
+    scale_norm_inputs(d, x)
+
+    def cosine(m):
+        with torch.no_grad():
+            out = m.half()(x.half()).float()
+        return torch.nn.functional.cosine_similarity(out, ref).nan_to_num().min().item()
+
+    assert cosine(d) >= 0.999
+    assert cosine(unscaled) < 0.99  # 0.972 measured (torch 2.14.1)

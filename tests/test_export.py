@@ -357,3 +357,48 @@ def test_api_prints_nothing_but_our_own_progress(tiny_variant, tiny_checkpoint, 
     text = log.getvalue()
     assert "executorch: validate: 12/12 images" in text  # progress inside a long stage
     assert "cpuinfo" not in text and "coremltools" not in text
+
+
+def test_executorch_fp16_is_one_partition_and_validated(tiny_variant, tiny_checkpoint, tmp_path):
+    r = export(tiny_variant, weights=tiny_checkpoint, formats="executorch", precision="fp16", img_size=SIZE,
+               out=tmp_path)
+    entry = r.artifacts[0].entry
+    assert r.passed and entry["validation"]["figures"]["top1_agreement"] == 1.0
+    assert entry["partitions"] == 1 and entry["non_delegated_kernels"] == 0 and entry["input_dtype"] == "float16"
+    assert {"gelu_as_erfc_polynomial", "silu_as_sigmoid_product"} <= set(entry["deploy_steps"])
+    runner = BACKENDS["executorch"].open(r.artifacts[0].path, None, entry)
+    assert runner.dtype == np.float16
+
+
+def test_executorch_fp16_scales_loud_norms_and_stays_accurate(tiny_variant, tmp_path):
+    """Stem activations 2000x larger: squared deviations pass fp16's 65504. The export scales those norms'
+    inputs and stays one partition and accurate. (XNNPACK on this x86 CPU, which has no fp16 arithmetic,
+    computes an fp16 graph in fp32, so the overflow itself shows only on ARM: see the eager fp16 test.)"""
+    from cloformer_deploy.export.base import ExportJob, ModelSpec
+    from cloformer_deploy.export.executorch import ExecuTorchRunner
+    from cloformer_deploy.export.images import ImageBatch
+    from cloformer_deploy.models.deploy import FP16_XNNPACK_STEPS
+
+    torch.manual_seed(0)
+    loud = cd.create_model(tiny_variant, num_classes=10).eval()
+    with torch.no_grad():
+        loud.patch_embed.conv5.weight.mul_(2000)
+        loud.patch_embed.conv5.bias.mul_(2000)
+    images = load_images((64, 64), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with torch.no_grad():
+        ref = loud(torch.from_numpy(images.tensor)).numpy()
+    spec = ModelSpec(tiny_variant, 10, (64, 64), 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
+    steps, extra = BACKENDS["executorch"].deploy_steps("fp16", {})
+    assert set(FP16_XNNPACK_STEPS) <= set(extra)
+    module = cd.to_deploy(loud, (64, 64), steps=steps, extra_steps=extra)
+    job = ExportJob(module, torch.from_numpy(images.tensor[:1]), spec, "fp16", {}, None, images.tensor)
+    info = BACKENDS["executorch"].export(job, tmp_path / "scaled.pte", lambda text: None)
+    assert info["scaled_norms"] and info["partitions"] == 1 and info["non_delegated_kernels"] == 0
+
+    def cosine(path):
+        runner = ExecuTorchRunner(path)
+        out = np.concatenate([runner.run(ImageBatch(["x"], images.images[i:i + 1], images.tensor[i:i + 1]))
+                              for i in range(len(images))])
+        return np.nan_to_num((out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1))
+
+    assert cosine(tmp_path / "scaled.pte").min() >= 0.999

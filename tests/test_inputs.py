@@ -93,7 +93,7 @@ CASES = [
     ("export", ["--model", "{model}", "--format", "onnx", "--precision", "int8", "--keep-float", "500"],
      "more than the model's"),
     ("export", ["--calibration-size", "0", "--precision", "int8"], "--calibration-size 0 is out of range"),
-    ("export", ["--calibration-size", "8"], "--calibration-size applies to --precision int8 only"),
+    ("export", ["--calibration-size", "8"], "--calibration-size applies to --precision int8 (and fp16 ExecuTorch) only"),
     ("export", ["--min-top1-agreement", "5"], "not a share from 0 to 1 (5% is 0.05)"),
     ("export", ["--min-top1-agreement", "-0.1"], "not a share from 0 to 1"),
     ("export", ["--opset", "10"], "--opset 10 is out of range; give a whole number from 17 to 23"),

@@ -176,6 +176,11 @@ def prepare_model(model: str, weights: str | Path | None, num_classes: int | Non
     return PreparedModel(variant, net, sha, bundle_io.state_sha256(net.state_dict()))
 
 
+def _calibrated(precisions: dict[str, str]) -> bool:
+    """Whether any chosen (format, precision) reads calibration images."""
+    return any(p in BACKENDS[f].calibrated_precisions for f, p in precisions.items())
+
+
 def _check_export_inputs(formats, img_size, num_classes, batch, precision, out, data, min_top1_agreement,
                          calibration_size, keep_float, weights, labels, options: dict):
     """Every option and file argument of :func:`export`, checked and normalised before any work."""
@@ -185,9 +190,9 @@ def _check_export_inputs(formats, img_size, num_classes, batch, precision, out, 
         num_classes = whole_number("--num-classes", num_classes, 1)
     batch = whole_number("--batch", batch, 1, 1024)
     precisions = _precisions(fmts, precision)
-    int8 = any(p == "int8" for p in precisions.values())
-    if calibration_size is not None and not int8:
-        raise ExportInputError("--calibration-size applies to --precision int8 only; drop it or add --precision int8")
+    if calibration_size is not None and not _calibrated(precisions):
+        raise ExportInputError("--calibration-size applies to --precision int8 (and fp16 ExecuTorch) only; "
+                               "drop it or add --precision int8")
     calibration_size = whole_number("--calibration-size", DEFAULT_CALIBRATION_SIZE if calibration_size is None
                                     else calibration_size, 1, 10_000)
     keep_float = whole_number("--keep-float", keep_float, 0)
@@ -266,7 +271,7 @@ def _export(model, weights, formats, img_size, num_classes, batch, precision, ou
             images = ImageBatch(images.names * reps, np.concatenate([images.images] * reps),
                                 np.concatenate([images.tensor] * reps))
     calibration = None
-    if any(p == "int8" for p in precisions.values()):
+    if _calibrated(precisions):
         calibration = load_calibration(size, variant.mean, variant.std, folder=data, count=calibration_size)
         if len(calibration) < calibration_size:
             progress.warn(f"--calibration-size {calibration_size}: the images give only {len(calibration)} "

@@ -73,6 +73,7 @@ class Backend(ABC):
     suffix: str  # ".onnx", ".mlpackage", ".pte"
     runtime: str  # what runs it, for help text
     precisions: tuple[str, ...] = ("fp32", "fp16")
+    calibrated_precisions: tuple[str, ...] = ("int8",)  # precisions whose export reads calibration images
     default_precision = "fp32"
 
     def check_options(self, options: dict) -> dict:

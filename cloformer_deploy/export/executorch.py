@@ -19,6 +19,14 @@ if TYPE_CHECKING:
 _NOT_KERNELS = {"getitem", "executorch_call_delegate"}
 
 
+_SCALAR_TYPES = {5: np.float16, 6: np.float32}  # c10::ScalarType codes of the inputs a program may take
+
+
+def input_dtype(method) -> type:
+    """The numpy dtype a loaded ``forward`` takes: an fp16 program takes fp16 images (no cast outside XNNPACK)."""
+    return _SCALAR_TYPES.get(method.metadata.input_tensor_meta(0).dtype(), np.float32)
+
+
 class ExecuTorchRunner(Runner):
     method = "executorch"
 
@@ -27,12 +35,13 @@ class ExecuTorchRunner(Runner):
 
         self.program = Runtime.get().load_program(str(path))
         self.forward = self.program.load_method("forward")
+        self.dtype = input_dtype(self.forward)
 
     def run(self, batch: ImageBatch) -> np.ndarray:
         import torch
 
-        out = self.forward.execute([torch.from_numpy(batch.tensor)])
-        return out[0].numpy().astype(np.float32)
+        out = self.forward.execute([torch.from_numpy(batch.tensor.astype(self.dtype))])
+        return out[0].float().numpy()
 
     def constant(self, name: str):
         return self.program.load_method(name).execute([])
@@ -70,6 +79,21 @@ def quantize_pt2e_xnnpack(job: ExportJob, log: Callable[[str], None] = lambda te
         return convert_pt2e(prepared)
 
 
+def _to_fp16(job: ExportJob, log: Callable[[str], None]):
+    """The module and example in fp16, channel-norm inputs scaled on the calibration images to fit fp16."""
+    import copy
+
+    import torch
+    from ..models.deploy import scale_norm_inputs
+
+    if job.calibration is None:
+        raise ValueError("fp16 needs calibration images to scale the channel norms' inputs")
+    module = copy.deepcopy(job.module)
+    shifts = scale_norm_inputs(module, torch.from_numpy(job.calibration))
+    log(f"channel norms scaled into fp16's range: {len(shifts)}")
+    return module.half(), job.example.half(), {"scaled_norms": shifts}
+
+
 def delegation_report(edge_program) -> dict:
     """Partitions and the kernels left outside any delegate, from the lowered graph."""
     outside: Counter = Counter()
@@ -91,24 +115,26 @@ class ExecuTorchBackend(Backend):
     name = "executorch"
     suffix = ".pte"
     runtime = "ExecuTorch (XNNPACK)"
-    # fp16 is not offered: XNNPACK in executorch 1.5.1 leaves outside the delegate fp16 GELU (its partitioning
-    # is switched off upstream), the fp32 casts around SiLU and those of the channel norms' tensor constants
-    # (measured on CloFormer-XXS: 37 partitions, 12 gelu + 50 casts outside; 1.4.1: 88 partitions)
-    precisions = ("fp32", "int8")
+    # fp16 runs the whole network in fp16 inside one XNNPACK partition, inputs and outputs included (a cast
+    # would fall outside the delegate): the deploy form takes FP16_XNNPACK_STEPS and scaled norm inputs
+    precisions = ("fp32", "fp16", "int8")
+    calibrated_precisions = ("fp16", "int8")
 
     def check_options(self, options: dict) -> dict:
         options["et_backend"] = choice("--backend", options.get("et_backend", "xnnpack"), ("xnnpack", "portable"))
         return options
 
     def deploy_steps(self, precision: str, options: dict):
-        from ..models.deploy import DEFAULT_STEPS, QUANTIZATION_FRIENDLY
+        from ..models.deploy import DEFAULT_STEPS, FP16_XNNPACK_STEPS, QUANTIZATION_FRIENDLY
 
         if options.get("et_backend", "xnnpack") != "xnnpack":
-            return None
+            return (list(DEFAULT_STEPS), FP16_XNNPACK_STEPS) if precision == "fp16" else None
         # XNNPACK's depthwise kernels stop at 25 taps: wider ones are cut into pieces that fit
         if precision == "int8":  # quantised XNNPACK cannot compile channel slices between quantised ops
             steps, extra = QUANTIZATION_FRIENDLY
             return steps, [*extra, "split_wide_depthwise"]
+        if precision == "fp16":
+            return list(DEFAULT_STEPS), ["split_wide_depthwise", *FP16_XNNPACK_STEPS]
         return list(DEFAULT_STEPS), ["split_wide_depthwise"]
 
     def versions(self) -> dict[str, str]:
@@ -121,9 +147,12 @@ class ExecuTorchBackend(Backend):
         from executorch.exir import to_edge_transform_and_lower
 
         backend = job.options.get("et_backend", "xnnpack")
-        module = job.module
+        module, example = job.module, job.example
+        fp16: dict = {}
         if job.precision == "int8":
             module = quantize_pt2e_xnnpack(job, log)
+        elif job.precision == "fp16":
+            module, example, fp16 = _to_fp16(job, log)
         s = job.spec
         constants = {
             "input_size": list(s.input_size), "batch": s.batch, "num_classes": s.num_classes,
@@ -137,14 +166,15 @@ class ExecuTorchBackend(Backend):
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             log("torch.export")
-            exported = torch.export.export(module, (job.example,))
+            exported = torch.export.export(module, (example,))
             log(f"lowering to {backend}")
             edge = to_edge_transform_and_lower(exported, partitioner=partitioner, constant_methods=constants)
             log("writing the program")
         report = delegation_report(edge.exported_program())
         program = edge.to_executorch()
         path.write_bytes(program.buffer)
-        return {"backend": backend, **report, "constant_methods": sorted(constants)}
+        return {"backend": backend, **report, "constant_methods": sorted(constants),
+                "input_dtype": "float16" if job.precision == "fp16" else "float32", **fp16}
 
     def open(self, path: Path, spec: ModelSpec, info: dict) -> Runner:
         return ExecuTorchRunner(path)

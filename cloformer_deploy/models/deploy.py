@@ -10,6 +10,7 @@ The folds are computed in float64 and stored in the model's dtype.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +19,8 @@ import torch.nn as nn
 
 from ..inputs import InputError
 from .cloformer import CloBlock, CloFormer, EfficientAttention
-from .deploy_modules import ChannelNorm, RingDepthwise, StaticCloAttention, StaticFASA
+from .deploy_modules import (ChannelNorm, ErfcGELU, RingDepthwise, SigmoidSiLU, StaticCloAttention, StaticFASA,
+                             constant_buffer)
 from .fat import FAT, FASA, ConvFFN as FATConvFFN, FATBlock
 from .layers import Backbone, DropPath
 
@@ -339,6 +341,72 @@ def single_reduce_norm(model: nn.Module, input_size) -> None:
             mod.single_reduce = True
 
 
+def _replace_modules(model: nn.Module, kind: type, make: Callable[[], nn.Module]) -> None:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is kind:
+                setattr(parent, name, make())
+
+
+def silu_as_sigmoid_product(model: nn.Module, input_size) -> None:
+    """SiLU as x * sigmoid(x): ExecuTorch turns an fp16 silu into fp32 ops between casts XNNPACK does not take."""
+    _replace_modules(model, nn.SiLU, SigmoidSiLU)
+
+
+def gelu_as_erfc_polynomial(model: nn.Module, input_size) -> None:
+    """GELU from abs/exp/div/mul/add (erfc to 1.5e-7): XNNPACK has no fp16 GELU."""
+    _replace_modules(model, nn.GELU, ErfcGELU)
+
+
+def norm_constants_as_buffers(model: nn.Module, input_size) -> None:
+    """Channel norms' epsilon as a tensor of the model's dtype: a float scalar becomes an fp32 constant and a cast."""
+    for mod in model.modules():
+        if isinstance(mod, ChannelNorm):
+            constant_buffer(mod, "eps_tensor", mod.eps)
+
+
+# largest |x - mean| a channel norm's input may reach, after scaling, on the calibration images: its square
+# (4096) leaves fp16 (max 65504) 16x headroom for images brighter or busier than those
+NORM_DEVIATION_LIMIT = 64.0
+
+
+@torch.no_grad()
+def scale_norm_inputs(model: nn.Module, images: torch.Tensor, limit: float = NORM_DEVIATION_LIMIT) -> dict[str, int]:
+    """Scale each channel norm's input by a power of two so that its squared deviations fit fp16.
+
+    A norm is scale-free: norm_eps(x) = norm_(eps / s^2)(x / s). With s a power of two both sides are
+    equal in fp32 bit for bit; in fp16, where a deviation of 256 squares to inf, it keeps the variance
+    finite. s is the smallest power of two bringing the largest deviation seen on ``images`` (real
+    photographs) under ``limit``; norms already under it are left alone. Returns log2(s) per scaled norm.
+    Call after :func:`norm_constants_as_buffers`, on the fp32 model.
+    """
+    peaks: dict[str, float] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, ChannelNorm):
+            def record(mod, args, out, name=name):
+                x = args[0] * mod.input_scale if mod.input_scale is not None else args[0]
+                deviation = (x - x.mean(dim=(1, 2, 3), keepdim=True)).abs().max().item()
+                peaks[name] = max(peaks.get(name, 0.0), deviation)
+            hooks.append(mod.register_forward_hook(record))
+    try:
+        for i in range(0, len(images), 8):
+            model(images[i:i + 8])
+    finally:
+        for h in hooks:
+            h.remove()
+    shifts: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, ChannelNorm) and peaks.get(name, 0.0) > limit:
+            shift = math.ceil(math.log2(peaks[name] / limit))
+            if mod.eps_tensor is None:
+                raise ValueError("scale_norm_inputs needs norm_constants_as_buffers first")
+            constant_buffer(mod, "input_scale", 2.0 ** -shift)
+            mod.eps_tensor.mul_(4.0 ** -shift)
+            shifts[name] = shift
+    return shifts
+
+
 DEPLOY_STEPS: list[DeployStep] = [
     DeployStep(f.__name__, f, (f.__doc__ or "").strip().splitlines()[0])
     for f in (drop_training_only, static_shapes, fold_residuals, fold_batchnorm, fold_attention_scale,
@@ -348,7 +416,11 @@ DEPLOY_STEPS: list[DeployStep] = [
 
 # rewrites that are not part of the default form, applied after it on request
 EXTRA_STEPS = {"split_local_qkv": split_local_qkv, "split_wide_depthwise": split_wide_depthwise,
-               "single_reduce_norm": single_reduce_norm}
+               "single_reduce_norm": single_reduce_norm, "silu_as_sigmoid_product": silu_as_sigmoid_product,
+               "gelu_as_erfc_polynomial": gelu_as_erfc_polynomial,
+               "norm_constants_as_buffers": norm_constants_as_buffers}
+# what fp16 XNNPACK needs to run the whole network in one partition
+FP16_XNNPACK_STEPS = ["silu_as_sigmoid_product", "gelu_as_erfc_polynomial", "norm_constants_as_buffers"]
 DEFAULT_STEPS = [s.name for s in DEPLOY_STEPS]
 # the default steps without merged projections (taken by ONNX and by quantised XNNPACK)
 UNMERGED_STEPS = [n for n in DEFAULT_STEPS if n != "merge_parallel_convs"]

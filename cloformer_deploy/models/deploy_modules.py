@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .cloformer import EfficientAttention
 from .fat import FASA
@@ -31,6 +30,9 @@ class ChannelNorm(nn.Module):
             self.bias = nn.Parameter(bias.detach().reshape(1, num_channels, 1, 1).clone())
         else:
             self.weight = self.bias = None
+        # set for fp16 XNNPACK by norm_constants_as_buffers / scale_norm_inputs (None: plain Python floats)
+        self.register_buffer("eps_tensor", None, persistent=False)
+        self.register_buffer("input_scale", None, persistent=False)
 
     @classmethod
     def from_group_norm(cls, gn: nn.GroupNorm) -> "ChannelNorm":
@@ -61,15 +63,68 @@ class ChannelNorm(nn.Module):
         return t.mean(dim=(2, 3), keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:  # a power of two: exact, and the norm is scale-free (eps rescaled)
+            x = x * self.input_scale
         xc = x - self._mean_chw(x)
         var = self._mean_chw(xc * xc)
-        y = xc * torch.rsqrt(var + self.eps)
+        y = xc * torch.rsqrt(var + (self.eps if self.eps_tensor is None else self.eps_tensor))
         if self.weight is not None:
             y = y * self.weight + self.bias
         return y
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+def constant_buffer(module: nn.Module, name: str, value: float) -> None:
+    # a tensor, not a Python float: ExecuTorch lifts float scalars to float32 tensors and casts them to the
+    # graph's dtype, and XNNPACK takes no dtype casts, so every scalar of an fp16 graph would split it
+    module.register_buffer(name, torch.full((1, 1, 1, 1), value), persistent=False)
+
+
+class SigmoidSiLU(nn.Module):
+    """SiLU written as x * sigmoid(x), its definition.
+
+    ExecuTorch decomposes an fp16 ``silu`` into fp32 arithmetic between two casts, which XNNPACK
+    does not take; sigmoid and mul it runs in fp16.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+# Abramowitz & Stegun 7.1.26: erfc(z) = t (a1 + t (a2 + ... + t a5)) exp(-z^2), t = 1 / (1 + p z), z >= 0,
+# |error| <= 1.5e-7
+_ERFC_P = 0.3275911
+_ERFC_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+class ErfcGELU(nn.Module):
+    """GELU, x * Phi(x), with Phi from a rational erfc of error <= 1.5e-7 (the exact-erf GELU, not tanh's).
+
+    XNNPACK has no fp16 GELU (executorch's partitioner refuses it). With a = |x| and
+    E = erfc(a / sqrt 2): x * Phi(x) = (x + a - a * E) / 2 for either sign of x, so only
+    abs, exp, div, mul and add are needed, all of which XNNPACK runs in fp16. Within 2.5e-7 of
+    ``F.gelu`` in float64 terms: below fp32's own rounding for |x| > 2.
+    """
+
+    def __init__(self):
+        super().__init__()
+        constant_buffer(self, "one", 1.0)
+        constant_buffer(self, "one_half", 0.5)
+        constant_buffer(self, "p", _ERFC_P / 2 ** 0.5)
+        constant_buffer(self, "minus_one_half", -0.5)
+        for i, a in enumerate(_ERFC_A, 1):
+            constant_buffer(self, f"a{i}", a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.abs(x)
+        t = torch.div(self.one, self.one + self.p * a)
+        poly = self.a5
+        for coefficient in (self.a4, self.a3, self.a2, self.a1):
+            poly = poly * t + coefficient
+        erfc = poly * t * torch.exp(a * a * self.minus_one_half)
+        return (x + a - a * erfc) * self.one_half
 
 
 def _channel_slices(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -190,6 +245,7 @@ class StaticFASA(nn.Module):
         self.local_mixer, self.mixer = attn.local_mixer, attn.mixer
         self.scale: float | None = attn.scale
         self.in_proj: nn.Conv2d | None = None  # q and kv merged (window 1 only)
+        self.local_act = nn.SiLU()  # a module, so that a rewrite step can replace it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_proj is None:
@@ -197,7 +253,7 @@ class StaticFASA(nn.Module):
         else:
             q_local, kv = _channel_slices(self.in_proj(x), [self.dim, 2 * self.dim])
         global_feat = pooled_attention(q_local, kv, self.dim, self.dim_head, self.h, self.w, self.n_kv, self.scale)
-        local_feat = F.silu(self.local_mixer(q_local))
+        local_feat = self.local_act(self.local_mixer(q_local))
         local_feat = local_feat * torch.sigmoid(global_feat)
         return self.mixer(local_feat * global_feat)
 

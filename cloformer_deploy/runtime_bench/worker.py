@@ -70,11 +70,14 @@ def _load(cfg: dict):
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
+        from cloformer_deploy.export.executorch import input_dtype
+
         portable_lib._unsafe_reset_threadpool(threads)
         method = Runtime.get().load_program(cfg["path"]).load_method("forward")
+        x = x.astype(input_dtype(method))  # an fp16 program takes fp16 images: converted once, not per run
 
         def run(batch):
-            return method.execute([torch.from_numpy(batch)])[0].numpy()
+            return method.execute([torch.from_numpy(batch)])[0].float().numpy()
         return run, x
     if runtime == "coreml":
         from cloformer_deploy.export.base import ModelSpec
