@@ -6,7 +6,9 @@ after the arguments are read. Bad input of any kind is one line on stderr and ex
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from functools import wraps
 
 from .inputs import InputError
@@ -25,6 +27,10 @@ def _command(prog: str):
     def wrap(body):
         @wraps(body)
         def main(argv: list[str] | None = None) -> int:
+            previous = signal.getsignal(signal.SIGTERM)
+            if threading.current_thread() is threading.main_thread():
+                # a terminated run cleans up as an interrupted one does (temporary folders, worker processes)
+                signal.signal(signal.SIGTERM, _terminated)
             try:
                 return body(_Parser(prog=prog, description=body.__doc__), argv)
             except InputError as e:
@@ -33,8 +39,15 @@ def _command(prog: str):
             except KeyboardInterrupt:
                 print(f"\n{prog}: interrupted; nothing was written", file=sys.stderr)
                 return 130
+            finally:
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGTERM, previous)
         return main
     return wrap
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _argv(prog: str, argv) -> list[str]:
@@ -178,8 +191,15 @@ def bench_main(p: _Parser, argv) -> int:
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     p.add_argument("--compare-authors", action="store_true",
                    help="also run a naive export of the authors' form in the same runtimes")
-    p.add_argument("--baselines", action="store_true", help="also run timm baselines (needs timm + torchvision)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also time, in the same rounds, 8 mobile backbones from timm (MobileNetV3/V4, EfficientFormerV2, "
+                        "FastViT, RepViT, MobileOne, EfficientViT, MobileViTv2) and the other CloFormer/FAT sizes "
+                        "on ONNX Runtime and XNNPACK; writes peers.md and pareto.png")
+    p.add_argument("--peers", help="comma list of timm model names (or of this project's models) to time beside it")
     p.add_argument("--portable", action="store_true", help="also run ExecuTorch's portable kernels (slow)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write profile.md: time per operator and per operator kind (ETDump for XNNPACK, "
+                        "ONNX Runtime's profiler)")
     p.add_argument("--data", help="image folder: drift on it; top-1/top-5 if it has one subfolder per class")
     p.add_argument("--bundle", help="use the artifacts of an existing export bundle instead of exporting "
                                     "(with --weights of its checkpoint, as cloformer-validate)")
@@ -191,7 +211,11 @@ def bench_main(p: _Parser, argv) -> int:
     from .export.progress import Progress
 
     if args.ablation:
+        from .inputs import InputError
         from .runtime_bench.ablation import ablation
+
+        if args.baselines or args.peers or args.profile:
+            raise InputError("--ablation times the deploy steps of one model; drop --baselines/--peers/--profile")
 
         res = ablation(args.model or "cloformer_xxs", weights=args.weights, img_size=args.img_size,
                        threads=args.threads, runs=args.runs, warmup=args.warmup, out=args.out,
@@ -203,11 +227,12 @@ def bench_main(p: _Parser, argv) -> int:
 
     result = bench(args.model, weights=args.weights, formats=args.formats, threads=args.threads, runs=args.runs,
                    warmup=args.warmup, img_size=args.img_size, compare_authors=args.compare_authors,
-                   baselines=args.baselines, portable=args.portable, data=args.data, out=args.out,
+                   baselines=args.baselines, peers=args.peers, profile=args.profile, portable=args.portable, data=args.data, out=args.out,
                    bundle=args.bundle, progress=Progress(quiet=args.quiet), precisions=args.precisions,
                    argv=_argv(p.prog, argv))
     console_table(result.results)
-    print(f"results: {result.out}/results.md (and .json, .csv, latency.png, latency_vs_drift.png)")
+    extra = "".join(f", {f}" for f in ("peers.md", "pareto.png", "profile.md") if (result.out / f).exists())
+    print(f"results: {result.out}/results.md (and .json, .csv, latency.png, latency_vs_drift.png{extra})")
     return 0
 
 

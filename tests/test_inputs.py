@@ -164,7 +164,12 @@ CASES = [
     ("bench", ["--bundle", "{good}", "--weights", "{root}/other.pth"], "is not the checkpoint this bundle"),
     ("bench", ["--bundle", "{good}", "--weights", "{ckpt}", "--model", "fat-b0"], "--bundle holds cloformer_tiny_test"),
     ("bench", ["--bundle", "{good}", "--weights", "{ckpt}", "--img-size", "224"], "--bundle is for 64x96 images"),
-    ("bench", ["--baselines"], "--baselines: timm peers are not benchmarked by this version yet"),
+    ("bench", ["--peers", "nosuchmodel_x"], "'nosuchmodel_x' is neither a timm model nor a model of this project"),
+    ("bench", ["--peers", "mobilenetv3_large_10"], "did you mean mobilenetv3_large_100"),
+    ("bench", ["--peers", ","], "--peers: nothing given"),
+    ("bench", ["--baselines", "--formats", "torch"], "--baselines/--peers are timed on onnxruntime and"),
+    ("bench", ["--profile", "--formats", "torch"], "--profile reads the profilers of onnxruntime and"),
+    ("bench", ["--ablation", "--baselines"], "--ablation times the deploy steps of one model; drop --baselines"),
     ("bench", ["--ablation", "--threads", "0"], "--threads 0 is out of range"),
     ("bench", ["--ablation", "--model", "vgg"], "unknown model 'vgg'"),
     # cloformer-models

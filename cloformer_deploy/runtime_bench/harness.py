@@ -34,7 +34,9 @@ from ..models import check_input_size, get_variant, profile_model
 from ..quiet import quiet_libraries
 from .machine import machine_info
 from .report import write_reports
-from .runtimes import ALIASES, FORMAT_OF as _FORMAT_OF, RUNTIME_OF_FORMAT, RUNTIMES
+from .op_profile import PROFILERS
+from .peers import Peer, resolve_peers
+from .runtimes import ALIASES, FORMAT_OF as _FORMAT_OF, PEER_RUNTIMES, RUNTIME_OF_FORMAT, RUNTIMES
 
 PORTABLE_RUNS = 3  # the portable kernels take seconds per run
 
@@ -59,6 +61,7 @@ class Combo:
     error: str | None = None
     outputs: np.ndarray | None = None
     peak_rss_mb: float | None = None
+    role: str = "subject"  # the benchmarked model, or a "peer" timed beside it
 
 
 class Worker:
@@ -120,12 +123,15 @@ def _accuracy(outputs: np.ndarray, labels: list[int]) -> dict:
 def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 2), runs: int = 50,
           warmup: int = 10, img_size=None, compare_authors: bool = False, baselines: bool = False,
           portable: bool = False, data=None, out="runtime_bench", bundle=None, timeout: float = 900.0,
-          precisions=("default",),
+          precisions=("default",), peers=None, profile: bool = False,
           progress: Progress | None = None, argv: list[str] | None = None) -> BenchResult:
     """Time every runtime (own process each) on the deploy form, optionally beside the authors' form.
 
     ``bundle`` takes the artifacts of an existing export instead of exporting; its checkpoint
     must be given as ``weights`` exactly as :func:`~cloformer_deploy.export.validate_bundle` requires.
+    ``baselines`` adds the default peers (timm mobile backbones and the other CloFormer/FAT sizes) and
+    ``peers`` names more; they are exported for ONNX Runtime and XNNPACK and timed in the same rounds.
+    ``profile`` adds per-operator time tables (ETDump for XNNPACK, ONNX Runtime's profiler) in profile.md.
     """
     with quiet_libraries():
         progress = progress or Progress(quiet=True)
@@ -143,8 +149,6 @@ def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 
         if data is not None:
             existing_folder("--data", data, "a folder of .jpg/.png images")
         writable_folder("--out", out)
-        if baselines:
-            _check_baselines()
         if bundle is not None:
             opened = open_bundle(bundle, weights)
             m = opened.manifest["model"]
@@ -157,13 +161,21 @@ def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 
             prepared, size = opened.prepared, tuple(m["input_size"])
         else:
             check_weights(weights)
+        peer_list = resolve_peers(baselines, peers, model or (m["name"] if bundle is not None else "cloformer_xxs"))
+        if peer_list and not set(runtimes) & set(PEER_RUNTIMES):
+            raise BenchInputError(f"--baselines/--peers are timed on {' and '.join(PEER_RUNTIMES)}; add one of "
+                                  "them to --formats")
+        if bundle is None:
             prepared = prepare_model(model or "cloformer_xxs", weights, None)
+        if profile and not set(runtimes) & set(PROFILERS):
+            raise BenchInputError(f"--profile reads the profilers of {' and '.join(PROFILERS)}; add one of them "
+                                  "to --formats")
         return _bench(prepared, runtimes, threads, runs, warmup, size or (224, 224), compare_authors,
-                      data, Path(out), bundle, timeout, precisions, progress, argv)
+                      data, Path(out), bundle, timeout, precisions, peer_list, profile, progress, argv)
 
 
 def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, data, out: Path, bundle,
-           timeout, precisions, progress: Progress, argv) -> BenchResult:
+           timeout, precisions, peer_list, profile, progress: Progress, argv) -> BenchResult:
     variant, authors = prepared.variant, prepared.module
     weights_sha = prepared.weights_sha256
     images = load_images(size, variant.mean, variant.std, folder=data)
@@ -198,8 +210,14 @@ def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, dat
                         continue
                     combos += [Combo(variant.name, form, rt, art["precision"], t, art["path"], art["size_mb"],
                                      art["extra"]) for t in threads]
+        for c in combos:
+            c.extra = {"params": prof.params, "macs": prof.macs, **c.extra}
+        references = {variant.name: reference}
+        combos += _peer_combos(peer_list, runtimes, threads, work, size, images, authors.num_classes,
+                               references, progress)
         _measure(combos, work, variant, authors.num_classes, size, runs, warmup, timeout, progress)
-        rows = [_row(c, reference, prof, machine, labels) for c in combos]
+        rows = [_row(c, references.get(c.model), machine, labels) for c in combos]
+        profiles = _profiles(combos, images, threads[0], min(runs, 20), progress) if profile else None
     finally:
         for c in combos:
             if c.worker is not None:
@@ -210,13 +228,41 @@ def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, dat
         "config": {"model": variant.name, "input_size": list(size), "threads": threads, "runs": runs,
                    "warmup": warmup, "weights_sha256": weights_sha, "random_init": prepared.random_init,
                    "images": len(images), "data": str(data) if data else "scikit-image bundled photographs",
-                   "macs": prof.macs, "params": prof.params, "compare_authors": compare_authors},
+                   "macs": prof.macs, "params": prof.params, "compare_authors": compare_authors,
+                   "peers": [p.name for p in peer_list]},
         "rows": rows, "command": argv if argv is not None else sys.argv,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("profile.md", "peers.md", "pareto.png"):  # an earlier run's, which this run would not replace
+        (out_dir / stale).unlink(missing_ok=True)
     write_reports(out_dir, results)
+    if profiles is not None:
+        (out_dir / "profile.md").write_text(profiles)
     return BenchResult(out_dir, results, rows)
+
+
+def _profiles(combos, images: ImageBatch, threads: int, runs: int, progress: Progress) -> str:
+    """profile.md: per-operator tables of each of the benchmarked model's artifacts that has a profiler."""
+    from .op_profile import op_tables
+
+    seen, parts = set(), []
+    for c in combos:
+        key = (c.form, c.runtime, c.precision)
+        if c.role != "subject" or c.runtime not in PROFILERS or c.path is None or key in seen:
+            continue
+        seen.add(key)
+        with progress.stage(f"profile {c.form} form, {c.runtime} {c.precision}, {threads} thread(s), {runs} runs"):
+            try:
+                tables = op_tables(PROFILERS[c.runtime](c.path, images.tensor, threads, runs))
+            except Exception as e:  # a profiler that fails costs its section, not the run's results
+                tables = f"profiling failed: {_one_line(e)}"
+        parts.append(f"## {c.model}, {c.form} form, {c.runtime}, {c.precision}, {threads} thread(s)\n\n{tables}")
+    head = (f"# Where the time goes: per-operator profiles\n\nEach artifact run {runs} times after warm-up, "
+            f"{threads} thread(s), batch 1, by the runtime's own profiler (ExecuTorch: ETDump and the Inspector; "
+            "ONNX Runtime: its session profiler, its per-node cost measured on a chain of trivial nodes and "
+            "subtracted). Kinds are the runtime's kernel names.\n")
+    return "\n\n".join([head, *parts]) + "\n"
 
 
 def _runtimes(formats, portable: bool) -> list[str]:
@@ -234,10 +280,69 @@ def _runtimes(formats, portable: bool) -> list[str]:
     return [r for r in RUNTIMES if r in chosen]
 
 
-def _check_baselines() -> None:
-    # the pinned stack now imports timm (extra "peers"); exporting and timing its models in the same
-    # rounds is not built yet, and a flag that silently did nothing would mislead
-    raise BenchInputError("--baselines: timm peers are not benchmarked by this version yet; drop --baselines")
+def _one_line(e: Exception) -> str:
+    text = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _peer_combos(peer_list: list[Peer], runtimes, threads, work: Path, size, images: ImageBatch, num_classes,
+                 references: dict, progress: Progress) -> list[Combo]:
+    """Each peer exported (fp32) for ONNX Runtime and XNNPACK, with its own PyTorch output as the drift reference.
+
+    A peer that fails to build, export or run becomes an error row; the others still run.
+    """
+    from ..export.api import prepare_model
+    from ..models import count_macs
+    from .peers import build_timm_peer
+
+    combos: list[Combo] = []
+    chosen = [r for r in PEER_RUNTIMES if r in runtimes]
+    x = torch.from_numpy(images.tensor)
+    for i, peer in enumerate(peer_list, 1):
+        published = peer.published
+        extra = {"source": peer.source, "published": published}
+        module = None
+        with progress.stage(f"peer {i}/{len(peer_list)}: {peer.name} ({', '.join(chosen)})") as stage:
+            try:
+                if peer.source == "timm":
+                    module = build_timm_peer(peer.name, num_classes)
+                    form = "timm"  # counted as for CloFormer (PyTorch's FLOP counter), on the fused form
+                    extra["params"] = sum(p.numel() for p in module.parameters())
+                    extra["macs"] = count_macs(module, size)
+                else:  # this project's own sizes, random (seed 0) weights
+                    module = prepare_model(peer.name, None, num_classes).module
+                    form = "deploy"
+                    prof = profile_model(peer.name, size, num_classes)
+                    extra["params"], extra["macs"] = prof.params, prof.macs
+                with torch.no_grad():
+                    references[peer.name] = np.concatenate([module(x[j:j + 1]).numpy() for j in range(len(x))])
+            except Exception as e:  # a peer that cannot even be built is one error row per runtime
+                combos += [Combo(peer.name, "timm" if peer.source == "timm" else "deploy", rt, "fp32", t,
+                                 extra=extra, error=f"build failed: {_one_line(e)}", role="peer")
+                           for rt in chosen for t in threads]
+                continue
+            for rt in chosen:
+                backend = BACKENDS[_FORMAT_OF[rt]]
+                stage.update(f"export for {rt}")
+                try:
+                    if peer.source == "timm":
+                        path = work / f"peer-{peer.name}{backend.suffix}"
+                        spec = ModelSpec(peer.name, num_classes, size, 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
+                        options = {"opset": None, "simplify": True} if rt == "onnxruntime" else {}
+                        job = ExportJob(module, torch.from_numpy(images.tensor[:1]), spec, "fp32", options)
+                        art = _art(path, {"precision": "fp32", **backend.export(job, path, lambda text: None)})
+                    else:  # exactly as the benchmarked model: each format's own deploy form
+                        result = export(peer.name, formats=[backend.name], img_size=size, num_classes=num_classes,
+                                        out=work / f"peer-{peer.name}", validate_artifacts=False, precision="fp32")
+                        entry = next(e for e in result.manifest["artifacts"] if e["format"] == backend.name)
+                        art = _art(result.bundle / entry["path"], entry)
+                except Exception as e:
+                    combos += [Combo(peer.name, form, rt, "fp32", t, extra=extra,
+                                     error=f"export failed: {_one_line(e)}", role="peer") for t in threads]
+                    continue
+                combos += [Combo(peer.name, form, rt, "fp32", t, art["path"], art["size_mb"],
+                                 {**extra, **art["extra"]}, role="peer") for t in threads]
+    return combos
 
 
 def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundle, progress,
@@ -254,7 +359,8 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
     else:
         ckpt = work / "weights.pth"
         for prec in precisions:
-            fmts = [f for f in formats if prec == "default" or prec in BACKENDS[f].precisions]
+            fmts = [f for f in formats if prec == "default" or prec in BACKENDS[f].precisions
+                    and not ("default" in precisions and BACKENDS[f].default_precision == prec)]  # once only
             if not fmts:
                 continue
             with progress.stage(f"export deploy form ({', '.join(fmts)}; {prec} precision)"):
@@ -293,12 +399,28 @@ def _art(path: Path, entry: dict) -> dict:
 
 
 def _measure(combos, work: Path, variant, num_classes, size, runs, warmup, timeout, progress) -> None:
+    """Load, time (interleaved rounds) and read outputs, one thread count at a time: every row of a thread
+    count shares its rounds, and only those processes (300-400 MB each) are loaded at once."""
     base = {"model": variant.name, "family": variant.family, "architecture": dataclasses.asdict(variant.config),
             "num_classes": num_classes, "input_size": list(size),
             "weights": str(work / "weights.pth"), "images": str(work / "images.npy"),
             "pixels": str(work / "pixels.npy")}
-    with progress.stage(f"load {len(combos)} runtime processes"):
-        for c in combos:
+    done: dict = {}  # one artifact's outputs do not depend on its thread count: run them once
+    groups: dict = {}
+    for c in combos:
+        if c.error is None:
+            groups.setdefault(c.threads, []).append(c)
+    for threads, group in groups.items():
+        what = "untimed" if threads is None else f"{threads} thread{'s' if threads != 1 else ''}"
+        _load_workers(group, base, timeout, progress, what)
+        _time(group, runs, warmup, progress, what)
+        _outputs(group, work, done, progress, what)
+
+
+def _load_workers(group, base, timeout, progress, what) -> None:
+    with progress.stage(f"{what}: load {len(group)} runtime processes") as stage:
+        for i, c in enumerate(group, 1):
+            stage.update(f"{i}/{len(group)}")
             cfg = {**base, "runtime": c.runtime, "form": c.form, "threads": c.threads or 1, "path": c.path}
             try:
                 c.worker = Worker(cfg, timeout)
@@ -310,10 +432,17 @@ def _measure(combos, work: Path, variant, num_classes, size, runs, warmup, timeo
                     c.load_ms = c.worker.first["load_ms"]
             except (TimeoutError, RuntimeError, OSError) as e:
                 c.error, c.worker = str(e), None
-    timed = [c for c in combos if c.worker is not None and c.threads is not None]
+
+
+def _time(group, runs, warmup, progress, what) -> None:
+    timed = [c for c in group if c.worker is not None and c.threads is not None]
+    if not timed:
+        return
     rounds = max(1, min(5, runs))
-    with progress.stage(f"time {len(timed)} rows: {warmup} warm-up + {runs} runs each, in {rounds} interleaved rounds"):
+    with progress.stage(f"{what}: time {len(timed)} rows: {warmup} warm-up + {runs} runs each, "
+                        f"in {rounds} interleaved rounds") as stage:
         for r in range(rounds):
+            stage.update(f"round {r + 1}/{rounds}")
             for c in timed:
                 if c.worker is None:
                     continue
@@ -331,12 +460,14 @@ def _measure(combos, work: Path, variant, num_classes, size, runs, warmup, timeo
                     c.worker.close()
                     c.worker = None
                 time.sleep(0.2)  # let the previous runtime's spinning threads go idle
-    with progress.stage("outputs on the validation images (drift)"):
-        done: dict = {}  # one artifact's outputs do not depend on its thread count: run them once
-        for c in combos:
+
+
+def _outputs(group, work: Path, done: dict, progress, what) -> None:
+    with progress.stage(f"{what}: outputs on the validation images (drift)"):
+        for c in group:
             if c.worker is None:
                 continue
-            key = (c.form, c.runtime, c.precision, c.path)
+            key = (c.model, c.form, c.runtime, c.precision, c.path)
             try:
                 if key not in done:
                     path = work / f"out-{len(done)}.npy"
@@ -350,29 +481,34 @@ def _measure(combos, work: Path, variant, num_classes, size, runs, warmup, timeo
             c.worker = None
 
 
-def _row(c: Combo, reference: np.ndarray, prof, machine: dict, labels) -> dict:
+def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
     lat = None
     gflops = eff = None
     if c.times:
         t = np.asarray(c.times)
         lat = {"median": round(float(np.median(t)), 3), "p90": round(float(np.percentile(t, 90)), 3),
                "min": round(float(t.min()), 3), "runs": int(len(t))}
-        gflops = round(2 * prof.macs / (lat["median"] / 1e3) / 1e9, 2)
+    if c.times and c.extra.get("macs"):
+        gflops = round(2 * c.extra["macs"] / (lat["median"] / 1e3) / 1e9, 2)
         peak = machine["matmul_gflops"].get(str(c.threads))
         eff = float(f"{gflops / peak:.3g}") if peak else None  # significant digits: a slow row is not 0
     drift = None
     accuracy = None
-    if c.outputs is not None:
+    if c.outputs is not None and reference is not None:
         figures = compare(c.outputs, reference[: len(c.outputs)])
         drift = {k: figures[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")}
-        if labels:
+        if labels and c.role == "subject":  # peers' random weights: accuracy on labels would mean nothing
             accuracy = _accuracy(c.outputs, labels)
     note = None
     if c.runtime == "coreml" and c.threads is None:
         note = ("latency not measurable here: Core ML runs on Apple hardware; drift by the package interpreter"
                 if sys.platform != "darwin" else None)
-    return {"model": c.model, "form": c.form, "runtime": c.runtime, "precision": c.precision, "threads": c.threads,
+    keys = ("partitions", "non_delegated_kernels", "non_delegated_ops", "nodes", "op_types", "ops")
+    delegation = {k: c.extra[k] for k in keys if k in c.extra}
+    return {"model": c.model, "role": c.role, "form": c.form, "runtime": c.runtime, "precision": c.precision,
+            "threads": c.threads, "params": c.extra.get("params"), "macs": c.extra.get("macs"),
+            **({"source": c.extra["source"], "published": c.extra.get("published")} if c.role == "peer" else {}),
             "latency_ms": lat, "load_ms": round(c.load_ms, 1) if c.load_ms is not None else None,
             "peak_rss_mb": c.peak_rss_mb, "size_mb": c.size_mb, "drift": drift, "accuracy": accuracy,
-            "gflops_per_s": gflops, "efficiency": eff, **({"delegation": c.extra} if c.extra else {}),
+            "gflops_per_s": gflops, "efficiency": eff, **({"delegation": delegation} if delegation else {}),
             "note": note, "error": c.error}

@@ -72,8 +72,9 @@ def profile_executorch(path: str, images: np.ndarray, threads: int, runs: int) -
                 portable_lib._unsafe_reset_threadpool(threads)
             try:
                 module = portable_lib._load_for_executorch(str(path), enable_etdump=True)
-                batch = module.method_meta("forward").input_tensor_meta(0).sizes()[0]
-                inputs = [torch.from_numpy(b) for b in _batches(images, batch)]
+                meta = module.method_meta("forward").input_tensor_meta(0)
+                dtype = {5: np.float16}.get(meta.dtype(), np.float32)  # an fp16 program takes fp16 images
+                inputs = [torch.from_numpy(b.astype(dtype)) for b in _batches(images, meta.sizes()[0])]
                 for i in range(WARMUP_RUNS + runs):
                     module.forward([inputs[i % len(inputs)]])
                 module.write_etdump_result_to_file(etdump)
@@ -301,3 +302,7 @@ def _native_noise_dropped():
 
 def _noise(line: str) -> bool:
     return bool(NATIVE_NOISE.match(line) or _THREADPOOL_NOISE.match(line))
+
+
+# runtime -> its profiler: the benchmark looks a runtime up here instead of naming one
+PROFILERS = {"onnxruntime": profile_onnxruntime, "executorch-xnnpack": profile_executorch}

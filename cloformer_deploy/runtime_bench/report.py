@@ -8,6 +8,8 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .runtimes import PEER_RUNTIMES
+
 COLUMNS = ["model", "form", "runtime", "precision", "threads", "median ms", "p90 ms", "min ms", "load ms",
            "peak RSS MB", "size MB", "max abs", "cosine", "top-1 agr.", "GFLOP/s", "efficiency", "partitions",
            "error"]
@@ -58,6 +60,11 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
 
 
+def subject_rows(results: dict) -> list[dict]:
+    """The benchmarked model's rows (peers have their own table and plot)."""
+    return [r for r in results["rows"] if r.get("role", "subject") == "subject"]
+
+
 def markdown(results: dict) -> str:
     m, c = results["machine"], results["config"]
     peaks = ", ".join(f"{t} thread{'s' if t != '1' else ''}: {g} GFLOP/s" for t, g in m["matmul_gflops"].items())
@@ -73,11 +80,15 @@ def markdown(results: dict) -> str:
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
-    lines += ["| " + " | ".join(_md_cell(x) for x in r) + " |" for r in table_rows(results["rows"])]
-    ratios = speedups(results["rows"])
+    lines += ["| " + " | ".join(_md_cell(x) for x in r) + " |" for r in table_rows(subject_rows(results))]
+    ratios = speedups(subject_rows(results))
     if ratios:
         lines += ["", "Deploy form vs the authors' form, same runtime and threads (median latency ratio):", ""]
         lines += [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
+    if c.get("peers"):
+        from .peers_report import markdown as peers_markdown
+
+        lines += ["", peers_markdown(results).replace("# ", "## ", 1).rstrip("\n"), "", "![pareto](pareto.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -331,8 +342,14 @@ def plots(out: Path, results: dict) -> dict[str, Plot]:
     import matplotlib
 
     matplotlib.use("Agg")
-    return {"latency": plot_latency(out / "latency.png", results),
-            "latency_vs_drift": plot_drift(out / "latency_vs_drift.png", results)}
+    own = {**results, "rows": subject_rows(results)}
+    drawn = {"latency": plot_latency(out / "latency.png", own),
+             "latency_vs_drift": plot_drift(out / "latency_vs_drift.png", own)}
+    if results["config"].get("peers"):
+        from .peers_report import plot_pareto
+
+        drawn["pareto"] = plot_pareto(out / "pareto.png", results)
+    return drawn
 
 
 def write_reports(out: Path, results: dict) -> dict[str, Plot]:
@@ -340,6 +357,10 @@ def write_reports(out: Path, results: dict) -> dict[str, Plot]:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_csv(out / "results.csv", results["rows"])
     (out / "results.md").write_text(markdown(results))
+    if results["config"].get("peers"):
+        from .peers_report import markdown as peers_markdown
+
+        (out / "peers.md").write_text(peers_markdown(results))
     return plots(out, results)
 
 
@@ -352,9 +373,24 @@ def console_table(results: dict, stream=None, text_width: int = CONSOLE_TEXT_WID
     t = Table(title=f"cloformer-bench {results['config']['model']} {results['config']['input_size']}")
     for i in keep:
         t.add_column(COLUMNS[i], justify="right" if 4 <= i <= 16 else "left")
-    for r in table_rows(results["rows"]):
+    for r in table_rows(subject_rows(results)):
         r[-1] = shorten(r[-1], text_width)
         t.add_row(*[escape(r[i]) for i in keep])  # error text like "[...]" is not rich markup
     Console(file=stream, width=220).print(t)
-    for k, v in speedups(results["rows"]).items():
+    for k, v in speedups(subject_rows(results)).items():
         Console(file=stream).print(f"deploy vs authors', {k}: {v:.2f}x")
+    if results["config"].get("peers"):
+        from .peers_report import summary
+
+        p = Table(title="beside its peers (median ms, fp32; top-1 published, not measured)")
+        threads = results["config"]["threads"]
+        rts = [rt for rt in PEER_RUNTIMES]
+        for col in ["model", "GMACs", *[f"{SHORT_RUNTIME[rt]} {th}t" for th in threads for rt in rts], "top-1 %",
+                    "error"]:
+            p.add_column(col, justify="left" if col in ("model", "error") else "right")
+        for m in summary(results):
+            pub = m.get("published") or {}
+            p.add_row(escape(m["model"]), _fmt(m["macs"] and m["macs"] / 1e9, ".3f"),
+                      *[_fmt(m["latency"].get((rt, th)), ".2f") for th in threads for rt in rts],
+                      _fmt(pub.get("top1"), ".1f"), escape(shorten("; ".join(m["errors"]), text_width)))
+        Console(file=stream, width=220).print(p)

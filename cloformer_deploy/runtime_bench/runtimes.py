@@ -7,3 +7,5 @@ FORMAT_OF = {"onnxruntime": "onnx", "executorch-xnnpack": "executorch", "executo
 RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "executorch": "executorch-xnnpack", "coreml": "coreml"}
 ALIASES = {"onnx": "onnxruntime", "executorch": "executorch-xnnpack", "xnnpack": "executorch-xnnpack",
            "portable": "executorch-portable", "pytorch": "torch"}
+# the runtimes peer models are exported for and timed on
+PEER_RUNTIMES = ("onnxruntime", "executorch-xnnpack")
