@@ -130,7 +130,9 @@ class ExecuTorchBackend(Backend):
         if options.get("et_backend", "xnnpack") != "xnnpack":
             return (list(DEFAULT_STEPS), FP16_XNNPACK_STEPS) if precision == "fp16" else None
         # XNNPACK's depthwise kernels stop at 25 taps: wider ones are cut into pieces that fit
-        if precision == "int8":  # quantised XNNPACK cannot compile channel slices between quantised ops
+        # int8 keeps the unmerged form with split_local_qkv: needed on executorch 1.4.1 (channel slices between
+        # quantised ops did not compile); on 1.5.1 the merged form is one partition too, at the same speed and drift
+        if precision == "int8":
             steps, extra = QUANTIZATION_FRIENDLY
             return steps, [*extra, "split_wide_depthwise"]
         if precision == "fp16":

@@ -491,7 +491,9 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
     if c.times and c.extra.get("macs"):
         gflops = round(2 * c.extra["macs"] / (lat["median"] / 1e3) / 1e9, 2)
         peak = machine["matmul_gflops"].get(str(c.threads))
-        eff = float(f"{gflops / peak:.3g}") if peak else None  # significant digits: a slow row is not 0
+        # against the fp32 matmul peak: an int8 row's integer arithmetic has another peak, so none is given
+        if peak and c.precision != "int8":
+            eff = float(f"{gflops / peak:.3g}")  # significant digits: a slow row is not 0
     drift = None
     accuracy = None
     if c.outputs is not None and reference is not None:

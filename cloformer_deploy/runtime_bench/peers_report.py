@@ -127,6 +127,41 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+# where a label may go, in points from its marker: beside it first, then further above and below
+_LABEL_SPOTS = [(5, 3, "left"), (5, -10, "left"), (-5, 3, "right"), (-5, -10, "right"), (5, 11, "left"),
+                (5, -18, "left"), (-5, 11, "right"), (-5, -18, "right"), (5, 19, "left"), (5, -26, "left"),
+                (-5, 19, "right"), (-5, -26, "right")]
+
+
+def _place_labels(fig, ax, labels: list[tuple[str, float, float, bool]]) -> None:
+    """Each label at the first spot that covers no marker and no label placed before it, else at the spot
+    that covers the fewest."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    # the markers are obstacles too: a label must not cover another model's point
+    placed = [Bbox.from_extents(px - 5, py - 5, px + 5, py + 5)
+              for px, py in (ax.transData.transform((x, y)) for _, x, y, _ in labels)]
+    for text, x, y, bold in labels:
+        best = None
+        for dx, dy, ha in _LABEL_SPOTS:
+            far = abs(dy) > 10  # a label moved away gets a thin leader line to its marker
+            t = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=ha,
+                            fontweight="bold" if bold else "normal", color="black" if bold else "0.2",
+                            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5, "shrinkB": 4} if far else None)
+            box = t.get_window_extent(renderer).expanded(1.1, 1.5)
+            covered = sum(box.overlaps(other) for other in placed)
+            if best is None or covered < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (covered, t, box)
+            else:
+                t.remove()
+            if covered == 0:
+                break
+        placed.append(best[2])
+
+
 def plot_pareto(path: Path, results: dict) -> Plot:
     """Published top-1 against measured latency, one panel per runtime at the first thread count; the Pareto
     front drawn through the models nothing beats on both axes, whoever they are."""
@@ -160,6 +195,7 @@ def plot_pareto(path: Path, results: dict) -> Plot:
             sx += [x, x]
             sy += [sy[-1], y]
         ax.plot(sx, sy, color="black", linewidth=1, linestyle="--", zorder=1)
+        labels: list[tuple[str, float, float, bool]] = []
         for i, (m, (x, y)) in enumerate(zip(shown, pts)):
             colour = FAMILY_COLOURS[m["family"]]
             on_front = i in front
@@ -167,8 +203,7 @@ def plot_pareto(path: Path, results: dict) -> Plot:
                        linewidths=1.2 if on_front else 0.5, zorder=3, marker="*" if m["subject"] else "o")
             size = m["published"].get("eval_size")
             label = m["model"] + ("†" if size and size != 224 else "") + ("‡" if m["published"].get("distilled") else "")
-            ax.annotate(label, (x, y), xytext=(5, 3), textcoords="offset points", fontsize=7,
-                        fontweight="bold" if m["subject"] else "normal", color="black" if m["subject"] else "0.2")
+            labels.append((label, x, y, m["subject"]))
             drawn.append((f"{m['model']} ({SHORT_RUNTIME[rt]})", float(x), float(y)))
         lat = [p[0] for p in pts]
         if _ms_axis(ax, "x", min(lat), max(lat)):
@@ -177,6 +212,7 @@ def plot_pareto(path: Path, results: dict) -> Plot:
             ax.set_xlim(0, max(lat) * 1.3)
         tops = [p[1] for p in pts]
         ax.set_ylim(math.floor(min(tops)) - 0.5, math.ceil(max(tops)) + 0.5)
+        _place_labels(fig, ax, labels)
         ax.grid(color="0.92")
         ax.set_axisbelow(True)
         ax.set_xlabel(f"median latency, ms ({SHORT_RUNTIME[rt]} fp32, {threads} thread{'s' if threads != 1 else ''}, "
