@@ -87,7 +87,7 @@ def test_peers_table_and_pareto_show_a_peer_that_beats_cloformer(tmp_path):
     assert any("unpublished" in note for note in plot.left_out) and any("broken" in n for n in plot.left_out)
 
 
-def _bench_peers(tiny_variant, tmp_path, peers, monkeypatch=None):
+def _bench_peers(tiny_variant, tmp_path, peers):
     from cloformer_deploy.runtime_bench.harness import bench
 
     return bench(tiny_variant, formats="onnx,xnnpack", threads=1, runs=2, warmup=0, img_size=64, peers=peers,

@@ -384,7 +384,7 @@ def console_table(results: dict, stream=None, text_width: int = CONSOLE_TEXT_WID
 
         p = Table(title="beside its peers (median ms, fp32; top-1 published, not measured)")
         threads = results["config"]["threads"]
-        rts = [rt for rt in PEER_RUNTIMES]
+        rts = PEER_RUNTIMES
         for col in ["model", "GMACs", *[f"{SHORT_RUNTIME[rt]} {th}t" for th in threads for rt in rts], "top-1 %",
                     "error"]:
             p.add_column(col, justify="left" if col in ("model", "error") else "right")
