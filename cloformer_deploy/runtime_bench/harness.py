@@ -280,6 +280,11 @@ def _runtimes(formats, portable: bool) -> list[str]:
     return [r for r in RUNTIMES if r in chosen]
 
 
+def _bare_spec(name: str, num_classes: int, size) -> ModelSpec:
+    """The spec of an artifact exported only to be timed: batch 1, no normalisation or labels recorded."""
+    return ModelSpec(name, num_classes, size, 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
+
+
 def _one_line(e: Exception) -> str:
     text = str(e).splitlines()[0][:200] if str(e) else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -299,9 +304,7 @@ def _peer_combos(peer_list: list[Peer], runtimes, threads, work: Path, size, ima
     chosen = [r for r in PEER_RUNTIMES if r in runtimes]
     x = torch.from_numpy(images.tensor)
     for i, peer in enumerate(peer_list, 1):
-        published = peer.published
-        extra = {"source": peer.source, "published": published}
-        module = None
+        extra = {"source": peer.source, "published": peer.published}
         with progress.stage(f"peer {i}/{len(peer_list)}: {peer.name} ({', '.join(chosen)})") as stage:
             try:
                 if peer.source == "timm":
@@ -327,7 +330,7 @@ def _peer_combos(peer_list: list[Peer], runtimes, threads, work: Path, size, ima
                 try:
                     if peer.source == "timm":
                         path = work / f"peer-{peer.name}{backend.suffix}"
-                        spec = ModelSpec(peer.name, num_classes, size, 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
+                        spec = _bare_spec(peer.name, num_classes, size)
                         options = {"opset": None, "simplify": True} if rt == "onnxruntime" else {}
                         job = ExportJob(module, torch.from_numpy(images.tensor[:1]), spec, "fp32", options)
                         art = _art(path, {"precision": "fp32", **backend.export(job, path, lambda text: None)})
@@ -359,8 +362,9 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
     else:
         ckpt = work / "weights.pth"
         for prec in precisions:
-            fmts = [f for f in formats if prec == "default" or prec in BACKENDS[f].precisions
-                    and not ("default" in precisions and BACKENDS[f].default_precision == prec)]  # once only
+            # a format whose default precision is this one was exported with "default" already
+            fmts = [f for f in formats if prec == "default" or (prec in BACKENDS[f].precisions and not (
+                "default" in precisions and BACKENDS[f].default_precision == prec))]
             if not fmts:
                 continue
             with progress.stage(f"export deploy form ({', '.join(fmts)}; {prec} precision)"):
@@ -372,7 +376,7 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
         rt = RUNTIME_OF_FORMAT[e["format"]]
         if rt in runtimes:
             out[("deploy", rt, e["precision"])] = _art(root / e["path"], e)
-    spec = ModelSpec(name, authors.num_classes, size, 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
+    spec = _bare_spec(name, authors.num_classes, size)
     example = torch.randn(1, 3, *size)
     jobs = []
     if "executorch-portable" in runtimes:
@@ -400,7 +404,7 @@ def _art(path: Path, entry: dict) -> dict:
 
 def _measure(combos, work: Path, variant, num_classes, size, runs, warmup, timeout, progress) -> None:
     """Load, time (interleaved rounds) and read outputs, one thread count at a time: every row of a thread
-    count shares its rounds, and only those processes (300-400 MB each) are loaded at once."""
+    count shares its rounds, and only those processes (120-770 MB each) are loaded at once."""
     base = {"model": variant.name, "family": variant.family, "architecture": dataclasses.asdict(variant.config),
             "num_classes": num_classes, "input_size": list(size),
             "weights": str(work / "weights.pth"), "images": str(work / "images.npy"),
