@@ -50,6 +50,16 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt
 
 
+def _add_target_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The options that choose where artifacts also run: export, validate and bench share them."""
+    p.add_argument("--target", default="local",
+                   help=f"local (default), or arm64: also {what} on emulated ARM64 (the phone's XNNPACK and ONNX "
+                        "Runtime kernels under QEMU; numerics only, no latency). Build it once with "
+                        "cloformer-device setup arm64")
+    p.add_argument("--cpu", help="ARM64 CPU profile for --target arm64 (default cortex-a76; see cloformer-device list)")
+    p.add_argument("--target-cache", help="folder of the ARM64 root (default: as cloformer-device setup)")
+
+
 def _argv(prog: str, argv) -> list[str]:
     return [prog, *(sys.argv[1:] if argv is None else argv)]
 
@@ -119,6 +129,7 @@ def export_main(p: _Parser, argv) -> int:
     p.add_argument("--coreml-target", default="iOS16", help="minimum deployment target: iOS16 (default), iOS17, iOS18")
     p.add_argument("--backend", default="xnnpack",
                    help="ExecuTorch backend: xnnpack (default) or portable (runs about 100x slower)")
+    _add_target_args(p, "validate every artifact that runs there")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
     args = p.parse_args(argv)
     from .export.api import export
@@ -130,8 +141,9 @@ def export_main(p: _Parser, argv) -> int:
                     validate_artifacts=not args.no_validate, force=args.force, zip_bundle=args.zip,
                     data=args.data, coreml_input=args.coreml_input, coreml_target=args.coreml_target,
                     et_backend=args.backend, min_top1_agreement=args.min_top1_agreement,
-                    calibration_size=args.calibration_size, keep_float=args.keep_float,
-                    progress=Progress(quiet=args.quiet), argv=_argv(p.prog, argv))
+                    calibration_size=args.calibration_size, keep_float=args.keep_float, target=args.target,
+                    cpu=args.cpu, target_cache=args.target_cache, progress=Progress(quiet=args.quiet),
+                    argv=_argv(p.prog, argv))
     print(f"\n{'format':<12}{'file':<44}{'size MB':>9}  validation")
     for a in result.artifacts:
         v = a.entry.get("validation")
@@ -144,6 +156,8 @@ def export_main(p: _Parser, argv) -> int:
         else:
             verdict = f"{'PASS' if v['passed'] else 'FAIL'} ({v['method']})"
         print(f"{a.format:<12}{a.path.name:<44}{a.entry['size_bytes'] / 1e6:>9.2f}  {verdict}")
+        for name, t in ((v or {}).get("targets") or {}).items():
+            print(f"{'':<12}{'  on ' + name:<44}{'':>9}  {_target_verdict(t)}")
     others = [e for e in result.manifest["artifacts"] if e["path"] not in {a.path.name for a in result.artifacts}]
     if others:
         print(f"kept in the bundle: {', '.join(e['path'] for e in others)}")
@@ -158,6 +172,19 @@ def export_main(p: _Parser, argv) -> int:
     return 0
 
 
+def _target_verdict(t: dict) -> str:
+    """One line for an artifact's validation on another target: its figures and its difference from here."""
+    if not t.get("ran"):
+        return f"not run: {t.get('note')}"
+    if not t.get("figures"):
+        return "FAIL: " + "; ".join(t.get("problems") or [])
+    f, vs = t["figures"], t.get("vs_local") or {}
+    here = ("bit-exact with this machine" if vs.get("bit_exact") else
+            f"vs this machine max abs {vs['max_abs']:.1e}" if vs else "")
+    return (f"{'PASS' if t['passed'] else 'FAIL'} max abs {f['max_abs']:.1e}, cosine {f['cosine']:.5f}, "
+            f"top-1 {f['top1_agreement']:.0%}; {here}")
+
+
 @_command("cloformer-validate")
 def validate_main(p: _Parser, argv) -> int:
     """Re-run the validation of an exported bundle against PyTorch; exit 1 if any artifact fails."""
@@ -165,13 +192,18 @@ def validate_main(p: _Parser, argv) -> int:
     p.add_argument("--weights", help="the checkpoint the bundle was exported from (not needed for random weights)")
     p.add_argument("--data", help="folder of images (default: photographs bundled with scikit-image)")
     p.add_argument("--min-top1-agreement", type=float, help="also require this top-1 agreement (0..1)")
+    _add_target_args(p, "validate every artifact that runs there, and record the figures in manifest.json")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     from .export.api import validate_bundle
     from .export.progress import Progress
 
     ok, reports = validate_bundle(args.bundle, weights=args.weights, data=args.data,
-                                  min_top1_agreement=args.min_top1_agreement, progress=Progress(quiet=args.quiet))
+                                  min_top1_agreement=args.min_top1_agreement, target=args.target, cpu=args.cpu,
+                                  target_cache=args.target_cache, progress=Progress(quiet=args.quiet))
+    for r in reports:
+        for name, t in (r.get("targets") or {}).items():
+            print(f"{r['path']} on {name}: {_target_verdict(t)}")
     print(f"{'PASS' if ok else 'FAIL'}: {sum(r['passed'] for r in reports)}/{len(reports)} artifacts pass")
     return 0 if ok else 1
 
@@ -206,6 +238,7 @@ def bench_main(p: _Parser, argv) -> int:
     p.add_argument("--out", default="runtime_bench", help="output folder (default runtime_bench/)")
     p.add_argument("--ablation", action="store_true",
                    help="instead: time the deploy form step by step (ONNX Runtime and XNNPACK, first thread count)")
+    _add_target_args(p, "measure the drift of every artifact that runs there (rows without latency)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     from .export.progress import Progress
@@ -216,6 +249,8 @@ def bench_main(p: _Parser, argv) -> int:
 
         if args.baselines or args.peers or args.profile:
             raise InputError("--ablation times the deploy steps of one model; drop --baselines/--peers/--profile")
+        if args.target != "local" or args.cpu or args.target_cache:
+            raise InputError("--ablation times on this machine; drop --target/--cpu/--target-cache")
 
         res = ablation(args.model or "cloformer_xxs", weights=args.weights, img_size=args.img_size,
                        threads=args.threads, runs=args.runs, warmup=args.warmup, out=args.out,
@@ -227,12 +262,69 @@ def bench_main(p: _Parser, argv) -> int:
 
     result = bench(args.model, weights=args.weights, formats=args.formats, threads=args.threads, runs=args.runs,
                    warmup=args.warmup, img_size=args.img_size, compare_authors=args.compare_authors,
-                   baselines=args.baselines, peers=args.peers, profile=args.profile, portable=args.portable, data=args.data, out=args.out,
-                   bundle=args.bundle, progress=Progress(quiet=args.quiet), precisions=args.precisions,
+                   baselines=args.baselines, peers=args.peers, profile=args.profile, portable=args.portable,
+                   data=args.data, out=args.out, bundle=args.bundle, target=args.target, cpu=args.cpu,
+                   target_cache=args.target_cache, progress=Progress(quiet=args.quiet), precisions=args.precisions,
                    argv=_argv(p.prog, argv))
     console_table(result.results)
     extra = "".join(f", {f}" for f in ("peers.md", "pareto.png", "profile.md") if (result.out / f).exists())
     print(f"results: {result.out}/results.md (and .json, .csv, latency.png, latency_vs_drift.png{extra})")
+    return 0
+
+
+@_command("cloformer-device")
+def device_main(p: _Parser, argv) -> int:
+    """Targets the artifacts can run on: list them, or build the emulated ARM64 one (once)."""
+    from .targets import TARGETS
+
+    sub = p.add_subparsers(dest="action", metavar="{setup,list}", parser_class=_Parser)
+    setup = sub.add_parser("setup", help="build a target once (arm64: a Debian arm64 root with the host's runtimes, "
+                                         "run by QEMU; downloads about 2.8 GB, 6 GB on disk)")
+    setup.add_argument("target", help="arm64")
+    setup.add_argument("--cache", help="folder for the root (default: $CLOFORMER_DEPLOY_CACHE or "
+                                       "~/.cache/cloformer-deploy)")
+    setup.add_argument("--force", action="store_true", help="rebuild a root that is already ready")
+    setup.add_argument("--keep-downloads", action="store_true", help="keep the downloaded wheels (2.8 GB) "
+                                                                    "after the root is ready")
+    setup.add_argument("-q", "--quiet", action="store_true")
+    listing = sub.add_parser("list", help="targets, whether they are ready, and the ARM64 CPU profiles")
+    listing.add_argument("--cache", help="folder of the roots (as for setup)")
+    args = p.parse_args(argv)
+    if args.action is None:
+        p.error("choose an action: setup arm64, or list")
+    from pathlib import Path
+
+    from .export.progress import Progress
+    from .targets.arm64 import CPU_PROFILES, DEFAULT_CPU, check_cpu, default_cache, qemu_binary
+    from .targets.arm64_root import ROOT_DIR, ready_state, setup_arm64
+
+    cache = Path(args.cache) if args.cache else default_cache()
+    if args.action == "setup":
+        if args.target != "arm64":
+            raise InputError(f"setup {args.target!r}: only arm64 is built by setup ({', '.join(TARGETS)} exist; "
+                             "local needs none)")
+        record = setup_arm64(cache, force=args.force, keep_downloads=args.keep_downloads,
+                             progress=Progress(quiet=args.quiet))
+        print(f"arm64 root ready: {cache / ROOT_DIR} ({record['bytes'] / 1e9:.1f} GB; torch "
+              f"{record['versions']['torch']}, executorch {record['versions']['executorch']}, onnxruntime "
+              f"{record['versions']['onnxruntime']}; importing them under emulation took {record['import_seconds']}s)")
+        print("next:   cloformer-validate BUNDLE --target arm64")
+        return 0
+    state = ready_state(cache)
+    print(f"{'target':<8}{'status':<58}runs")
+    print(f"{'local':<8}{'ready':<58}{TARGETS['local']}")
+    status = (f"ready in {cache / ROOT_DIR} ({state['bytes'] / 1e9:.1f} GB)" if state
+              else "not set up: cloformer-device setup arm64")
+    print(f"{'arm64':<8}{status:<58}{TARGETS['arm64']}")
+    qemu = qemu_binary()
+    print(f"\nARM64 CPU profiles (--cpu; default {DEFAULT_CPU}){'' if qemu else '; QEMU is not installed'}:")
+    for name, profile in CPU_PROFILES.items():
+        try:
+            check_cpu(name, qemu)
+            mark = ""
+        except InputError as e:
+            mark = f"  [refused here: {e.cli_message.split(': ', 1)[1]}]"
+        print(f"  {name:<12} {profile.about}{mark}")
     return 0
 
 

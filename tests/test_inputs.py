@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloformer_deploy.cli import bench_main, export_main, models_main, validate_main
+from cloformer_deploy.cli import bench_main, device_main, export_main, models_main, validate_main
 from cloformer_deploy.inputs import InputError
 
-COMMANDS = {"export": export_main, "validate": validate_main, "bench": bench_main, "models": models_main}
+COMMANDS = {"export": export_main, "validate": validate_main, "bench": bench_main, "models": models_main,
+            "device": device_main}
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +173,18 @@ CASES = [
     ("bench", ["--ablation", "--baselines"], "--ablation times the deploy steps of one model; drop --baselines"),
     ("bench", ["--ablation", "--threads", "0"], "--threads 0 is out of range"),
     ("bench", ["--ablation", "--model", "vgg"], "unknown model 'vgg'"),
+    ("bench", ["--ablation", "--target", "arm64"], "--ablation times on this machine; drop --target"),
+    # targets (the ARM64 target's own checks, which depend on the host's QEMU, are in test_targets.py)
+    ("export", ["--target", "mars"], "--target 'mars' is not a target; choose from local, arm64"),
+    ("export", ["--cpu", "cortex-a76"], "--cpu chooses the emulated CPU of --target arm64"),
+    ("validate", ["{good}", "--weights", "{ckpt}", "--target", "phone"], "--target 'phone' is not a target"),
+    ("bench", ["--target", "x86"], "--target 'x86' is not a target"),
+    ("bench", ["--cpu", "max"], "--cpu chooses the emulated CPU of --target arm64; drop it"),
+    # cloformer-device
+    ("device", [], "choose an action: setup arm64, or list"),
+    ("device", ["setup"], "the following arguments are required: target"),
+    ("device", ["setup", "arm65"], "setup 'arm65': only arm64 is built by setup"),
+    ("device", ["remove"], "invalid choice: 'remove'"),
     # cloformer-models
     ("models", ["--img-size", "100"], "not a multiple of 32"),
     ("models", ["--img-size", "0"], "sizes must be positive"),
@@ -195,13 +208,13 @@ def test_bad_input_is_one_line_exit_2_nothing_written(command, args, message, in
     watched = [inputs["root"], inputs["good"].parent]
     before = [_tree(w) for w in watched]
     try:
-        rc = COMMANDS[command](argv + (["-q"] if command != "models" else []))
+        rc = COMMANDS[command](argv + (["-q"] if command not in ("models", "device") else []))
     except SystemExit as e:  # argparse's own errors exit directly
         rc = e.code
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert message.format(**fill) in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith(f"cloformer-{command}: error: ")
+    assert err.startswith(f"cloformer-{command}") and ": error: " in err.split("\n")[0]  # or "cloformer-device setup"
     assert list(tmp_path.iterdir()) == [] and [_tree(w) for w in watched] == before
 
 

@@ -22,15 +22,18 @@ from ..inputs import InputError, existing_file, existing_folder, fraction, image
 from ..models import apply_state_dict, check_input_size, get_variant, load_checkpoint, to_deploy
 from ..models.checkpoint import num_classes_of
 from ..quiet import quiet_libraries
+from ..targets import get_target
+from ..targets.local import LocalTarget
 from . import bundle as bundle_io
 from .base import BACKENDS, ExportJob, ModelSpec, parse_formats
 from .images import CROP_PCT, ImageBatch, load_calibration, load_images
 from .progress import Progress
-from .validate import bounds_for, validate
+from .validate import bounds_for, compare, validate_outputs
 
 RANDOM_SEED = 0  # random weights are drawn with this seed, so a bundle of random weights can be re-validated
 DEFAULT_CALIBRATION_SIZE = 32
 PRECISIONS = ("fp32", "fp16", "int8", "w4")
+LOCAL = LocalTarget()  # this machine: artifacts are validated here first, then on a --target
 
 
 class ExportInputError(InputError):
@@ -181,6 +184,35 @@ def _calibrated(precisions: dict[str, str]) -> bool:
     return any(p in BACKENDS[f].calibrated_precisions for f, p in precisions.items())
 
 
+def validate_on_target(target, fmt: str, path: Path, spec: ModelSpec, info: dict, images: ImageBatch,
+                       reference: np.ndarray, bounds, local_outputs: np.ndarray | None, stage) -> dict:
+    """One artifact validated on a target other than this machine, with its difference from this machine's run.
+
+    An artifact the target cannot run, cannot open or loses mid-run gets a report that says so
+    (not run, or failed with the reason); it never stops the artifacts after it.
+    """
+    from ..targets import WorkerError
+
+    backend = BACKENDS[fmt]
+    if not target.can_run(backend):
+        return {"ran": False, "passed": None, "note": f"{backend.runtime} does not run on {target.platform}"}
+    stage.update(f"starting the worker on {target.name}")
+    try:
+        runner = target.runner(fmt, path, spec, info)
+    except WorkerError as e:
+        return {"ran": True, "passed": False, "problems": [f"could not open it on {target.name}: {e}"]}
+    try:
+        report, out = validate_outputs(runner, images, reference, spec.batch, bounds,
+                                       on_progress=lambda text: stage.update(f"{text} on {target.name}"))
+    except WorkerError as e:
+        return {"ran": True, "passed": False, "problems": [f"stopped on {target.name}: {e}"]}
+    if local_outputs is not None:
+        vs = compare(out, local_outputs[: len(out)])
+        report["vs_local"] = {**{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},
+                              "bit_exact": bool(np.array_equal(out, local_outputs[: len(out)]))}
+    return {"ran": True, **report, "target": target.describe()}
+
+
 def _check_export_inputs(formats, img_size, num_classes, batch, precision, out, data, min_top1_agreement,
                          calibration_size, keep_float, weights, labels, options: dict):
     """Every option and file argument of :func:`export`, checked and normalised before any work."""
@@ -218,7 +250,8 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
            simplify: bool = True, validate_artifacts: bool = True, force: bool = False, zip_bundle: bool = False,
            data: str | Path | None = None, coreml_input: str = "image", coreml_target: str = "iOS16",
            et_backend: str = "xnnpack", min_top1_agreement: float | None = None,
-           calibration_size: int | None = None, keep_float: int = 0,
+           calibration_size: int | None = None, keep_float: int = 0, target: str = "local",
+           cpu: str | None = None, target_cache: str | Path | None = None,
            progress: Progress | None = None, argv: list[str] | None = None) -> ExportResult:
     """Export one model to the given formats, validate every artifact, and add them to the bundle.
 
@@ -226,24 +259,29 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
     exported earlier from the same weights, batch and labels; ``force`` replaces an artifact of
     the same format and precision, or a bundle of other weights. Raises :class:`ExportInputError`
     for bad input before anything is written. A validation breach leaves the bundle at
-    ``<bundle>.failed`` and ``passed`` False.
+    ``<bundle>.failed`` and ``passed`` False. ``target`` other than ``local`` (``arm64``, emulated, with
+    ``cpu`` and the ``target_cache`` of its root) also validates every artifact it can run there and
+    records those figures, and their difference from this machine's, in the manifest.
     """
     with quiet_libraries():
         return _export(model, weights, formats, img_size, num_classes, batch, precision, out, labels,
                        {"opset": opset, "simplify": simplify, "coreml_input": coreml_input,
                         "coreml_target": coreml_target, "et_backend": et_backend},
                        validate_artifacts, force, zip_bundle, data, min_top1_agreement, calibration_size,
-                       keep_float, progress or Progress(quiet=True), argv)
+                       keep_float, (target, cpu, target_cache), progress or Progress(quiet=True), argv)
 
 
 def _export(model, weights, formats, img_size, num_classes, batch, precision, out, labels, options,
             validate_artifacts, force, zip_bundle, data, min_top1_agreement, calibration_size, keep_float,
-            progress: Progress, argv) -> ExportResult:
+            target_choice, progress: Progress, argv) -> ExportResult:
     t0 = time.perf_counter()
     variant = get_variant(model)
     (fmts, size, num_classes, batch, precisions, calibration_size, keep_float, min_top1_agreement,
      options) = _check_export_inputs(formats, img_size, num_classes, batch, precision, out, data,
                                      min_top1_agreement, calibration_size, keep_float, weights, labels, options)
+    target = get_target(*target_choice)
+    if target.kind != "local" and not validate_artifacts:
+        raise ExportInputError(f"--target {target_choice[0]} validates the artifacts there; drop --no-validate")
     out = Path(out)
     with progress.stage("load model"):
         prepared = prepare_model(variant.name, weights, num_classes)
@@ -333,24 +371,33 @@ def _export(model, weights, formats, img_size, num_classes, batch, precision, ou
                                         "sensitivity_top": (sensitivity or [])[:10]}
             passed = None
             if reference is not None:
+                bounds = bounds_for(prec, min_top1_agreement)
                 with progress.stage(f"{fmt}: validate") as st:
-                    runner = backend.open(path, spec, info)
-                    report = validate(runner, images, reference, batch, bounds_for(prec, min_top1_agreement),
-                                      on_progress=st.update)
+                    runner = LOCAL.runner(fmt, path, spec, info)
+                    report, local_out = validate_outputs(runner, images, reference, batch, bounds,
+                                                         on_progress=st.update)
                 entry["validation"] = report
                 passed = report["passed"]
                 progress.report(fmt, report)
+                if target.kind != "local":
+                    with progress.stage(f"{fmt}: validate on {target.name}") as st:
+                        on_target = validate_on_target(target, fmt, path, spec, info, images, reference, bounds,
+                                                       local_out, st)
+                    report["targets"] = {target.name: on_target}
+                    progress.report_target(fmt, target.name, on_target)
+                    passed = passed and on_target["passed"] is not False
             entry.update(created=created, command=command, versions=run_versions)
             results.append(ArtifactResult(fmt, final / path.name, prec, passed, entry))
         manifest = build_manifest(spec, variant, prepared, results, images, data, command, created, run_versions)
         (staging.path / bundle_io.LABELS).write_text("\n".join(label_list) + "\n")
         bundle_io.write_manifest(staging.path, manifest)
         ok = all(r.passed is not False for r in results)
-        target = final if ok else final.with_name(final.name + ".failed")
-        bundle_path = staging.commit(target)
+        bundle_path = staging.commit(final if ok else final.with_name(final.name + ".failed"))
     except BaseException:
         staging.discard()
         raise
+    finally:
+        target.close()  # its validation worker: nothing left running
     for r in results:
         r.path = bundle_path / r.path.name
     zip_path = bundle_io.zip_bundle(bundle_path) if zip_bundle and ok else None
@@ -475,26 +522,49 @@ def open_bundle(folder, weights=None) -> OpenedBundle:
 
 
 def validate_bundle(folder: str | Path, *, weights: str | Path | None = None, data: str | Path | None = None,
-                    min_top1_agreement: float | None = None, progress: Progress | None = None
+                    min_top1_agreement: float | None = None, target: str = "local", cpu: str | None = None,
+                    target_cache: str | Path | None = None, progress: Progress | None = None
                     ) -> tuple[bool, list[dict]]:
-    """Re-run validation of every artifact of an existing bundle; True when all pass."""
+    """Re-run validation of every artifact of an existing bundle; True when all pass.
+
+    With a ``target`` other than ``local``, every artifact it can run is also validated there, and
+    the figures (with their difference from this machine's) are recorded in the bundle's manifest
+    under ``validation.targets.<target name>``.
+    """
     with quiet_libraries():
         progress = progress or Progress(quiet=True)
         if min_top1_agreement is not None:
             min_top1_agreement = fraction("--min-top1-agreement", min_top1_agreement)
         if data is not None:
             existing_folder("--data", data, "a folder of .jpg/.png images")
+        on = get_target(target, cpu, target_cache)
         opened = open_bundle(folder, weights)
         spec = opened.spec
         images = load_images(spec.input_size, spec.mean, spec.std, folder=data)
         with torch.no_grad():
             reference = opened.prepared.module(torch.from_numpy(images.tensor)).numpy()
         reports = []
-        for entry in opened.manifest["artifacts"]:
-            with progress.stage(f"{entry['format']} {entry['precision']}: validate") as st:
-                runner = BACKENDS[entry["format"]].open(opened.folder / entry["path"], spec, entry)
-                report = validate(runner, images, reference, spec.batch,
-                                  bounds_for(entry["precision"], min_top1_agreement), on_progress=st.update)
-            progress.report(entry["format"], report)
-            reports.append({"format": entry["format"], "path": entry["path"], **report})
+        try:
+            for entry in opened.manifest["artifacts"]:
+                fmt, path = entry["format"], opened.folder / entry["path"]
+                bounds = bounds_for(entry["precision"], min_top1_agreement)
+                with progress.stage(f"{fmt} {entry['precision']}: validate") as st:
+                    runner = LOCAL.runner(fmt, path, spec, entry)
+                    report, local_out = validate_outputs(runner, images, reference, spec.batch, bounds,
+                                                         on_progress=st.update)
+                progress.report(fmt, report)
+                if on.kind != "local":
+                    with progress.stage(f"{fmt} {entry['precision']}: validate on {on.name}") as st:
+                        on_target = validate_on_target(on, fmt, path, spec, entry, images, reference, bounds,
+                                                       local_out, st)
+                    progress.report_target(fmt, on.name, on_target)
+                    report["targets"] = {on.name: on_target}
+                    report["passed"] = report["passed"] and on_target["passed"] is not False
+                    validation = entry.setdefault("validation", {})
+                    validation.setdefault("targets", {})[on.name] = on_target
+                reports.append({"format": fmt, "path": entry["path"], "precision": entry["precision"], **report})
+        finally:
+            on.close()  # its validation worker: nothing left running
+        if on.kind != "local":
+            bundle_io.write_manifest(opened.folder, opened.manifest)
         return all(r["passed"] for r in reports), reports

@@ -60,6 +60,14 @@ class Runner(ABC):
     def run(self, batch: ImageBatch) -> np.ndarray:
         """Logits (N, num_classes) as float32 for one batch of exactly the artifact's batch size."""
 
+    def prepare(self, batch: ImageBatch):
+        """The batch in the runtime's own input form, made once so that timed runs time only the runtime."""
+        return batch
+
+    def infer(self, prepared) -> np.ndarray:
+        """Logits of a batch made by :meth:`prepare`."""
+        return self.run(prepared)
+
     def check_structure(self) -> list[str]:
         """Problems found in the artifact's interface (names, shapes, metadata); empty when sound."""
         return []
@@ -91,9 +99,12 @@ class Backend(ABC):
     def export(self, job: ExportJob, path: Path, log: Callable[[str], None]) -> dict:
         """Write the artifact at ``path``; return facts for the manifest (delegation, opset, ...)."""
 
+    # where this format's runtime runs natively ("system-machine"); targets run only what they can
+    platforms: tuple[str, ...] = ("linux-x86_64", "linux-aarch64", "darwin-arm64", "darwin-x86_64")
+
     @abstractmethod
-    def open(self, path: Path, spec: ModelSpec, info: dict) -> Runner:
-        """Open a written artifact as a runner."""
+    def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
+        """Open a written artifact as a runner (``threads``: its runtime's thread pool; None: the default)."""
 
     def versions(self) -> dict[str, str]:
         return {}

@@ -176,7 +176,10 @@ class StagingDir:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    """Written to a temporary name and renamed: a manifest is never half-written (validation rewrites it)."""
+    tmp = folder / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, folder / MANIFEST)
 
 
 def zip_bundle(folder: Path) -> Path:

@@ -177,6 +177,8 @@ class CoreMLBackend(Backend):
     # int8: 8-bit linear (symmetric, per-channel) weights; w4: 4-bit palettised weights (k-means LUT).
     # Both compress weights only: activations and arithmetic stay fp16.
     precisions = ("fp16", "fp32", "int8", "w4")
+    # Core ML runs on Apple's systems only; elsewhere the package interpreter reads it on the local target
+    platforms = ("darwin-arm64", "darwin-x86_64")
 
     def check_options(self, options: dict) -> dict:
         options["coreml_input"] = choice("--coreml-input", options.get("coreml_input", "image"), ("image", "tensor"))
@@ -245,8 +247,8 @@ class CoreMLBackend(Backend):
         return {**extra, "input": input_kind, "minimum_deployment_target": target, "classifier": classify,
                 "ops": ops, "fp32_ops_in_fp16_program": _fp32_compute_ops(mlmodel) if job.precision != "fp32" else 0}
 
-    def open(self, path: Path, spec: ModelSpec, info: dict) -> Runner:
-        return CoreMLRunner(path, spec)
+    def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
+        return CoreMLRunner(path, spec)  # Core ML chooses its own threads
 
 
 def compress_weights(mlmodel, precision: str):

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from ..inputs import InputError
 
@@ -62,6 +61,8 @@ def folder_image_paths(folder: str | Path) -> list[Path]:
 
 def load_rgb(path: Path, size: tuple[int, int], crop_pct: float = CROP_PCT) -> np.ndarray:
     """Resize so the image covers size/crop_pct (bicubic), centre-crop to size; uint8 RGB (H, W, 3)."""
+    from PIL import Image  # here, not at the top: the worker on an ARM64 target has no Pillow
+
     h, w = size
     with Image.open(path) as im:
         im = im.convert("RGB")
@@ -90,7 +91,7 @@ def load_images(size: tuple[int, int], mean, std, folder: str | Path | None = No
             arrays.append(load_rgb(p, size))
             # relative to --data, so a class-per-subfolder layout can be read back from the name
             names.append(p.relative_to(folder).as_posix() if folder is not None else p.name)
-        except (UnidentifiedImageError, OSError):
+        except OSError:  # PIL's UnidentifiedImageError is one
             continue  # a broken file among many is skipped; none readable is an error below
     if not arrays:
         where = f"--data {str(folder)!r}" if folder is not None else "the default image set"
@@ -115,7 +116,7 @@ def load_calibration(size: tuple[int, int], mean, std, folder: str | Path | None
         for p in paths:
             try:
                 a = load_rgb(p, size, crop_pct)
-            except (UnidentifiedImageError, OSError):
+            except OSError:
                 continue
             arrays.append(a[:, ::-1] if flip else a)
             if len(arrays) >= count:

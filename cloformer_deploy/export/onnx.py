@@ -30,6 +30,7 @@ class OnnxRunner(Runner):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
@@ -142,8 +143,8 @@ class OnnxBackend(Backend):
             torch.onnx.export(job.module, (job.example,), buf, dynamo=False, **kwargs)
             return onnx.load_from_string(buf.getvalue())
 
-    def open(self, path: Path, spec: ModelSpec, info: dict) -> Runner:
-        return OnnxRunner(path)
+    def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
+        return OnnxRunner(path, threads)
 
 
 def norm_statistics_nodes(model) -> list[str]:

@@ -79,3 +79,15 @@ class Progress:
         if report.get("problems"):
             text += " -- " + "; ".join(report["problems"])
         self._line(text)
+
+    def report_target(self, fmt: str, target: str, report: dict) -> None:
+        """One artifact's validation on another target, with its difference from this machine's run."""
+        if not report.get("ran"):
+            self._line(f"{fmt} on {target}: not run ({report.get('note')})")
+            return
+        self.report(f"{fmt} on {target}", report)
+        vs = report.get("vs_local")
+        if vs:
+            self._line(f"{fmt} on {target} vs this machine: "
+                       + ("bit-exact" if vs["bit_exact"] else
+                          f"max abs {vs['max_abs']:.2e}, cosine {vs['cosine']:.6f}, top-1 {vs['top1_agreement']:.0%}"))

@@ -80,10 +80,17 @@ def run_all(runner: Runner, images: ImageBatch, batch: int, on_progress=None) ->
 def validate(runner: Runner, images: ImageBatch, reference: np.ndarray, batch: int, bounds: Bounds,
              on_progress=None) -> dict:
     """Check the artifact's structure, run it on every image and judge its outputs against the bounds."""
+    return validate_outputs(runner, images, reference, batch, bounds, on_progress)[0]
+
+
+def validate_outputs(runner: Runner, images: ImageBatch, reference: np.ndarray, batch: int, bounds: Bounds,
+                     on_progress=None) -> tuple[dict, np.ndarray]:
+    """:func:`validate`'s report, and the outputs it judged (to compare one target's with another's)."""
     problems = runner.check_structure()
     out = run_all(runner, images, batch, on_progress)
     figures = compare(out, reference[: len(out)])
     failures = problems + check(figures, bounds)
     # described after running: e.g. the fp16 report of the Core ML interpreter
-    return {**runner.describe(), "bounds": bounds.as_dict(), "passed": not failures, "problems": failures,
-            "figures": figures}
+    report = {**runner.describe(), "bounds": bounds.as_dict(), "passed": not failures, "problems": failures,
+              "figures": figures}
+    return report, out

@@ -7,10 +7,7 @@ that a noisy neighbour affects all rows alike; medians and p90 come from all rou
 from __future__ import annotations
 
 import dataclasses
-import json
-import select
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +34,10 @@ from .report import write_reports
 from .op_profile import PROFILERS
 from .peers import Peer, resolve_peers
 from .runtimes import ALIASES, FORMAT_OF as _FORMAT_OF, PEER_RUNTIMES, RUNTIME_OF_FORMAT, RUNTIMES
+from ..targets import Target, WorkerError, WorkerProcess, get_target
+from ..targets.local import LocalTarget
+from ..targets.base import spec_message
+from ..targets.worker import pack, unpack
 
 PORTABLE_RUNS = 3  # the portable kernels take seconds per run
 
@@ -55,43 +56,14 @@ class Combo:
     path: str | None = None
     size_mb: float | None = None
     extra: dict = field(default_factory=dict)
-    worker: "Worker | None" = None
+    worker: "WorkerProcess | None" = None
     times: list[float] = field(default_factory=list)
     load_ms: float | None = None
     error: str | None = None
     outputs: np.ndarray | None = None
     peak_rss_mb: float | None = None
     role: str = "subject"  # the benchmarked model, or a "peer" timed beside it
-
-
-class Worker:
-    def __init__(self, cfg: dict, timeout: float):
-        self.timeout = timeout
-        self.proc = subprocess.Popen([sys.executable, "-m", "cloformer_deploy.runtime_bench.worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
-        self.first = self.ask(cfg)
-
-    def ask(self, cmd: dict, timeout: float | None = None) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout or self.timeout)
-        if not ready:
-            self.close()
-            raise TimeoutError(f"no answer within {timeout or self.timeout:.0f}s")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker exited (code {self.proc.poll()})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
+    target: "Target | None" = None  # where it runs; None: this machine
 
 
 @dataclass
@@ -123,7 +95,8 @@ def _accuracy(outputs: np.ndarray, labels: list[int]) -> dict:
 def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 2), runs: int = 50,
           warmup: int = 10, img_size=None, compare_authors: bool = False, baselines: bool = False,
           portable: bool = False, data=None, out="runtime_bench", bundle=None, timeout: float = 900.0,
-          precisions=("default",), peers=None, profile: bool = False,
+          precisions=("default",), peers=None, profile: bool = False, target: str = "local",
+          cpu: str | None = None, target_cache=None,
           progress: Progress | None = None, argv: list[str] | None = None) -> BenchResult:
     """Time every runtime (own process each) on the deploy form, optionally beside the authors' form.
 
@@ -132,6 +105,9 @@ def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 
     ``baselines`` adds the default peers (timm mobile backbones and the other CloFormer/FAT sizes) and
     ``peers`` names more; they are exported for ONNX Runtime and XNNPACK and timed in the same rounds.
     ``profile`` adds per-operator time tables (ETDump for XNNPACK, ONNX Runtime's profiler) in profile.md.
+    ``target`` other than ``local`` (``arm64``: emulated, with ``cpu``) adds, for every artifact of the
+    benchmarked model it can run, a row of its drift there; an emulated target's timings are no latency,
+    so its rows have none.
     """
     with quiet_libraries():
         progress = progress or Progress(quiet=True)
@@ -170,12 +146,18 @@ def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 
         if profile and not set(runtimes) & set(PROFILERS):
             raise BenchInputError(f"--profile reads the profilers of {' and '.join(PROFILERS)}; add one of them "
                                   "to --formats")
+        remote = get_target(target, cpu, target_cache)
+        if remote.kind == "local":
+            remote = None
+        elif not any(remote.can_run(BACKENDS[_FORMAT_OF[r]]) for r in runtimes if r in _FORMAT_OF):
+            raise BenchInputError(f"--target {target}: none of --formats runs there; add onnxruntime or "
+                                  "executorch-xnnpack")
         return _bench(prepared, runtimes, threads, runs, warmup, size or (224, 224), compare_authors,
-                      data, Path(out), bundle, timeout, precisions, peer_list, profile, progress, argv)
+                      data, Path(out), bundle, timeout, precisions, peer_list, profile, remote, progress, argv)
 
 
 def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, data, out: Path, bundle,
-           timeout, precisions, peer_list, profile, progress: Progress, argv) -> BenchResult:
+           timeout, precisions, peer_list, profile, remote: Target | None, progress: Progress, argv) -> BenchResult:
     variant, authors = prepared.variant, prepared.module
     weights_sha = prepared.weights_sha256
     images = load_images(size, variant.mean, variant.std, folder=data)
@@ -185,8 +167,6 @@ def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, dat
     combos: list[Combo] = []
     try:
         torch.save(authors.state_dict(), work / "weights.pth")
-        np.save(work / "images.npy", images.tensor)
-        np.save(work / "pixels.npy", images.images)
         with torch.no_grad():
             reference = authors(torch.from_numpy(images.tensor)).numpy()
         with progress.stage("machine (matmul peak per thread count)"):
@@ -210,13 +190,17 @@ def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, dat
                         continue
                     combos += [Combo(variant.name, form, rt, art["precision"], t, art["path"], art["size_mb"],
                                      art["extra"]) for t in threads]
+                    if remote is not None and remote.can_run(BACKENDS[_FORMAT_OF[rt]]):
+                        combos.append(Combo(variant.name, form, rt, art["precision"], None, art["path"],
+                                            art["size_mb"], art["extra"], target=remote))
         for c in combos:
             c.extra = {"params": prof.params, "macs": prof.macs, **c.extra}
         references = {variant.name: reference}
         combos += _peer_combos(peer_list, runtimes, threads, work, size, images, authors.num_classes,
                                references, progress)
-        _measure(combos, work, variant, authors.num_classes, size, runs, warmup, timeout, progress)
+        _measure(combos, work, variant, authors.num_classes, size, images, runs, warmup, timeout, progress)
         rows = [_row(c, references.get(c.model), machine, labels) for c in combos]
+        _versus_local(combos, rows)
         profiles = _profiles(combos, images, threads[0], min(runs, 20), progress) if profile else None
     finally:
         for c in combos:
@@ -230,6 +214,7 @@ def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, dat
                    "images": len(images), "data": str(data) if data else "scikit-image bundled photographs",
                    "macs": prof.macs, "params": prof.params, "compare_authors": compare_authors,
                    "peers": [p.name for p in peer_list]},
+        "targets": {"local": LOCAL.describe(), **({remote.name: remote.describe()} if remote else {})},
         "rows": rows, "command": argv if argv is not None else sys.argv,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -402,40 +387,65 @@ def _art(path: Path, entry: dict) -> dict:
             "extra": {k: entry[k] for k in keys if k in entry}}
 
 
-def _measure(combos, work: Path, variant, num_classes, size, runs, warmup, timeout, progress) -> None:
+def _measure(combos, work: Path, variant, num_classes, size, images: ImageBatch, runs, warmup, timeout,
+             progress) -> None:
     """Load, time (interleaved rounds) and read outputs, one thread count at a time: every row of a thread
-    count shares its rounds, and only those processes (120-770 MB each) are loaded at once."""
-    base = {"model": variant.name, "family": variant.family, "architecture": dataclasses.asdict(variant.config),
-            "num_classes": num_classes, "input_size": list(size),
-            "weights": str(work / "weights.pth"), "images": str(work / "images.npy"),
-            "pixels": str(work / "pixels.npy")}
+    count shares its rounds, and only those processes (120-770 MB each) are loaded at once. Rows of a target
+    that measures no latency run one at a time: they are never timed, so nothing is interleaved."""
+    eager = {"model": variant.name, "family": variant.family, "architecture": dataclasses.asdict(variant.config),
+             "num_classes": num_classes, "input_size": list(size), "weights": str(work / "weights.pth")}
+    spec = spec_message(_bare_spec(variant.name, num_classes, size))
     done: dict = {}  # one artifact's outputs do not depend on its thread count: run them once
     groups: dict = {}
     for c in combos:
         if c.error is None:
-            groups.setdefault(c.threads, []).append(c)
-    for threads, group in groups.items():
+            key = ("local", c.threads) if c.target is None else (c.target.name, None)
+            groups.setdefault(key, []).append(c)
+    for (where, threads), group in groups.items():
+        if where != "local":
+            for i, c in enumerate(group, 1):
+                what = f"{where} (emulated: drift only) {i}/{len(group)}, {c.form} form {c.runtime} {c.precision}"
+                _load_workers([c], eager, spec, images, timeout, progress, what)
+                _outputs([c], images, done, progress, what)
+            continue
         what = "untimed" if threads is None else f"{threads} thread{'s' if threads != 1 else ''}"
-        _load_workers(group, base, timeout, progress, what)
+        _load_workers(group, eager, spec, images, timeout, progress, what)
         _time(group, runs, warmup, progress, what)
-        _outputs(group, work, done, progress, what)
+        _outputs(group, images, done, progress, what)
 
 
-def _load_workers(group, base, timeout, progress, what) -> None:
-    with progress.stage(f"{what}: load {len(group)} runtime processes") as stage:
+LOCAL = LocalTarget()
+
+
+def _open_message(c: Combo, eager: dict, spec: dict) -> dict:
+    if c.runtime == "torch":
+        return {"cmd": "open", "format": "eager", "threads": c.threads or 1, "eager": {**eager, "form": c.form}}
+    where = c.target or LOCAL
+    return {"cmd": "open", "format": _FORMAT_OF[c.runtime], "path": where.ship(c.path),
+            "spec": {**spec, "name": c.model}, "info": {}, "threads": c.threads or 1}
+
+
+def _run_message(images: ImageBatch, i: int) -> dict:
+    return {"cmd": "run", "names": images.names[i:i + 1], "images": pack(images.images[i:i + 1]),
+            "tensor": pack(images.tensor[i:i + 1])}
+
+
+def _load_workers(group, eager, spec, images: ImageBatch, timeout, progress, what) -> None:
+    with progress.stage(f"{what}: load {len(group)} runtime process{'es' if len(group) > 1 else ''}") as stage:
         for i, c in enumerate(group, 1):
             stage.update(f"{i}/{len(group)}")
-            cfg = {**base, "runtime": c.runtime, "form": c.form, "threads": c.threads or 1, "path": c.path}
+            where = c.target or LOCAL
             try:
-                c.worker = Worker(cfg, timeout)
-                if "error" in c.worker.first:
-                    c.error = c.worker.first["error"]
+                c.worker = where.start(max(timeout, where.step_timeout) if c.target else timeout)
+                opened = c.worker.ask(_open_message(c, eager, spec))
+                # the first run initialises lazily in several runtimes: part of loading
+                first = c.worker.ask(_run_message(images, 0))
+                c.load_ms = opened["load_ms"] + first["ms"]
+            except (WorkerError, OSError) as e:
+                c.error = str(e)
+                if c.worker is not None:
                     c.worker.close()
-                    c.worker = None
-                else:
-                    c.load_ms = c.worker.first["load_ms"]
-            except (TimeoutError, RuntimeError, OSError) as e:
-                c.error, c.worker = str(e), None
+                c.worker = None
 
 
 def _time(group, runs, warmup, progress, what) -> None:
@@ -459,30 +469,46 @@ def _time(group, runs, warmup, progress, what) -> None:
                         c.worker.ask({"cmd": "time", "n": w})
                     if n:
                         c.times += c.worker.ask({"cmd": "time", "n": n})["times_ms"]
-                except (TimeoutError, RuntimeError, OSError) as e:
+                except (WorkerError, OSError) as e:
                     c.error = f"timing failed: {e}"
                     c.worker.close()
                     c.worker = None
                 time.sleep(0.2)  # let the previous runtime's spinning threads go idle
 
 
-def _outputs(group, work: Path, done: dict, progress, what) -> None:
-    with progress.stage(f"{what}: outputs on the validation images (drift)"):
+def _outputs(group, images: ImageBatch, done: dict, progress, what) -> None:
+    with progress.stage(f"{what}: outputs on the validation images (drift)") as stage:
         for c in group:
             if c.worker is None:
                 continue
-            key = (c.model, c.form, c.runtime, c.precision, c.path)
+            key = (c.model, c.form, c.runtime, c.precision, c.path, c.target.name if c.target else "local")
             try:
                 if key not in done:
-                    path = work / f"out-{len(done)}.npy"
-                    c.worker.ask({"cmd": "outputs", "path": str(path)})
-                    done[key] = np.load(path)
+                    outs = []
+                    for i in range(len(images)):
+                        stage.update(f"{c.model} {c.runtime} {c.precision}: image {i + 1}/{len(images)}")
+                        outs.append(unpack(c.worker.ask(_run_message(images, i))["logits"]))
+                    done[key] = np.concatenate(outs).astype(np.float32)
                 c.outputs = done[key]
-                c.peak_rss_mb = round(c.worker.ask({"cmd": "rss"})["peak_rss_mb"], 1)
-            except (TimeoutError, RuntimeError, OSError) as e:
+                if c.target is None:  # an emulator's memory is not the runtime's
+                    c.peak_rss_mb = round(c.worker.ask({"cmd": "rss"})["peak_rss_mb"], 1)
+            except (WorkerError, OSError) as e:
                 c.error = f"outputs failed: {e}"
             c.worker.close()
             c.worker = None
+
+
+def _versus_local(combos: list[Combo], rows: list[dict]) -> None:
+    """A target's row gets its outputs' difference from this machine's run of the same artifact."""
+    def key(c):
+        return c.model, c.form, c.runtime, c.precision, c.path
+
+    here = {key(c): c.outputs for c in combos if c.target is None and c.outputs is not None}
+    for c, row in zip(combos, rows):
+        if c.target is not None and c.outputs is not None and key(c) in here:
+            vs = compare(c.outputs, here[key(c)])
+            row["vs_local"] = {**{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},
+                               "bit_exact": bool(np.array_equal(c.outputs, here[key(c)]))}
 
 
 def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
@@ -509,9 +535,14 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
     if c.runtime == "coreml" and c.threads is None:
         note = ("latency not measurable here: Core ML runs on Apple hardware; drift by the package interpreter"
                 if sys.platform != "darwin" else None)
+    if c.target is not None and not c.target.measures_latency:
+        note = f"{c.target.name} is emulated: the drift of its kernels, no latency"
+        lat = gflops = eff = None
+        c.load_ms = None
     keys = ("partitions", "non_delegated_kernels", "non_delegated_ops", "nodes", "op_types", "ops")
     delegation = {k: c.extra[k] for k in keys if k in c.extra}
-    return {"model": c.model, "role": c.role, "form": c.form, "runtime": c.runtime, "precision": c.precision,
+    return {"model": c.model, "role": c.role, "target": c.target.name if c.target else "local", "form": c.form,
+            "runtime": c.runtime, "precision": c.precision,
             "threads": c.threads, "params": c.extra.get("params"), "macs": c.extra.get("macs"),
             **({"source": c.extra["source"], "published": c.extra.get("published")} if c.role == "peer" else {}),
             "latency_ms": lat, "load_ms": round(c.load_ms, 1) if c.load_ms is not None else None,

@@ -46,13 +46,50 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
         lat, d = r.get("latency_ms") or {}, r.get("drift") or {}
         deleg = r.get("delegation") or {}
         out.append([
-            r["model"], _fmt(r["form"]), r["runtime"], r["precision"], _fmt(r["threads"]),
+            r["model"], _fmt(r["form"]), _runtime_cell(r), r["precision"], _fmt(r["threads"]),
             _fmt(lat.get("median"), ".2f"), _fmt(lat.get("p90"), ".2f"), _fmt(lat.get("min"), ".2f"),
             _fmt(r.get("load_ms"), ".0f"), _fmt(r.get("peak_rss_mb"), ".0f"), _fmt(r.get("size_mb"), ".1f"),
             _fmt(d.get("max_abs"), ".1e"), _fmt(d.get("cosine"), ".6f"), _fmt(d.get("top1_agreement"), ".0%"),
             _fmt(r.get("gflops_per_s"), ".1f"), _fmt(r.get("efficiency"), ".0%"),
             _fmt(deleg.get("partitions")), r.get("error") or r.get("note") or "",
         ])
+    return out
+
+
+def _runtime_cell(r: dict) -> str:
+    where = r.get("target", "local")
+    return r["runtime"] if where == "local" else f"{r['runtime']} on {where}"
+
+
+def target_markdown(results: dict) -> list[str]:
+    """Per artifact run on another target: its drift there beside this machine's, and how far the two differ."""
+    rows = [r for r in subject_rows(results) if r.get("target", "local") != "local"]
+    if not rows:
+        return []
+    local = {(r["form"], r["runtime"], r["precision"]): r for r in subject_rows(results)
+             if r.get("target", "local") == "local" and r.get("drift")}
+    out = []
+    for name in dict.fromkeys(r["target"] for r in rows):
+        about = results.get("targets", {}).get(name, {})
+        out += ["", f"## Drift on {name}", "",
+                f"{about.get('cpu', '')}. Emulated by {about.get('emulator')}: figures are the numerics of that "
+                "CPU's kernels, not a latency. Drift is against PyTorch fp32 (authors' form), as above.", "",
+                "| form | runtime | precision | max abs here | max abs on target | cosine on target | top-1 agr. "
+                "on target | target vs here |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["target"] != name:
+                continue
+            here = (local.get((r["form"], r["runtime"], r["precision"])) or {}).get("drift") or {}
+            d, vs = r.get("drift") or {}, r.get("vs_local")
+            if r.get("error"):
+                versus = _md_cell(r["error"])
+            elif vs is None:
+                versus = "-"
+            else:
+                versus = "bit-exact" if vs["bit_exact"] else f"max abs {vs['max_abs']:.1e}, cosine {vs['cosine']:.6f}"
+            out.append(f"| {r['form']} | {r['runtime']} | {r['precision']} | {_fmt(here.get('max_abs'), '.1e')} | "
+                       f"{_fmt(d.get('max_abs'), '.1e')} | {_fmt(d.get('cosine'), '.6f')} | "
+                       f"{_fmt(d.get('top1_agreement'), '.0%')} | {versus} |")
     return out
 
 
@@ -81,6 +118,7 @@ def markdown(results: dict) -> str:
         "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(_md_cell(x) for x in r) + " |" for r in table_rows(subject_rows(results))]
+    lines += target_markdown(results)
     ratios = speedups(subject_rows(results))
     if ratios:
         lines += ["", "Deploy form vs the authors' form, same runtime and threads (median latency ratio):", ""]
@@ -122,6 +160,8 @@ class Plot:
 
 def _label(r: dict, threads: bool = True) -> str:
     s = f"{SHORT_RUNTIME.get(r['runtime'], r['runtime'])} {r['precision']}"
+    if r.get("target", "local") != "local":
+        s += f" on {r['target']}"
     return f"{s} {r['threads']}t" if threads and r.get("threads") is not None else s
 
 

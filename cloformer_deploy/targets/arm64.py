@@ -1,0 +1,169 @@
+"""The emulated ARM64 target: the phone's arithmetic (XNNPACK's NEON/fp16/dot-product kernels) on any Linux x86 host.
+
+A Debian arm64 root with the host's pinned runtimes (built once by :mod:`.arm64_root`) runs under
+QEMU's user-mode emulator. The CPU profile chooses what QEMU emulates (the instruction set, hence
+which kernels XNNPACK may pick) and the MIDR the root's /proc and /sys report (PyTorch's cpuinfo
+reads it, and XNNPACK picks core-specific kernels by it). Figures are numerics only: an emulated
+run takes seconds per image and says nothing of a phone's speed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .base import Target, TargetError
+
+
+@dataclass(frozen=True)
+class CpuProfile:
+    name: str
+    qemu_cpu: str  # QEMU_CPU: the instruction set emulated
+    midr: int  # MIDR_EL1 the root reports: implementer, variant, part, revision
+    features: str  # the Features line of /proc/cpuinfo (the kernel's hwcap names)
+    about: str
+    fp16: bool  # fp16 arithmetic (ARMv8.2 FEAT_FP16): XNNPACK refuses fp16 programs without it
+    known_bad_before: tuple[int, ...] | None = None  # QEMU versions below this compute wrong results
+    known_bad_why: str = ""
+
+
+_ARMV80 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"
+_ARMV82 = _ARMV80 + " atomics fphp asimdhp asimdrdm lrcpc dcpop asimddp ssbs"
+
+CPU_PROFILES: dict[str, CpuProfile] = {p.name: p for p in (
+    CpuProfile("cortex-a76", "cortex-a76", 0x414FD0B1, _ARMV82,
+               "Armv8.2-A with fp16 arithmetic and int8 dot product: the big core of most phones in use", True),
+    CpuProfile("armv9-i8mm", "max,sme=off", 0x412FD480, _ARMV82 + " sve sve2 i8mm bf16 svei8mm svebf16",
+               "Armv9-A with int8 matrix multiply (i8mm), SVE2 and bf16, presented as a Cortex-X2 "
+               "(phones from 2022); QEMU's max CPU without SME", True),
+    CpuProfile("cortex-a72", "cortex-a72", 0x410FD083, _ARMV80,
+               "Armv8.0-A without fp16 arithmetic or dot product (phones of 2016-2018, Raspberry Pi 4): "
+               "fp16 programs are refused", False),
+    CpuProfile("max", "max", 0x412FD480, _ARMV82 + " sve sve2 i8mm bf16 sme",
+               "everything QEMU emulates, SME included", True, known_bad_before=(10,),
+               known_bad_why="computes XNNPACK's int8 kernels wrongly under SME (0 of 4 top-1 measured on "
+                             "QEMU 7.2; QEMU 10 is bit-exact)"),
+)}
+DEFAULT_CPU = "cortex-a76"
+CORES = 1  # the root reports one core: emulated runs use one thread, and XNNPACK sees one core kind
+
+
+def default_cache() -> Path:
+    """Where built roots live: $CLOFORMER_DEPLOY_CACHE, else the user's cache folder."""
+    if os.environ.get("CLOFORMER_DEPLOY_CACHE"):
+        return Path(os.environ["CLOFORMER_DEPLOY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cloformer-deploy"
+
+
+def qemu_binary() -> str | None:
+    return shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+
+
+@lru_cache(maxsize=4)
+def qemu_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(g) for g in m.groups() if g is not None) if m else (0,)
+
+
+def check_cpu(name: str, qemu: str | None) -> CpuProfile:
+    """The CPU profile called ``name``; TargetError for an unknown one or one known to compute wrongly here."""
+    if name not in CPU_PROFILES:
+        raise TargetError(f"--cpu {name!r} is not a profile; choose from {', '.join(CPU_PROFILES)} "
+                          "(cloformer-device list describes them)")
+    profile = CPU_PROFILES[name]
+    if qemu and profile.known_bad_before and qemu_version(qemu) < profile.known_bad_before:
+        have = ".".join(map(str, qemu_version(qemu)))
+        need = ".".join(map(str, profile.known_bad_before))
+        raise TargetError(f"--cpu {name}: QEMU {have} {profile.known_bad_why}; use --cpu armv9-i8mm, "
+                          f"or QEMU {need} or newer")
+    return profile
+
+
+def cpuinfo_text(profile: CpuProfile, cores: int = CORES) -> str:
+    m = profile.midr
+    block = ("processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {f}\nCPU implementer\t: 0x{imp:02x}\n"
+             "CPU architecture: 8\nCPU variant\t: 0x{var:x}\nCPU part\t: 0x{part:03x}\nCPU revision\t: {rev}\n\n")
+    return "".join(block.format(i=i, f=profile.features, imp=m >> 24, var=(m >> 20) & 0xF, part=(m >> 4) & 0xFFF,
+                                rev=m & 0xF) for i in range(cores))
+
+
+def write_cpu_view(root: Path, view: Path, profile: CpuProfile, cores: int = CORES) -> None:
+    """``view``: the root's top-level folders (links) plus a /proc/cpuinfo and /sys CPU tree of this profile.
+
+    QEMU's -L prefix looks every absolute path up in the view first, so the emulated PyTorch and
+    XNNPACK read this CPU's identity while the host's /proc and /sys stay out of sight.
+    """
+    view.mkdir(parents=True)
+    for entry in root.iterdir():
+        (view / entry.name).symlink_to(os.path.relpath(entry, view))
+    (view / "proc").mkdir()
+    (view / "proc" / "cpuinfo").write_text(cpuinfo_text(profile, cores))
+    cpu = view / "sys" / "devices" / "system" / "cpu"
+    cpu.mkdir(parents=True)
+    for name in ("possible", "present", "online"):
+        (cpu / name).write_text(f"0-{cores - 1}\n" if cores > 1 else "0\n")
+    for i in range(cores):
+        ident = cpu / f"cpu{i}" / "regs" / "identification"
+        ident.mkdir(parents=True)
+        (ident / "midr_el1").write_text(f"0x{profile.midr:016x}\n")
+        (ident / "revidr_el1").write_text("0x0000000000000000\n")
+
+
+class EmulatedArm64Target(Target):
+    """ARM64 Linux under QEMU user-mode emulation, with one CPU profile; numerics only, no latency."""
+
+    kind = "arm64"
+    platform = "linux-aarch64"
+    measures_latency = False
+    step_timeout = 1800.0  # an emulated image of CloFormer-XXS in fp16 takes up to 20 s, starting Python 20-45 s
+    validation_threads = 1
+
+    def __init__(self, cpu: str = DEFAULT_CPU, cache: str | Path | None = None):
+        self.cpu = cpu
+        self.cache = Path(cache) if cache is not None else default_cache()
+        self.name = f"arm64-{cpu}"
+
+    @property
+    def home(self) -> Path:
+        from .arm64_root import ROOT_DIR
+
+        return self.cache / ROOT_DIR
+
+    def check(self) -> None:
+        from .arm64_root import check_ready
+
+        qemu = qemu_binary()
+        if qemu is None:
+            raise TargetError("--target arm64 needs QEMU's user-mode emulator; install it with: "
+                              "apt-get install qemu-user-static")
+        check_cpu(self.cpu, qemu)
+        check_ready(self.cache)
+
+    def worker_command(self):
+        view = self.home / "cpus" / self.cpu
+        package = Path(__file__).resolve().parents[1]
+        # this package, seen by the emulated Python through a link: it is pure Python, so the host's copy runs
+        link_dir = Path(tempfile.mkdtemp(prefix="cloformer-arm64-"))
+        (link_dir / package.name).symlink_to(package)
+        env = {"QEMU_CPU": CPU_PROFILES[self.cpu].qemu_cpu, "PYTHONPATH": f"/opt/site:{link_dir}",
+               "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONWARNINGS": "ignore",
+               "HOME": str(link_dir), "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+        argv = [qemu_binary(), "-L", str(view), str(view / "usr" / "bin" / "python3.11"),
+                "-m", "cloformer_deploy.targets.worker"]
+        return argv, env, [link_dir]
+
+    def runner(self, fmt, path, spec, info, threads=None):
+        return super().runner(fmt, path, spec, info, threads or self.validation_threads)
+
+    def describe(self) -> dict:
+        profile = CPU_PROFILES[self.cpu]
+        qemu = qemu_binary()
+        return {**super().describe(), "emulator": f"qemu-user {'.'.join(map(str, qemu_version(qemu)))}" if qemu
+                else None, "qemu_cpu": profile.qemu_cpu, "midr": f"0x{profile.midr:08x}", "cpu": profile.about}

@@ -1,0 +1,189 @@
+"""Where artifacts run: the target interface, the worker process a target starts, and a runner over it.
+
+A target knows how to start a worker (:mod:`cloformer_deploy.targets.worker`) where the artifact
+will run, how to hand it files, and what its figures mean (a real latency or not). Validation
+and the benchmark speak only to this interface: which format or runtime an artifact has is the
+worker's business (it opens artifacts with the backends' own runners).
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from ..export.base import Backend, ModelSpec, Runner
+from ..export.images import ImageBatch
+from ..inputs import InputError
+from .worker import pack, unpack
+
+STDERR_TAIL = 4000  # bytes of a worker's stderr kept to explain its death
+
+
+class TargetError(InputError):
+    """A target that cannot be used as asked (not set up, a host tool missing, a bad CPU choice)."""
+
+
+class WorkerError(RuntimeError):
+    """A worker that answered with an error, gave no answer in time, or died."""
+
+
+class WorkerProcess:
+    """A worker started by a target: JSON lines over its stdin/stdout, a timeout on every answer.
+
+    It runs in its own process group, so that closing it (or a timeout) ends everything it
+    started (QEMU, or an SSH client) and leaves nothing running.
+    """
+
+    def __init__(self, argv: list[str], env: dict | None, timeout: float, cleanup: list[Path] | None = None):
+        self.timeout = timeout
+        self.cleanup = list(cleanup or [])
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     env=env, text=True, start_new_session=True)
+
+    def ask(self, cmd: dict, timeout: float | None = None) -> dict:
+        """Send one command and wait for its answer; WorkerError for an error answer, a timeout or a death."""
+        limit = timeout or self.timeout
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            raise WorkerError(self._died()) from None
+        ready, _, _ = select.select([self.proc.stdout], [], [], limit)
+        if not ready:
+            self.close()
+            raise WorkerError(f"no answer to {cmd['cmd']!r} within {limit:.0f}s; the worker was stopped")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise WorkerError(self._died())
+        answer = json.loads(line)
+        if "error" in answer:
+            raise WorkerError(answer["error"])
+        return answer
+
+    def _died(self) -> str:
+        code = self.proc.wait(timeout=30)
+        self.stderr.seek(0, os.SEEK_END)
+        self.stderr.seek(max(0, self.stderr.tell() - STDERR_TAIL))
+        tail = [ln for ln in self.stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+        why = f": {tail[-1].strip()[:200]}" if tail else ""
+        return f"the worker exited with code {code}{why}"
+
+    def close(self) -> None:
+        """Ask the worker to quit; then end its whole process group, whatever state it is in."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        self.stderr.close()
+        for path in self.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        self.cleanup = []
+
+
+def spec_message(spec: ModelSpec) -> dict:
+    return {"name": spec.name, "num_classes": spec.num_classes, "input_size": list(spec.input_size),
+            "batch": spec.batch, "mean": list(spec.mean), "std": list(spec.std), "labels": spec.labels,
+            "params": spec.params}
+
+
+class WorkerRunner(Runner):
+    """An artifact opened by a worker on a target, used as any runner is (validation runs it unchanged)."""
+
+    def __init__(self, worker: WorkerProcess, target: "Target", fmt: str, path: Path, spec: ModelSpec, info: dict,
+                 threads: int | None = None):
+        self.worker, self.target = worker, target
+        opened = worker.ask({"cmd": "open", "format": fmt, "path": target.ship(path), "spec": spec_message(spec),
+                             "info": info, "threads": threads})
+        self.load_ms = opened["load_ms"]
+        self.description = opened["describe"]
+        self.problems = opened["problems"]
+        self.method = self.description.get("method", fmt)
+        self.last_ms: float | None = None
+
+    def run(self, batch: ImageBatch) -> np.ndarray:
+        answer = self.worker.ask({"cmd": "run", "names": list(batch.names), "images": pack(batch.images),
+                                  "tensor": pack(batch.tensor)})
+        self.last_ms = answer["ms"]
+        return unpack(answer["logits"])
+
+    def check_structure(self) -> list[str]:
+        return list(self.problems)
+
+    def describe(self) -> dict:
+        return {**self.description, "target": self.target.name}
+
+
+
+class Target(ABC):
+    name: str  # as reports and manifests name it: "local", "arm64-cortex-a76"
+    kind: str  # "local", "arm64" (emulated)
+    platform: str  # "linux-x86_64", "linux-aarch64", ... as Backend.platforms names them
+    measures_latency: bool = True  # False: its timings are not a latency (emulation), so none is reported
+    step_timeout: float = 900.0  # seconds for one worker step: load, one batch, one round of timed runs
+
+    def check(self) -> None:
+        """Raise TargetError (one line naming the fix) when the target cannot run now; called before any work."""
+
+    def can_run(self, backend: Backend) -> bool:
+        return self.platform in backend.platforms
+
+    def ship(self, path: str | Path) -> str:
+        """The path under which the worker reads a file of this machine (sent once; here: the same path)."""
+        return str(path)
+
+    @abstractmethod
+    def worker_command(self) -> tuple[list[str], dict | None, list[Path]]:
+        """(argv, environment, folders to remove when the worker closes) of a worker on this target."""
+
+    def start(self, timeout: float | None = None) -> WorkerProcess:
+        argv, env, cleanup = self.worker_command()
+        return WorkerProcess(argv, env, timeout or self.step_timeout, cleanup)
+
+    def runner(self, fmt: str, path: str | Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
+        """The artifact opened for validation on this target, in the target's one validation worker.
+
+        Artifacts are validated one after another in the same worker: starting one can take a
+        minute (an emulated Python importing torch). A worker that died is replaced.
+        """
+        worker = getattr(self, "_validation_worker", None)
+        if worker is None or worker.proc.poll() is not None:
+            if worker is not None:
+                worker.close()
+            worker = self._validation_worker = self.start()
+        return WorkerRunner(worker, self, fmt, Path(path), spec, info, threads)
+
+    def close(self) -> None:
+        """End the validation worker, if one was started; nothing of this target is left running."""
+        worker = getattr(self, "_validation_worker", None)
+        if worker is not None:
+            worker.close()
+            self._validation_worker = None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "platform": self.platform,
+                "measures_latency": self.measures_latency}
+
+
+

@@ -1,0 +1,313 @@
+"""Targets: the worker protocol on the local target, its failures and clean-up, the emulated ARM64 target's
+checks, CPU views and its setup's atomicity (with the tools replaced: no network, no QEMU needed)."""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloformer_deploy.export import BACKENDS
+from cloformer_deploy.export.images import load_images
+from cloformer_deploy.targets import TargetError, WorkerError, WorkerProcess, get_target
+from cloformer_deploy.targets import arm64, arm64_root
+from cloformer_deploy.targets.local import LocalTarget
+from cloformer_deploy.targets.worker import pack, unpack
+
+
+class _says:
+    """pytest.raises for an InputError, matched against its command-line message (the flags' spelling)."""
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        import re
+
+        assert kind is not None and issubclass(kind, TargetError), f"no TargetError ({kind})"
+        assert re.search(self.pattern, value.cli_message), value.cli_message
+        return True
+
+
+def _gone(pid: int, seconds: float = 5.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _group_alive(pgid: int, seconds: float = 5.0) -> list[int]:
+    """Live (not zombie) processes of a process group, after giving a killed group time to go."""
+    end = time.monotonic() + seconds
+    while True:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+        if not alive or time.monotonic() > end:
+            return alive
+        time.sleep(0.1)
+
+
+def _entry(bundle, fmt):
+    return next(e for e in bundle.manifest["artifacts"] if e["format"] == fmt)
+
+
+@pytest.fixture(scope="module")
+def images(tiny_bundle):
+    m = tiny_bundle.manifest["model"]
+    return load_images(tuple(m["input_size"]), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), limit=3)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
+def test_local_worker_runs_an_artifact_as_the_in_process_runner_does(fmt, tiny_bundle, images):
+    """The worker opens the artifact with the backend's own runner: the same logits, bit for bit."""
+    from cloformer_deploy.targets.base import WorkerRunner
+
+    entry = _entry(tiny_bundle, fmt)
+    path = tiny_bundle.bundle / entry["path"]
+    spec = _spec(tiny_bundle)
+    here = BACKENDS[fmt].open(path, spec, entry)
+    target = LocalTarget()
+    worker = target.start(timeout=300)
+    try:
+        runner = WorkerRunner(worker, target, fmt, path, spec, entry, threads=1)
+        for one in images.batches(1):
+            assert np.array_equal(runner.run(one), here.run(one))
+        assert runner.describe()["target"] == "local" and runner.load_ms > 0
+        times = worker.ask({"cmd": "time", "n": 3})["times_ms"]
+        assert len(times) == 3 and all(t > 0 for t in times)
+        about = worker.ask({"cmd": "about"})
+        assert about["machine"] and about["versions"]["numpy"] == np.__version__
+    finally:
+        worker.close()
+    assert _gone(worker.proc.pid)
+
+
+def _spec(bundle):
+    from cloformer_deploy.export.base import ModelSpec
+
+    m = bundle.manifest["model"]
+    return ModelSpec(m["name"], m["num_classes"], tuple(m["input_size"]), m["batch"], (0.485, 0.456, 0.406),
+                     (0.229, 0.224, 0.225), None, m["params"], None, None)
+
+
+def test_worker_error_answer_keeps_the_worker(tiny_bundle, tmp_path):
+    """An artifact that cannot be opened is an error answer; the same worker then opens a good one."""
+    worker = LocalTarget().start(timeout=300)
+    try:
+        with pytest.raises(WorkerError, match="No such file|does not exist|Failed|NO_SUCHFILE|not found"):
+            worker.ask({"cmd": "open", "format": "onnx", "path": str(tmp_path / "missing.onnx"),
+                        "spec": _spec_message(tiny_bundle), "info": {}, "threads": 1})
+        entry = _entry(tiny_bundle, "onnx")
+        opened = worker.ask({"cmd": "open", "format": "onnx", "path": str(tiny_bundle.bundle / entry["path"]),
+                             "spec": _spec_message(tiny_bundle), "info": entry, "threads": 1})
+        assert opened["problems"] == [] and opened["describe"]["method"] == "onnxruntime"
+    finally:
+        worker.close()
+
+
+def _spec_message(bundle):
+    from cloformer_deploy.targets.base import spec_message
+
+    return spec_message(_spec(bundle))
+
+
+class _Scripted(LocalTarget):
+    """A target whose 'worker' is a given shell command: for timeouts, deaths and clean-up."""
+
+    def __init__(self, script: str):
+        super().__init__()
+        self.script = script
+
+    def worker_command(self):
+        return ["sh", "-c", self.script], None, []
+
+
+def test_a_silent_worker_times_out_and_its_whole_process_group_is_ended():
+    target = _Scripted("sleep 60 & echo $! > /dev/stderr; sleep 60")
+    worker = target.start(timeout=1)
+    t = time.monotonic()
+    with pytest.raises(WorkerError, match="no answer to 'about' within 1s; the worker was stopped"):
+        worker.ask({"cmd": "about"})
+    assert time.monotonic() - t < 15
+    assert _gone(worker.proc.pid)
+    # the grandchild (a process the worker started) is gone too: the group was killed
+    assert _group_alive(worker.proc.pid) == []
+
+
+def test_a_worker_that_dies_says_why():
+    worker = _Scripted("read line; echo 'ImportError: libtorch.so: cannot open shared object file' >&2; exit 3"
+                       ).start(timeout=30)
+    with pytest.raises(WorkerError, match=r"exited with code 3: ImportError: libtorch.so"):
+        worker.ask({"cmd": "about"})
+    worker.close()
+
+
+def test_pack_round_trip():
+    for a in (np.arange(12, dtype=np.float16).reshape(3, 4), np.zeros((1, 2, 2, 3), np.uint8)):
+        b = unpack(json.loads(json.dumps(pack(a))))
+        assert b.dtype == a.dtype and np.array_equal(a, b)
+
+
+# ------------------------------------------------------------------ the emulated ARM64 target's checks
+
+def test_target_names_and_cpu_choices_are_checked():
+    with _says("--target 'mars' is not a target; choose from local, arm64"):
+        get_target("mars")
+    with _says("--cpu chooses the emulated CPU of --target arm64"):
+        get_target("local", cpu="cortex-a76")
+    assert get_target("local").measures_latency
+
+
+def test_arm64_without_qemu_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setattr(arm64, "qemu_binary", lambda: None)
+    with _says("apt-get install qemu-user-static"):
+        get_target("arm64", cache=tmp_path)
+
+
+def test_arm64_not_set_up_names_the_setup_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(arm64, "qemu_binary", lambda: "/usr/bin/qemu-aarch64-static")
+    monkeypatch.setattr(arm64, "qemu_version", lambda b: (7, 2, 22))
+    with _says(f"no ARM64 root in {tmp_path}; build it once with: cloformer-device "
+                                          f"setup arm64 --cache {tmp_path}"):
+        get_target("arm64", cache=tmp_path)
+    with _says("--cpu 'pentium' is not a profile; choose from cortex-a76"):
+        get_target("arm64", cpu="pentium", cache=tmp_path)
+
+
+def test_a_cpu_known_to_compute_wrongly_on_this_qemu_is_refused(monkeypatch):
+    monkeypatch.setattr(arm64, "qemu_version", lambda b: (7, 2, 22))
+    with _says("QEMU 7.2.22 computes XNNPACK's int8 kernels wrongly.*use --cpu armv9-i8mm"):
+        arm64.check_cpu("max", "/usr/bin/qemu-aarch64-static")
+    monkeypatch.setattr(arm64, "qemu_version", lambda b: (10, 1))
+    assert arm64.check_cpu("max", "/usr/bin/qemu-aarch64-static").qemu_cpu == "max"
+
+
+def test_a_root_for_other_runtime_versions_is_not_ready(monkeypatch, tmp_path):
+    root = tmp_path / arm64_root.ROOT_DIR
+    root.mkdir()
+    versions = {n: v for n, v in arm64_root.host_versions().items() if n in arm64_root.RUNTIMES}
+    (root / "ready.json").write_text(json.dumps({"versions": {**versions, "executorch": "1.4.1"}}))
+    with _says(r"has executorch 1.4.1 \(host .*\); rebuild it with: cloformer-device "
+                                          "setup arm64 --force"):
+        arm64_root.check_ready(tmp_path)
+    (root / "ready.json").write_text(json.dumps({"versions": versions}))
+    assert arm64_root.check_ready(tmp_path)["versions"] == versions
+
+
+@pytest.mark.parametrize("name", list(arm64.CPU_PROFILES))
+def test_cpu_view_reports_the_profile_midr(name, tmp_path):
+    """/proc/cpuinfo and the sysfs MIDR say the same core; the view links every top-level folder of the root."""
+    profile = arm64.CPU_PROFILES[name]
+    root = tmp_path / "root"
+    for d in ("usr", "etc", "opt"):
+        (root / d).mkdir(parents=True)
+    (root / "lib").symlink_to("usr/lib")
+    view = tmp_path / "view"
+    arm64.write_cpu_view(root, view, profile, cores=2)
+    assert sorted(p.name for p in view.iterdir()) == ["etc", "lib", "opt", "proc", "sys", "usr"]
+    assert (view / "usr").resolve() == (root / "usr").resolve() and not Path(os.readlink(view / "usr")).is_absolute()
+    fields = {}
+    for line in (view / "proc" / "cpuinfo").read_text().split("\n\n")[1].splitlines():
+        k, _, v = line.partition(":")
+        fields[k.strip()] = v.strip()
+    m = profile.midr
+    assert int(fields["CPU implementer"], 16) == m >> 24 and int(fields["CPU variant"], 16) == (m >> 20) & 0xF
+    assert int(fields["CPU part"], 16) == (m >> 4) & 0xFFF and int(fields["CPU revision"]) == m & 0xF
+    assert ("fphp" in fields["Features"].split()) == profile.fp16
+    sysfs = view / "sys" / "devices" / "system" / "cpu"
+    assert (sysfs / "possible").read_text().strip() == "0-1"
+    assert int((sysfs / "cpu1" / "regs" / "identification" / "midr_el1").read_text(), 16) == m
+
+
+# ------------------------------------------------------------------ setup: atomic and resumable
+
+class _FakeTools:
+    """mmdebstrap and pip replaced: a tiny tarball and nothing installed; counts what ran."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def run(self, argv, stage, what, timeout=0, env=None):
+        self.calls.append(what)
+        if argv[0] == "mmdebstrap":
+            out = Path(argv[-1])
+            src = out.parent / "src"
+            (src / "usr" / "bin").mkdir(parents=True, exist_ok=True)
+            (src / "usr" / "bin" / "python3.11").write_text("")
+            with tarfile.open(out, "w") as tar:
+                tar.add(src, arcname=".")
+
+
+@pytest.fixture()
+def fake_setup(monkeypatch):
+    tools = _FakeTools()
+    monkeypatch.setattr(arm64_root, "_run", tools.run)
+    monkeypatch.setattr(arm64_root, "qemu_binary", lambda: "/usr/bin/qemu-aarch64-static")
+    monkeypatch.setattr(arm64_root, "qemu_version", lambda b: (7, 2, 22))
+    monkeypatch.setattr(arm64_root.shutil, "which", lambda name: f"/usr/bin/{name}")
+    return tools
+
+
+def test_interrupted_setup_leaves_nothing_ready_and_resumes(fake_setup, monkeypatch, tmp_path):
+    versions = arm64_root.host_versions()
+    smoke = {"machine": "aarch64", "python": "3.11.2", "xnnpack": True,
+             "versions": {n: versions[n] for n in arm64_root.RUNTIMES}}
+
+    def broken_smoke(partial, v):
+        raise TargetError("setup arm64: the emulated Python could not import the runtimes: boom")
+    monkeypatch.setattr(arm64_root, "_smoke", broken_smoke)
+    with _says("boom"):
+        arm64_root.setup_arm64(tmp_path)
+    assert not (tmp_path / "arm64").exists() and arm64_root.ready_state(tmp_path) is None
+    assert (tmp_path / "downloads" / "debian-bookworm-arm64.tar").exists()  # kept for the next attempt
+    assert fake_setup.calls.count("mmdebstrap") == 1
+
+    monkeypatch.setattr(arm64_root, "_smoke", lambda partial, v: (smoke, 1.0))
+    record = arm64_root.setup_arm64(tmp_path)
+    assert fake_setup.calls.count("mmdebstrap") == 1  # resumed from the kept tarball
+    assert record["versions"] == smoke["versions"] and arm64_root.check_ready(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arm64"]  # partial gone, downloads removed
+    assert sorted(p.name for p in (tmp_path / "arm64" / "cpus").iterdir()) == sorted(arm64.CPU_PROFILES)
+    # ready: a second setup does nothing
+    calls = len(fake_setup.calls)
+    assert arm64_root.setup_arm64(tmp_path)["created"] == record["created"] and len(fake_setup.calls) == calls
+
+
+def test_setup_without_host_tools_names_them_and_writes_nothing(monkeypatch, tmp_path):
+    monkeypatch.setattr(arm64_root, "qemu_binary", lambda: None)
+    monkeypatch.setattr(arm64_root.shutil, "which", lambda name: None)
+    cache = tmp_path / "cache"
+    with _says("setup arm64 needs qemu-aarch64-static and mmdebstrap; install them "
+                                          "with: apt-get install qemu-user-static mmdebstrap"):
+        arm64_root.setup_arm64(cache)
+    assert not cache.exists()
+
+
+def test_device_list_shows_targets_and_profiles(monkeypatch, tmp_path, capsys):
+    from cloformer_deploy.cli import device_main
+
+    monkeypatch.setattr(arm64, "qemu_binary", lambda: "/usr/bin/qemu-aarch64-static")
+    monkeypatch.setattr(arm64, "qemu_version", lambda b: (7, 2, 22))
+    assert device_main(["list", "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "arm64   not set up: cloformer-device setup arm64" in out
+    for name in arm64.CPU_PROFILES:
+        assert f"  {name} " in out
+    assert "[refused here: QEMU 7.2.22 computes" in out
