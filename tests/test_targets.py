@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from cloformer_deploy.export import BACKENDS
 from cloformer_deploy.export.images import load_images
-from cloformer_deploy.targets import TargetError, WorkerError, WorkerProcess, get_target
+from cloformer_deploy.targets import Target, TargetError, WorkerError, get_target
 from cloformer_deploy.targets import arm64, arm64_root
 from cloformer_deploy.targets.local import LocalTarget
 from cloformer_deploy.targets.worker import pack, unpack
@@ -311,3 +312,102 @@ def test_device_list_shows_targets_and_profiles(monkeypatch, tmp_path, capsys):
     for name in arm64.CPU_PROFILES:
         assert f"  {name} " in out
     assert "[refused here: QEMU 7.2.22 computes" in out
+
+
+# ------------------------------------------------------------------ export, validate and bench on another target
+
+class _OtherMachine(LocalTarget):
+    """Stands in for a remote or emulated target: an aarch64 platform, no latency, workers in subprocesses
+    of this machine (so its outputs must equal this machine's bit for bit)."""
+
+    name = "fake-arm64"
+    kind = "fake"
+    platform = "linux-aarch64"
+    measures_latency = False
+
+    def __init__(self, fail_open: bool = False):
+        super().__init__()
+        self.platform = "linux-aarch64"
+        self.fail_open = fail_open
+
+    def can_run(self, backend):
+        return self.platform in backend.platforms
+
+    def worker_command(self):
+        if self.fail_open:  # answers every command as XNNPACK does on a core without fp16 arithmetic
+            script = ("import sys, json\nfor line in sys.stdin:\n"
+                      "    print(json.dumps({'error': 'RuntimeError: xnn_status_unsupported_hardware'}), flush=True)\n")
+            return [sys.executable, "-c", script], None, []
+        return super().worker_command()
+
+    runner = Target.runner  # through a worker, as a remote target does (LocalTarget's runs in this process)
+
+
+def _on_other_machine(monkeypatch, target):
+    from cloformer_deploy.export import api
+    from cloformer_deploy.runtime_bench import harness
+
+    def pick(name="local", cpu=None, cache=None):  # the bench's own exports still ask for "local"
+        return target if name == "fake" else get_target(name, cpu, cache)
+
+    for module in (api, harness):
+        monkeypatch.setattr(module, "get_target", pick)
+
+
+def test_export_on_another_target_records_its_figures_beside_these(tiny_variant, tiny_checkpoint, tmp_path,
+                                                                     monkeypatch):
+    from cloformer_deploy.export import export
+
+    target = _OtherMachine()
+    _on_other_machine(monkeypatch, target)
+    result = export(tiny_variant, weights=tiny_checkpoint, formats="onnx,coreml", img_size=64, out=tmp_path,
+                    target="fake")
+    assert result.passed
+    by = {e["format"]: e for e in result.manifest["artifacts"]}
+    onnx = by["onnx"]["validation"]["targets"]["fake-arm64"]
+    assert onnx["ran"] and onnx["passed"] and onnx["vs_local"]["bit_exact"]
+    assert onnx["figures"] == by["onnx"]["validation"]["figures"] and onnx["target"]["platform"] == "linux-aarch64"
+    coreml = by["coreml"]["validation"]["targets"]["fake-arm64"]
+    assert coreml == {"ran": False, "passed": None, "note": "Core ML (macOS/iOS) does not run on linux-aarch64"}
+    assert getattr(target, "_validation_worker", None) is None  # closed: nothing left running
+
+
+def test_an_artifact_the_target_refuses_fails_validation_with_the_reason(tiny_bundle, tiny_checkpoint, tmp_path,
+                                                                         monkeypatch):
+    import shutil
+
+    from cloformer_deploy.export.api import validate_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle.bundle, bundle)
+    _on_other_machine(monkeypatch, _OtherMachine(fail_open=True))
+    ok, reports = validate_bundle(bundle, weights=tiny_checkpoint, target="fake")
+    assert not ok
+    by = {r["format"]: r for r in reports}
+    on = by["executorch"]["targets"]["fake-arm64"]
+    assert on["passed"] is False and "xnn_status_unsupported_hardware" in on["problems"][0]
+    assert by["coreml"]["targets"]["fake-arm64"]["ran"] is False and by["coreml"]["passed"]
+    manifest = json.loads((bundle / "manifest.json").read_text())  # recorded in the bundle
+    recorded = {e["format"]: e["validation"]["targets"]["fake-arm64"] for e in manifest["artifacts"]}
+    assert recorded["executorch"]["passed"] is False and recorded["coreml"]["ran"] is False
+
+
+def test_bench_on_another_target_adds_drift_rows_without_latency(tiny_variant, tiny_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    from cloformer_deploy.runtime_bench.harness import bench
+    from cloformer_deploy.runtime_bench.report import plot_latency
+
+    _on_other_machine(monkeypatch, _OtherMachine())
+    res = bench(tiny_variant, weights=tiny_checkpoint, formats="onnx", threads="1", runs=2, warmup=0, img_size=64,
+                out=tmp_path, target="fake")
+    rows = {r["target"]: r for r in res.rows}
+    assert set(rows) == {"local", "fake-arm64"}
+    here, there = rows["local"], rows["fake-arm64"]
+    assert here["latency_ms"]["median"] > 0 and there["latency_ms"] is None and there["load_ms"] is None
+    assert there["drift"] == here["drift"] and there["vs_local"]["bit_exact"] and there["peak_rss_mb"] is None
+    assert "no latency" in there["note"] and res.results["targets"]["fake-arm64"]["measures_latency"] is False
+    md = (res.out / "results.md").read_text()
+    assert "## Drift on fake-arm64" in md and "| deploy | onnxruntime | fp32 |" in md and "| bit-exact |" in md
+    plot = plot_latency(tmp_path / "latency.png", res.results)
+    assert all("fake-arm64" not in label for label, _, _ in plot.drawn)
+    assert any("ORT fp32 on fake-arm64" in line for line in plot.left_out)

@@ -169,13 +169,20 @@ def norm_statistics_nodes(model) -> list[str]:
     return keep
 
 
+# ops left in fp32 inside an fp16 graph beyond the converter's defaults: ONNX Runtime 1.32 on ARM64 moves fp16
+# pooling to its NHWC kernels and has no fp16 NHWC AveragePool for opset 19 ("Failed to find kernel for
+# com.ms.internal.nhwc.AveragePool(19)"), so an fp16 AveragePool makes the file fail to load on a phone
+FP32_OPS_IN_FP16 = ("AveragePool",)
+
+
 def to_fp16(model):
-    """fp16 weights and activations with float32 input and output, norm statistics kept fp32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """fp16 weights and activations with float32 input and output, norm statistics and pooling kept fp32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     keep = norm_statistics_nodes(model)
     # keep_io_types: the app still feeds and reads float32
-    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS_IN_FP16])
     drop_fp16_round_trips(converted.graph)
     # the converter appends the casts it inserts at the end of the node list; ONNX wants topological order
     topological_sort(converted.graph)

@@ -1,0 +1,75 @@
+"""The emulated ARM64 target end to end: set up (or reuse) the root, validate a tiny model's artifacts on it.
+
+Needs QEMU and mmdebstrap (``apt-get install qemu-user-static mmdebstrap``) and, the first time,
+the network (about 2.8 GB from PyPI and deb.debian.org). Skipped without the tools, a failure under CI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def arm64_root():
+    from cloformer_deploy.export.progress import Progress
+    from cloformer_deploy.targets.arm64 import default_cache
+    from cloformer_deploy.targets.arm64_root import setup_arm64
+
+    missing = [t for t in ("qemu-aarch64-static", "mmdebstrap") if shutil.which(t) is None]
+    if missing:
+        msg = f"the ARM64 target needs {', '.join(missing)} (apt-get install qemu-user-static mmdebstrap)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + "; .ci/run installs them")
+        pytest.skip(msg)
+    return setup_arm64(default_cache(), progress=Progress(plain_interval=30))
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
+    """The tiny model's ExecuTorch and ONNX fp32/fp16/int8 in one bundle, validated on this machine."""
+    from cloformer_deploy.export import export
+
+    out = tmp_path_factory.mktemp("arm64")
+    for formats, precision in (("onnx,executorch", "fp32"), ("onnx,executorch", "fp16"), ("onnx,executorch", "int8")):
+        result = export(tiny_variant, weights=tiny_checkpoint, formats=formats, precision=precision, img_size=64,
+                        out=out)
+        assert result.passed
+    return result.bundle
+
+
+def test_tiny_model_validates_on_emulated_arm64(arm64_root, bundle, tiny_checkpoint):
+    from cloformer_deploy.export.api import validate_bundle
+
+    assert arm64_root["versions"]["executorch"] and arm64_root["bytes"] > 1e9
+    ok, reports = validate_bundle(bundle, weights=tiny_checkpoint, target="arm64")
+    by = {(r["format"], r["precision"]): r["targets"]["arm64-cortex-a76"] for r in reports}
+    assert set(by) == {(f, p) for f in ("onnx", "executorch") for p in ("fp32", "fp16", "int8")}
+    for key, on in by.items():
+        assert on["ran"] and on["passed"], (key, on)
+        assert on["target"]["platform"] == "linux-aarch64" and on["target"]["qemu_cpu"] == "cortex-a76"
+    assert ok
+    # the same function in fp32 on either machine; XNNPACK's int8 is integer arithmetic: the same bits
+    assert by[("executorch", "fp32")]["vs_local"]["max_abs"] < 1e-4
+    assert by[("onnx", "fp32")]["vs_local"]["max_abs"] < 1e-4
+    assert by[("executorch", "int8")]["vs_local"]["bit_exact"]
+    # fp16 is computed in fp16 on ARM (fp32 kernels on x86): not the same bits, still within the fp16 bound
+    assert not by[("executorch", "fp16")]["vs_local"]["bit_exact"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert all("arm64-cortex-a76" in e["validation"]["targets"] for e in manifest["artifacts"])
+
+
+def test_a_core_without_fp16_refuses_the_fp16_program_and_runs_the_rest(arm64_root, bundle, tiny_checkpoint):
+    from cloformer_deploy.export.api import validate_bundle
+
+    ok, reports = validate_bundle(bundle, weights=tiny_checkpoint, target="arm64", cpu="cortex-a72")
+    by = {(r["format"], r["precision"]): r["targets"]["arm64-cortex-a72"] for r in reports}
+    assert not ok
+    fp16 = by.pop(("executorch", "fp16"))
+    assert fp16["passed"] is False and fp16["problems"], fp16
+    assert by.pop(("onnx", "fp16"))["passed"]  # ONNX Runtime computes fp16 in fp32 where the core has no fp16
+    assert all(on["passed"] for on in by.values()), by
