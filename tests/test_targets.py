@@ -411,3 +411,14 @@ def test_bench_on_another_target_adds_drift_rows_without_latency(tiny_variant, t
     plot = plot_latency(tmp_path / "latency.png", res.results)
     assert all("fake-arm64" not in label for label, _, _ in plot.drawn)
     assert any("ORT fp32 on fake-arm64" in line for line in plot.left_out)
+
+
+def test_a_setup_step_that_hangs_silently_is_stopped(tmp_path):
+    class _Stage:
+        def update(self, text):
+            pass
+
+    t = time.monotonic()
+    with _says("setup arm64: sleeping gave no result within 1s and was stopped; run setup again"):
+        arm64_root._run(["sh", "-c", "sleep 30 & sleep 30"], _Stage(), "sleeping", timeout=1)
+    assert time.monotonic() - t < 10

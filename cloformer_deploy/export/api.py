@@ -206,6 +206,8 @@ def validate_on_target(target, fmt: str, path: Path, spec: ModelSpec, info: dict
                                        on_progress=lambda text: stage.update(f"{text} on {target.name}"))
     except WorkerError as e:
         return {"ran": True, "passed": False, "problems": [f"stopped on {target.name}: {e}"]}
+    report["load_seconds"] = round(runner.load_ms / 1e3, 2)
+    report["seconds_per_batch"] = round(float(np.median(runner.run_ms)) / 1e3, 3)  # emulated: not a latency
     if local_outputs is not None:
         vs = compare(out, local_outputs[: len(out)])
         report["vs_local"] = {**{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},

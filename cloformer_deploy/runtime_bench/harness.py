@@ -40,6 +40,7 @@ from ..targets.base import spec_message
 from ..targets.worker import pack, unpack
 
 PORTABLE_RUNS = 3  # the portable kernels take seconds per run
+LOCAL = LocalTarget()  # this machine: every timed row runs here
 
 
 class BenchInputError(InputError):
@@ -234,7 +235,7 @@ def _profiles(combos, images: ImageBatch, threads: int, runs: int, progress: Pro
     seen, parts = set(), []
     for c in combos:
         key = (c.form, c.runtime, c.precision)
-        if c.role != "subject" or c.runtime not in PROFILERS or c.path is None or key in seen:
+        if c.role != "subject" or c.target is not None or c.runtime not in PROFILERS or c.path is None or key in seen:
             continue
         seen.add(key)
         with progress.stage(f"profile {c.form} form, {c.runtime} {c.precision}, {threads} thread(s), {runs} runs"):
@@ -412,9 +413,6 @@ def _measure(combos, work: Path, variant, num_classes, size, images: ImageBatch,
         _load_workers(group, eager, spec, images, timeout, progress, what)
         _time(group, runs, warmup, progress, what)
         _outputs(group, images, done, progress, what)
-
-
-LOCAL = LocalTarget()
 
 
 def _open_message(c: Combo, eager: dict, spec: dict) -> dict:

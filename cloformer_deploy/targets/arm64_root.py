@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -92,11 +94,19 @@ def missing_tools(need_debian: bool) -> list[str]:
 
 
 def _run(argv: list[str], stage, what: str, timeout: float = STEP_TIMEOUT, env=None) -> None:
-    """Run a setup step, its output shown as the stage's progress; it ends (killed) on timeout or Ctrl-C."""
+    """Run a setup step, its output shown as the stage's progress; it is killed on timeout or Ctrl-C."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
+
+    def kill():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    watchdog = threading.Timer(timeout, kill)  # a step that hangs without printing is ended too
+    watchdog.start()
     tail: list[str] = []
-    start = time.monotonic()
     try:
         for line in proc.stdout:
             line = line.strip()
@@ -105,16 +115,16 @@ def _run(argv: list[str], stage, what: str, timeout: float = STEP_TIMEOUT, env=N
                 if line.startswith(("Downloading", "Saved", "File was already", "Collecting", "Processing",
                                     "Installing", "I: ")):
                     stage.update(line[:110])
-            if time.monotonic() - start > timeout:
-                raise subprocess.TimeoutExpired(argv, timeout)
         code = proc.wait()
     except BaseException:
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
+        kill()
         proc.wait()
         raise
+    finally:
+        watchdog.cancel()
+    if code == -signal.SIGKILL:
+        raise TargetError(f"setup arm64: {what} gave no result within {timeout:.0f}s and was stopped; "
+                          "run setup again (it resumes)")
     if code != 0:
         raise TargetError(f"setup arm64: {what} failed (exit code {code}): {tail[-1] if tail else 'no output'}")
 
@@ -186,13 +196,13 @@ def setup_arm64(cache: str | Path | None = None, *, force: bool = False, keep_do
     if not debian_tar.exists():
         with progress.stage(f"Debian {SUITE} arm64 base (mmdebstrap)") as st:
             tmp = debian_tar.with_suffix(".tar.partial")
-            _run(["mmdebstrap", "--arch=arm64", "--variant=extract", "--format=tar", f"--include={','.join(DEBIAN_PACKAGES)}",
-                  SUITE, str(tmp)], st, "mmdebstrap")
+            _run(["mmdebstrap", "--arch=arm64", "--variant=extract", "--format=tar",
+                  f"--include={','.join(DEBIAN_PACKAGES)}", SUITE, str(tmp)], st, "mmdebstrap")
             tmp.rename(debian_tar)
     with progress.stage("aarch64 wheels from PyPI (kept in the cache until the root is ready)") as st:
         # executorch alone without its requirements; everything else with theirs
-        _run(_pip("download", "--no-deps", *_platform_args(), "-d", str(wheels), f"executorch=={versions['executorch']}"),
-             st, "pip download executorch")
+        _run(_pip("download", "--no-deps", *_platform_args(), "-d", str(wheels),
+                  f"executorch=={versions['executorch']}"), st, "pip download executorch")
         others = [r for r in requirements if not r.startswith("executorch==")]
         _run(_pip("download", *_platform_args(), "-d", str(wheels), *others), st, "pip download")
     with progress.stage("unpack the Debian root"):

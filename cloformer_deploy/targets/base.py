@@ -120,12 +120,12 @@ class WorkerRunner(Runner):
         self.description = opened["describe"]
         self.problems = opened["problems"]
         self.method = self.description.get("method", fmt)
-        self.last_ms: float | None = None
+        self.run_ms: list[float] = []  # per batch, inside the worker: on an emulated target the emulator's cost
 
     def run(self, batch: ImageBatch) -> np.ndarray:
         answer = self.worker.ask({"cmd": "run", "names": list(batch.names), "images": pack(batch.images),
                                   "tensor": pack(batch.tensor)})
-        self.last_ms = answer["ms"]
+        self.run_ms.append(answer["ms"])
         return unpack(answer["logits"])
 
     def check_structure(self) -> list[str]:
