@@ -27,7 +27,8 @@ class CpuProfile:
     midr: int  # MIDR_EL1 the root reports: implementer, variant, part, revision
     features: str  # the Features line of /proc/cpuinfo (the kernel's hwcap names)
     about: str
-    fp16: bool  # fp16 arithmetic (ARMv8.2 FEAT_FP16): XNNPACK refuses fp16 programs without it
+    fp16: bool  # fp16 arithmetic (ARMv8.2 FEAT_FP16); without it XNNPACK (executorch 1.5.1) runs fp16 programs
+    # with other kernels (measured: other outputs than on a Cortex-A76); executorch 1.4.1 refused them
     known_bad_before: tuple[int, ...] | None = None  # QEMU versions below this compute wrong results
     known_bad_why: str = ""
 
@@ -43,7 +44,7 @@ CPU_PROFILES: dict[str, CpuProfile] = {p.name: p for p in (
                "(phones from 2022); QEMU's max CPU without SME", True),
     CpuProfile("cortex-a72", "cortex-a72", 0x410FD083, _ARMV80,
                "Armv8.0-A without fp16 arithmetic or dot product (phones of 2016-2018, Raspberry Pi 4): "
-               "fp16 programs are refused", False),
+               "XNNPACK runs fp16 programs with other kernels", False),
     CpuProfile("max", "max", 0x412FD480, _ARMV82 + " sve sve2 i8mm bf16 sme",
                "everything QEMU emulates, SME included", True, known_bad_before=(10,),
                known_bad_why="computes XNNPACK's int8 kernels wrongly under SME (0 of 4 top-1 measured on "
