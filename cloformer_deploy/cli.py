@@ -279,12 +279,12 @@ def device_main(p: _Parser, argv) -> int:
 
     sub = p.add_subparsers(dest="action", metavar="{setup,list}", parser_class=_Parser)
     setup = sub.add_parser("setup", help="build a target once (arm64: a Debian arm64 root with the host's runtimes, "
-                                         "run by QEMU; downloads about 2.8 GB, 6 GB on disk)")
+                                         "run by QEMU; downloads about 3 GB, 5.8 GB on disk)")
     setup.add_argument("target", help="arm64")
     setup.add_argument("--cache", help="folder for the root (default: $CLOFORMER_DEPLOY_CACHE or "
                                        "~/.cache/cloformer-deploy)")
     setup.add_argument("--force", action="store_true", help="rebuild a root that is already ready")
-    setup.add_argument("--keep-downloads", action="store_true", help="keep the downloaded wheels (2.8 GB) "
+    setup.add_argument("--keep-downloads", action="store_true", help="keep the downloaded wheels (about 3 GB) "
                                                                     "after the root is ready")
     setup.add_argument("-q", "--quiet", action="store_true")
     listing = sub.add_parser("list", help="targets, whether they are ready, and the ARM64 CPU profiles")

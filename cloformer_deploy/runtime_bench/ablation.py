@@ -63,8 +63,6 @@ def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: 
     combos, facts = [], []
     try:
         torch.save(authors.state_dict(), work / "weights.pth")
-        np.save(work / "images.npy", images.tensor)
-        np.save(work / "pixels.npy", images.images)
         example = torch.from_numpy(images.tensor[:1])
         for i, (label, module) in enumerate(stages):
             fact = {"stage": label, "shipped_by": shipped.get(label, [])}
@@ -80,7 +78,7 @@ def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: 
                 combos.append(Combo(variant.name, label, rt, "fp32", threads, str(path),
                                     round(size_bytes(path) / 1e6, 2)))
             facts.append(fact)
-        _measure(combos, work, variant, authors.num_classes, size, runs, warmup, 900.0, progress)
+        _measure(combos, work, variant, authors.num_classes, size, images, runs, warmup, 900.0, progress)
     finally:
         for c in combos:
             if c.worker is not None:

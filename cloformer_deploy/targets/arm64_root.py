@@ -70,7 +70,7 @@ def check_ready(cache: Path) -> dict:
     state = ready_state(cache)
     if state is None:
         raise TargetError(f"--target arm64: no ARM64 root in {cache}; build it once with: cloformer-device setup "
-                          f"arm64{'' if cache == _default() else f' --cache {cache}'} (downloads about 2.8 GB)")
+                          f"arm64{'' if cache == _default() else f' --cache {cache}'} (downloads about 3 GB)")
     want = {n: v for n, v in host_versions().items() if n in RUNTIMES}
     have = {n: state["versions"].get(n) for n in RUNTIMES}
     if have != want:
@@ -192,7 +192,7 @@ def setup_arm64(cache: str | Path | None = None, *, force: bool = False, keep_do
     shutil.rmtree(partial, ignore_errors=True)  # an interrupted build: started again from the kept downloads
     requirements = [f"{n}=={v}" for n, v in versions.items()]
     progress.log(f"fetching: Debian {SUITE} arm64 Python 3.11 (about 80 MB, deb.debian.org); aarch64 wheels from "
-                 f"PyPI: {', '.join(requirements)} and torch's NVIDIA libraries (about 2.8 GB in all)")
+                 f"PyPI: {', '.join(requirements)} and torch's NVIDIA libraries (about 3 GB in all)")
     if not debian_tar.exists():
         with progress.stage(f"Debian {SUITE} arm64 base (mmdebstrap)") as st:
             tmp = debian_tar.with_suffix(".tar.partial")
