@@ -261,7 +261,7 @@ def fake_setup(monkeypatch):
     tools = _FakeTools()
     monkeypatch.setattr(arm64_root, "_run", tools.run)
     monkeypatch.setattr(arm64_root, "qemu_binary", lambda: "/usr/bin/qemu-aarch64-static")
-    monkeypatch.setattr(arm64_root, "qemu_version", lambda b: (7, 2, 22))
+    monkeypatch.setattr(arm64_root, "qemu_label", lambda b: "qemu-user 7.2.22")
     monkeypatch.setattr(arm64_root.shutil, "which", lambda name: f"/usr/bin/{name}")
     return tools
 
@@ -322,7 +322,6 @@ class _OtherMachine(LocalTarget):
 
     name = "fake-arm64"
     kind = "fake"
-    platform = "linux-aarch64"
     measures_latency = False
 
     def __init__(self, fail_open: bool = False):

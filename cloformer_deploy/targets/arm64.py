@@ -73,6 +73,21 @@ def qemu_version(binary: str) -> tuple[int, ...]:
     return tuple(int(g) for g in m.groups() if g is not None) if m else (0,)
 
 
+def qemu_label(binary: str) -> str:
+    return f"qemu-user {'.'.join(map(str, qemu_version(binary)))}"
+
+
+def emulated_python(view: Path, cpu: str, pythonpath: str) -> tuple[list[str], dict]:
+    """(argv, environment) that start the root's Python 3.11 under QEMU with a CPU profile's view.
+
+    The environment is built, not inherited: nothing of the host's Python settings reaches the emulated one.
+    """
+    env = {"QEMU_CPU": CPU_PROFILES[cpu].qemu_cpu, "PYTHONPATH": pythonpath, "PYTHONNOUSERSITE": "1",
+           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONWARNINGS": "ignore", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin",
+           "OMP_NUM_THREADS": "1"}
+    return [qemu_binary(), "-L", str(view), str(view / "usr" / "bin" / "python3.11")], env
+
+
 def check_cpu(name: str, qemu: str | None) -> CpuProfile:
     """The CPU profile called ``name``; TargetError for an unknown one or one known to compute wrongly here."""
     if name not in CPU_PROFILES:
@@ -153,12 +168,8 @@ class EmulatedArm64Target(Target):
         # this package, seen by the emulated Python through a link: it is pure Python, so the host's copy runs
         link_dir = Path(tempfile.mkdtemp(prefix="cloformer-arm64-"))
         (link_dir / package.name).symlink_to(package)
-        env = {"QEMU_CPU": CPU_PROFILES[self.cpu].qemu_cpu, "PYTHONPATH": f"/opt/site:{link_dir}",
-               "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONWARNINGS": "ignore",
-               "HOME": str(link_dir), "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-        argv = [qemu_binary(), "-L", str(view), str(view / "usr" / "bin" / "python3.11"),
-                "-m", "cloformer_deploy.targets.worker"]
-        return argv, env, [link_dir]
+        argv, env = emulated_python(view, self.cpu, f"/opt/site:{link_dir}")
+        return [*argv, "-m", "cloformer_deploy.targets.worker"], {**env, "HOME": str(link_dir)}, [link_dir]
 
     def runner(self, fmt, path, spec, info, threads=None):
         return super().runner(fmt, path, spec, info, threads or self.validation_threads)
@@ -166,5 +177,4 @@ class EmulatedArm64Target(Target):
     def describe(self) -> dict:
         profile = CPU_PROFILES[self.cpu]
         qemu = qemu_binary()
-        return {**super().describe(), "emulator": f"qemu-user {'.'.join(map(str, qemu_version(qemu)))}" if qemu
-                else None, "qemu_cpu": profile.qemu_cpu, "midr": f"0x{profile.midr:08x}", "cpu": profile.about}
+        return {**super().describe(), "emulator": qemu_label(qemu) if qemu else None, "qemu_cpu": profile.qemu_cpu, "midr": f"0x{profile.midr:08x}", "cpu": profile.about}

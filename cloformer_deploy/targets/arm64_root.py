@@ -26,7 +26,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..export.progress import Progress
-from .arm64 import CPU_PROFILES, DEFAULT_CPU, qemu_binary, qemu_version, write_cpu_view
+from .arm64 import (CPU_PROFILES, DEFAULT_CPU, default_cache, emulated_python, qemu_binary, qemu_label,
+                    write_cpu_view)
 from .base import TargetError
 
 ROOT_DIR = "arm64"
@@ -70,7 +71,7 @@ def check_ready(cache: Path) -> dict:
     state = ready_state(cache)
     if state is None:
         raise TargetError(f"--target arm64: no ARM64 root in {cache}; build it once with: cloformer-device setup "
-                          f"arm64{'' if cache == _default() else f' --cache {cache}'} (downloads about 3 GB)")
+                          f"arm64{'' if cache == default_cache() else f' --cache {cache}'} (downloads about 3 GB)")
     want = {n: v for n, v in host_versions().items() if n in RUNTIMES}
     have = {n: state["versions"].get(n) for n in RUNTIMES}
     if have != want:
@@ -78,12 +79,6 @@ def check_ready(cache: Path) -> dict:
         raise TargetError(f"--target arm64: the ARM64 root in {cache} has {diff}; rebuild it with: "
                           "cloformer-device setup arm64 --force")
     return state
-
-
-def _default() -> Path:
-    from .arm64 import default_cache
-
-    return default_cache()
 
 
 def missing_tools(need_debian: bool) -> list[str]:
@@ -167,7 +162,7 @@ def setup_arm64(cache: str | Path | None = None, *, force: bool = False, keep_do
     (one line naming the fix) for a missing host tool, before anything is fetched or written.
     """
     progress = progress or Progress(quiet=True)
-    cache = Path(cache) if cache is not None else _default()
+    cache = Path(cache) if cache is not None else default_cache()
     versions = host_versions()
     state = ready_state(cache)
     if state is not None and not force:
@@ -219,7 +214,7 @@ def setup_arm64(cache: str | Path | None = None, *, force: bool = False, keep_do
         smoke, seconds = _smoke(partial, versions)
     record = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suite": SUITE,
               "debian_packages": list(DEBIAN_PACKAGES), "versions": smoke["versions"], "python": smoke["python"],
-              "emulator": f"qemu-user {'.'.join(map(str, qemu_version(qemu_binary())))}",
+              "emulator": qemu_label(qemu_binary()),
               "import_seconds": round(seconds, 1), "bytes": _size(partial),
               "setup_seconds": round(time.perf_counter() - t0, 1), "cpus": sorted(CPU_PROFILES)}
     (partial / "ready.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -234,13 +229,10 @@ def setup_arm64(cache: str | Path | None = None, *, force: bool = False, keep_do
 
 
 def _smoke(partial: Path, versions: dict) -> tuple[dict, float]:
-    view = partial / "cpus" / DEFAULT_CPU
-    env = {"QEMU_CPU": CPU_PROFILES[DEFAULT_CPU].qemu_cpu, "PYTHONPATH": "/opt/site", "PYTHONNOUSERSITE": "1",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONWARNINGS": "ignore", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"}
+    argv, env = emulated_python(partial / "cpus" / DEFAULT_CPU, DEFAULT_CPU, "/opt/site")
     t = time.perf_counter()
     try:
-        proc = subprocess.run([qemu_binary(), "-L", str(view), str(view / "usr" / "bin" / "python3.11"), "-c", SMOKE],
-                              capture_output=True, text=True, env=env, timeout=900)
+        proc = subprocess.run([*argv, "-c", SMOKE], capture_output=True, text=True, env=env, timeout=900)
     except subprocess.TimeoutExpired:
         raise TargetError("setup arm64: the smoke test under emulation gave no answer in 900 s") from None
     seconds = time.perf_counter() - t
