@@ -53,11 +53,29 @@ def _terminated(signum, frame):
 def _add_target_args(p: argparse.ArgumentParser, what: str) -> None:
     """The options that choose where artifacts also run: export, validate and bench share them."""
     p.add_argument("--target", default="local",
-                   help=f"local (default), or arm64: also {what} on emulated ARM64 (the phone's XNNPACK and ONNX "
-                        "Runtime kernels under QEMU; numerics only, no latency). Build it once with "
-                        "cloformer-device setup arm64")
+                   help=f"local (default); arm64: also {what} on emulated ARM64 (the phone's XNNPACK and ONNX "
+                        "Runtime kernels under QEMU; numerics only, no latency; build it once with "
+                        "cloformer-device setup arm64); or ssh://[user@]host[:port]: on a real device "
+                        "(a board, a phone with Termux, a Mac; see cloformer-device check)")
     p.add_argument("--cpu", help="ARM64 CPU profile for --target arm64 (default cortex-a76; see cloformer-device list)")
     p.add_argument("--target-cache", help="folder of the ARM64 root (default: as cloformer-device setup)")
+    _add_device_args(p)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """Options of an ssh:// device."""
+    g = p.add_argument_group("ssh:// device options")
+    g.add_argument("--remote-python", help="the device's Python command, prefix included (default python3; "
+                                           "a phone: 'proot-distro login debian -- python3')")
+    g.add_argument("--cores", help="pin the device's worker to these cores, e.g. 4-7 (the big cluster; "
+                                   "cloformer-device check lists them)")
+    g.add_argument("--ssh-key", help="private key for the device (default: ssh's own choice)")
+    g.add_argument("--ssh-config", help="an ssh client config file (ssh -F)")
+    g.add_argument("--remote-dir", help="work folder on the device (default ~/.cache/cloformer-deploy/device)")
+
+
+def _device(args) -> dict:
+    return {k: getattr(args, k) for k in ("remote_python", "cores", "ssh_key", "ssh_config", "remote_dir")}
 
 
 def _argv(prog: str, argv) -> list[str]:
@@ -142,7 +160,8 @@ def export_main(p: _Parser, argv) -> int:
                     data=args.data, coreml_input=args.coreml_input, coreml_target=args.coreml_target,
                     et_backend=args.backend, min_top1_agreement=args.min_top1_agreement,
                     calibration_size=args.calibration_size, keep_float=args.keep_float, target=args.target,
-                    cpu=args.cpu, target_cache=args.target_cache, progress=Progress(quiet=args.quiet),
+                    cpu=args.cpu, target_cache=args.target_cache, device=_device(args),
+                    progress=Progress(quiet=args.quiet),
                     argv=_argv(p.prog, argv))
     print(f"\n{'format':<12}{'file':<44}{'size MB':>9}  validation")
     for a in result.artifacts:
@@ -175,7 +194,7 @@ def export_main(p: _Parser, argv) -> int:
 def _target_verdict(t: dict) -> str:
     """One line for an artifact's validation on another target: its figures and its difference from here."""
     if not t.get("ran"):
-        return f"not run: {t.get('note')}"
+        return f"{'FAIL, ' if t.get('passed') is False else ''}not run: {t.get('note')}"
     if not t.get("figures"):
         return "FAIL: " + "; ".join(t.get("problems") or [])
     f, vs = t["figures"], t.get("vs_local") or {}
@@ -200,7 +219,8 @@ def validate_main(p: _Parser, argv) -> int:
 
     ok, reports = validate_bundle(args.bundle, weights=args.weights, data=args.data,
                                   min_top1_agreement=args.min_top1_agreement, target=args.target, cpu=args.cpu,
-                                  target_cache=args.target_cache, progress=Progress(quiet=args.quiet))
+                                  target_cache=args.target_cache, device=_device(args),
+                                  progress=Progress(quiet=args.quiet))
     for r in reports:
         for name, t in (r.get("targets") or {}).items():
             print(f"{r['path']} on {name}: {_target_verdict(t)}")
@@ -239,6 +259,8 @@ def bench_main(p: _Parser, argv) -> int:
     p.add_argument("--ablation", action="store_true",
                    help="instead: time the deploy form step by step (ONNX Runtime and XNNPACK, first thread count)")
     _add_target_args(p, "measure the drift of every artifact that runs there (rows without latency)")
+    p.add_argument("--cooldown", type=float, default=0.0,
+                   help="seconds of rest between timing rounds (a phone's clocks drop as it heats; default 0)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     from .export.progress import Progress
@@ -249,8 +271,8 @@ def bench_main(p: _Parser, argv) -> int:
 
         if args.baselines or args.peers or args.profile:
             raise InputError("--ablation times the deploy steps of one model; drop --baselines/--peers/--profile")
-        if args.target != "local" or args.cpu or args.target_cache:
-            raise InputError("--ablation times on this machine; drop --target/--cpu/--target-cache")
+        if args.target != "local" or args.cpu or args.target_cache or any(_device(args).values()):
+            raise InputError("--ablation times on this machine; drop --target and its options")
 
         res = ablation(args.model or "cloformer_xxs", weights=args.weights, img_size=args.img_size,
                        threads=args.threads, runs=args.runs, warmup=args.warmup, out=args.out,
@@ -264,7 +286,8 @@ def bench_main(p: _Parser, argv) -> int:
                    warmup=args.warmup, img_size=args.img_size, compare_authors=args.compare_authors,
                    baselines=args.baselines, peers=args.peers, profile=args.profile, portable=args.portable,
                    data=args.data, out=args.out, bundle=args.bundle, target=args.target, cpu=args.cpu,
-                   target_cache=args.target_cache, progress=Progress(quiet=args.quiet), precisions=args.precisions,
+                   target_cache=args.target_cache, device=_device(args), cooldown=args.cooldown,
+                   progress=Progress(quiet=args.quiet), precisions=args.precisions,
                    argv=_argv(p.prog, argv))
     console_table(result.results)
     extra = "".join(f", {f}" for f in ("peers.md", "pareto.png", "profile.md") if (result.out / f).exists())
@@ -277,7 +300,7 @@ def device_main(p: _Parser, argv) -> int:
     """Targets the artifacts can run on: list them, or build the emulated ARM64 one (once)."""
     from .targets import TARGETS
 
-    sub = p.add_subparsers(dest="action", metavar="{setup,list}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="action", metavar="{setup,list,check}", parser_class=_Parser)
     setup = sub.add_parser("setup", help="build a target once (arm64: a Debian arm64 root with the host's runtimes, "
                                          "run by QEMU; downloads about 3 GB, 5.8 GB on disk)")
     setup.add_argument("target", help="arm64")
@@ -289,9 +312,16 @@ def device_main(p: _Parser, argv) -> int:
     setup.add_argument("-q", "--quiet", action="store_true")
     listing = sub.add_parser("list", help="targets, whether they are ready, and the ARM64 CPU profiles")
     listing.add_argument("--cache", help="folder of the roots (as for setup)")
+    check = sub.add_parser("check", help="what an ssh:// device has and lacks (Python, numpy, runtimes against "
+                                         "this machine's versions), its CPU cores, and the command that installs "
+                                         "what is missing; installs nothing. Exit 1 if something is missing")
+    check.add_argument("target", help="ssh://[user@]host[:port]")
+    _add_device_args(check)
     args = p.parse_args(argv)
     if args.action is None:
-        p.error("choose an action: setup arm64, or list")
+        p.error("choose an action: setup arm64, list, or check ssh://[user@]host")
+    if args.action == "check":
+        return _check_device(args)
     from pathlib import Path
 
     from .export.progress import Progress
@@ -316,6 +346,8 @@ def device_main(p: _Parser, argv) -> int:
     status = (f"ready in {cache / ROOT_DIR} ({state['bytes'] / 1e9:.1f} GB)" if state
               else "not set up: cloformer-device setup arm64")
     print(f"{'arm64':<8}{status:<58}{TARGETS['arm64']}")
+    print(f"{'ssh://':<8}{'cloformer-device check ssh://[user@]host[:port]':<58}"
+          f"{TARGETS['ssh://[user@]host[:port]']}")
     qemu = qemu_binary()
     print(f"\nARM64 CPU profiles (--cpu; default {DEFAULT_CPU}){'' if qemu else '; QEMU is not installed'}:")
     for name, profile in CPU_PROFILES.items():
@@ -325,6 +357,37 @@ def device_main(p: _Parser, argv) -> int:
         except InputError as e:
             mark = f"  [refused here: {e.cli_message.split(': ', 1)[1]}]"
         print(f"  {name:<12} {profile.about}{mark}")
+    return 0
+
+
+def _check_device(args) -> int:
+    from .targets import TargetError
+    from .targets.ssh import SshTarget, clusters_text, device_needs
+
+    if not str(args.target).lower().startswith("ssh://"):
+        raise TargetError(f"check {args.target!r}: give a device as ssh://[user@]host[:port] "
+                          "(cloformer-device list shows local and arm64)")
+    target = SshTarget(args.target, **{k: v for k, v in _device(args).items() if v is not None})
+    info = target.probe()
+    if target.cores is not None and target.about:
+        target._check_cores()
+    needs = device_needs(target)
+    about = target.about
+    print(f"device   {target.name}: {info.get('platform')}" + (f", {clusters_text(about)}" if about else ""))
+    if info.get("work"):
+        free = info.get("free_bytes")
+        print(f"work     {info['work']}" + (f" ({free / 1e9:.1f} GB free)" if free else ""))
+    if about.get("affinity") is not None and about.get("clusters"):
+        print("cores    --cores chooses among: " + "; ".join(f"{c['core']} {','.join(map(str, c['cpus']))}"
+                                                         for c in about["clusters"]))
+    print(f"\n{'package':<13}{'on the device':<16}{'this machine':<15}status")
+    for r in needs["rows"]:
+        print(f"{r['package']:<13}{r['device'] or '-':<16}{r['host'] or '-':<15}{r['status']}")
+    print("\nformats: " + "; ".join(f"{k}: {v}" for k, v in needs["formats"].items()))
+    if needs["command"]:
+        print(f"\ninstall on the device (nothing was installed):\n  {needs['command']}")
+        return 1
+    print("\nready: every runtime this machine has is there, at the same versions")
     return 0
 
 

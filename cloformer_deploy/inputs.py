@@ -62,6 +62,17 @@ def fraction(flag: str, value) -> float:
     return x
 
 
+def seconds(flag: str, value, maximum: float = 3600.0) -> float:
+    """A duration in seconds, 0 to ``maximum``."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{flag} {value!r} is not a number of seconds; give one such as 30") from None
+    if not 0.0 <= x <= maximum:
+        raise InputError(f"{flag} {x:g} is out of range; give seconds from 0 to {maximum:g}")
+    return x
+
+
 def existing_file(flag: str, path, what: str) -> Path:
     """A readable regular file, or one line saying what it is instead."""
     p = Path(path)

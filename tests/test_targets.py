@@ -169,8 +169,12 @@ def test_pack_round_trip():
 # ------------------------------------------------------------------ the emulated ARM64 target's checks
 
 def test_target_names_and_cpu_choices_are_checked():
-    with _says("--target 'mars' is not a target; choose from local, arm64"):
+    with _says("--target 'mars' is not a target; choose local, arm64 or ssh://"):
         get_target("mars")
+    with _says("--remote-python applies to an ssh:// device"):
+        get_target("local", device={"remote_python": "python3"})
+    with _says("--cpu and --target-cache belong to --target arm64"):
+        get_target("ssh://pi@pi5", cpu="cortex-a76")
     with _says("--cpu chooses the emulated CPU of --target arm64"):
         get_target("local", cpu="cortex-a76")
     assert get_target("local").measures_latency
@@ -346,8 +350,8 @@ def _on_other_machine(monkeypatch, target):
     from cloformer_deploy.export import api
     from cloformer_deploy.runtime_bench import harness
 
-    def pick(name="local", cpu=None, cache=None):  # the bench's own exports still ask for "local"
-        return target if name == "fake" else get_target(name, cpu, cache)
+    def pick(name="local", cpu=None, cache=None, device=None):  # the bench's own exports still ask for "local"
+        return target if name == "fake" else get_target(name, cpu, cache, device)
 
     for module in (api, harness):
         monkeypatch.setattr(module, "get_target", pick)

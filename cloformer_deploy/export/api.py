@@ -196,6 +196,9 @@ def validate_on_target(target, fmt: str, path: Path, spec: ModelSpec, info: dict
     backend = BACKENDS[fmt]
     if not target.can_run(backend):
         return {"ran": False, "passed": None, "note": f"{backend.runtime} does not run on {target.platform}"}
+    missing = target.missing(backend)
+    if missing:
+        return {"ran": False, "passed": False, "note": missing, "target": target.describe()}
     stage.update(f"starting the worker on {target.name}")
     try:
         runner = target.runner(fmt, path, spec, info)
@@ -207,7 +210,8 @@ def validate_on_target(target, fmt: str, path: Path, spec: ModelSpec, info: dict
     except WorkerError as e:
         return {"ran": True, "passed": False, "problems": [f"stopped on {target.name}: {e}"]}
     report["load_seconds"] = round(runner.load_ms / 1e3, 2)
-    report["seconds_per_batch"] = round(float(np.median(runner.run_ms)) / 1e3, 3)  # emulated: not a latency
+    # emulated: not a latency; on a device, the median of untimed validation runs (the benchmark times them)
+    report["seconds_per_batch"] = round(float(np.median(runner.run_ms)) / 1e3, 3)
     if local_outputs is not None:
         vs = compare(out, local_outputs[: len(out)])
         report["vs_local"] = {**{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},
@@ -253,7 +257,7 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
            data: str | Path | None = None, coreml_input: str = "image", coreml_target: str = "iOS16",
            et_backend: str = "xnnpack", min_top1_agreement: float | None = None,
            calibration_size: int | None = None, keep_float: int = 0, target: str = "local",
-           cpu: str | None = None, target_cache: str | Path | None = None,
+           cpu: str | None = None, target_cache: str | Path | None = None, device: dict | None = None,
            progress: Progress | None = None, argv: list[str] | None = None) -> ExportResult:
     """Export one model to the given formats, validate every artifact, and add them to the bundle.
 
@@ -262,15 +266,16 @@ def export(model: str = "cloformer_xxs", *, weights: str | Path | None = None, f
     the same format and precision, or a bundle of other weights. Raises :class:`ExportInputError`
     for bad input before anything is written. A validation breach leaves the bundle at
     ``<bundle>.failed`` and ``passed`` False. ``target`` other than ``local`` (``arm64``, emulated, with
-    ``cpu`` and the ``target_cache`` of its root) also validates every artifact it can run there and
-    records those figures, and their difference from this machine's, in the manifest.
+    ``cpu`` and the ``target_cache`` of its root; ``ssh://[user@]host[:port]``, a device, with its ``device``
+    options) also validates every artifact it can run there and records those figures, and their
+    difference from this machine's, in the manifest.
     """
     with quiet_libraries():
         return _export(model, weights, formats, img_size, num_classes, batch, precision, out, labels,
                        {"opset": opset, "simplify": simplify, "coreml_input": coreml_input,
                         "coreml_target": coreml_target, "et_backend": et_backend},
                        validate_artifacts, force, zip_bundle, data, min_top1_agreement, calibration_size,
-                       keep_float, (target, cpu, target_cache), progress or Progress(quiet=True), argv)
+                       keep_float, (target, cpu, target_cache, device), progress or Progress(quiet=True), argv)
 
 
 def _export(model, weights, formats, img_size, num_classes, batch, precision, out, labels, options,
@@ -525,7 +530,8 @@ def open_bundle(folder, weights=None) -> OpenedBundle:
 
 def validate_bundle(folder: str | Path, *, weights: str | Path | None = None, data: str | Path | None = None,
                     min_top1_agreement: float | None = None, target: str = "local", cpu: str | None = None,
-                    target_cache: str | Path | None = None, progress: Progress | None = None
+                    target_cache: str | Path | None = None, device: dict | None = None,
+                    progress: Progress | None = None
                     ) -> tuple[bool, list[dict]]:
     """Re-run validation of every artifact of an existing bundle; True when all pass.
 
@@ -539,7 +545,7 @@ def validate_bundle(folder: str | Path, *, weights: str | Path | None = None, da
             min_top1_agreement = fraction("--min-top1-agreement", min_top1_agreement)
         if data is not None:
             existing_folder("--data", data, "a folder of .jpg/.png images")
-        on = get_target(target, cpu, target_cache)
+        on = get_target(target, cpu, target_cache, device)
         opened = open_bundle(folder, weights)
         spec = opened.spec
         images = load_images(spec.input_size, spec.mean, spec.std, folder=data)

@@ -101,6 +101,14 @@ class Backend(ABC):
 
     # where this format's runtime runs natively ("system-machine"); targets run only what they can
     platforms: tuple[str, ...] = ("linux-x86_64", "linux-aarch64", "darwin-arm64", "darwin-x86_64")
+    uses_threads = True  # False: the runtime chooses its own threads, so its rows have no thread count
+
+    def row_variants(self, platform: str) -> list[dict]:
+        """The ways one artifact is run on ``platform``, a benchmark row each, as the ``info`` of :meth:`open`.
+
+        [{}]: one way (threads vary separately). Core ML on Apple systems: one per compute unit.
+        """
+        return [{}]
 
     @abstractmethod
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:

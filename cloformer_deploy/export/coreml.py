@@ -52,14 +52,25 @@ class CoreMLRunner(Runner):
     """
 
     def __init__(self, path: Path, spec: ModelSpec, compute_units: str = "ALL", emulate: bool | None = None):
+        import time
+
         import coremltools as ct
 
         self.path, self.spec = path, spec
         self.on_mac = platform.system() == "Darwin" if emulate is None else not emulate
         self.compute_units = compute_units
+        start = time.perf_counter()
+        # on a Mac this compiles the package (.mlpackage -> .mlmodelc) and loads it for the compute unit:
+        # the load time of the row is both, as an app's first launch pays them
         self.model = ct.models.MLModel(str(path), skip_model_load=not self.on_mac,
                                        compute_units=getattr(ct.ComputeUnit, compute_units))
+        self.compile_and_load_ms = (time.perf_counter() - start) * 1e3
         self.mlspec = self.model.get_spec()
+        self.placement = None
+        if self.on_mac:
+            from .coreml_placement import compute_plan_placement
+
+            self.placement = compute_plan_placement(self.model, compute_units)
         self.method = "coreml" if self.on_mac else "emulated"
         self.interpreter = None
         if not self.on_mac:
@@ -72,6 +83,8 @@ class CoreMLRunner(Runner):
         d = {"method": self.method}
         if self.on_mac:
             d["compute_units"] = self.compute_units
+            d["compile_and_load_ms"] = round(self.compile_and_load_ms, 1)
+            d["placement"] = self.placement
         else:
             d["note"] = ("reference evaluation of the package's arithmetic on this machine, not Apple hardware "
                          "(the Neural Engine and GPU accumulate differently); Core ML latency needs a Mac or iPhone")
@@ -118,21 +131,23 @@ class CoreMLRunner(Runner):
         return []
 
     def run(self, batch: ImageBatch) -> np.ndarray:
+        return self.infer(self.prepare(batch))
+
+    def prepare(self, batch: ImageBatch):
+        """On a Mac, the feeds ``MLModel.predict`` takes (PIL images for an image input), made once."""
         if not self.on_mac:
-            return self._emulate(batch)
+            return batch
         from PIL import Image
 
-        desc = self.mlspec.description
-        name = desc.input[0].name
-        rows = []
-        for i in range(len(batch)):
-            if desc.input[0].type.WhichOneof("Type") == "imageType":
-                feed = {name: Image.fromarray(batch.images[i])}
-            else:
-                feed = {name: batch.tensor[i:i + 1]}
-            out = self.model.predict(feed)
-            rows.append(self._logits(out))
-        return np.concatenate(rows).astype(np.float32)
+        inp = self.mlspec.description.input[0]
+        if inp.type.WhichOneof("Type") == "imageType":
+            return [{inp.name: Image.fromarray(batch.images[i])} for i in range(len(batch))]
+        return [{inp.name: batch.tensor}]
+
+    def infer(self, prepared) -> np.ndarray:
+        if not self.on_mac:
+            return self._emulate(prepared)
+        return np.concatenate([self._logits(self.model.predict(feed)) for feed in prepared]).astype(np.float32)
 
     def _emulate(self, batch: ImageBatch) -> np.ndarray:
         desc = self.mlspec.description
@@ -165,7 +180,7 @@ class CoreMLRunner(Runner):
         if probs and probs in out:
             scores = out[probs]
             return np.asarray([[scores[label] for label in self.spec.labels]], dtype=np.float32)
-        return np.asarray(next(iter(out.values())), dtype=np.float32).reshape(1, -1)
+        return np.asarray(next(iter(out.values())), dtype=np.float32).reshape(-1, self.spec.num_classes)
 
 
 @register
@@ -247,8 +262,20 @@ class CoreMLBackend(Backend):
         return {**extra, "input": input_kind, "minimum_deployment_target": target, "classifier": classify,
                 "ops": ops, "fp32_ops_in_fp16_program": _fp32_compute_ops(mlmodel) if job.precision != "fp32" else 0}
 
+    uses_threads = False  # Core ML chooses its own threads (and devices)
+
+    def row_variants(self, platform: str) -> list[dict]:
+        from .coreml_placement import COMPUTE_UNITS
+
+        # on Apple systems one row per compute unit; elsewhere the interpreter, which has none
+        return [{"compute_units": u} for u in COMPUTE_UNITS] if platform in self.platforms else [{}]
+
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
-        return CoreMLRunner(path, spec)  # Core ML chooses its own threads
+        from .coreml_placement import COMPUTE_UNITS
+
+        units = info.get("compute_units") or "ALL"
+        units = choice("compute units", units, COMPUTE_UNITS)
+        return CoreMLRunner(path, spec, compute_units=units)  # Core ML chooses its own threads
 
 
 def compress_weights(mlmodel, precision: str):

@@ -83,7 +83,8 @@ class Progress:
     def report_target(self, fmt: str, target: str, report: dict) -> None:
         """One artifact's validation on another target, with its difference from this machine's run."""
         if not report.get("ran"):
-            self._line(f"{fmt} on {target}: not run ({report.get('note')})")
+            failed = "FAIL, " if report.get("passed") is False else ""
+            self._line(f"{fmt} on {target}: {failed}not run ({report.get('note')})")
             return
         self.report(f"{fmt} on {target}", report)
         vs = report.get("vs_local")

@@ -25,7 +25,7 @@ from ..export.bundle import size_bytes
 from ..export.images import ImageBatch, load_images
 from ..export.progress import Progress
 from ..export.validate import compare
-from ..inputs import (InputError, comma_list, existing_folder, image_size, thread_counts, whole_number,
+from ..inputs import (InputError, comma_list, existing_folder, image_size, seconds, thread_counts, whole_number,
                       writable_folder)
 from ..models import check_input_size, get_variant, profile_model
 from ..quiet import quiet_libraries
@@ -37,7 +37,7 @@ from .runtimes import ALIASES, FORMAT_OF as _FORMAT_OF, PEER_RUNTIMES, RUNTIME_O
 from ..targets import Target, WorkerError, WorkerProcess, get_target
 from ..targets.local import LocalTarget
 from ..targets.base import spec_message
-from ..targets.worker import pack, unpack
+from ..targets.worker import unpack
 
 PORTABLE_RUNS = 3  # the portable kernels take seconds per run
 LOCAL = LocalTarget()  # this machine: every timed row runs here
@@ -65,6 +65,13 @@ class Combo:
     peak_rss_mb: float | None = None
     role: str = "subject"  # the benchmarked model, or a "peer" timed beside it
     target: "Target | None" = None  # where it runs; None: this machine
+    variant: dict = field(default_factory=dict)  # how the runtime runs it (Core ML: its compute unit)
+    timed: bool | None = None  # None: timed when it has a thread count
+    described: dict = field(default_factory=dict)  # the runner's own description, from the worker
+
+    def __post_init__(self):
+        if self.timed is None:
+            self.timed = self.threads is not None
 
 
 @dataclass
@@ -97,7 +104,7 @@ def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 
           warmup: int = 10, img_size=None, compare_authors: bool = False, baselines: bool = False,
           portable: bool = False, data=None, out="runtime_bench", bundle=None, timeout: float = 900.0,
           precisions=("default",), peers=None, profile: bool = False, target: str = "local",
-          cpu: str | None = None, target_cache=None,
+          cpu: str | None = None, target_cache=None, device: dict | None = None, cooldown: float = 0.0,
           progress: Progress | None = None, argv: list[str] | None = None) -> BenchResult:
     """Time every runtime (own process each) on the deploy form, optionally beside the authors' form.
 
@@ -106,14 +113,17 @@ def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 
     ``baselines`` adds the default peers (timm mobile backbones and the other CloFormer/FAT sizes) and
     ``peers`` names more; they are exported for ONNX Runtime and XNNPACK and timed in the same rounds.
     ``profile`` adds per-operator time tables (ETDump for XNNPACK, ONNX Runtime's profiler) in profile.md.
-    ``target`` other than ``local`` (``arm64``: emulated, with ``cpu``) adds, for every artifact of the
-    benchmarked model it can run, a row of its drift there; an emulated target's timings are no latency,
-    so its rows have none.
+    ``target`` other than ``local`` adds, for every artifact of the benchmarked model it can run, rows
+    run there: ``arm64`` (emulated, with ``cpu``) gives drift only; ``ssh://[user@]host[:port]`` (a real
+    device, with the ``device`` options of :data:`~cloformer_deploy.targets.DEVICE_OPTIONS`) gives rows
+    timed in the same interleaved rounds as this machine's. ``cooldown`` seconds pass between rounds
+    (a phone's clocks drop when it heats up). A runtime the device lacks is an error row.
     """
     with quiet_libraries():
         progress = progress or Progress(quiet=True)
         threads = thread_counts("--threads", threads)
         runs, warmup = whole_number("--runs", runs, 1), whole_number("--warmup", warmup, 0)
+        cooldown = seconds("--cooldown", cooldown)
         runtimes = _runtimes(formats, portable)
         precisions = comma_list("--precisions", precisions, "default,int8")
         bad = [p for p in precisions if p not in ("default", *PRECISIONS)]
@@ -147,18 +157,24 @@ def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 
         if profile and not set(runtimes) & set(PROFILERS):
             raise BenchInputError(f"--profile reads the profilers of {' and '.join(PROFILERS)}; add one of them "
                                   "to --formats")
-        remote = get_target(target, cpu, target_cache)
+        remote = get_target(target, cpu, target_cache, device)
         if remote.kind == "local":
             remote = None
         elif not any(remote.can_run(BACKENDS[_FORMAT_OF[r]]) for r in runtimes if r in _FORMAT_OF):
             raise BenchInputError(f"--target {target}: none of --formats runs there; add onnxruntime or "
                                   "executorch-xnnpack")
-        return _bench(prepared, runtimes, threads, runs, warmup, size or (224, 224), compare_authors,
-                      data, Path(out), bundle, timeout, precisions, peer_list, profile, remote, progress, argv)
+        try:
+            return _bench(prepared, runtimes, threads, runs, warmup, size or (224, 224), compare_authors,
+                          data, Path(out), bundle, timeout, precisions, peer_list, profile, remote, cooldown,
+                          progress, argv)
+        finally:
+            if remote is not None:
+                remote.close()
 
 
 def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, data, out: Path, bundle,
-           timeout, precisions, peer_list, profile, remote: Target | None, progress: Progress, argv) -> BenchResult:
+           timeout, precisions, peer_list, profile, remote: Target | None, cooldown: float, progress: Progress,
+           argv) -> BenchResult:
     variant, authors = prepared.variant, prepared.module
     weights_sha = prepared.weights_sha256
     images = load_images(size, variant.mean, variant.std, folder=data)
@@ -183,23 +199,15 @@ def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, dat
                                      size_mb=size_bytes(work / "weights.pth") / 1e6) for t in threads]
                     continue
                 for (f, r, _), art in artifacts.items():
-                    if (f, r) != (form, rt):
-                        continue
-                    if rt == "coreml":  # latency is not measurable off Apple hardware; drift still is
-                        combos.append(Combo(variant.name, form, rt, art["precision"], None, art["path"],
-                                            art["size_mb"], art["extra"]))
-                        continue
-                    combos += [Combo(variant.name, form, rt, art["precision"], t, art["path"], art["size_mb"],
-                                     art["extra"]) for t in threads]
-                    if remote is not None and remote.can_run(BACKENDS[_FORMAT_OF[rt]]):
-                        combos.append(Combo(variant.name, form, rt, art["precision"], None, art["path"],
-                                            art["size_mb"], art["extra"], target=remote))
+                    if (f, r) == (form, rt):
+                        combos += _artifact_combos(variant.name, form, rt, art, threads, remote)
         for c in combos:
             c.extra = {"params": prof.params, "macs": prof.macs, **c.extra}
         references = {variant.name: reference}
         combos += _peer_combos(peer_list, runtimes, threads, work, size, images, authors.num_classes,
                                references, progress)
-        _measure(combos, work, variant, authors.num_classes, size, images, runs, warmup, timeout, progress)
+        thermal = _measure(combos, work, variant, authors.num_classes, size, images, runs, warmup, timeout, progress,
+                           cooldown)
         rows = [_row(c, references.get(c.model), machine, labels) for c in combos]
         _versus_local(combos, rows)
         profiles = _profiles(combos, images, threads[0], min(runs, 20), progress) if profile else None
@@ -211,11 +219,12 @@ def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, dat
     results = {
         "machine": machine, "versions": versions(),
         "config": {"model": variant.name, "input_size": list(size), "threads": threads, "runs": runs,
-                   "warmup": warmup, "weights_sha256": weights_sha, "random_init": prepared.random_init,
+                   "warmup": warmup, "cooldown_s": cooldown, "weights_sha256": weights_sha, "random_init": prepared.random_init,
                    "images": len(images), "data": str(data) if data else "scikit-image bundled photographs",
                    "macs": prof.macs, "params": prof.params, "compare_authors": compare_authors,
                    "peers": [p.name for p in peer_list]},
         "targets": {"local": LOCAL.describe(), **({remote.name: remote.describe()} if remote else {})},
+        "thermal": thermal,
         "rows": rows, "command": argv if argv is not None else sys.argv,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -382,6 +391,28 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
     return out
 
 
+def _artifact_combos(model: str, form: str, rt: str, art: dict, threads, remote: Target | None) -> list[Combo]:
+    """The rows of one artifact: here, and on the target if it runs there.
+
+    A row is timed where the runtime runs natively and the target measures latency (Core ML off
+    Apple systems: drift by the interpreter, untimed). Each way the runtime runs the artifact on a
+    platform is a row (Core ML on a Mac: a compute unit each); thread counts only for runtimes that take one.
+    """
+    backend = BACKENDS[_FORMAT_OF[rt]]
+    out = []
+    for where in (None, remote):
+        if where is not None and not where.can_run(backend):
+            continue
+        on = where or LOCAL
+        timed = on.platform in backend.platforms and on.measures_latency
+        counts = threads if timed and backend.uses_threads else [None]
+        error = where.missing(backend) if where is not None else None
+        for way in backend.row_variants(on.platform):
+            out += [Combo(model, form, rt, art["precision"], t, art["path"], art["size_mb"], art["extra"],
+                          target=where, variant=way, timed=timed, error=error) for t in counts]
+    return out
+
+
 def _art(path: Path, entry: dict) -> dict:
     keys = ("partitions", "non_delegated_kernels", "non_delegated_ops", "nodes", "op_types", "ops")
     return {"path": str(path), "precision": entry["precision"], "size_mb": round(size_bytes(path) / 1e6, 3),
@@ -389,21 +420,31 @@ def _art(path: Path, entry: dict) -> dict:
 
 
 def _measure(combos, work: Path, variant, num_classes, size, images: ImageBatch, runs, warmup, timeout,
-             progress) -> None:
+             progress, cooldown: float = 0.0) -> dict:
     """Load, time (interleaved rounds) and read outputs, one thread count at a time: every row of a thread
-    count shares its rounds, and only those processes (120-770 MB each) are loaded at once. Rows of a target
-    that measures no latency run one at a time: they are never timed, so nothing is interleaved."""
+    count shares its rounds, and only those processes (120-770 MB each) are loaded at once. A device's rows
+    share the rounds of this machine's at the same thread count. Rows of a target that measures no latency
+    run one at a time: they are never timed, so nothing is interleaved.
+
+    Returns the thermal zones' temperatures per target before and after each thread count's rounds.
+    """
     eager = {"model": variant.name, "family": variant.family, "architecture": dataclasses.asdict(variant.config),
              "num_classes": num_classes, "input_size": list(size), "weights": str(work / "weights.pth")}
     spec = spec_message(_bare_spec(variant.name, num_classes, size))
     done: dict = {}  # one artifact's outputs do not depend on its thread count: run them once
     groups: dict = {}
+    first = next((c.threads for c in combos if c.threads is not None), None)
     for c in combos:
-        if c.error is None:
-            key = ("local", c.threads) if c.target is None else (c.target.name, None)
-            groups.setdefault(key, []).append(c)
+        if c.error is not None:
+            continue
+        if c.target is not None and not c.target.measures_latency:
+            key = (c.target.name, None)
+        else:  # runtimes that choose their own threads (Core ML) share the first thread count's rounds
+            key = ("timed", c.threads if c.threads is not None else first) if c.timed else ("local", None)
+        groups.setdefault(key, []).append(c)
+    thermal: dict = {}
     for (where, threads), group in groups.items():
-        if where != "local":
+        if where not in ("local", "timed"):
             for i, c in enumerate(group, 1):
                 what = f"{where} (emulated: drift only) {i}/{len(group)}, {c.form} form {c.runtime} {c.precision}"
                 _load_workers([c], eager, spec, images, timeout, progress, what)
@@ -411,8 +452,28 @@ def _measure(combos, work: Path, variant, num_classes, size, images: ImageBatch,
             continue
         what = "untimed" if threads is None else f"{threads} thread{'s' if threads != 1 else ''}"
         _load_workers(group, eager, spec, images, timeout, progress, what)
-        _time(group, runs, warmup, progress, what)
+        before = _thermal(group)
+        _time(group, runs, warmup, progress, what, cooldown)
+        after = _thermal(group)
+        for name in before:
+            thermal.setdefault(name, []).append({"threads": threads, "before_c": before[name],
+                                                 "after_c": after.get(name)})
         _outputs(group, images, done, progress, what)
+    return thermal
+
+
+def _thermal(group) -> dict:
+    """Per target of the group that exposes thermal zones: {zone: degrees C}, read by one of its workers."""
+    zones = {}
+    for c in group:
+        name = c.target.name if c.target else "local"
+        if c.worker is None or not c.timed or name in zones:
+            continue
+        try:
+            zones[name] = c.worker.ask({"cmd": "thermal"}, timeout=60)["zones"]
+        except (WorkerError, OSError):
+            continue
+    return {k: v for k, v in zones.items() if v}
 
 
 def _open_message(c: Combo, eager: dict, spec: dict) -> dict:
@@ -420,12 +481,11 @@ def _open_message(c: Combo, eager: dict, spec: dict) -> dict:
         return {"cmd": "open", "format": "eager", "threads": c.threads or 1, "eager": {**eager, "form": c.form}}
     where = c.target or LOCAL
     return {"cmd": "open", "format": _FORMAT_OF[c.runtime], "path": where.ship(c.path),
-            "spec": {**spec, "name": c.model}, "info": {}, "threads": c.threads or 1}
+            "spec": {**spec, "name": c.model}, "info": c.variant, "threads": c.threads or 1}
 
 
-def _run_message(images: ImageBatch, i: int) -> dict:
-    return {"cmd": "run", "names": images.names[i:i + 1], "images": pack(images.images[i:i + 1]),
-            "tensor": pack(images.tensor[i:i + 1])}
+def _run(worker: WorkerProcess, images: ImageBatch, i: int) -> dict:
+    return worker.run_batch(images.names[i:i + 1], images.images[i:i + 1], images.tensor[i:i + 1])
 
 
 def _load_workers(group, eager, spec, images: ImageBatch, timeout, progress, what) -> None:
@@ -434,10 +494,12 @@ def _load_workers(group, eager, spec, images: ImageBatch, timeout, progress, wha
             stage.update(f"{i}/{len(group)}")
             where = c.target or LOCAL
             try:
+                message = _open_message(c, eager, spec)  # ships the artifact to a device: may fail there
                 c.worker = where.start(max(timeout, where.step_timeout) if c.target else timeout)
-                opened = c.worker.ask(_open_message(c, eager, spec))
+                opened = c.worker.ask(message)
+                c.described = opened.get("describe") or {}
                 # the first run initialises lazily in several runtimes: part of loading
-                first = c.worker.ask(_run_message(images, 0))
+                first = _run(c.worker, images, 0)
                 c.load_ms = opened["load_ms"] + first["ms"]
             except (WorkerError, OSError) as e:
                 c.error = str(e)
@@ -446,8 +508,8 @@ def _load_workers(group, eager, spec, images: ImageBatch, timeout, progress, wha
                 c.worker = None
 
 
-def _time(group, runs, warmup, progress, what) -> None:
-    timed = [c for c in group if c.worker is not None and c.threads is not None]
+def _time(group, runs, warmup, progress, what, cooldown: float = 0.0) -> None:
+    timed = [c for c in group if c.worker is not None and c.timed]
     if not timed:
         return
     rounds = max(1, min(5, runs))
@@ -472,6 +534,9 @@ def _time(group, runs, warmup, progress, what) -> None:
                     c.worker.close()
                     c.worker = None
                 time.sleep(0.2)  # let the previous runtime's spinning threads go idle
+            if cooldown and r + 1 < rounds:
+                stage.update(f"round {r + 1}/{rounds} done; cooling down {cooldown:g}s")
+                time.sleep(cooldown)
 
 
 def _outputs(group, images: ImageBatch, done: dict, progress, what) -> None:
@@ -485,10 +550,10 @@ def _outputs(group, images: ImageBatch, done: dict, progress, what) -> None:
                     outs = []
                     for i in range(len(images)):
                         stage.update(f"{c.model} {c.runtime} {c.precision}: image {i + 1}/{len(images)}")
-                        outs.append(unpack(c.worker.ask(_run_message(images, i))["logits"]))
+                        outs.append(unpack(_run(c.worker, images, i)["logits"]))
                     done[key] = np.concatenate(outs).astype(np.float32)
                 c.outputs = done[key]
-                if c.target is None:  # an emulator's memory is not the runtime's
+                if c.target is None or c.target.measures_latency:  # an emulator's memory is not the runtime's
                     c.peak_rss_mb = round(c.worker.ask({"cmd": "rss"})["peak_rss_mb"], 1)
             except (WorkerError, OSError) as e:
                 c.error = f"outputs failed: {e}"
@@ -518,7 +583,8 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
                "min": round(float(t.min()), 3), "runs": int(len(t))}
     if c.times and c.extra.get("macs"):
         gflops = round(2 * c.extra["macs"] / (lat["median"] / 1e3) / 1e9, 2)
-        peak = machine["matmul_gflops"].get(str(c.threads))
+        # the peak is this machine's: a device's row has no efficiency against it
+        peak = machine["matmul_gflops"].get(str(c.threads)) if c.target is None else None
         # against the fp32 matmul peak: an int8 row's integer arithmetic has another peak, so none is given
         if peak and c.precision != "int8":
             eff = float(f"{gflops / peak:.3g}")  # significant digits: a slow row is not 0
@@ -530,17 +596,22 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
         if labels and c.role == "subject":  # peers' random weights: accuracy on labels would mean nothing
             accuracy = _accuracy(c.outputs, labels)
     note = None
-    if c.runtime == "coreml" and c.threads is None:
-        note = ("latency not measurable here: Core ML runs on Apple hardware; drift by the package interpreter"
-                if sys.platform != "darwin" else None)
+    on = c.target or LOCAL
+    if not c.timed and on.measures_latency and c.runtime in _FORMAT_OF:
+        backend = BACKENDS[_FORMAT_OF[c.runtime]]
+        note = (f"latency not measurable on {on.platform}: {backend.runtime} runs on "
+                f"{', '.join(backend.platforms)}; drift by its reference interpreter")
     if c.target is not None and not c.target.measures_latency:
         note = f"{c.target.name} is emulated: the drift of its kernels, no latency"
         lat = gflops = eff = None
         c.load_ms = None
     keys = ("partitions", "non_delegated_kernels", "non_delegated_ops", "nodes", "op_types", "ops")
     delegation = {k: c.extra[k] for k in keys if k in c.extra}
+    placement = c.described.get("placement")
     return {"model": c.model, "role": c.role, "target": c.target.name if c.target else "local", "form": c.form,
             "runtime": c.runtime, "precision": c.precision,
+            **({"compute_units": c.variant["compute_units"]} if c.variant.get("compute_units") else {}),
+            **({"placement": placement} if placement else {}),
             "threads": c.threads, "params": c.extra.get("params"), "macs": c.extra.get("macs"),
             **({"source": c.extra["source"], "published": c.extra.get("published")} if c.role == "peer" else {}),
             "latency_ms": lat, "load_ms": round(c.load_ms, 1) if c.load_ms is not None else None,

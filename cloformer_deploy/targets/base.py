@@ -7,6 +7,7 @@ worker's business (it opens artifacts with the backends' own runners).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
@@ -46,6 +47,7 @@ class WorkerProcess:
         self.timeout = timeout
         self.cleanup = list(cleanup or [])
         self.stderr = tempfile.TemporaryFile()
+        self.sent: set[str] = set()  # keys of the batches the worker holds
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      env=env, text=True, start_new_session=True)
 
@@ -67,6 +69,16 @@ class WorkerProcess:
         answer = json.loads(line)
         if "error" in answer:
             raise WorkerError(answer["error"])
+        return answer
+
+    def run_batch(self, names, images: np.ndarray, tensor: np.ndarray) -> dict:
+        """Logits of one batch; its arrays travel once per worker, later runs name it by a key of its content."""
+        key = hashlib.sha1(np.ascontiguousarray(tensor).tobytes()).hexdigest()
+        if key in self.sent:
+            return self.ask({"cmd": "run", "key": key})
+        answer = self.ask({"cmd": "run", "key": key, "names": list(names), "images": pack(images),
+                           "tensor": pack(tensor)})
+        self.sent.add(key)
         return answer
 
     def _died(self) -> str:
@@ -123,8 +135,7 @@ class WorkerRunner(Runner):
         self.run_ms: list[float] = []  # per batch, inside the worker: on an emulated target the emulator's cost
 
     def run(self, batch: ImageBatch) -> np.ndarray:
-        answer = self.worker.ask({"cmd": "run", "names": list(batch.names), "images": pack(batch.images),
-                                  "tensor": pack(batch.tensor)})
+        answer = self.worker.run_batch(batch.names, batch.images, batch.tensor)
         self.run_ms.append(answer["ms"])
         return unpack(answer["logits"])
 
@@ -148,6 +159,10 @@ class Target(ABC):
 
     def can_run(self, backend: Backend) -> bool:
         return self.platform in backend.platforms
+
+    def missing(self, backend: Backend) -> str | None:
+        """Why a format's runtime is absent here, with the command that installs it; None if it is present."""
+        return None
 
     def ship(self, path: str | Path) -> str:
         """The path under which the worker reads a file of this machine (sent once; here: the same path)."""

@@ -8,22 +8,30 @@ inputs or outputs. Commands:
 - ``open``: open an artifact (``format``, ``path``, ``spec``, ``info``, ``threads``) -> load time,
   the runner's description and structural problems; or the eager PyTorch model (``format: "eager"``).
 - ``run``: logits of one batch (``names``, ``images``, ``tensor``) -> logits and the time it took.
+  A batch sent with a ``key`` is kept; later runs of it send the ``key`` alone (a phone over Wi-Fi
+  receives each validation image once per worker, not once per artifact).
 - ``time``: ``n`` timed runs of the last batch, prepared once -> times in ms.
-- ``about``: the platform and the runtime versions installed on the target.
+- ``about``: the platform, CPU (clusters by core kind) and the runtime versions installed on the target.
+- ``thermal``: the thermal zones' temperatures, where the kernel exposes them.
 - ``rss``: this process's peak resident memory. ``quit``.
 
 It imports only numpy and this package's light modules at start; each runtime is imported when
-an artifact needs it, so a target without (say) onnxruntime still runs ExecuTorch.
+an artifact needs it, so a target without (say) onnxruntime still runs ExecuTorch. It exits when
+its input closes, even in the middle of a step: a caller that is gone (an SSH connection dropped,
+a timeout) leaves nothing running on the device.
 """
 from __future__ import annotations
 
 import base64
 import gc
+import glob
 import json
 import os
 import platform
+import queue
 import resource
 import sys
+import threading
 import time
 
 import numpy as np
@@ -56,6 +64,48 @@ def peak_rss_mb() -> float:
     return kb / 2**20 if sys.platform == "darwin" else kb / 1024
 
 
+# MIDR part numbers of Arm's own cores (implementer 0x41), as the kernel reports them in /proc/cpuinfo
+ARM_PARTS = {0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd07: "Cortex-A57",
+             0xd08: "Cortex-A72", 0xd09: "Cortex-A73", 0xd0a: "Cortex-A75", 0xd0b: "Cortex-A76",
+             0xd0c: "Neoverse-N1", 0xd0d: "Cortex-A77", 0xd40: "Neoverse-V1", 0xd41: "Cortex-A78",
+             0xd44: "Cortex-X1", 0xd46: "Cortex-A510", 0xd47: "Cortex-A710", 0xd48: "Cortex-X2",
+             0xd49: "Neoverse-N2", 0xd4b: "Cortex-A78C", 0xd4d: "Cortex-A715", 0xd4e: "Cortex-X3",
+             0xd4f: "Neoverse-V2", 0xd80: "Cortex-A520", 0xd81: "Cortex-A720", 0xd82: "Cortex-X4",
+             0xd85: "Cortex-X925", 0xd87: "Cortex-A725"}
+
+
+def cpu_clusters(cpuinfo: str) -> list[dict]:
+    """The cores of /proc/cpuinfo grouped by kind: [{"core": "Cortex-A76", "midr_part": "0xd0b", "cpus": [4, 5, 6, 7]}].
+
+    On a phone's big.LITTLE CPU this is what ``--cores`` chooses from. x86 reports one kind (its model name).
+    """
+    kinds: dict = {}
+    for block in cpuinfo.strip().split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        if "processor" not in fields or not fields["processor"].isdigit():
+            continue
+        if "CPU part" in fields:
+            implementer, part = int(fields.get("CPU implementer", "0"), 16), int(fields["CPU part"], 16)
+            name = ARM_PARTS.get(part, f"part 0x{part:03x}") if implementer == 0x41 else \
+                f"implementer 0x{implementer:02x} part 0x{part:03x}"
+            key = (name, f"0x{part:03x}")
+        else:
+            key = (fields.get("model name", "unknown"), None)
+        kinds.setdefault(key, []).append(int(fields["processor"]))
+    return [{"core": name, "midr_part": part, "cpus": cpus} for (name, part), cpus in kinds.items()]
+
+
+def _max_khz(cpu: int) -> int | None:
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/cpuinfo_max_freq") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def about() -> dict:
     """What the target is: machine, Python, CPU as the kernel (or the emulator) reports it, runtime versions."""
     from importlib.metadata import PackageNotFoundError, version
@@ -66,18 +116,48 @@ def about() -> dict:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    cpu = {}
+    cpu, clusters = {}, []
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "CPU implementer", "CPU part", "CPU variant", "Features", "flags"):
-                    cpu.setdefault(key, value.strip())
+            text = f.read()
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "CPU implementer", "CPU part", "CPU variant", "Features", "flags", "Hardware"):
+                cpu.setdefault(key, value.strip())
+        clusters = cpu_clusters(text)
+        for c in clusters:
+            c["max_mhz"] = max((_max_khz(i) or 0 for i in c["cpus"]), default=0) // 1000 or None
     except OSError:
         pass
+    if sys.platform == "darwin":  # Apple silicon: no /proc; the chip's name is a sysctl
+        import subprocess
+
+        try:
+            brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                   timeout=10).stdout.strip()
+            cpu["model name"] = brand or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-            "cores": os.cpu_count(), "cpu": cpu, "versions": versions}
+            "platform": f"{sys.platform}-{platform.machine().lower()}", "cores": os.cpu_count(), "cpu": cpu,
+            "clusters": clusters, "affinity": affinity, "can_pin": hasattr(os, "sched_setaffinity"),
+            "versions": versions}
+
+
+def thermal() -> dict:
+    """Temperature per thermal zone in degrees C (Linux and Android expose them in /sys; macOS does not)."""
+    zones = {}
+    for zone in sorted(glob.glob("/sys/class/thermal/thermal_zone*"), key=lambda z: int(z.rsplit("e", 1)[1])):
+        try:
+            with open(f"{zone}/type") as f:
+                kind = f.read().strip()
+            with open(f"{zone}/temp") as f:
+                zones[f"{os.path.basename(zone)} {kind}"] = int(f.read().strip()) / 1000
+        except (OSError, ValueError):
+            continue  # a zone that cannot be read (asleep, or guarded) is left out
+    return zones
 
 
 class EagerRunner:
@@ -137,7 +217,42 @@ def _error(e: BaseException) -> dict:
     return {"error": f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__}
 
 
-def main() -> None:
+def pin(cores: str) -> None:
+    """Run on the given CPUs only (as taskset does), before any runtime starts its threads: they inherit it."""
+    os.sched_setaffinity(0, parse_cores(cores))
+
+
+def parse_cores(text: str) -> set[int]:
+    """'4-7' or '0,2,4-5' -> {4, 5, 6, 7} / {0, 2, 4, 5}; ValueError for anything else."""
+    cores: set[int] = set()
+    for part in str(text).split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"{text!r} is not a core list such as 4-7 or 0,2,4-5")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"{part.strip()!r} runs backwards; write {last}-{first}")
+        cores.update(range(first, last + 1))
+    return cores
+
+
+def _read_commands(commands: "queue.Queue", idle: threading.Event) -> None:
+    """Commands from stdin into the queue; when stdin closes, the caller is gone: end the process.
+
+    A step in progress is not waited for beyond a moment: its answer has no reader (a dropped
+    SSH connection, a caller that timed out), and on a device nothing must keep running.
+    """
+    for line in sys.stdin:
+        commands.put(line)
+    commands.put(None)
+    idle.wait(5)
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--cores"]:
+        pin(args[1])
     # the protocol owns the real stdout; anything a library prints goes to stderr
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -147,8 +262,17 @@ def main() -> None:
 
     from cloformer_deploy.export.images import ImageBatch
 
+    commands: queue.Queue = queue.Queue()
+    idle = threading.Event()
+    threading.Thread(target=_read_commands, args=(commands, idle), daemon=True).start()
     runner = prepared = None
-    for line in sys.stdin:
+    batches: dict = {}  # batches sent with a key, kept for later runs by key
+    while True:
+        idle.set()
+        line = commands.get()
+        idle.clear()
+        if line is None:
+            break
         cmd = json.loads(line)
         op = cmd["cmd"]
         if op == "quit":
@@ -160,7 +284,12 @@ def main() -> None:
                 reply({"load_ms": (time.perf_counter() - t) * 1e3, "describe": runner.describe(),
                        "problems": runner.check_structure()})
             elif op == "run":
-                batch = ImageBatch(cmd["names"], unpack(cmd["images"]), unpack(cmd["tensor"]))
+                if "tensor" in cmd:
+                    batch = ImageBatch(cmd["names"], unpack(cmd["images"]), unpack(cmd["tensor"]))
+                    if cmd.get("key"):
+                        batches[cmd["key"]] = batch
+                else:
+                    batch = batches[cmd["key"]]
                 prepared = runner.prepare(batch)
                 t = time.perf_counter()
                 out = runner.infer(prepared)
@@ -180,12 +309,15 @@ def main() -> None:
                 reply({"times_ms": times})
             elif op == "about":
                 reply(about())
+            elif op == "thermal":
+                reply({"zones": thermal()})
             elif op == "rss":
                 reply({"peak_rss_mb": peak_rss_mb()})
             else:
                 reply({"error": f"unknown command {op!r}"})
         except Exception as e:  # report, do not crash: the caller turns it into an error row or a failed check
             reply(_error(e))
+    idle.set()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,463 @@
+"""A real device over SSH: a Raspberry Pi, an ARM board, a phone (Termux + a Debian userland), a Mac.
+
+The host's ``ssh`` client does the transport (keys, config, agents and jump hosts as the user has
+them). Nothing is installed on the device: the first connection copies this package's Python
+files (pure Python, about 0.3 MB) into ``<work>/code/<hash>/``, and artifacts go to
+``<work>/files/<hash>/`` once each. The worker then runs there with the device's own Python and
+runtimes and speaks the same JSON lines as everywhere (:mod:`.worker`).
+
+Every remote step has a timeout; a step that times out ends the local ``ssh`` and with it the
+remote side (the worker exits when its input closes; a transfer that stops short keeps nothing).
+"""
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..export.base import Backend
+from .base import Target, TargetError, WorkerError
+
+DEFAULT_REMOTE_DIR = "~/.cache/cloformer-deploy/device"
+MIN_PYTHON = (3, 10)
+# what each format needs on the device, as Backend.name -> the distributions the worker imports
+RUNTIME_PACKAGES = {"onnx": ("onnxruntime",), "executorch": ("executorch", "torch"), "coreml": ("coremltools",)}
+PROBE_MARK = "cloformer-deploy-probe:"
+SAFE_WORD = re.compile(r"^[A-Za-z0-9_./,:=+%@~-]+$")  # survives any re-parsing of the command by a wrapper
+_ADDRESS = re.compile(r"^ssh://(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)"
+                      r"(?::(?P<port>\d{1,5}))?/?$")
+
+
+@dataclass(frozen=True)
+class SshAddress:
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @property
+    def destination(self) -> str:
+        host = self.host.strip("[]")
+        return f"{self.user}@{host}" if self.user else host
+
+    def __str__(self) -> str:
+        return f"ssh://{self.user + '@' if self.user else ''}{self.host}{':' + str(self.port) if self.port else ''}"
+
+
+def parse_address(text: str) -> SshAddress:
+    m = _ADDRESS.match(str(text).strip())
+    if not m or (m["port"] and not 0 < int(m["port"]) < 65536):
+        raise TargetError(f"--target {text!r} is not an SSH address; write ssh://[user@]host[:port], "
+                          "e.g. ssh://pi@raspberrypi.local or ssh://localhost:8022")
+    return SshAddress(m["host"], m["user"], int(m["port"]) if m["port"] else None)
+
+
+def code_archive() -> tuple[bytes, str]:
+    """This package's Python files and data as a gzip tar (made the same every time), and its hash."""
+    package = Path(__file__).resolve().parents[1]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        files = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                       and p.suffix in (".py", ".txt", ".json"))
+        for path in files:
+            info = tarfile.TarInfo(f"{package.name}/{path.relative_to(package).as_posix()}")
+            data = path.read_bytes()
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+        run = RUN_PY.encode()
+        info = tarfile.TarInfo("run.py")
+        info.size, info.mode, info.mtime = len(run), 0o644, 0
+        tar.addfile(info, io.BytesIO(run))
+    data = buffer.getvalue()
+    # the hash is of the tar (no times in it), the gzip stamped with time 0: equal files, equal bytes
+    return gzip.compress(data, mtime=0), hashlib.sha256(data).hexdigest()[:16]
+
+
+RUN_PY = '''import sys
+from pathlib import Path
+
+here = Path(__file__).resolve().parent
+sys.path.insert(0, str(here))
+from cloformer_deploy.targets.device import main
+
+main(sys.argv[1:], here.parents[1])
+'''
+
+# Sent on the device Python's stdin (python3 -): unpack the code once, then say what the device is.
+PROBE = r'''
+import base64, io, json, os, platform, shutil, sys, tarfile
+from importlib.metadata import PackageNotFoundError, version
+out = {"python": platform.python_version(), "platform": sys.platform + "-" + platform.machine().lower()}
+def say(extra):
+    out.update(extra)
+    print(__MARK__ + json.dumps(out), flush=True)
+    sys.exit(0)
+if sys.version_info < __MIN_PYTHON__:
+    say({"too_old": True})
+versions = {}
+for name in ("numpy", "torch", "executorch", "onnxruntime", "coremltools"):
+    try:
+        versions[name] = version(name)
+    except PackageNotFoundError:
+        versions[name] = None
+out["versions"] = versions
+work = os.path.abspath(os.path.expanduser(__WORK__))
+code = os.path.join(work, "code", __CODE_HASH__)
+out.update(work=work, code=code)
+try:
+    if not os.path.isdir(code):
+        os.makedirs(os.path.dirname(code), exist_ok=True)
+        partial = code + ".partial-%d" % os.getpid()
+        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(__CODE__))) as tar:
+            tar.extractall(partial, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        os.replace(partial, code)
+    out["free_bytes"] = shutil.disk_usage(work).free
+except OSError as e:
+    shutil.rmtree(code + ".partial-%d" % os.getpid(), ignore_errors=True)
+    say({"write_error": "%s: %s" % (work, e.strerror or e)})
+if versions["numpy"] is None:
+    say({})
+sys.path.insert(0, code)
+from cloformer_deploy.targets.worker import about
+say({"about": about()})
+'''
+
+
+def _one_line(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def connection_fix(message: str) -> str:
+    """What to do about an ssh client error, from its own words."""
+    low = message.lower()
+    if "permission denied" in low:
+        return "the device refused the key: copy it there with ssh-copy-id, or pass --ssh-key"
+    if "host key verification failed" in low or "remote host identification has changed" in low:
+        return "the device's host key is not known (or changed): connect once with plain ssh to check and accept it"
+    if "could not resolve" in low or "name or service not known" in low:
+        return "the host name does not resolve: check it, or use the device's IP address"
+    if "connection refused" in low:
+        return "nothing listens there: start the device's SSH server (Termux: sshd, port 8022) or fix the port"
+    if "timed out" in low or "no route" in low or "unreachable" in low:
+        return "the device does not answer: check it is on and on this network"
+    return "check that plain ssh to it works"
+
+
+class SshTarget(Target):
+    """A device reached with the host's ``ssh``; its timings are real latencies."""
+
+    kind = "ssh"
+    measures_latency = True
+    step_timeout = 900.0  # one worker step: loading an artifact on a slow board, or a round of timed runs
+    connect_timeout = 20  # seconds for ssh to connect; a host that does not answer fails in this time
+    probe_timeout = 180.0  # a first probe under proot on a phone: starting the userland and Python
+
+    def __init__(self, address: str | SshAddress, remote_python: str = "python3", cores: str | None = None,
+                 ssh_key: str | Path | None = None, ssh_config: str | Path | None = None,
+                 remote_dir: str | None = None):
+        self.address = parse_address(address) if isinstance(address, str) else address
+        self.name = str(self.address)
+        self.remote_python = shlex.split(remote_python or "python3")
+        if not self.remote_python:
+            raise TargetError("--remote-python is empty; give the device's Python, e.g. python3")
+        self.cores = cores
+        self.ssh_key, self.ssh_config = ssh_key, ssh_config
+        self.remote_dir = remote_dir or DEFAULT_REMOTE_DIR
+        if not SAFE_WORD.match(self.remote_dir):
+            raise TargetError(f"--remote-dir {self.remote_dir!r} has spaces or shell characters; choose a plain path")
+        self.platform = "unknown"
+        self.about: dict = {}
+        self.versions: dict = {}
+        self.work = self.code = None
+        self._shipped: dict[str, str] = {}
+        self.probe_info: dict = {}
+
+    # ---- transport
+    def ssh_argv(self) -> list[str]:
+        argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}",
+                "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3", "-o", "LogLevel=ERROR"]
+        if self.ssh_config:
+            argv += ["-F", str(self.ssh_config)]
+        if self.ssh_key:
+            argv += ["-i", str(self.ssh_key), "-o", "IdentitiesOnly=yes"]
+        if self.address.port:
+            argv += ["-p", str(self.address.port)]
+        return [*argv, "--", self.address.destination]
+
+    def remote_command(self, words: list[str]) -> str:
+        return " ".join(shlex.quote(w) for w in [*self.remote_python, *words])
+
+    def call(self, words: list[str], what: str, timeout: float, stdin=None) -> str:
+        """Run the device's Python with ``words``; its stdout, or TargetError/WorkerError saying what failed.
+
+        ``stdin``: bytes, or an open file streamed to it. The local ssh runs in its own process group,
+        ended on a timeout; the remote side ends when its input closes.
+        """
+        proc = subprocess.Popen([*self.ssh_argv(), self.remote_command(words)], start_new_session=True,
+                                stdin=stdin if hasattr(stdin, "fileno") else subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(None if hasattr(stdin, "fileno") else (stdin or b""), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._kill(proc)
+            raise WorkerError(f"{self.name}: {what} gave no answer within {timeout:.0f}s; it was stopped") from None
+        except BaseException:
+            self._kill(proc)
+            raise
+        self._kill(proc)  # anything ssh left behind (a ProxyCommand) ends with it
+        text, err = out.decode(errors="replace"), err.decode(errors="replace")
+        if proc.returncode == 255:
+            line = _one_line(err)
+            raise TargetError(f"cannot reach {self.name}: {line or 'ssh failed'}; {connection_fix(line)}")
+        if proc.returncode in (126, 127):
+            raise TargetError(f"{self.name}: the device has no {shlex.join(self.remote_python)!r} "
+                              f"({_one_line(err) or 'command not found'}); install Python 3.10 or newer there, "
+                              "or pass --remote-python with its command")
+        if proc.returncode != 0:
+            raise WorkerError(f"{self.name}: {what} failed: {_one_line(err) or f'exit code {proc.returncode}'}")
+        return text
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+
+    # ---- the Target interface
+    def probe(self) -> dict:
+        """Connect, copy the code once, and read what the device is (Python, runtimes, CPU, work folder).
+
+        TargetError (one line naming the fix) when the device cannot be reached or has no Python.
+        """
+        data, code_hash = code_archive()
+        script = (PROBE.replace("__MARK__", repr(PROBE_MARK)).replace("__MIN_PYTHON__", repr(MIN_PYTHON))
+                  .replace("__WORK__", repr(self.remote_dir)).replace("__CODE_HASH__", repr(code_hash))
+                  .replace("__CODE__", repr(base64.b64encode(data).decode())))
+        try:
+            out = self.call(["-"], "the first contact", self.probe_timeout, stdin=script.encode())
+        except WorkerError as e:
+            raise TargetError(str(e)) from None
+        lines = [ln for ln in out.splitlines() if ln.startswith(PROBE_MARK)]
+        if not lines:
+            raise TargetError(f"{self.name}: {shlex.join(self.remote_python)!r} did not run the probe (it printed "
+                              f"{_one_line(out)!r}); pass --remote-python with the device's Python 3 command")
+        info = self.probe_info = json.loads(lines[-1][len(PROBE_MARK):])
+        self.versions = info.get("versions") or {}
+        self.platform = info.get("platform", "unknown")
+        self.about = info.get("about") or {}
+        self.work, self.code = info.get("work"), info.get("code")
+        return info
+
+    def check(self) -> None:
+        """Probe the device; TargetError (one line naming the fix) if no worker can run there."""
+        info = self.probe()
+        if info.get("too_old"):
+            raise TargetError(f"{self.name}: its Python is {info['python']}; the worker needs "
+                              f"{'.'.join(map(str, MIN_PYTHON))} or newer (--remote-python chooses another)")
+        if info.get("write_error"):
+            raise TargetError(f"{self.name}: cannot write the work folder: {info['write_error']}; free space "
+                              "there or pass --remote-dir")
+        if not self.versions.get("numpy"):
+            raise TargetError(f"{self.name}: its Python has no numpy, which the worker needs; install it with: "
+                              f"{install_command(self, ['numpy'])}")
+        if not SAFE_WORD.match(self.work):
+            raise TargetError(f"{self.name}: the work folder {self.work!r} has spaces or shell characters; "
+                              "pass --remote-dir with a plain path")
+        if self.cores is not None:
+            self._check_cores()
+
+    def _check_cores(self) -> None:
+        from .worker import parse_cores
+
+        try:
+            wanted = parse_cores(self.cores)
+        except ValueError as e:
+            raise TargetError(f"--cores {e}") from None
+        if not self.about.get("can_pin"):
+            raise TargetError(f"--cores: {self.name} runs {self.about.get('system')}, where a process cannot "
+                              "choose its cores; drop --cores")
+        have = set(self.about.get("affinity") or range(self.about.get("cores") or 0))
+        if not wanted <= have:
+            raise TargetError(f"--cores {self.cores}: {self.name} offers cores {_ranges(have)}; "
+                              f"choose among them ({clusters_text(self.about)})")
+
+    def missing(self, backend: Backend) -> str | None:
+        needed = [p for p in RUNTIME_PACKAGES.get(backend.name, ()) if not self.versions.get(p)]
+        if not needed:
+            return None
+        return (f"{', '.join(needed)} not installed on {self.name}; install with: "
+                f"{install_command(self, needed)}")
+
+    def ship(self, path: str | Path) -> str:
+        """Copy a file (or a folder, as a tar) to ``<work>/files/<hash>/<name>`` unless it is there already."""
+        path = Path(path)
+        key = str(path.resolve())
+        if key in self._shipped:
+            return self._shipped[key]
+        with tempfile.TemporaryDirectory(prefix="cloformer-ship-") as tmp:
+            if path.is_dir():
+                payload = Path(tmp) / "payload.tar"
+                _deterministic_tar(path, payload)
+            else:
+                payload = path
+            sha = _sha256(payload)
+            name = path.name if SAFE_WORD.match(path.name) else f"artifact{path.suffix}"
+            rel = f"files/{sha[:20]}/{name}"
+            present = self.call([f"{self.code}/run.py", "have", rel], f"looking for {path.name}", 120).split()
+            if present[-1:] != ["yes"]:
+                size = payload.stat().st_size
+                with open(payload, "rb") as f:
+                    self.call([f"{self.code}/run.py", "receive", rel, sha, str(size),
+                               *(["--tar"] if path.is_dir() else [])],
+                              f"copying {path.name} ({size / 1e6:.1f} MB)", 120 + size / 1e6, stdin=f)
+        self._shipped[key] = f"{self.work}/{rel}"
+        return self._shipped[key]
+
+    def worker_command(self):
+        words = [f"{self.code}/run.py", "worker", *(["--cores", self.cores] if self.cores else [])]
+        return [*self.ssh_argv(), self.remote_command(words)], None, []
+
+    def describe(self) -> dict:
+        a = self.about
+        return {**super().describe(), "address": self.name, "remote_python": shlex.join(self.remote_python),
+                "cores_pinned": self.cores, "machine": a.get("machine"), "system": a.get("system"),
+                "python": a.get("python"), "cpu": (a.get("cpu") or {}).get("model name") or clusters_text(a),
+                "clusters": a.get("clusters"), "cores": a.get("cores"),
+                "versions": {k: v for k, v in self.versions.items() if v}, "label": device_label(a, self.versions)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _deterministic_tar(folder: Path, dest: Path) -> None:
+    """A folder (an .mlpackage) as a tar whose bytes depend only on its files: the same package, the same hash."""
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted([folder, *folder.rglob("*")]):
+            info = tar.gettarinfo(str(path), f"{folder.name}/{path.relative_to(folder).as_posix()}".rstrip("/."))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if path.is_file():
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+
+
+def _ranges(cores) -> str:
+    cores = sorted(cores)
+    out, start = [], None
+    for i, c in enumerate(cores):
+        if start is None:
+            start = c
+        if i + 1 == len(cores) or cores[i + 1] != c + 1:
+            out.append(f"{start}-{c}" if c != start else str(c))
+            start = None
+    return ",".join(out) or "none"
+
+
+def clusters_text(about: dict) -> str:
+    """'4x Cortex-A55 (cores 0-3, 1.8 GHz) + 4x Cortex-A76 (cores 4-7, 2.4 GHz)'."""
+    parts = []
+    for c in about.get("clusters") or []:
+        ghz = f", {c['max_mhz'] / 1000:.1f} GHz" if c.get("max_mhz") else ""
+        parts.append(f"{len(c['cpus'])}x {c['core']} (cores {_ranges(c['cpus'])}{ghz})")
+    return " + ".join(parts) or f"{about.get('cores', '?')} cores"
+
+
+def device_label(about: dict, versions: dict) -> str:
+    """One line that names the device in reports: machine, CPU, Python and runtime versions read on it."""
+    cpu = (about.get("cpu") or {}).get("model name") if about.get("system") == "Darwin" else clusters_text(about)
+    runtimes = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "numpy")
+    return f"{about.get('machine')} {about.get('system')}, {cpu}, Python {about.get('python')}" + \
+        (f", {runtimes}" if runtimes else "")
+
+
+def install_command(target: "SshTarget", packages: list[str]) -> str:
+    """The pip command that installs ``packages`` at the host's versions with the device's Python.
+
+    ExecuTorch's Python runtime links libtorch. On ARM64 Linux, PyPI's torch is a CUDA build with
+    3 GB of NVIDIA libraries; the CPU build from PyTorch's own index is the one a board needs.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pinned(name: str) -> str:
+        try:
+            return f"{name}=={version(name)}"
+        except PackageNotFoundError:
+            return name
+
+    pip = shlex.join([*target.remote_python, "-m", "pip", "install"])
+    linux = target.platform.startswith("linux")
+    commands = []
+    if "torch" in packages and linux:
+        commands.append(f"{pip} {pinned('torch')} --index-url https://download.pytorch.org/whl/cpu")
+        packages = [p for p in packages if p != "torch"]
+    if "executorch" in packages and linux:
+        # its other requirements serve exporting; the runtime imports only these two besides torch
+        commands.append(f"{pip} --no-deps {pinned('executorch')} ruamel.yaml tabulate")
+        packages = [p for p in packages if p != "executorch"]
+    if packages:
+        commands.append(f"{pip} {' '.join(pinned(p) for p in packages)}")
+    return " && ".join(commands)
+
+
+def device_needs(target: "SshTarget") -> dict:
+    """What a probed device has against this machine's runtimes: a row per package, and the install command.
+
+    Rows: {"package", "device", "host", "status"} with status ok, missing, differs, or "not used here"
+    (Core ML's tools off macOS). ``command`` installs what is missing or differs, at the host's versions.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..export import BACKENDS
+
+    rows, fix = [], []
+    probe = target.probe_info
+    rows.append({"package": "python", "device": probe.get("python"), "host": platform.python_version(),
+                 "status": "too old (needs 3.10+)" if probe.get("too_old") else "ok"})
+    wanted = ["numpy"] + [p for b in BACKENDS.values() if target.platform in b.platforms
+                          for p in RUNTIME_PACKAGES.get(b.name, ())]
+    for package in dict.fromkeys(["numpy", "torch", "executorch", "onnxruntime", "coremltools"]):
+        try:
+            host = version(package)
+        except PackageNotFoundError:
+            host = None
+        have = target.versions.get(package)
+        if package not in wanted:
+            status = f"not used on {target.platform}"
+        elif not have:
+            status = "missing"
+            fix.append(package)
+        elif host and have != host:
+            status = f"differs from this machine ({host})"
+            fix.append(package)
+        else:
+            status = "ok"
+        rows.append({"package": package, "device": have, "host": host, "status": status})
+    formats = {}
+    for b in BACKENDS.values():
+        if target.platform not in b.platforms:
+            formats[b.name] = f"does not run on {target.platform}"
+        else:
+            lacking = [p for p in RUNTIME_PACKAGES.get(b.name, ()) if not target.versions.get(p)]
+            formats[b.name] = f"error rows until {', '.join(lacking)} is installed" if lacking else "runs"
+    return {"rows": rows, "formats": formats, "command": install_command(target, fix) if fix else None,
+            "ok": not fix and not probe.get("too_old")}

@@ -1,0 +1,360 @@
+"""The ssh:// target against a real OpenSSH server on 127.0.0.1 (the device is this machine, the transport real).
+
+Every test starts from keys it makes; nothing outside tmp folders is touched except sshd's
+privilege separation folder when run as root. Where sshd is not installed the tests skip with
+the command that installs it, and fail under CI (which installs it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+import loopback_sshd
+from cloformer_deploy.targets import TargetError, WorkerError, get_target
+from cloformer_deploy.targets.ssh import SshTarget, device_needs
+
+SITE = Path(find_spec("numpy").submodule_search_locations[0]).parent  # this venv's site-packages
+BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")  # with -S: a Python with no packages at all
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    why = loopback_sshd.available()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must test the ssh:// target: {why}")
+        pytest.skip(why)
+    server = loopback_sshd.start(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def device(sshd, tmp_path):
+    """The options of the loopback device: its client config, this venv's Python, a fresh work folder."""
+    return {"ssh_config": str(sshd.config), "remote_python": sys.executable, "remote_dir": str(tmp_path / "device")}
+
+
+def _remote_processes(marker: str, seconds: float = 8.0) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (the device's worker, and the ssh client that
+    started it), after giving ended ones time to go."""
+    end = time.monotonic() + seconds
+    while True:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if marker in text and state != "Z" and int(cmdline.parent.name) != os.getpid():
+                found.append(text)
+        if not found or time.monotonic() > end:
+            return found
+        time.sleep(0.2)
+
+
+def test_probe_labels_the_device_and_copies_the_code_once(sshd, device):
+    target = get_target(sshd.address, device=device)
+    d = target.describe()
+    assert d["kind"] == "ssh" and d["measures_latency"] and d["platform"] == f"linux-{os.uname().machine}"
+    assert d["cores"] == os.cpu_count() and d["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert d["versions"]["onnxruntime"] and d["label"].startswith(os.uname().machine)
+    codes = list((Path(device["remote_dir"]) / "code").iterdir())
+    assert len(codes) == 1 and (codes[0] / "run.py").is_file()
+    get_target(sshd.address, device=device)  # a second contact: the same code folder, nothing added
+    assert list((Path(device["remote_dir"]) / "code").iterdir()) == codes
+
+
+def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(sshd, device, tiny_bundle,
+                                                                             tiny_checkpoint, tmp_path):
+    from cloformer_deploy.runtime_bench.harness import bench
+
+    res = bench(bundle=tiny_bundle.bundle, weights=tiny_checkpoint, formats="onnxruntime,executorch-xnnpack",
+                threads="1", runs=4, warmup=1, out=tmp_path / "bench", target=sshd.address, device=device,
+                cooldown=0.1)
+    rows = {(r["runtime"], r["target"]): r for r in res.rows}
+    for rt in ("onnxruntime", "executorch-xnnpack"):
+        here, there = rows[(rt, "local")], rows[(rt, sshd.address)]
+        assert there["error"] is None, there["error"]
+        assert there["latency_ms"]["runs"] == 4 and there["latency_ms"]["median"] > 0
+        assert there["load_ms"] > 0 and there["peak_rss_mb"] > 0 and there["efficiency"] is None
+        assert there["vs_local"]["bit_exact"] and there["drift"] == here["drift"]  # same machine, same runtime
+    about = res.results["targets"][sshd.address]
+    assert about["kind"] == "ssh" and about["label"] and res.results["config"]["cooldown_s"] == 0.1
+    # each artifact went over once, by its hash
+    files = sorted(p.name for p in (Path(device["remote_dir"]) / "files").rglob("*") if p.is_file())
+    assert files == sorted(e["path"] for e in tiny_bundle.manifest["artifacts"] if e["format"] != "coreml")
+    assert f"on {sshd.address}" in (res.out / "results.md").read_text()
+
+
+def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, tiny_bundle, tiny_checkpoint,
+                                                                 tmp_path):
+    from cloformer_deploy.export.api import validate_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle.bundle, bundle)
+    ok, reports = validate_bundle(bundle, weights=tiny_checkpoint, target=sshd.address, device=device)
+    assert ok
+    by = {r["format"]: r["targets"][sshd.address] for r in reports}
+    assert by["onnx"]["passed"] and by["onnx"]["vs_local"]["bit_exact"]
+    assert by["executorch"]["passed"] and by["executorch"]["vs_local"]["bit_exact"]
+    assert by["coreml"] == {"ran": False, "passed": None,
+                            "note": f"Core ML (macOS/iOS) does not run on linux-{os.uname().machine}"}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert all(sshd.address in e["validation"]["targets"] for e in manifest["artifacts"])
+    assert not _remote_processes(device["remote_dir"])  # the validation worker ended with the run
+
+
+def test_unreachable_port_is_one_line_naming_the_fix(sshd, device):
+    with pytest.raises(TargetError, match="cannot reach .*Connection refused; nothing listens there"):
+        get_target(f"ssh://127.0.0.1:{loopback_sshd._free_port()}", device=device)
+
+
+def test_a_key_the_device_refuses_is_one_line(sshd, device):
+    refused = {**device, "ssh_key": str(sshd.folder / "other_key")}
+    with pytest.raises(TargetError, match="Permission denied .*the device refused the key: copy it there"):
+        get_target(sshd.address, device={**refused, "ssh_config": str(_config_without_key(sshd))})
+
+
+def _config_without_key(sshd) -> Path:
+    path = sshd.folder / "ssh_config_no_key"
+    path.write_text(f"Host *\n  UserKnownHostsFile {sshd.folder / 'known_hosts'}\n  StrictHostKeyChecking yes\n")
+    return path
+
+
+def test_an_unknown_host_key_is_refused_not_accepted(sshd, device, tmp_path):
+    config = tmp_path / "config"
+    config.write_text(f"Host *\n  IdentityFile {sshd.folder / 'client_key'}\n  IdentitiesOnly yes\n"
+                      f"  UserKnownHostsFile {tmp_path / 'empty_known_hosts'}\n  StrictHostKeyChecking yes\n")
+    with pytest.raises(TargetError, match="host key is not known"):
+        get_target(sshd.address, device={**device, "ssh_config": str(config)})
+
+
+def test_a_device_without_that_python_or_without_numpy(sshd, device):
+    with pytest.raises(TargetError, match="has no 'python3.99' .*install Python 3.10 or newer there"):
+        get_target(sshd.address, device={**device, "remote_python": "python3.99"})
+    if subprocess.run([BASE_PYTHON, "-S", "-c", "import numpy"], capture_output=True).returncode == 0:
+        pytest.fail(f"{BASE_PYTHON} has numpy: this test needs a Python without it")
+    with pytest.raises(TargetError, match=r"its Python has no numpy, .*install it with: .* -m pip install numpy=="):
+        get_target(sshd.address, device={**device, "remote_python": f"{BASE_PYTHON} -S"})
+
+
+@pytest.fixture
+def onnx_only_device(device, tmp_path):
+    """A Python on the device with numpy and onnxruntime only (no torch, no executorch)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    for entry in SITE.iterdir():
+        if entry.name.split("-")[0].split(".")[0] in ("numpy", "onnxruntime"):
+            (site / entry.name).symlink_to(entry)
+    return {**device, "remote_python": f"env PYTHONPATH={site} {BASE_PYTHON} -S"}
+
+
+def test_a_missing_runtime_is_an_error_row_and_the_others_run(sshd, onnx_only_device, tiny_bundle, tiny_checkpoint,
+                                                              tmp_path, capsys):
+    from cloformer_deploy.cli import device_main
+    from cloformer_deploy.runtime_bench.harness import bench
+
+    target = SshTarget(sshd.address, **onnx_only_device)
+    target.check()
+    needs = device_needs(target)
+    assert not needs["ok"] and "executorch" in needs["command"] and "download.pytorch.org/whl/cpu" in needs["command"]
+    assert {r["package"]: r["status"] for r in needs["rows"]}["onnxruntime"] == "ok"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in onnx_only_device.items()]
+    assert device_main(["check", sshd.address, *flags]) == 1
+    out = capsys.readouterr().out
+    assert "executorch   -" in out and "install on the device (nothing was installed)" in out
+
+    res = bench(bundle=tiny_bundle.bundle, weights=tiny_checkpoint, formats="onnxruntime,executorch-xnnpack",
+                threads="1", runs=2, warmup=0, out=tmp_path / "bench", target=sshd.address, device=onnx_only_device)
+    rows = {(r["runtime"], r["target"]): r for r in res.rows}
+    assert rows[("onnxruntime", sshd.address)]["latency_ms"]["runs"] == 2
+    err = rows[("executorch-xnnpack", sshd.address)]["error"]
+    assert err.startswith(f"executorch, torch not installed on {sshd.address}; install with:") and "pip" in err
+    assert rows[("executorch-xnnpack", "local")]["error"] is None
+
+
+def test_a_worker_that_hangs_is_stopped_and_nothing_is_left_on_the_device(sshd, device, tiny_bundle):
+    target = get_target(sshd.address, device=device)
+    onnx = next(e for e in tiny_bundle.manifest["artifacts"] if e["format"] == "onnx")
+    runner = target.runner("onnx", tiny_bundle.bundle / onnx["path"], _spec(tiny_bundle), onnx)
+    worker = runner.worker
+    worker.run_batch(["x"], *_images(tiny_bundle))
+    assert _remote_processes(target.code, seconds=0)  # the worker runs on the device
+    with pytest.raises(WorkerError, match="no answer to 'time' within 2s; the worker was stopped"):
+        worker.ask({"cmd": "time", "n": 10**7}, timeout=2)  # busy for hours
+    assert not _remote_processes(target.code)  # its input closed: it ended mid-step
+    target.close()
+
+
+def test_a_worker_that_dies_mid_run_is_a_one_line_error(sshd, device, tiny_bundle):
+    target = get_target(sshd.address, device=device)
+    onnx = next(e for e in tiny_bundle.manifest["artifacts"] if e["format"] == "onnx")
+    worker = target.runner("onnx", tiny_bundle.bundle / onnx["path"], _spec(tiny_bundle), onnx).worker
+    pids = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+            if f"{target.code}/run.py" in p.read_bytes().replace(b"\0", b" ").decode(errors="replace")]
+    assert pids
+    for pid in pids:
+        os.kill(pid, 9)
+    with pytest.raises(WorkerError, match="the worker exited with code"):
+        worker.run_batch(["x"], *_images(tiny_bundle))
+    target.close()
+
+
+def test_a_full_disk_on_the_device_fails_the_copy_and_keeps_nothing(sshd, device, tiny_bundle, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem (a full disk) needs root")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs (a full disk)")
+    try:
+        target = get_target(sshd.address, device={**device, "remote_dir": str(disk / "device")})
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - 8192))  # the code is in; the artifact will not fit
+        onnx = next(e for e in tiny_bundle.manifest["artifacts"] if e["format"] == "onnx")
+        with pytest.raises(WorkerError, match="could not store .* No space left on device"):
+            target.ship(tiny_bundle.bundle / onnx["path"])
+        assert not list((disk / "device" / "files").rglob("*.partial-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_cores_pin_the_worker_and_are_checked_against_the_device(sshd, device):
+    target = get_target(sshd.address, device={**device, "cores": "0"})
+    worker = target.start()
+    try:
+        assert worker.ask({"cmd": "about"})["affinity"] == [0]
+    finally:
+        worker.close()
+    with pytest.raises(TargetError, match=f"0-{os.cpu_count()}: .* offers cores 0-{os.cpu_count() - 1}"):
+        get_target(sshd.address, device={**device, "cores": f"0-{os.cpu_count()}"})
+    with pytest.raises(TargetError, match="'7-4' runs backwards"):
+        get_target(sshd.address, device={**device, "cores": "7-4"})
+
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _spec(bundle):
+    from cloformer_deploy.export.base import ModelSpec
+
+    m = bundle.manifest["model"]
+    return ModelSpec(m["name"], m["num_classes"], tuple(m["input_size"]), m["batch"], MEAN, STD, None, m["params"],
+                     None, None)
+
+
+def _images(bundle):
+    from cloformer_deploy.export.images import load_images
+
+    batch = load_images(tuple(bundle.manifest["model"]["input_size"]), MEAN, STD)
+    return batch.images[:1], batch.tensor[:1]
+
+
+# ---- the parts of a device's report that need no device
+
+BIG_LITTLE = "".join(f"processor\t: {i}\nBogoMIPS\t: 38.40\nCPU implementer\t: 0x41\nCPU part\t: {part}\n\n"
+                     for i, part in enumerate(["0xd05"] * 4 + ["0xd0b"] * 3 + ["0xd44"]))
+
+
+def test_cpu_clusters_name_the_core_kinds_of_a_phone():
+    from cloformer_deploy.targets.ssh import clusters_text
+    from cloformer_deploy.targets.worker import cpu_clusters
+
+    clusters = cpu_clusters(BIG_LITTLE)
+    assert [(c["core"], c["cpus"]) for c in clusters] == [("Cortex-A55", [0, 1, 2, 3]), ("Cortex-A76", [4, 5, 6]),
+                                                         ("Cortex-X1", [7])]
+    assert clusters_text({"clusters": clusters}) == ("4x Cortex-A55 (cores 0-3) + 3x Cortex-A76 (cores 4-6) + "
+                                                     "1x Cortex-X1 (cores 7)")
+
+
+def test_core_lists_parse_as_taskset_writes_them():
+    from cloformer_deploy.targets.worker import parse_cores
+
+    assert parse_cores("4-7") == {4, 5, 6, 7} and parse_cores("0,2,4-5") == {0, 2, 4, 5}
+    for bad in ("", "a", "4-", "7-4", "1,,2"):
+        with pytest.raises(ValueError):
+            parse_cores(bad)
+
+
+@pytest.mark.parametrize("text, why", [("ssh://", "no host"), ("ssh://a b", "a space"), ("pi@pi5", "no scheme"),
+                                       ("ssh://pi@pi5:0", "port 0"), ("ssh://pi@pi5/path", "a path")])
+def test_bad_ssh_addresses_are_refused(text, why):
+    from cloformer_deploy.targets.ssh import parse_address
+
+    with pytest.raises(TargetError, match="is not an SSH address"):
+        parse_address(text)
+
+
+def test_ssh_addresses_parse_to_ssh_arguments():
+    from cloformer_deploy.targets.ssh import parse_address
+
+    a = parse_address("ssh://u0_a123@192.168.1.20:8022")
+    assert (a.user, a.host, a.port, a.destination, str(a)) == ("u0_a123", "192.168.1.20", 8022, "u0_a123@192.168.1.20",
+                                                               "ssh://u0_a123@192.168.1.20:8022")
+    t = SshTarget("ssh://[::1]:2222", remote_python="proot-distro login debian -- python3", ssh_key="/k")
+    argv = t.ssh_argv()
+    assert argv[-2:] == ["--", "::1"] and ["-p", "2222"] == argv[argv.index("-p"):argv.index("-p") + 2]
+    assert "BatchMode=yes" in argv and "/k" in argv  # never a password prompt that would hang
+    t.code = "/home/u/.cache/cloformer-deploy/device/code/abc"
+    assert t.remote_command([f"{t.code}/run.py", "worker"]) == \
+        "proot-distro login debian -- python3 /home/u/.cache/cloformer-deploy/device/code/abc/run.py worker"
+
+
+def test_core_ml_placement_counts_neural_engine_ops_and_fallbacks():
+    from cloformer_deploy.export.coreml_placement import summarise_placement
+
+    ops = [("const", None, ()), ("conv", "NE", ("CPU", "GPU", "NE")), ("conv", "NE", ("CPU", "GPU", "NE")),
+           ("layer_norm", "GPU", ("CPU", "GPU")), ("gelu", "CPU", ("CPU", "GPU", "NE")), ("softmax", None, ())]
+    s = summarise_placement(ops, "CPU_AND_NE")
+    assert s["ops"] == 4 and s["by_device"] == {"NE": 2, "GPU": 1, "CPU": 1} and s["unplaced"] == 1
+    assert s["share_on_neural_engine"] == 0.5
+    assert s["fallback_ops"] == {"layer_norm (on GPU, no NE kernel)": 1, "gelu (on CPU)": 1}
+    assert summarise_placement(ops, "CPU_ONLY")["fallback_ops"] == {}  # the CPU is all it may use
+
+
+def test_core_ml_is_a_row_per_compute_unit_on_a_mac_and_one_untimed_row_elsewhere(tiny_bundle):
+    from cloformer_deploy.export import BACKENDS
+    from cloformer_deploy.runtime_bench.harness import _artifact_combos
+
+    coreml = BACKENDS["coreml"]
+    assert [v["compute_units"] for v in coreml.row_variants("darwin-arm64")] == ["CPU_ONLY", "CPU_AND_GPU",
+                                                                               "CPU_AND_NE", "ALL"]
+    assert coreml.row_variants("linux-aarch64") == [{}] and not coreml.uses_threads
+
+    class _Mac(SshTarget):  # as a probe of a Mac with coremltools and no onnxruntime leaves it
+        def __init__(self):
+            super().__init__("ssh://me@mac.local")
+            self.platform, self.versions = "darwin-arm64", {"numpy": "2", "coremltools": "9.0"}
+
+    art = {"precision": "fp16", "path": "m.mlpackage", "size_mb": 1.0, "extra": {}}
+    combos = _artifact_combos("m", "deploy", "coreml", art, [1, 2], _Mac())
+    here = [c for c in combos if c.target is None]
+    there = [c for c in combos if c.target is not None]
+    assert len(here) == 1 and not here[0].timed and here[0].threads is None  # the interpreter, on this Linux
+    assert [c.variant["compute_units"] for c in there] == ["CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL"]
+    assert all(c.timed and c.threads is None and c.error is None for c in there)
+    onnx = _artifact_combos("m", "deploy", "onnxruntime", {**art, "path": "m.onnx"}, [1, 2], _Mac())
+    missing = [c for c in onnx if c.target is not None]
+    assert [c.threads for c in missing] == [1, 2] and all("onnxruntime not installed on" in c.error for c in missing)
+
+
+def test_core_ml_open_checks_the_compute_unit(tiny_bundle):
+    from cloformer_deploy.export import BACKENDS
+    from cloformer_deploy.inputs import InputError
+
+    entry = next(e for e in tiny_bundle.manifest["artifacts"] if e["format"] == "coreml")
+    with pytest.raises(InputError, match="'NPU' is not offered; choose from CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL"):
+        BACKENDS["coreml"].open(tiny_bundle.bundle / entry["path"], _spec(tiny_bundle), {"compute_units": "NPU"})
+    runner = BACKENDS["coreml"].open(tiny_bundle.bundle / entry["path"], _spec(tiny_bundle),
+                                     {"compute_units": "cpu_and_ne"})
+    assert runner.compute_units == "CPU_AND_NE" and runner.method == "emulated" and runner.placement is None
