@@ -370,7 +370,7 @@ def _check_device(args) -> int:
     target = SshTarget(args.target, **{k: v for k, v in _device(args).items() if v is not None})
     info = target.probe()
     if target.cores is not None and target.about:
-        target._check_cores()
+        target.check_cores()
     needs = device_needs(target)
     about = target.about
     print(f"device   {target.name}: {info.get('platform')}" + (f", {clusters_text(about)}" if about else ""))

@@ -67,8 +67,10 @@ def start(folder: Path) -> Loopback:
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
         "PermitRootLogin prohibit-password\nLogLevel ERROR\nMaxStartups 50\nMaxSessions 50\n")
     host_pub = (folder / "host_key.pub").read_text().split()
-    (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    (folder / "ssh_config").write_text(
+    (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n"
+                                        f"[localhost]:{port} {host_pub[0]} {host_pub[1]}\n")
+    (folder / "ssh_config").write_text(  # "localhost" names this server too: ssh://localhost in a report
+        f"Host localhost\n  HostName 127.0.0.1\n  Port {port}\n"
         f"Host *\n  IdentityFile {folder / 'client_key'}\n  IdentitiesOnly yes\n"
         f"  UserKnownHostsFile {folder / 'known_hosts'}\n  StrictHostKeyChecking yes\n")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")], stdout=subprocess.DEVNULL,

@@ -308,6 +308,8 @@ def test_ssh_addresses_parse_to_ssh_arguments():
     t.code = "/home/u/.cache/cloformer-deploy/device/code/abc"
     assert t.remote_command([f"{t.code}/run.py", "worker"]) == \
         "proot-distro login debian -- python3 /home/u/.cache/cloformer-deploy/device/code/abc/run.py worker"
+    venv = SshTarget("ssh://pi@pi5", remote_python="~/cd/bin/python 'a b'")  # the device's home, not ours
+    assert venv.remote_command(["-"]) == "~/cd/bin/python 'a b' -"
 
 
 def test_core_ml_placement_counts_neural_engine_ops_and_fallbacks():
@@ -343,6 +345,8 @@ def test_core_ml_is_a_row_per_compute_unit_on_a_mac_and_one_untimed_row_elsewher
     assert len(here) == 1 and not here[0].timed and here[0].threads is None  # the interpreter, on this Linux
     assert [c.variant["compute_units"] for c in there] == ["CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL"]
     assert all(c.timed and c.threads is None and c.error is None for c in there)
+    alone = _artifact_combos("m", "deploy", "onnxruntime", {**art, "path": "m.onnx"}, [1, 2], None)
+    assert [(c.target, c.threads, c.timed) for c in alone] == [(None, 1, True), (None, 2, True)]  # no target: here only
     onnx = _artifact_combos("m", "deploy", "onnxruntime", {**art, "path": "m.onnx"}, [1, 2], _Mac())
     missing = [c for c in onnx if c.target is not None]
     assert [c.threads for c in missing] == [1, 2] and all("onnxruntime not installed on" in c.error for c in missing)
@@ -358,3 +362,29 @@ def test_core_ml_open_checks_the_compute_unit(tiny_bundle):
     runner = BACKENDS["coreml"].open(tiny_bundle.bundle / entry["path"], _spec(tiny_bundle),
                                      {"compute_units": "cpu_and_ne"})
     assert runner.compute_units == "CPU_AND_NE" and runner.method == "emulated" and runner.placement is None
+
+
+def test_a_folder_goes_over_as_itself_once(sshd, device, tiny_bundle):
+    """A .mlpackage is a folder: it travels as a tar made the same every time, and is unpacked in place."""
+    target = get_target(sshd.address, device=device)
+    package = next(tiny_bundle.bundle / e["path"] for e in tiny_bundle.manifest["artifacts"] if e["format"] == "coreml")
+    there = Path(target.ship(package))
+    assert there.name == package.name and there.is_dir()
+
+    def tree(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    assert tree(there) == tree(package)
+    again = get_target(sshd.address, device=device)  # a new run: the same hash, so the same folder, not a copy
+    assert again.ship(package) == str(there)
+    assert len(list((Path(device["remote_dir"]) / "files").iterdir())) == 1
+
+
+OLD_PYTHON = next((str(p) for v in ("3.9", "3.8") for p in Path("/root/.pyenv/versions").glob(f"{v}*/bin/python{v}")
+                   if p.exists()), None) if Path("/root/.pyenv/versions").is_dir() else shutil.which("python3.9")
+
+
+@pytest.mark.skipif(OLD_PYTHON is None, reason="no Python older than 3.10 on this machine to play the old device")
+def test_a_device_python_too_old_is_named(sshd, device):
+    with pytest.raises(TargetError, match=r"its Python is 3\.[89]\.\d+; the worker needs 3\.10 or newer"):
+        get_target(sshd.address, device={**device, "remote_python": OLD_PYTHON})

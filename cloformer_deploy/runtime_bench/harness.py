@@ -400,7 +400,7 @@ def _artifact_combos(model: str, form: str, rt: str, art: dict, threads, remote:
     """
     backend = BACKENDS[_FORMAT_OF[rt]]
     out = []
-    for where in (None, remote):
+    for where in (None, remote) if remote is not None else (None,):
         if where is not None and not where.can_run(backend):
             continue
         on = where or LOCAL
@@ -491,8 +491,8 @@ def _run(worker: WorkerProcess, images: ImageBatch, i: int) -> dict:
 def _load_workers(group, eager, spec, images: ImageBatch, timeout, progress, what) -> None:
     with progress.stage(f"{what}: load {len(group)} runtime process{'es' if len(group) > 1 else ''}") as stage:
         for i, c in enumerate(group, 1):
-            stage.update(f"{i}/{len(group)}")
             where = c.target or LOCAL
+            stage.update(f"{i}/{len(group)}" + (f" on {where.name}" if c.target else ""))
             try:
                 message = _open_message(c, eager, spec)  # ships the artifact to a device: may fail there
                 c.worker = where.start(max(timeout, where.step_timeout) if c.target else timeout)

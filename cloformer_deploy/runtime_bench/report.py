@@ -58,24 +58,40 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
 
 def _runtime_cell(r: dict) -> str:
     where = r.get("target", "local")
-    return r["runtime"] if where == "local" else f"{r['runtime']} on {where}"
+    runtime = r["runtime"] + (f" {r['compute_units']}" if r.get("compute_units") else "")
+    return runtime if where == "local" else f"{runtime} on {where}"
 
 
 def target_markdown(results: dict) -> list[str]:
-    """Per artifact run on another target: its drift there beside this machine's, and how far the two differ."""
+    """Per artifact run on another target: its drift there beside this machine's, and how far the two differ;
+    on a device that measures latency, also its latency beside this machine's at the same thread count."""
     rows = [r for r in subject_rows(results) if r.get("target", "local") != "local"]
     if not rows:
         return []
     local = {(r["form"], r["runtime"], r["precision"]): r for r in subject_rows(results)
              if r.get("target", "local") == "local" and r.get("drift")}
+    timed_here = {(r["form"], r["runtime"], r["precision"], r["threads"]): r for r in subject_rows(results)
+                  if r.get("target", "local") == "local" and r.get("latency_ms")}
     out = []
     for name in dict.fromkeys(r["target"] for r in rows):
         about = results.get("targets", {}).get(name, {})
-        out += ["", f"## Drift on {name}", "",
-                f"{about.get('cpu', '')}. Emulated by {about.get('emulator')}: figures are the numerics of that "
-                "CPU's kernels, not a latency. Drift is against PyTorch fp32 (authors' form), as above.", "",
-                "| form | runtime | precision | max abs here | max abs on target | cosine on target | top-1 agr. "
-                "on target | target vs here |", "|---|---|---|---|---|---|---|---|"]
+        if about.get("measures_latency"):
+            out += ["", f"## On {name}", "", f"{about.get('label', '')}. Timed in the same interleaved rounds as "
+                    "this machine's rows; drift is against PyTorch fp32 (authors' form), as above."]
+            thermal = (results.get("thermal") or {}).get(name, [])
+            out += [""] if thermal else []
+            for t in thermal:
+                out.append(f"- thermal zones, {t['threads']} thread(s): before "
+                           + ", ".join(f"{k} {v:.1f} C" for k, v in t["before_c"].items()) + "; after "
+                           + ", ".join(f"{k} {v:.1f} C" for k, v in (t["after_c"] or {}).items()))
+            out += ["", "| form | runtime | precision | threads | median ms here | median ms there | there / here "
+                    "| load ms there | max abs there | there vs here |", "|---|---|---|---|---|---|---|---|---|---|"]
+        else:
+            out += ["", f"## Drift on {name}", "",
+                    f"{about.get('cpu', '')}. Emulated by {about.get('emulator')}: figures are the numerics of that "
+                    "CPU's kernels, not a latency. Drift is against PyTorch fp32 (authors' form), as above.", "",
+                    "| form | runtime | precision | max abs here | max abs on target | cosine on target | top-1 agr. "
+                    "on target | target vs here |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["target"] != name:
                 continue
@@ -87,6 +103,15 @@ def target_markdown(results: dict) -> list[str]:
                 versus = "-"
             else:
                 versus = "bit-exact" if vs["bit_exact"] else f"max abs {vs['max_abs']:.1e}, cosine {vs['cosine']:.6f}"
+            if about.get("measures_latency"):
+                lat = (r.get("latency_ms") or {}).get("median")
+                mine = ((timed_here.get((r["form"], r["runtime"], r["precision"], r["threads"])) or {})
+                        .get("latency_ms") or {}).get("median")
+                runtime = r["runtime"] + (f" {r['compute_units']}" if r.get("compute_units") else "")
+                out.append(f"| {r['form']} | {runtime} | {r['precision']} | {r['threads'] or '-'} | {_fmt(mine, '.2f')} | "
+                           f"{_fmt(lat, '.2f')} | {_fmt(lat / mine if lat and mine else None, '.3f')} | "
+                           f"{_fmt(r.get('load_ms'), '.0f')} | {_fmt(d.get('max_abs'), '.1e')} | {versus} |")
+                continue
             out.append(f"| {r['form']} | {r['runtime']} | {r['precision']} | {_fmt(here.get('max_abs'), '.1e')} | "
                        f"{_fmt(d.get('max_abs'), '.1e')} | {_fmt(d.get('cosine'), '.6f')} | "
                        f"{_fmt(d.get('top1_agreement'), '.0%')} | {versus} |")
@@ -160,6 +185,8 @@ class Plot:
 
 def _label(r: dict, threads: bool = True) -> str:
     s = f"{SHORT_RUNTIME.get(r['runtime'], r['runtime'])} {r['precision']}"
+    if r.get("compute_units"):
+        s += f" {r['compute_units']}"
     if r.get("target", "local") != "local":
         s += f" on {r['target']}"
     return f"{s} {r['threads']}t" if threads and r.get("threads") is not None else s

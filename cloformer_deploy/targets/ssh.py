@@ -197,7 +197,9 @@ class SshTarget(Target):
         return [*argv, "--", self.address.destination]
 
     def remote_command(self, words: list[str]) -> str:
-        return " ".join(shlex.quote(w) for w in [*self.remote_python, *words])
+        """The command line the device's shell runs: every word quoted, a leading ~/ left for it to expand."""
+        return " ".join("~/" + shlex.quote(w[2:]) if w.startswith("~/") else shlex.quote(w)
+                        for w in [*self.remote_python, *words])
 
     def call(self, words: list[str], what: str, timeout: float, stdin=None) -> str:
         """Run the device's Python with ``words``; its stdout, or TargetError/WorkerError saying what failed.
@@ -278,9 +280,9 @@ class SshTarget(Target):
             raise TargetError(f"{self.name}: the work folder {self.work!r} has spaces or shell characters; "
                               "pass --remote-dir with a plain path")
         if self.cores is not None:
-            self._check_cores()
+            self.check_cores()
 
-    def _check_cores(self) -> None:
+    def check_cores(self) -> None:
         from .worker import parse_cores
 
         try:
