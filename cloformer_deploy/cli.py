@@ -369,6 +369,14 @@ def _check_device(args) -> int:
                           "(cloformer-device list shows local and arm64)")
     target = SshTarget(args.target, **{k: v for k, v in _device(args).items() if v is not None})
     info = target.probe()
+    if info.get("too_old"):  # no pip command would help: another Python is the fix
+        print(f"device   {target.name}: {info.get('platform')}, Python {info['python']}: too old, the worker needs "
+              "3.10 or newer; pass --remote-python with a newer one")
+        return 1
+    if info.get("write_error"):
+        print(f"device   {target.name}: cannot write the work folder: {info['write_error']}; free space there or "
+              "pass --remote-dir")
+        return 1
     if target.cores is not None and target.about:
         target.check_cores()
     needs = device_needs(target)

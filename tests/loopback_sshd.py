@@ -75,11 +75,14 @@ def start(folder: Path) -> Loopback:
         f"  UserKnownHostsFile {folder / 'known_hosts'}\n  StrictHostKeyChecking yes\n")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")], stdout=subprocess.DEVNULL,
                             stderr=open(folder / "sshd.log", "wb"))
-    for _ in range(100):
+    for _ in range(200):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 break
         if proc.poll() is not None:
             raise RuntimeError(f"sshd exited: {(folder / 'sshd.log').read_text()[-500:]}")
         time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError(f"sshd did not listen on 127.0.0.1:{port} within 10 s")
     return Loopback(port, getpass.getuser(), folder, folder / "ssh_config", proc)

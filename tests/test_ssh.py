@@ -200,9 +200,12 @@ def test_a_worker_that_dies_mid_run_is_a_one_line_error(sshd, device, tiny_bundl
     target = get_target(sshd.address, device=device)
     onnx = next(e for e in tiny_bundle.manifest["artifacts"] if e["format"] == "onnx")
     worker = target.runner("onnx", tiny_bundle.bundle / onnx["path"], _spec(tiny_bundle), onnx).worker
-    pids = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
-            if f"{target.code}/run.py" in p.read_bytes().replace(b"\0", b" ").decode(errors="replace")]
-    assert pids
+    pids = []  # the worker on the device: the Python running run.py, not the local ssh client that started it
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        words = cmdline.read_bytes().split(b"\0")
+        if words and not words[0].endswith(b"ssh") and f"{target.code}/run.py".encode() in words:
+            pids.append(int(cmdline.parent.name))
+    assert len(pids) == 1
     for pid in pids:
         os.kill(pid, 9)
     with pytest.raises(WorkerError, match="the worker exited with code"):
@@ -336,7 +339,7 @@ def test_core_ml_is_a_row_per_compute_unit_on_a_mac_and_one_untimed_row_elsewher
     class _Mac(SshTarget):  # as a probe of a Mac with coremltools and no onnxruntime leaves it
         def __init__(self):
             super().__init__("ssh://me@mac.local")
-            self.platform, self.versions = "darwin-arm64", {"numpy": "2", "coremltools": "9.0"}
+            self.platform, self.versions = "darwin-arm64", {"numpy": "2", "coremltools": "9.0", "pillow": "11"}
 
     art = {"precision": "fp16", "path": "m.mlpackage", "size_mb": 1.0, "extra": {}}
     combos = _artifact_combos("m", "deploy", "coreml", art, [1, 2], _Mac())
@@ -388,3 +391,60 @@ OLD_PYTHON = next((str(p) for v in ("3.9", "3.8") for p in Path("/root/.pyenv/ve
 def test_a_device_python_too_old_is_named(sshd, device):
     with pytest.raises(TargetError, match=r"its Python is 3\.[89]\.\d+; the worker needs 3\.10 or newer"):
         get_target(sshd.address, device={**device, "remote_python": OLD_PYTHON})
+
+
+def test_a_banner_the_device_shell_prints_is_not_taken_for_an_answer(sshd, device):
+    """A .bashrc or a proot login that writes to stdout before Python starts: its lines are set aside."""
+    chatty = f"sh -c 'echo Welcome to Termux; exec \"$0\" \"$@\"' {sys.executable}"
+    target = get_target(sshd.address, device={**device, "remote_python": chatty})
+    worker = target.start()
+    try:
+        assert worker.ask({"cmd": "about"})["machine"] == os.uname().machine
+        assert worker.noise == ["Welcome to Termux"]
+    finally:
+        worker.close()
+
+
+def test_each_compute_unit_keeps_its_own_outputs():
+    """Core ML on a Mac: the four units of one package compute differently, so none reuses another's logits."""
+    import numpy as np
+
+    from cloformer_deploy.export.images import ImageBatch
+    from cloformer_deploy.runtime_bench.harness import Combo, _outputs
+
+    class _Unit:  # a worker whose logits say which unit computed them
+        def __init__(self, value):
+            self.value = value
+
+        def run_batch(self, names, images, tensor):
+            from cloformer_deploy.targets.worker import pack
+
+            return {"logits": pack(np.full((1, 3), self.value, np.float32)), "ms": 1.0}
+
+        def ask(self, cmd, timeout=None):
+            return {"peak_rss_mb": 1.0}
+
+        def close(self):
+            pass
+
+    class _Stage:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, text):
+            pass
+
+    class _Progress:
+        def stage(self, text):
+            return _Stage()
+
+    combos = [Combo("m", "deploy", "coreml", "fp16", None, "m.mlpackage", variant={"compute_units": u}, timed=True)
+              for u in ("CPU_ONLY", "CPU_AND_NE")]
+    for value, c in enumerate(combos):
+        c.worker = _Unit(float(value))
+    images = ImageBatch(["a"], np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 3, 8, 8), np.float32))
+    _outputs(combos, images, {}, _Progress(), "test")
+    assert combos[0].outputs[0, 0] == 0.0 and combos[1].outputs[0, 0] == 1.0

@@ -471,8 +471,10 @@ def _thermal(group) -> dict:
             continue
         try:
             zones[name] = c.worker.ask({"cmd": "thermal"}, timeout=60)["zones"]
-        except (WorkerError, OSError):
-            continue
+        except (WorkerError, OSError) as e:  # the row cannot go on without its worker
+            c.error = f"reading the thermal zones failed: {e}"
+            c.worker.close()
+            c.worker = None
     return {k: v for k, v in zones.items() if v}
 
 
@@ -544,7 +546,9 @@ def _outputs(group, images: ImageBatch, done: dict, progress, what) -> None:
         for c in group:
             if c.worker is None:
                 continue
-            key = (c.model, c.form, c.runtime, c.precision, c.path, c.target.name if c.target else "local")
+            # a compute unit is its own way of computing (the Neural Engine's fp16 is not the CPU's)
+            key = (c.model, c.form, c.runtime, c.precision, c.path, c.target.name if c.target else "local",
+                   tuple(sorted(c.variant.items())))
             try:
                 if key not in done:
                     outs = []
@@ -564,7 +568,7 @@ def _outputs(group, images: ImageBatch, done: dict, progress, what) -> None:
 def _versus_local(combos: list[Combo], rows: list[dict]) -> None:
     """A target's row gets its outputs' difference from this machine's run of the same artifact."""
     def key(c):
-        return c.model, c.form, c.runtime, c.precision, c.path
+        return c.model, c.form, c.runtime, c.precision, c.path, tuple(sorted(c.variant.items()))
 
     here = {key(c): c.outputs for c in combos if c.target is None and c.outputs is not None}
     for c, row in zip(combos, rows):

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 from ..export.base import Backend, ModelSpec, Runner
 from ..export.images import ImageBatch
 from ..inputs import InputError
-from .worker import pack, unpack
+from .worker import KEPT_BATCHES, pack, unpack
 
 STDERR_TAIL = 4000  # bytes of a worker's stderr kept to explain its death
 
@@ -47,29 +48,52 @@ class WorkerProcess:
         self.timeout = timeout
         self.cleanup = list(cleanup or [])
         self.stderr = tempfile.TemporaryFile()
-        self.sent: set[str] = set()  # keys of the batches the worker holds
+        self.sent: dict[str, None] = {}  # keys of the batches the worker holds, oldest first (as it keeps them)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     env=env, text=True, start_new_session=True)
+                                     env=env, start_new_session=True)
+        self._pending = b""  # read from the worker's stdout, not yet a whole line
+        self.noise: list[str] = []  # lines that were not answers (a login banner a device's shell printed)
 
     def ask(self, cmd: dict, timeout: float | None = None) -> dict:
         """Send one command and wait for its answer; WorkerError for an error answer, a timeout or a death."""
         limit = timeout or self.timeout
         try:
-            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
             self.proc.stdin.flush()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a worker already closed (a timeout before)
             raise WorkerError(self._died()) from None
-        ready, _, _ = select.select([self.proc.stdout], [], [], limit)
-        if not ready:
-            self.close()
-            raise WorkerError(f"no answer to {cmd['cmd']!r} within {limit:.0f}s; the worker was stopped")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise WorkerError(self._died())
-        answer = json.loads(line)
+        deadline = time.monotonic() + limit
+        while True:
+            line = self._line(deadline)
+            if line is None:
+                self.close()
+                raise WorkerError(f"no answer to {cmd['cmd']!r} within {limit:.0f}s; the worker was stopped")
+            if not line:
+                raise WorkerError(self._died())
+            if line.lstrip().startswith(b"{"):
+                break
+            self.noise.append(line.decode(errors="replace").strip()[:200])
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise WorkerError(f"the worker answered {line[:80]!r}, not a message") from None
         if "error" in answer:
             raise WorkerError(answer["error"])
         return answer
+
+    def _line(self, deadline: float) -> bytes | None:
+        """The next line of the worker's stdout; b"" at its end, None when the deadline passes first."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b""
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line + b"\n"
 
     def run_batch(self, names, images: np.ndarray, tensor: np.ndarray) -> dict:
         """Logits of one batch; its arrays travel once per worker, later runs name it by a key of its content."""
@@ -78,7 +102,9 @@ class WorkerProcess:
             return self.ask({"cmd": "run", "key": key})
         answer = self.ask({"cmd": "run", "key": key, "names": list(names), "images": pack(images),
                            "tensor": pack(tensor)})
-        self.sent.add(key)
+        self.sent[key] = None
+        while len(self.sent) > KEPT_BATCHES:  # the worker forgets the oldest the same way
+            del self.sent[next(iter(self.sent))]
         return answer
 
     def _died(self) -> str:
@@ -93,10 +119,10 @@ class WorkerProcess:
         """Ask the worker to quit; then end its whole process group, whatever state it is in."""
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.write(b'{"cmd": "quit"}\n')
                 self.proc.stdin.flush()
                 self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
+            except (OSError, ValueError, subprocess.TimeoutExpired):
                 pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)

@@ -44,8 +44,10 @@ def receive(work: Path, rel: str, sha: str, size: int, is_tar: bool) -> None:
                 digest.update(block)
                 got += len(block)
                 f.write(block)
-        if got != size or digest.hexdigest() != sha:
+        if got != size:
             _fail(f"{rel} arrived incomplete ({got} of {size} bytes); nothing was kept")
+        if digest.hexdigest() != sha:
+            _fail(f"{rel} arrived damaged (its SHA-256 differs); nothing was kept")
         if is_tar:
             unpacked = dest.parent / f".{dest.name}.unpacked-{os.getpid()}"
             with tarfile.open(partial) as tar:

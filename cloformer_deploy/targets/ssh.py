@@ -29,11 +29,14 @@ from pathlib import Path
 
 from ..export.base import Backend
 from .base import Target, TargetError, WorkerError
+from .worker import PACKAGES
 
 DEFAULT_REMOTE_DIR = "~/.cache/cloformer-deploy/device"
 MIN_PYTHON = (3, 10)
 # what each format needs on the device, as Backend.name -> the distributions the worker imports
-RUNTIME_PACKAGES = {"onnx": ("onnxruntime",), "executorch": ("executorch", "torch"), "coreml": ("coremltools",)}
+# (Core ML's runner hands images to MLModel.predict as PIL images)
+RUNTIME_PACKAGES = {"onnx": ("onnxruntime",), "executorch": ("executorch", "torch"),
+                    "coreml": ("coremltools", "pillow")}
 PROBE_MARK = "cloformer-deploy-probe:"
 SAFE_WORD = re.compile(r"^[A-Za-z0-9_./,:=+%@~-]+$")  # survives any re-parsing of the command by a wrapper
 _ADDRESS = re.compile(r"^ssh://(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)"
@@ -97,16 +100,17 @@ main(sys.argv[1:], here.parents[1])
 # Sent on the device Python's stdin (python3 -): unpack the code once, then say what the device is.
 PROBE = r'''
 import base64, io, json, os, platform, shutil, sys, tarfile
-from importlib.metadata import PackageNotFoundError, version
 out = {"python": platform.python_version(), "platform": sys.platform + "-" + platform.machine().lower()}
 def say(extra):
     out.update(extra)
-    print(__MARK__ + json.dumps(out), flush=True)
+    print(__MARK__ + json.dumps(out))
+    sys.stdout.flush()
     sys.exit(0)
 if sys.version_info < __MIN_PYTHON__:
     say({"too_old": True})
+from importlib.metadata import PackageNotFoundError, version
 versions = {}
-for name in ("numpy", "torch", "executorch", "onnxruntime", "coremltools"):
+for name in __PACKAGES__:
     try:
         versions[name] = version(name)
     except PackageNotFoundError:
@@ -125,13 +129,25 @@ try:
     out["free_bytes"] = shutil.disk_usage(work).free
 except OSError as e:
     shutil.rmtree(code + ".partial-%d" % os.getpid(), ignore_errors=True)
-    say({"write_error": "%s: %s" % (work, e.strerror or e)})
+    if not os.path.isdir(code):  # (another first contact may have put it in place meanwhile)
+        say({"write_error": "%s: %s" % (work, e.strerror or e)})
+    out["free_bytes"] = shutil.disk_usage(work).free
 if versions["numpy"] is None:
     say({})
 sys.path.insert(0, code)
 from cloformer_deploy.targets.worker import about
 say({"about": about()})
 '''
+
+
+def shell_words(words: list[str]) -> str:
+    """A command line for the device's shell: every word quoted, a leading ~/ left for it to expand."""
+    return " ".join("~/" + shlex.quote(w[2:]) if w.startswith("~/") else shlex.quote(w) for w in words)
+
+
+def same_version(a: str | None, b: str | None) -> bool:
+    """Versions equal up to a local label: torch 2.14.1+cpu (PyTorch's CPU index) is torch 2.14.1."""
+    return bool(a) and bool(b) and a.split("+")[0] == b.split("+")[0]
 
 
 def _one_line(stderr: str) -> str:
@@ -169,7 +185,10 @@ class SshTarget(Target):
                  remote_dir: str | None = None):
         self.address = parse_address(address) if isinstance(address, str) else address
         self.name = str(self.address)
-        self.remote_python = shlex.split(remote_python or "python3")
+        try:
+            self.remote_python = shlex.split(remote_python or "python3")
+        except ValueError as e:
+            raise TargetError(f"--remote-python {remote_python!r}: {e}; quote it as a shell would") from None
         if not self.remote_python:
             raise TargetError("--remote-python is empty; give the device's Python, e.g. python3")
         self.cores = cores
@@ -197,9 +216,7 @@ class SshTarget(Target):
         return [*argv, "--", self.address.destination]
 
     def remote_command(self, words: list[str]) -> str:
-        """The command line the device's shell runs: every word quoted, a leading ~/ left for it to expand."""
-        return " ".join("~/" + shlex.quote(w[2:]) if w.startswith("~/") else shlex.quote(w)
-                        for w in [*self.remote_python, *words])
+        return shell_words([*self.remote_python, *words])
 
     def call(self, words: list[str], what: str, timeout: float, stdin=None) -> str:
         """Run the device's Python with ``words``; its stdout, or TargetError/WorkerError saying what failed.
@@ -248,6 +265,7 @@ class SshTarget(Target):
         data, code_hash = code_archive()
         script = (PROBE.replace("__MARK__", repr(PROBE_MARK)).replace("__MIN_PYTHON__", repr(MIN_PYTHON))
                   .replace("__WORK__", repr(self.remote_dir)).replace("__CODE_HASH__", repr(code_hash))
+                  .replace("__PACKAGES__", repr(PACKAGES))
                   .replace("__CODE__", repr(base64.b64encode(data).decode())))
         try:
             out = self.call(["-"], "the first contact", self.probe_timeout, stdin=script.encode())
@@ -308,16 +326,22 @@ class SshTarget(Target):
         """Copy a file (or a folder, as a tar) to ``<work>/files/<hash>/<name>`` unless it is there already."""
         path = Path(path)
         key = str(path.resolve())
-        if key in self._shipped:
-            return self._shipped[key]
+        if key not in self._shipped:
+            try:
+                self._shipped[key] = self._copy(path)
+            except TargetError as e:  # the link dropped mid-run: this artifact fails, the run goes on
+                raise WorkerError(str(e)) from None
+        return self._shipped[key]
+
+    def _copy(self, path: Path) -> str:
         with tempfile.TemporaryDirectory(prefix="cloformer-ship-") as tmp:
+            name = path.name if SAFE_WORD.match(path.name) else f"artifact{path.suffix}"
             if path.is_dir():
                 payload = Path(tmp) / "payload.tar"
-                _deterministic_tar(path, payload)
+                _deterministic_tar(path, payload, name)
             else:
                 payload = path
             sha = _sha256(payload)
-            name = path.name if SAFE_WORD.match(path.name) else f"artifact{path.suffix}"
             rel = f"files/{sha[:20]}/{name}"
             present = self.call([f"{self.code}/run.py", "have", rel], f"looking for {path.name}", 120).split()
             if present[-1:] != ["yes"]:
@@ -326,8 +350,7 @@ class SshTarget(Target):
                     self.call([f"{self.code}/run.py", "receive", rel, sha, str(size),
                                *(["--tar"] if path.is_dir() else [])],
                               f"copying {path.name} ({size / 1e6:.1f} MB)", 120 + size / 1e6, stdin=f)
-        self._shipped[key] = f"{self.work}/{rel}"
-        return self._shipped[key]
+        return f"{self.work}/{rel}"
 
     def worker_command(self):
         words = [f"{self.code}/run.py", "worker", *(["--cores", self.cores] if self.cores else [])]
@@ -350,11 +373,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _deterministic_tar(folder: Path, dest: Path) -> None:
-    """A folder (an .mlpackage) as a tar whose bytes depend only on its files: the same package, the same hash."""
+def _deterministic_tar(folder: Path, dest: Path, top: str) -> None:
+    """A folder (an .mlpackage) as a tar under the name ``top`` whose bytes depend only on its files."""
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted([folder, *folder.rglob("*")]):
-            info = tar.gettarinfo(str(path), f"{folder.name}/{path.relative_to(folder).as_posix()}".rstrip("/."))
+            rel = path.relative_to(folder).as_posix()
+            info = tar.gettarinfo(str(path), top if rel == "." else f"{top}/{rel}")
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             if path.is_file():
                 with open(path, "rb") as f:
@@ -387,7 +411,7 @@ def clusters_text(about: dict) -> str:
 def device_label(about: dict, versions: dict) -> str:
     """One line that names the device in reports: machine, CPU, Python and runtime versions read on it."""
     cpu = (about.get("cpu") or {}).get("model name") if about.get("system") == "Darwin" else clusters_text(about)
-    runtimes = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "numpy")
+    runtimes = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k not in ("numpy", "pillow"))
     return f"{about.get('machine')} {about.get('system')}, {cpu}, Python {about.get('python')}" + \
         (f", {runtimes}" if runtimes else "")
 
@@ -406,7 +430,7 @@ def install_command(target: "SshTarget", packages: list[str]) -> str:
         except PackageNotFoundError:
             return name
 
-    pip = shlex.join([*target.remote_python, "-m", "pip", "install"])
+    pip = shell_words([*target.remote_python, "-m", "pip", "install"])
     linux = target.platform.startswith("linux")
     commands = []
     if "torch" in packages and linux:
@@ -437,7 +461,7 @@ def device_needs(target: "SshTarget") -> dict:
                  "status": "too old (needs 3.10+)" if probe.get("too_old") else "ok"})
     wanted = ["numpy"] + [p for b in BACKENDS.values() if target.platform in b.platforms
                           for p in RUNTIME_PACKAGES.get(b.name, ())]
-    for package in dict.fromkeys(["numpy", "torch", "executorch", "onnxruntime", "coremltools"]):
+    for package in PACKAGES:
         try:
             host = version(package)
         except PackageNotFoundError:
@@ -448,7 +472,7 @@ def device_needs(target: "SshTarget") -> dict:
         elif not have:
             status = "missing"
             fix.append(package)
-        elif host and have != host:
+        elif host and not same_version(have, host):
             status = f"differs from this machine ({host})"
             fix.append(package)
         else:

@@ -64,6 +64,9 @@ def peak_rss_mb() -> float:
     return kb / 2**20 if sys.platform == "darwin" else kb / 1024
 
 
+# what a target's Python may have that the worker uses: numpy, and each format's runtime
+PACKAGES = ("numpy", "torch", "executorch", "onnxruntime", "coremltools", "pillow")
+
 # MIDR part numbers of Arm's own cores (implementer 0x41), as the kernel reports them in /proc/cpuinfo
 ARM_PARTS = {0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd07: "Cortex-A57",
              0xd08: "Cortex-A72", 0xd09: "Cortex-A73", 0xd0a: "Cortex-A75", 0xd0b: "Cortex-A76",
@@ -111,7 +114,7 @@ def about() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for name in ("numpy", "torch", "executorch", "onnxruntime", "coremltools"):
+    for name in PACKAGES:
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
@@ -236,14 +239,28 @@ def parse_cores(text: str) -> set[int]:
     return cores
 
 
+KEPT_BATCHES = 32  # keyed batches a worker keeps (0.75 MB each at 224x224); older ones are sent again
+IDLE_EXIT_S = 3600.0  # a worker with no command for this long ends itself: a link dropped without a close
+
+
 def _read_commands(commands: "queue.Queue", idle: threading.Event) -> None:
     """Commands from stdin into the queue; when stdin closes, the caller is gone: end the process.
 
     A step in progress is not waited for beyond a moment: its answer has no reader (a dropped
-    SSH connection, a caller that timed out), and on a device nothing must keep running.
+    SSH connection, a caller that timed out), and on a device nothing must keep running. The
+    descriptor is read directly: a thread blocked inside sys.stdin's buffer would hold its lock,
+    and Python aborts at exit when it cannot take it.
     """
-    for line in sys.stdin:
-        commands.put(line)
+    pending = b""
+    while True:
+        chunk = os.read(0, 1 << 20)
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                commands.put(line.decode())
     commands.put(None)
     idle.wait(5)
     os._exit(0)
@@ -269,7 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     batches: dict = {}  # batches sent with a key, kept for later runs by key
     while True:
         idle.set()
-        line = commands.get()
+        try:
+            line = commands.get(timeout=IDLE_EXIT_S)
+        except queue.Empty:
+            break
         idle.clear()
         if line is None:
             break
@@ -288,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
                     batch = ImageBatch(cmd["names"], unpack(cmd["images"]), unpack(cmd["tensor"]))
                     if cmd.get("key"):
                         batches[cmd["key"]] = batch
+                        while len(batches) > KEPT_BATCHES:  # oldest first, as the caller counts them
+                            del batches[next(iter(batches))]
                 else:
                     batch = batches[cmd["key"]]
                 prepared = runner.prepare(batch)
