@@ -448,3 +448,34 @@ def test_each_compute_unit_keeps_its_own_outputs():
     images = ImageBatch(["a"], np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 3, 8, 8), np.float32))
     _outputs(combos, images, {}, _Progress(), "test")
     assert combos[0].outputs[0, 0] == 0.0 and combos[1].outputs[0, 0] == 1.0
+
+
+def test_thermal_zones_are_read_in_degrees_and_unreadable_ones_left_out(tmp_path):
+    from cloformer_deploy.targets.worker import thermal
+
+    for i, (kind, milli) in enumerate([("cpu-big0", "61250"), ("battery", "31000"), ("gpu", "asleep")]):
+        zone = tmp_path / f"thermal_zone{i}"
+        zone.mkdir()
+        (zone / "type").write_text(kind + "\n")
+        (zone / "temp").write_text(milli + "\n")
+    (tmp_path / "thermal_zone10").mkdir()  # no files: a zone the kernel guards
+    assert thermal(str(tmp_path)) == {"thermal_zone0 cpu-big0": 61.25, "thermal_zone1 battery": 31.0}
+
+
+def test_results_md_shows_a_device_beside_this_machine_with_its_temperatures():
+    from cloformer_deploy.runtime_bench.report import target_markdown
+
+    def row(target, median, threads=4):
+        return {"model": "m", "role": "subject", "target": target, "form": "deploy", "runtime": "onnxruntime",
+                "precision": "fp32", "threads": threads, "latency_ms": {"median": median}, "load_ms": 120.0,
+                "drift": {"max_abs": 2e-6, "cosine": 1.0, "top1_agreement": 1.0}, "error": None,
+                **({"vs_local": {"bit_exact": False, "max_abs": 1e-6, "cosine": 1.0}} if target != "local" else {})}
+
+    results = {"config": {"model": "m"}, "rows": [row("local", 10.0), row("ssh://pi@pi5", 25.0)],
+               "targets": {"ssh://pi@pi5": {"measures_latency": True, "label": "aarch64 Linux, 4x Cortex-A76"}},
+               "thermal": {"ssh://pi@pi5": [{"threads": 4, "before_c": {"thermal_zone0 cpu": 48.5},
+                                             "after_c": {"thermal_zone0 cpu": 71.0}}]}}
+    md = "\n".join(target_markdown(results))
+    assert "## On ssh://pi@pi5" in md and "aarch64 Linux, 4x Cortex-A76" in md
+    assert "before thermal_zone0 cpu 48.5 C; after thermal_zone0 cpu 71.0 C" in md
+    assert "| deploy | onnxruntime | fp32 | 4 | 10.00 | 25.00 | 2.500 | 120 | 2.0e-06 | max abs 1.0e-06" in md

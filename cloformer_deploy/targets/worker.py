@@ -149,10 +149,10 @@ def about() -> dict:
             "versions": versions}
 
 
-def thermal() -> dict:
+def thermal(root: str = "/sys/class/thermal") -> dict:
     """Temperature per thermal zone in degrees C (Linux and Android expose them in /sys; macOS does not)."""
     zones = {}
-    for zone in sorted(glob.glob("/sys/class/thermal/thermal_zone*"), key=lambda z: int(z.rsplit("e", 1)[1])):
+    for zone in sorted(glob.glob(f"{root}/thermal_zone*"), key=lambda z: int(z.rsplit("zone", 1)[1])):
         try:
             with open(f"{zone}/type") as f:
                 kind = f.read().strip()
