@@ -238,7 +238,7 @@ class SshTarget(Target):
         self._kill(proc)  # anything ssh left behind (a ProxyCommand) ends with it
         text, err = out.decode(errors="replace"), err.decode(errors="replace")
         if proc.returncode == 255:
-            line = _one_line(err)
+            line = _one_line(err).rstrip(".")
             raise TargetError(f"cannot reach {self.name}: {line or 'ssh failed'}; {connection_fix(line)}")
         if proc.returncode in (126, 127):
             raise TargetError(f"{self.name}: the device has no {shlex.join(self.remote_python)!r} "
@@ -319,8 +319,8 @@ class SshTarget(Target):
         needed = [p for p in RUNTIME_PACKAGES.get(backend.name, ()) if not self.versions.get(p)]
         if not needed:
             return None
-        return (f"{', '.join(needed)} not installed on {self.name}; install with: "
-                f"{install_command(self, needed)}")
+        return (f"{' and '.join(needed)} {'are' if len(needed) > 1 else 'is'} not installed on {self.name}; "
+                f"install with: {install_command(self, needed)}")
 
     def ship(self, path: str | Path) -> str:
         """Copy a file (or a folder, as a tar) to ``<work>/files/<hash>/<name>`` unless it is there already."""
@@ -432,16 +432,14 @@ def install_command(target: "SshTarget", packages: list[str]) -> str:
 
     pip = shell_words([*target.remote_python, "-m", "pip", "install"])
     linux = target.platform.startswith("linux")
-    commands = []
+    special = ("torch", "executorch") if linux else ()
+    plain = [p for p in packages if p not in special]
+    commands = [f"{pip} {' '.join(pinned(p) for p in plain)}"] if plain else []
     if "torch" in packages and linux:
         commands.append(f"{pip} {pinned('torch')} --index-url https://download.pytorch.org/whl/cpu")
-        packages = [p for p in packages if p != "torch"]
     if "executorch" in packages and linux:
         # its other requirements serve exporting; the runtime imports only these two besides torch
         commands.append(f"{pip} --no-deps {pinned('executorch')} ruamel.yaml tabulate")
-        packages = [p for p in packages if p != "executorch"]
-    if packages:
-        commands.append(f"{pip} {' '.join(pinned(p) for p in packages)}")
     return " && ".join(commands)
 
 
@@ -484,6 +482,7 @@ def device_needs(target: "SshTarget") -> dict:
             formats[b.name] = f"does not run on {target.platform}"
         else:
             lacking = [p for p in RUNTIME_PACKAGES.get(b.name, ()) if not target.versions.get(p)]
-            formats[b.name] = f"error rows until {', '.join(lacking)} is installed" if lacking else "runs"
+            formats[b.name] = (f"error rows until {' and '.join(lacking)} {'are' if len(lacking) > 1 else 'is'} "
+                               "installed" if lacking else "runs")
     return {"rows": rows, "formats": formats, "command": install_command(target, fix) if fix else None,
             "ok": not fix and not probe.get("too_old")}
