@@ -297,7 +297,7 @@ def bench_main(p: _Parser, argv) -> int:
 
 @_command("cloformer-device")
 def device_main(p: _Parser, argv) -> int:
-    """Targets the artifacts can run on: list them, or build the emulated ARM64 one (once)."""
+    """Targets the artifacts can run on: list them, build the emulated ARM64 one (once), or check an ssh:// device."""
     from .targets import TARGETS
 
     sub = p.add_subparsers(dest="action", metavar="{setup,list,check}", parser_class=_Parser)
