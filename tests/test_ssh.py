@@ -114,6 +114,14 @@ def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, t
     assert not _remote_processes(device["remote_dir"])  # the validation worker ended with the run
 
 
+def test_no_ssh_client_here_is_one_line(monkeypatch):
+    from cloformer_deploy.targets import ssh
+
+    monkeypatch.setattr(ssh.shutil, "which", lambda name: None)
+    with pytest.raises(TargetError, match="apt-get install openssh-client"):
+        get_target("ssh://pi@pi5")
+
+
 def test_unreachable_port_is_one_line_naming_the_fix(sshd, device):
     with pytest.raises(TargetError, match="cannot reach .*Connection refused; nothing listens there"):
         get_target(f"ssh://127.0.0.1:{loopback_sshd._free_port()}", device=device)

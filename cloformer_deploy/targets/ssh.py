@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..export.base import Backend
+from ..export.bundle import sha256_file
 from .base import Target, TargetError, WorkerError
 from .worker import PACKAGES
 
@@ -262,6 +264,9 @@ class SshTarget(Target):
 
         TargetError (one line naming the fix) when the device cannot be reached or has no Python.
         """
+        if shutil.which("ssh") is None:
+            raise TargetError("--target ssh:// uses this machine's OpenSSH client, which is not installed; install it "
+                              "with: apt-get install openssh-client (macOS has it)")
         data, code_hash = code_archive()
         script = (PROBE.replace("__MARK__", repr(PROBE_MARK)).replace("__MIN_PYTHON__", repr(MIN_PYTHON))
                   .replace("__WORK__", repr(self.remote_dir)).replace("__CODE_HASH__", repr(code_hash))
@@ -341,7 +346,7 @@ class SshTarget(Target):
                 _deterministic_tar(path, payload, name)
             else:
                 payload = path
-            sha = _sha256(payload)
+            sha = sha256_file(payload)
             rel = f"files/{sha[:20]}/{name}"
             present = self.call([f"{self.code}/run.py", "have", rel], f"looking for {path.name}", 120).split()
             if present[-1:] != ["yes"]:
@@ -363,14 +368,6 @@ class SshTarget(Target):
                 "python": a.get("python"), "cpu": (a.get("cpu") or {}).get("model name") or clusters_text(a),
                 "clusters": a.get("clusters"), "cores": a.get("cores"),
                 "versions": {k: v for k, v in self.versions.items() if v}, "label": device_label(a, self.versions)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _deterministic_tar(folder: Path, dest: Path, top: str) -> None:
