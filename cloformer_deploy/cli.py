@@ -116,7 +116,7 @@ def models_main(p: _Parser, argv) -> int:
 @_command("cloformer-export")
 def export_main(p: _Parser, argv) -> int:
     """Export CloFormer/FAT to validated ONNX, Core ML and ExecuTorch artifacts, bundled with labels and a manifest."""
-    from .export.base import BACKENDS
+    from .formats.base import BACKENDS
 
     formats = ", ".join(f"{n} ({b.suffix}, {b.runtime}; {'/'.join(b.precisions)}, default {b.default_precision})"
                         for n, b in BACKENDS.items())
@@ -150,8 +150,8 @@ def export_main(p: _Parser, argv) -> int:
     _add_target_args(p, "validate every artifact that runs there")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
     args = p.parse_args(argv)
-    from .export.api import export
-    from .export.progress import Progress
+    from .pipeline.api import export
+    from .progress import Progress
 
     result = export(args.model, weights=args.weights, formats=args.format, img_size=args.img_size,
                     num_classes=args.num_classes, batch=args.batch, precision=args.precision, out=args.out,
@@ -214,8 +214,8 @@ def validate_main(p: _Parser, argv) -> int:
     _add_target_args(p, "validate every artifact that runs there, and record the figures in manifest.json")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    from .export.api import validate_bundle
-    from .export.progress import Progress
+    from .pipeline.api import validate_bundle
+    from .progress import Progress
 
     ok, reports = validate_bundle(args.bundle, weights=args.weights, data=args.data,
                                   min_top1_agreement=args.min_top1_agreement, target=args.target, cpu=args.cpu,
@@ -263,7 +263,7 @@ def bench_main(p: _Parser, argv) -> int:
                    help="seconds of rest between timing rounds (a phone's clocks drop as it heats; default 0)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    from .export.progress import Progress
+    from .progress import Progress
 
     if args.ablation:
         from .inputs import InputError
@@ -324,7 +324,7 @@ def device_main(p: _Parser, argv) -> int:
         return _check_device(args)
     from pathlib import Path
 
-    from .export.progress import Progress
+    from .progress import Progress
     from .targets.arm64 import CPU_PROFILES, DEFAULT_CPU, check_cpu, default_cache, qemu_binary
     from .targets.arm64_root import ROOT_DIR, ready_state, setup_arm64
 

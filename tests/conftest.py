@@ -72,7 +72,7 @@ TINY_SIZE = (64, 96)
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
     """The tiny model exported once to every format (fp32/fp16 defaults), validated and zipped."""
-    from cloformer_deploy.export import export
+    from cloformer_deploy.pipeline import export
 
     return export(tiny_variant, weights=tiny_checkpoint, formats="all", img_size=TINY_SIZE,
                   out=tmp_path_factory.mktemp("export"), zip_bundle=True)

@@ -83,7 +83,7 @@ def test_labelled_folder_gives_top1_and_top5(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from cloformer_deploy.export.images import load_images
+    from cloformer_deploy.images import load_images
     from cloformer_deploy.runtime_bench.harness import _accuracy, _labelled
 
     rng = np.random.default_rng(0)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import cloformer_deploy as cd
-from cloformer_deploy.export.base import ExportJob, ModelSpec
-from cloformer_deploy.export.coreml import CoreMLBackend, CoreMLRunner
-from cloformer_deploy.export.images import load_images
-from cloformer_deploy.export.validate import bounds_for, compare, validate
+from cloformer_deploy.formats.base import ExportJob, ModelSpec
+from cloformer_deploy.formats.coreml import CoreMLBackend, CoreMLRunner
+from cloformer_deploy.images import load_images
+from cloformer_deploy.validation import bounds_for, compare, validate
 
 SIZE = (64, 64)
 

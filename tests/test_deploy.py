@@ -176,7 +176,7 @@ def test_split_wide_depthwise_keeps_the_function(name):
 @pytest.mark.parametrize("name", ["cloformer_xxs", "fat_b0"])
 def test_every_format_form_keeps_the_function(name):
     """The form each exporter takes at each precision (default steps minus some, plus format-only steps)."""
-    from cloformer_deploy.export import BACKENDS
+    from cloformer_deploy.formats import BACKENDS
 
     model = _model(name)
     x = torch.randn(2, 3, 64, 96)

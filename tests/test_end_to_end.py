@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cloformer_deploy.export import BACKENDS, export
-from cloformer_deploy.export.base import ModelSpec
-from cloformer_deploy.export.images import ImageBatch
+from cloformer_deploy.formats import BACKENDS
+from cloformer_deploy.pipeline import export
+from cloformer_deploy.formats.base import ModelSpec
+from cloformer_deploy.images import ImageBatch
 from conftest import golden_file
 
 EXPORTED_FP32 = 1e-4  # the golden README's bound for exported fp32 artifacts

@@ -14,9 +14,10 @@ import torch
 
 import cloformer_deploy as cd
 from cloformer_deploy.cli import export_main, validate_main
-from cloformer_deploy.export import BACKENDS, export, validate_bundle
-from cloformer_deploy.export.bundle import sha256_path
-from cloformer_deploy.export.images import load_images
+from cloformer_deploy.formats import BACKENDS
+from cloformer_deploy.pipeline import export, validate_bundle
+from cloformer_deploy.pipeline.bundle import sha256_path
+from cloformer_deploy.images import load_images
 
 from conftest import TINY_SIZE as SIZE
 
@@ -128,7 +129,7 @@ def test_validate_refuses_other_weights(bundle, tmp_path, capsys, tiny_variant):
 
 
 def test_breach_fails_and_is_recorded_not_placed(tiny_variant, tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    from cloformer_deploy.export import validate
+    from cloformer_deploy import validation as validate
 
     monkeypatch.setitem(validate.DEFAULT_BOUNDS, "fp32", validate.Bounds(max_abs=1e-12))  # no export meets it
     rc = export_main(["--model", tiny_variant, "--weights", str(tiny_checkpoint), "--format", "onnx",
@@ -208,7 +209,7 @@ def test_cli_subprocess_bad_input_has_no_traceback(tmp_path):
 
 
 def test_random_weights_are_the_same_in_every_run():
-    from cloformer_deploy.export.api import prepare_model
+    from cloformer_deploy.pipeline.api import prepare_model
 
     torch.manual_seed(123)  # the caller's RNG state must neither matter nor change
     state = torch.random.get_rng_state()
@@ -264,8 +265,8 @@ def test_onnx_fp16_norm_statistics_stay_finite_where_naive_fp16_overflows(tiny_v
     import onnxruntime as ort
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from cloformer_deploy.export.base import ExportJob, ModelSpec
-    from cloformer_deploy.export.onnx import to_fp16, topological_sort
+    from cloformer_deploy.formats.base import ExportJob, ModelSpec
+    from cloformer_deploy.formats.onnx import to_fp16, topological_sort
 
     torch.manual_seed(0)
     loud = cd.create_model(tiny_variant, num_classes=10)
@@ -336,7 +337,7 @@ def test_bundle_folders_follow_the_umask(tiny_variant, tmp_path):
 def test_calibration_gives_the_requested_count_or_says_why_not(tmp_path):
     from PIL import Image
 
-    from cloformer_deploy.export.images import load_calibration
+    from cloformer_deploy.images import load_calibration
 
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     assert len(load_calibration((64, 64), mean, std, count=32)) == 32  # default photographs: 3 views each
@@ -351,7 +352,7 @@ def test_api_prints_nothing_but_our_own_progress(tiny_variant, tiny_checkpoint, 
     terminal, from the Python API too (file descriptor level: capfd sees what C++ writes)."""
     import io
 
-    from cloformer_deploy.export.progress import Progress
+    from cloformer_deploy.progress import Progress
 
     log = io.StringIO()
     r = export(tiny_variant, weights=tiny_checkpoint, formats="executorch,coreml", img_size=64, out=tmp_path,
@@ -379,9 +380,9 @@ def test_executorch_fp16_scales_loud_norms_and_stays_accurate(tiny_variant, tmp_
     """Stem activations 2000x larger: squared deviations pass fp16's 65504. The export scales those norms'
     inputs and stays one partition and accurate. (XNNPACK on this x86 CPU, which has no fp16 arithmetic,
     computes an fp16 graph in fp32, so the overflow itself shows only on ARM: see the eager fp16 test.)"""
-    from cloformer_deploy.export.base import ExportJob, ModelSpec
-    from cloformer_deploy.export.executorch import ExecuTorchRunner
-    from cloformer_deploy.export.images import ImageBatch
+    from cloformer_deploy.formats.base import ExportJob, ModelSpec
+    from cloformer_deploy.formats.executorch import ExecuTorchRunner
+    from cloformer_deploy.images import ImageBatch
     from cloformer_deploy.models.deploy import FP16_XNNPACK_STEPS
 
     torch.manual_seed(0)

@@ -233,7 +233,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(command, args, message, in
 
 def test_api_errors_name_keyword_arguments(tiny_bundle, tiny_variant, tiny_checkpoint):
     """The same check from Python speaks of keyword arguments, not flags."""
-    from cloformer_deploy.export import export
+    from cloformer_deploy.pipeline import export
 
     with pytest.raises(InputError) as e:
         export(tiny_variant, weights=tiny_checkpoint, formats="onnx", img_size=(64, 96),
@@ -248,7 +248,7 @@ def test_api_errors_name_keyword_arguments(tiny_bundle, tiny_variant, tiny_check
 
 def test_interrupt_anywhere_is_one_line_and_leaves_no_folder(tiny_variant, tmp_path, capsys, monkeypatch):
     """Ctrl-C while a converter imports or exports: exit 130, one line, and no --out folder left behind."""
-    from cloformer_deploy.export import BACKENDS
+    from cloformer_deploy.formats import BACKENDS
 
     def interrupted(job, path, log):
         path.write_bytes(b"half a program")
@@ -262,7 +262,7 @@ def test_interrupt_anywhere_is_one_line_and_leaves_no_folder(tiny_variant, tmp_p
     assert rc == 130 and err.endswith("interrupted; nothing was written") and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
-    import cloformer_deploy.export.api as api
+    import cloformer_deploy.pipeline.api as api
 
     def interrupted_import(*args, **kwargs):
         raise KeyboardInterrupt

@@ -8,7 +8,8 @@ import onnx
 import pytest
 
 from cloformer_deploy.cli import validate_main
-from cloformer_deploy.export import BACKENDS, export
+from cloformer_deploy.formats import BACKENDS
+from cloformer_deploy.pipeline import export
 from conftest import TINY_SIZE
 
 

@@ -10,7 +10,7 @@ ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-from cloformer_deploy.export.mil_interpreter import MILInterpreter, UnsupportedOpError, _intra_op_threads  # noqa: E402
+from cloformer_deploy.formats.mil_interpreter import MILInterpreter, UnsupportedOpError, _intra_op_threads  # noqa: E402
 
 RNG = np.random.default_rng(0)
 W3 = RNG.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.3
@@ -162,7 +162,7 @@ def _network(x, c, np_dtype):
 def _reference_run(interp, x: np.ndarray, trace: bool):
     """The plain evaluation the compiled one must equal: op by op, every argument looked up by name and
     converted where it is read, every op run twice when tracing."""
-    from cloformer_deploy.export import mil_interpreter as mi
+    from cloformer_deploy.formats import mil_interpreter as mi
 
     env, shadow = {}, ({} if trace and interp.is_fp16 else None)
     name = interp.input_names[0]
@@ -225,7 +225,7 @@ def test_compiled_run_equals_a_plain_op_by_op_run(dtype, tmp_path):
 
 
 def test_run_uses_one_thread_and_restores_the_callers(tmp_path, monkeypatch):
-    from cloformer_deploy.export import mil_interpreter as mi
+    from cloformer_deploy.formats import mil_interpreter as mi
 
     seen = []
 

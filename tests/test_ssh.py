@@ -98,7 +98,7 @@ def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(sshd
 
 def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, tiny_bundle, tiny_checkpoint,
                                                                  tmp_path):
-    from cloformer_deploy.export.api import validate_bundle
+    from cloformer_deploy.pipeline.api import validate_bundle
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle.bundle, bundle)
@@ -257,7 +257,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _spec(bundle):
-    from cloformer_deploy.export.base import ModelSpec
+    from cloformer_deploy.formats.base import ModelSpec
 
     m = bundle.manifest["model"]
     return ModelSpec(m["name"], m["num_classes"], tuple(m["input_size"]), m["batch"], MEAN, STD, None, m["params"],
@@ -265,7 +265,7 @@ def _spec(bundle):
 
 
 def _images(bundle):
-    from cloformer_deploy.export.images import load_images
+    from cloformer_deploy.images import load_images
 
     batch = load_images(tuple(bundle.manifest["model"]["input_size"]), MEAN, STD)
     return batch.images[:1], batch.tensor[:1]
@@ -324,7 +324,7 @@ def test_ssh_addresses_parse_to_ssh_arguments():
 
 
 def test_core_ml_placement_counts_neural_engine_ops_and_fallbacks():
-    from cloformer_deploy.export.coreml_placement import summarise_placement
+    from cloformer_deploy.formats.coreml_placement import summarise_placement
 
     ops = [("const", None, ()), ("conv", "NE", ("CPU", "GPU", "NE")), ("conv", "NE", ("CPU", "GPU", "NE")),
            ("layer_norm", "GPU", ("CPU", "GPU")), ("gelu", "CPU", ("CPU", "GPU", "NE")), ("softmax", None, ())]
@@ -336,7 +336,7 @@ def test_core_ml_placement_counts_neural_engine_ops_and_fallbacks():
 
 
 def test_core_ml_is_a_row_per_compute_unit_on_a_mac_and_one_untimed_row_elsewhere(tiny_bundle):
-    from cloformer_deploy.export import BACKENDS
+    from cloformer_deploy.formats import BACKENDS
     from cloformer_deploy.runtime_bench.harness import _artifact_combos
 
     coreml = BACKENDS["coreml"]
@@ -364,7 +364,7 @@ def test_core_ml_is_a_row_per_compute_unit_on_a_mac_and_one_untimed_row_elsewher
 
 
 def test_core_ml_open_checks_the_compute_unit(tiny_bundle):
-    from cloformer_deploy.export import BACKENDS
+    from cloformer_deploy.formats import BACKENDS
     from cloformer_deploy.inputs import InputError
 
     entry = next(e for e in tiny_bundle.manifest["artifacts"] if e["format"] == "coreml")
@@ -417,7 +417,7 @@ def test_each_compute_unit_keeps_its_own_outputs():
     """Core ML on a Mac: the four units of one package compute differently, so none reuses another's logits."""
     import numpy as np
 
-    from cloformer_deploy.export.images import ImageBatch
+    from cloformer_deploy.images import ImageBatch
     from cloformer_deploy.runtime_bench.harness import Combo, _outputs
 
     class _Unit:  # a worker whose logits say which unit computed them

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloformer_deploy.export import BACKENDS
-from cloformer_deploy.export.images import load_images
+from cloformer_deploy.formats import BACKENDS
+from cloformer_deploy.images import load_images
 from cloformer_deploy.targets import Target, TargetError, WorkerError, get_target
 from cloformer_deploy.targets import arm64, arm64_root
 from cloformer_deploy.targets.local import LocalTarget
@@ -101,7 +101,7 @@ def test_local_worker_runs_an_artifact_as_the_in_process_runner_does(fmt, tiny_b
 
 
 def _spec(bundle):
-    from cloformer_deploy.export.base import ModelSpec
+    from cloformer_deploy.formats.base import ModelSpec
 
     m = bundle.manifest["model"]
     return ModelSpec(m["name"], m["num_classes"], tuple(m["input_size"]), m["batch"], (0.485, 0.456, 0.406),
@@ -347,7 +347,7 @@ class _OtherMachine(LocalTarget):
 
 
 def _on_other_machine(monkeypatch, target):
-    from cloformer_deploy.export import api
+    from cloformer_deploy.pipeline import api
     from cloformer_deploy.runtime_bench import harness
 
     def pick(name="local", cpu=None, cache=None, device=None):  # the bench's own exports still ask for "local"
@@ -359,7 +359,7 @@ def _on_other_machine(monkeypatch, target):
 
 def test_export_on_another_target_records_its_figures_beside_these(tiny_variant, tiny_checkpoint, tmp_path,
                                                                      monkeypatch):
-    from cloformer_deploy.export import export
+    from cloformer_deploy.pipeline import export
 
     target = _OtherMachine()
     _on_other_machine(monkeypatch, target)
@@ -379,7 +379,7 @@ def test_an_artifact_the_target_refuses_fails_validation_with_the_reason(tiny_bu
                                                                          monkeypatch):
     import shutil
 
-    from cloformer_deploy.export.api import validate_bundle
+    from cloformer_deploy.pipeline.api import validate_bundle
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle.bundle, bundle)

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export import BACKENDS
-from ..export.api import check_weights, prepare_model
-from ..export.base import ExportJob, ModelSpec
-from ..export.bundle import size_bytes
-from ..export.images import load_images
-from ..export.progress import Progress
-from ..export.validate import compare
+from ..formats import BACKENDS
+from ..pipeline.api import check_weights, prepare_model
+from ..formats.base import ExportJob, ModelSpec
+from ..files import size_bytes
+from ..images import load_images
+from ..progress import Progress
+from ..validation import compare
 from ..inputs import image_size, thread_counts, whole_number, writable_folder
 from ..models import check_input_size, get_variant, to_deploy
 from ..quiet import quiet_libraries

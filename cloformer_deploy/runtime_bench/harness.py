@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export import BACKENDS
-from ..export.api import PRECISIONS, check_weights, export, open_bundle, prepare_model, versions
-from ..export.base import ExportJob, ModelSpec
-from ..export.bundle import size_bytes
-from ..export.images import ImageBatch, load_images
-from ..export.progress import Progress
-from ..export.validate import compare
+from ..formats import BACKENDS
+from ..pipeline.api import PRECISIONS, check_weights, export, open_bundle, prepare_model, versions
+from ..formats.base import ExportJob, ModelSpec
+from ..files import size_bytes
+from ..images import ImageBatch, load_images
+from ..progress import Progress
+from ..validation import compare
 from ..inputs import (InputError, comma_list, existing_folder, image_size, seconds, thread_counts, whole_number,
                       writable_folder)
 from ..models import check_input_size, get_variant, profile_model
@@ -109,7 +109,7 @@ def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 
     """Time every runtime (own process each) on the deploy form, optionally beside the authors' form.
 
     ``bundle`` takes the artifacts of an existing export instead of exporting; its checkpoint
-    must be given as ``weights`` exactly as :func:`~cloformer_deploy.export.validate_bundle` requires.
+    must be given as ``weights`` exactly as :func:`~cloformer_deploy.pipeline.validate_bundle` requires.
     ``baselines`` adds the default peers (timm mobile backbones and the other CloFormer/FAT sizes) and
     ``peers`` names more; they are exported for ONNX Runtime and XNNPACK and timed in the same rounds.
     ``profile`` adds per-operator time tables (ETDump for XNNPACK, ONNX Runtime's profiler) in profile.md.
@@ -291,7 +291,7 @@ def _peer_combos(peer_list: list[Peer], runtimes, threads, work: Path, size, ima
 
     A peer that fails to build, export or run becomes an error row; the others still run.
     """
-    from ..export.api import prepare_model
+    from ..pipeline.api import prepare_model
     from ..models import count_macs
     from .peers import build_timm_peer
 
@@ -351,7 +351,7 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
                      key=list(BACKENDS).index)
     entries: list[tuple[Path, dict]] = []
     if bundle is not None:  # checked by open_bundle: the manifest, its files and the weights
-        from ..export.bundle import read_manifest
+        from ..pipeline.bundle import read_manifest
 
         entries = [(Path(bundle), e) for e in read_manifest(Path(bundle))["artifacts"]]
     else:

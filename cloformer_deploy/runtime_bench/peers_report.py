@@ -8,7 +8,7 @@ import math
 import textwrap
 from pathlib import Path
 
-from .report import Plot, SHORT_RUNTIME, _fmt, _md_cell, _ms_axis, _nice_ceil, _nice_floor, _note_below
+from .report_parts import SHORT_RUNTIME, Plot, fmt, md_cell, ms_axis, nice_ceil, nice_floor, note_below
 from .runtimes import PEER_RUNTIMES
 FAMILY_COLOURS = {"cloformer": "tab:blue", "fat": "tab:green", "timm": "tab:gray"}
 
@@ -82,13 +82,13 @@ def markdown(results: dict) -> str:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for m in models:
         name = f"**{m['model']}**" if m["subject"] else m["model"]
-        cells = [name, _fmt(m["params"] and m["params"] / 1e6, ".2f"), _fmt(m["macs"] and m["macs"] / 1e9, ".3f"),
-                 _fmt(m["partitions"])]
-        cells += [_fmt(m["latency"].get((rt, t)), ".2f") for t in threads for rt in runtimes]
-        cells += [_fmt(m["gmacs_per_s"].get((rt, threads[0])), ".1f") for rt in runtimes]
+        cells = [name, fmt(m["params"] and m["params"] / 1e6, ".2f"), fmt(m["macs"] and m["macs"] / 1e9, ".3f"),
+                 fmt(m["partitions"])]
+        cells += [fmt(m["latency"].get((rt, t)), ".2f") for t in threads for rt in runtimes]
+        cells += [fmt(m["gmacs_per_s"].get((rt, threads[0])), ".1f") for rt in runtimes]
         p = m.get("published") or {}
         cells += [_top1(m), p.get("source_kind", "-"), "; ".join(m["errors"])]
-        lines.append("| " + " | ".join(_md_cell(str(x)) for x in cells) + " |")
+        lines.append("| " + " | ".join(md_cell(str(x)) for x in cells) + " |")
     lines += ["", *_verdicts(models, runtimes, threads[0]), "", "Sources of the published top-1:", ""]
     lines += [f"- {m['model']}: {m['published']['source']}" for m in models if m.get("published")]
     if not any(m.get("published") and m["latency"] for m in models):
@@ -206,8 +206,8 @@ def plot_pareto(path: Path, results: dict) -> Plot:
             labels.append((label, x, y, m["subject"]))
             drawn.append((f"{m['model']} ({SHORT_RUNTIME[rt]})", float(x), float(y)))
         lat = [p[0] for p in pts]
-        if _ms_axis(ax, "x", min(lat), max(lat)):
-            ax.set_xlim(_nice_floor(min(lat) / 1.1), _nice_ceil(max(lat) * 1.35))
+        if ms_axis(ax, "x", min(lat), max(lat)):
+            ax.set_xlim(nice_floor(min(lat) / 1.1), nice_ceil(max(lat) * 1.35))
         else:
             ax.set_xlim(0, max(lat) * 1.3)
         tops = [p[1] for p in pts]
@@ -230,7 +230,7 @@ def plot_pareto(path: Path, results: dict) -> Plot:
     notes = ["† published at 256x256 (timed here at "
              f"{c['input_size'][0]}x{c['input_size'][1]}, as every model). ‡ trained with knowledge distillation "
              "(CloFormer and FAT were not). Sources: peers.md."] + left_out
-    _note_below(axes[0][0], "\n".join(textwrap.fill(n, 120) for n in notes))
+    note_below(axes[0][0], "\n".join(textwrap.fill(n, 120) for n in notes))
     fig.suptitle(f"{c['model']} {c['input_size'][0]}x{c['input_size'][1]} beside its peers: published accuracy "
                  "against measured latency", fontsize=11)
     fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)

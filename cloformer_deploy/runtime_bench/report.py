@@ -8,22 +8,15 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .report_parts import SHORT_RUNTIME, Plot, fmt, md_cell, ms_axis, nice_ceil, nice_floor, note_below, plain
 from .runtimes import PEER_RUNTIMES
 
 COLUMNS = ["model", "form", "runtime", "precision", "threads", "median ms", "p90 ms", "min ms", "load ms",
            "peak RSS MB", "size MB", "max abs", "cosine", "top-1 agr.", "GFLOP/s", "efficiency", "partitions",
            "error"]
 CONSOLE_TEXT_WIDTH = 60  # the error/note column in the console table; files keep the whole text
-SHORT_RUNTIME = {"onnxruntime": "ORT", "executorch-xnnpack": "ET-XNNPACK", "executorch-portable": "ET-portable",
-                 "coreml": "Core ML"}
 FORM_COLOURS = {"deploy": "tab:blue", "authors": "tab:orange"}
 FORM_NAMES = {"deploy": "deploy form", "authors": "authors' form"}
-
-
-def _fmt(v, spec: str = "") -> str:
-    if v is None:
-        return "-"
-    return format(v, spec) if spec else str(v)
 
 
 def shorten(text: str, width: int) -> str:
@@ -46,12 +39,12 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
         lat, d = r.get("latency_ms") or {}, r.get("drift") or {}
         deleg = r.get("delegation") or {}
         out.append([
-            r["model"], _fmt(r["form"]), _runtime_cell(r), r["precision"], _fmt(r["threads"]),
-            _fmt(lat.get("median"), ".2f"), _fmt(lat.get("p90"), ".2f"), _fmt(lat.get("min"), ".2f"),
-            _fmt(r.get("load_ms"), ".0f"), _fmt(r.get("peak_rss_mb"), ".0f"), _fmt(r.get("size_mb"), ".1f"),
-            _fmt(d.get("max_abs"), ".1e"), _fmt(d.get("cosine"), ".6f"), _fmt(d.get("top1_agreement"), ".0%"),
-            _fmt(r.get("gflops_per_s"), ".1f"), _fmt(r.get("efficiency"), ".0%"),
-            _fmt(deleg.get("partitions")), r.get("error") or r.get("note") or "",
+            r["model"], fmt(r["form"]), _runtime_cell(r), r["precision"], fmt(r["threads"]),
+            fmt(lat.get("median"), ".2f"), fmt(lat.get("p90"), ".2f"), fmt(lat.get("min"), ".2f"),
+            fmt(r.get("load_ms"), ".0f"), fmt(r.get("peak_rss_mb"), ".0f"), fmt(r.get("size_mb"), ".1f"),
+            fmt(d.get("max_abs"), ".1e"), fmt(d.get("cosine"), ".6f"), fmt(d.get("top1_agreement"), ".0%"),
+            fmt(r.get("gflops_per_s"), ".1f"), fmt(r.get("efficiency"), ".0%"),
+            fmt(deleg.get("partitions")), r.get("error") or r.get("note") or "",
         ])
     return out
 
@@ -98,7 +91,7 @@ def target_markdown(results: dict) -> list[str]:
             here = (local.get((r["form"], r["runtime"], r["precision"])) or {}).get("drift") or {}
             d, vs = r.get("drift") or {}, r.get("vs_local")
             if r.get("error"):
-                versus = _md_cell(r["error"])
+                versus = md_cell(r["error"])
             elif vs is None:
                 versus = "-"
             else:
@@ -108,18 +101,14 @@ def target_markdown(results: dict) -> list[str]:
                 mine = ((timed_here.get((r["form"], r["runtime"], r["precision"], r["threads"])) or {})
                         .get("latency_ms") or {}).get("median")
                 runtime = r["runtime"] + (f" {r['compute_units']}" if r.get("compute_units") else "")
-                out.append(f"| {r['form']} | {runtime} | {r['precision']} | {r['threads'] or '-'} | {_fmt(mine, '.2f')} | "
-                           f"{_fmt(lat, '.2f')} | {_fmt(lat / mine if lat and mine else None, '.3f')} | "
-                           f"{_fmt(r.get('load_ms'), '.0f')} | {_fmt(d.get('max_abs'), '.1e')} | {versus} |")
+                out.append(f"| {r['form']} | {runtime} | {r['precision']} | {r['threads'] or '-'} | {fmt(mine, '.2f')} | "
+                           f"{fmt(lat, '.2f')} | {fmt(lat / mine if lat and mine else None, '.3f')} | "
+                           f"{fmt(r.get('load_ms'), '.0f')} | {fmt(d.get('max_abs'), '.1e')} | {versus} |")
                 continue
-            out.append(f"| {r['form']} | {r['runtime']} | {r['precision']} | {_fmt(here.get('max_abs'), '.1e')} | "
-                       f"{_fmt(d.get('max_abs'), '.1e')} | {_fmt(d.get('cosine'), '.6f')} | "
-                       f"{_fmt(d.get('top1_agreement'), '.0%')} | {versus} |")
+            out.append(f"| {r['form']} | {r['runtime']} | {r['precision']} | {fmt(here.get('max_abs'), '.1e')} | "
+                       f"{fmt(d.get('max_abs'), '.1e')} | {fmt(d.get('cosine'), '.6f')} | "
+                       f"{fmt(d.get('top1_agreement'), '.0%')} | {versus} |")
     return out
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
 
 
 def subject_rows(results: dict) -> list[dict]:
@@ -142,7 +131,7 @@ def markdown(results: dict) -> str:
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
-    lines += ["| " + " | ".join(_md_cell(x) for x in r) + " |" for r in table_rows(subject_rows(results))]
+    lines += ["| " + " | ".join(md_cell(x) for x in r) + " |" for r in table_rows(subject_rows(results))]
     lines += target_markdown(results)
     ratios = speedups(subject_rows(results))
     if ratios:
@@ -175,14 +164,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 # ---------------------------------------------------------------- plots
 
-@dataclass
-class Plot:
-    """What a plot function drew, read back from the figure's artists, so that tests can check it."""
-    path: Path | None
-    drawn: list[tuple[str, float, float]] = field(default_factory=list)  # (label, x, y)
-    left_out: list[str] = field(default_factory=list)  # rows not drawn, each with the reason
-
-
 def _label(r: dict, threads: bool = True) -> str:
     s = f"{SHORT_RUNTIME.get(r['runtime'], r['runtime'])} {r['precision']}"
     if r.get("compute_units"):
@@ -197,36 +178,6 @@ def _timed(r: dict) -> bool:
     return isinstance(lat.get("median"), (int, float)) and math.isfinite(lat["median"]) and lat["median"] > 0
 
 
-def _nice_floor(v: float) -> float:
-    """Largest 1-2-5 x 10^k value <= v."""
-    e = math.floor(math.log10(v))
-    return max(s * 10.0 ** e for s in (1, 2, 5) if s * 10.0 ** e <= v * (1 + 1e-9))
-
-
-def _nice_ceil(v: float) -> float:
-    e = math.floor(math.log10(v))
-    return min(s * 10.0 ** e for s in (1, 2, 5, 10) if s * 10.0 ** e >= v * (1 - 1e-9))
-
-
-def _plain(v: float, _pos=None) -> str:
-    return f"{v:g}"
-
-
-def _ms_axis(ax, which: str, lo: float, hi: float) -> bool:
-    """Latency axis: log with plain 1-2-5 labels when values span more than 10x, else linear. True if log."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    axis = ax.yaxis if which == "y" else ax.xaxis
-    if hi / lo <= 10:
-        axis.get_major_formatter().set_scientific(False)
-        return False
-    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
-    axis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5) if math.log10(hi / lo) <= 4 else (1,)))
-    axis.set_major_formatter(FuncFormatter(_plain))
-    axis.set_minor_formatter(NullFormatter())  # minor labels are what printed 6x10^1
-    return True
-
-
 def _left_out_note(left_out: list[str], width: int) -> str:
     return "\n".join(textwrap.fill(s, width, subsequent_indent="    ", break_on_hyphens=False) for s in left_out)
 
@@ -238,13 +189,6 @@ def _reasons(rows: list[dict], why_default: str) -> list[str]:
         why = r.get("error") or r.get("note") or why_default
         groups.setdefault(shorten(why, 110), []).append(f"{_label(r)} ({r['form']})")
     return [f"Not shown: {', '.join(labels)}: {why}" for why, labels in groups.items()]
-
-
-def _note_below(ax, text: str) -> None:
-    if text:  # anchored under the x label so that it never covers tick labels; bbox_inches="tight" keeps it
-        ax.annotate(text, xy=(0, 0), xycoords=("axes fraction", ax.xaxis.label), xytext=(0, -8),
-                    textcoords="offset points", ha="left", va="top", fontsize=8, color="0.3",
-                    annotation_clip=False)
 
 
 def plot_latency(path: Path, results: dict) -> Plot:
@@ -271,9 +215,9 @@ def plot_latency(path: Path, results: dict) -> Plot:
     bars = ax.bar(range(n), med, width=0.7, color=colours,
                   yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
                   capsize=3, error_kw={"elinewidth": 1, "ecolor": "black"})
-    log = _ms_axis(ax, "y", min(lo), max(hi))
+    log = ms_axis(ax, "y", min(lo), max(hi))
     if log:
-        ax.set_ylim(_nice_floor(min(lo)), max(hi) * 1.6)  # headroom for the value labels
+        ax.set_ylim(nice_floor(min(lo)), max(hi) * 1.6)  # headroom for the value labels
     else:
         ax.set_ylim(0, max(hi) * 1.12)
     for i, (m, b) in enumerate(zip(med, hi)):
@@ -295,7 +239,7 @@ def plot_latency(path: Path, results: dict) -> Plot:
     width_in = fig.get_size_inches()[0]
     title = f"{c['model']} {c['input_size'][0]}x{c['input_size'][1]}: latency per runtime, precision, threads"
     ax.set_title(textwrap.fill(title, max(30, int(width_in * 11))), fontsize=10)
-    _note_below(ax, _left_out_note(left_out, max(50, int(width_in * 13))))
+    note_below(ax, _left_out_note(left_out, max(50, int(width_in * 13))))
     drawn = [(f"{_label(r)} ({r['form']})", float(p.get_x() + p.get_width() / 2), float(p.get_height()))
              for p, r in zip(bars.patches, rows)]
     fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
@@ -357,8 +301,8 @@ def plot_drift(path: Path, results: dict) -> Plot:
         coll.set_gid(f"{_label(r)} ({r['form']})")
     lat = [r["latency_ms"]["median"] for r in rows]
     ys = [max(drift(r), floor) for r in rows]
-    if _ms_axis(ax, "x", min(lat), max(lat)):
-        ax.set_xlim(_nice_floor(min(lat) / 1.15), _nice_ceil(max(lat) * 1.15))
+    if ms_axis(ax, "x", min(lat), max(lat)):
+        ax.set_xlim(nice_floor(min(lat) / 1.15), nice_ceil(max(lat) * 1.15))
     else:  # from 0, so that a 1% difference does not fill the width
         ax.set_xlim(0, max(lat) * 1.12)
     ax.set_yscale("log")
@@ -398,7 +342,7 @@ def plot_drift(path: Path, results: dict) -> Plot:
         if any(h is x for x in headings):
             t.set_fontweight("bold")
             t.set_x(-20)  # headings start at the handles' left edge
-    _note_below(ax, _left_out_note(left_out, 95))
+    note_below(ax, _left_out_note(left_out, 95))
     drawn = [(coll.get_gid(), *map(float, coll.get_offsets()[0])) for coll in ax.collections if coll.get_gid()]
     fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
@@ -457,7 +401,7 @@ def console_table(results: dict, stream=None, text_width: int = CONSOLE_TEXT_WID
             p.add_column(col, justify="left" if col in ("model", "error") else "right")
         for m in summary(results):
             pub = m.get("published") or {}
-            p.add_row(escape(m["model"]), _fmt(m["macs"] and m["macs"] / 1e9, ".3f"),
-                      *[_fmt(m["latency"].get((rt, th)), ".2f") for th in threads for rt in rts],
-                      _fmt(pub.get("top1"), ".1f"), escape(shorten("; ".join(m["errors"]), text_width)))
+            p.add_row(escape(m["model"]), fmt(m["macs"] and m["macs"] / 1e9, ".3f"),
+                      *[fmt(m["latency"].get((rt, th)), ".2f") for th in threads for rt in rts],
+                      fmt(pub.get("top1"), ".1f"), escape(shorten("; ".join(m["errors"]), text_width)))
         Console(file=stream, width=220).print(p)

@@ -13,8 +13,10 @@ import re
 import shutil
 import subprocess
 import tempfile
+import json
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .base import Target, TargetError
@@ -132,6 +134,47 @@ def write_cpu_view(root: Path, view: Path, profile: CpuProfile, cores: int = COR
         (ident / "revidr_el1").write_text("0x0000000000000000\n")
 
 
+ROOT_DIR = "arm64"
+# the runtimes, at the host's versions: what runs on ARM64 is what was validated here
+RUNTIMES = ("torch", "executorch", "onnxruntime", "numpy")
+# executorch's own requirements serve exporting (pandas, hydra, coremltools, ...); its runtime imports these two
+RUNTIME_IMPORTS = ("ruamel.yaml", "tabulate")
+
+
+def host_versions() -> dict[str, str]:
+    """The versions the ARM64 root installs: this host's, without a local build tag (2.14.1+cu130 -> 2.14.1)."""
+    out = {}
+    for name in (*RUNTIMES, *RUNTIME_IMPORTS):
+        try:
+            out[name] = version(name).split("+")[0]
+        except PackageNotFoundError:
+            raise TargetError(f"{name} is not installed on this host, so the ARM64 root cannot match it; "
+                              "install the project as the README says") from None
+    return out
+
+
+def ready_state(cache: Path) -> dict | None:
+    try:
+        return json.loads((cache / ROOT_DIR / "ready.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_ready(cache: Path) -> dict:
+    """The ready root's record; TargetError naming the setup command when it is absent or for other versions."""
+    state = ready_state(cache)
+    if state is None:
+        raise TargetError(f"--target arm64: no ARM64 root in {cache}; build it once with: cloformer-device setup "
+                          f"arm64{'' if cache == default_cache() else f' --cache {cache}'} (downloads about 3 GB)")
+    want = {n: v for n, v in host_versions().items() if n in RUNTIMES}
+    have = {n: state["versions"].get(n) for n in RUNTIMES}
+    if have != want:
+        diff = ", ".join(f"{n} {have[n]} (host {want[n]})" for n in RUNTIMES if have[n] != want[n])
+        raise TargetError(f"--target arm64: the ARM64 root in {cache} has {diff}; rebuild it with: "
+                          "cloformer-device setup arm64 --force")
+    return state
+
+
 class EmulatedArm64Target(Target):
     """ARM64 Linux under QEMU user-mode emulation, with one CPU profile; numerics only, no latency."""
 
@@ -148,13 +191,9 @@ class EmulatedArm64Target(Target):
 
     @property
     def home(self) -> Path:
-        from .arm64_root import ROOT_DIR
-
         return self.cache / ROOT_DIR
 
     def check(self) -> None:
-        from .arm64_root import check_ready
-
         qemu = qemu_binary()
         if qemu is None:
             raise TargetError("--target arm64 needs QEMU's user-mode emulator; install it with: "

@@ -25,18 +25,13 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ..export.progress import Progress
-from .arm64 import (CPU_PROFILES, DEFAULT_CPU, default_cache, emulated_python, qemu_binary, qemu_label,
-                    write_cpu_view)
+from ..progress import Progress
+from .arm64 import (CPU_PROFILES, DEFAULT_CPU, ROOT_DIR, RUNTIME_IMPORTS, RUNTIMES, default_cache, emulated_python,
+                    host_versions, qemu_binary, qemu_label, write_cpu_view)
 from .base import TargetError
 
-ROOT_DIR = "arm64"
 SUITE = "bookworm"  # Python 3.11, the minor version of the host's pins, and glibc 2.36
 DEBIAN_PACKAGES = ("python3.11", "libstdc++6", "libgomp1")
-# the runtimes, at the host's versions: what runs on ARM64 is what was validated here
-RUNTIMES = ("torch", "executorch", "onnxruntime", "numpy")
-# executorch's own requirements serve exporting (pandas, hydra, coremltools, ...); its runtime imports these two
-RUNTIME_IMPORTS = ("ruamel.yaml", "tabulate")
 WHEEL_PLATFORMS = ["manylinux2014_aarch64"] + [f"manylinux_2_{v}_aarch64" for v in range(17, 37)]  # glibc <= 2.36
 SMOKE = ("import json, platform, numpy, onnxruntime, torch\n"
          "from executorch.runtime import Runtime\n"
@@ -45,40 +40,6 @@ SMOKE = ("import json, platform, numpy, onnxruntime, torch\n"
          "  'versions': {n: version(n) for n in ('torch', 'executorch', 'onnxruntime', 'numpy')},\n"
          "  'xnnpack': 'XnnpackBackend' in Runtime.get().backend_registry.registered_backend_names}))\n")
 STEP_TIMEOUT = 3600  # seconds for one setup step (a download of gigabytes on a slow line)
-
-
-def host_versions() -> dict[str, str]:
-    """The versions the ARM64 root installs: this host's, without a local build tag (2.14.1+cu130 -> 2.14.1)."""
-    out = {}
-    for name in (*RUNTIMES, *RUNTIME_IMPORTS):
-        try:
-            out[name] = version(name).split("+")[0]
-        except PackageNotFoundError:
-            raise TargetError(f"{name} is not installed on this host, so the ARM64 root cannot match it; "
-                              "install the project as the README says") from None
-    return out
-
-
-def ready_state(cache: Path) -> dict | None:
-    try:
-        return json.loads((cache / ROOT_DIR / "ready.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def check_ready(cache: Path) -> dict:
-    """The ready root's record; TargetError naming the setup command when it is absent or for other versions."""
-    state = ready_state(cache)
-    if state is None:
-        raise TargetError(f"--target arm64: no ARM64 root in {cache}; build it once with: cloformer-device setup "
-                          f"arm64{'' if cache == default_cache() else f' --cache {cache}'} (downloads about 3 GB)")
-    want = {n: v for n, v in host_versions().items() if n in RUNTIMES}
-    have = {n: state["versions"].get(n) for n in RUNTIMES}
-    if have != want:
-        diff = ", ".join(f"{n} {have[n]} (host {want[n]})" for n in RUNTIMES if have[n] != want[n])
-        raise TargetError(f"--target arm64: the ARM64 root in {cache} has {diff}; rebuild it with: "
-                          "cloformer-device setup arm64 --force")
-    return state
 
 
 def missing_tools(need_debian: bool) -> list[str]:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.base import Backend, ModelSpec, Runner
-from ..export.images import ImageBatch
+from ..formats.base import Backend, ModelSpec, Runner
+from ..images import ImageBatch
 from ..inputs import InputError
 from .worker import KEPT_BATCHES, pack, unpack
 

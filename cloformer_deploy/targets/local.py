@@ -5,7 +5,7 @@ import platform
 import sys
 from pathlib import Path
 
-from ..export.base import BACKENDS, Backend, ModelSpec, Runner
+from ..formats.base import BACKENDS, Backend, ModelSpec, Runner
 from .base import Target
 
 

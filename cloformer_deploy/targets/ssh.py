@@ -28,8 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..export.base import Backend
-from ..export.bundle import sha256_file
+from ..formats.base import Backend
+from ..files import sha256_file
 from .base import Target, TargetError, WorkerError
 from .worker import PACKAGES
 
@@ -448,7 +448,7 @@ def device_needs(target: "SshTarget") -> dict:
     """
     from importlib.metadata import PackageNotFoundError, version
 
-    from ..export import BACKENDS
+    from ..formats import BACKENDS
 
     rows, fix = [], []
     probe = target.probe_info

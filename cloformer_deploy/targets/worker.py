@@ -206,8 +206,8 @@ def _open(cmd: dict):
     threads = cmd.get("threads")
     if cmd["format"] == "eager":
         return EagerRunner(cmd["eager"], threads)
-    from cloformer_deploy.export import BACKENDS
-    from cloformer_deploy.export.base import ModelSpec
+    from cloformer_deploy.formats import BACKENDS
+    from cloformer_deploy.formats.base import ModelSpec
 
     s = cmd["spec"]
     spec = ModelSpec(s["name"], s["num_classes"], tuple(s["input_size"]), s["batch"], tuple(s["mean"]),
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     def reply(obj):
         print(json.dumps(obj), file=proto, flush=True)
 
-    from cloformer_deploy.export.images import ImageBatch
+    from cloformer_deploy.images import ImageBatch
 
     commands: queue.Queue = queue.Queue()
     idle = threading.Event()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..inputs import InputError
-from .images import ImageBatch
+from ..images import ImageBatch
 
 if TYPE_CHECKING:
     import torch

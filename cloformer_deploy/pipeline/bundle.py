@@ -14,45 +14,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..files import sha256_file, sha256_path, size_bytes  # noqa: F401  (re-exported for the pipeline)
 from ..inputs import InputError, default_umask_mode
 
 MANIFEST = "manifest.json"
 LABELS = "labels.txt"
 SCHEMA_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_path(path: Path) -> str:
-    """A file's sha256; for a folder (.mlpackage), a hash over its sorted relative paths and contents."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(p.relative_to(path).as_posix().encode() + b"\0")
-        h.update(sha256_file(p).encode() + b"\n")
-    return h.hexdigest()
-
-
-def size_bytes(path: Path) -> int:
-    path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 class BundleError(InputError):

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..inputs import choice
 from .base import Backend, ExportJob, ModelSpec, Runner, register
-from .images import ImageBatch
+from ..images import ImageBatch
 
 if TYPE_CHECKING:
     import torch

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inputs import InputError
+from .inputs import InputError
 
 # crop_pct of the authors' evaluation transform (Resize(256/224 * size), CenterCrop(size))
 CROP_PCT = 0.875

@@ -25,10 +25,10 @@ from ..quiet import quiet_libraries
 from ..targets import get_target
 from ..targets.local import LocalTarget
 from . import bundle as bundle_io
-from .base import BACKENDS, ExportJob, ModelSpec, parse_formats
-from .images import CROP_PCT, ImageBatch, load_calibration, load_images
-from .progress import Progress
-from .validate import bounds_for, compare, validate_outputs
+from ..formats.base import BACKENDS, ExportJob, ModelSpec, parse_formats
+from ..images import CROP_PCT, ImageBatch, load_calibration, load_images
+from ..progress import Progress
+from ..validation import bounds_for, validate_on_target, validate_outputs
 
 RANDOM_SEED = 0  # random weights are drawn with this seed, so a bundle of random weights can be re-validated
 DEFAULT_CALIBRATION_SIZE = 32
@@ -182,41 +182,6 @@ def prepare_model(model: str, weights: str | Path | None, num_classes: int | Non
 def _calibrated(precisions: dict[str, str]) -> bool:
     """Whether any chosen (format, precision) reads calibration images."""
     return any(p in BACKENDS[f].calibrated_precisions for f, p in precisions.items())
-
-
-def validate_on_target(target, fmt: str, path: Path, spec: ModelSpec, info: dict, images: ImageBatch,
-                       reference: np.ndarray, bounds, local_outputs: np.ndarray | None, stage) -> dict:
-    """One artifact validated on a target other than this machine, with its difference from this machine's run.
-
-    An artifact the target cannot run, cannot open or loses mid-run gets a report that says so
-    (not run, or failed with the reason); it never stops the artifacts after it.
-    """
-    from ..targets import WorkerError
-
-    backend = BACKENDS[fmt]
-    if not target.can_run(backend):
-        return {"ran": False, "passed": None, "note": f"{backend.runtime} does not run on {target.platform}"}
-    missing = target.missing(backend)
-    if missing:
-        return {"ran": False, "passed": False, "note": missing, "target": target.describe()}
-    stage.update(f"starting the worker on {target.name}")
-    try:
-        runner = target.runner(fmt, path, spec, info)
-    except WorkerError as e:
-        return {"ran": True, "passed": False, "problems": [f"could not open it on {target.name}: {e}"]}
-    try:
-        report, out = validate_outputs(runner, images, reference, spec.batch, bounds,
-                                       on_progress=lambda text: stage.update(f"{text} on {target.name}"))
-    except WorkerError as e:
-        return {"ran": True, "passed": False, "problems": [f"stopped on {target.name}: {e}"]}
-    report["load_seconds"] = round(runner.load_ms / 1e3, 2)
-    # emulated: not a latency; on a device, the median of untimed validation runs (the benchmark times them)
-    report["seconds_per_batch"] = round(float(np.median(runner.run_ms)) / 1e3, 3)
-    if local_outputs is not None:
-        vs = compare(out, local_outputs[: len(out)])
-        report["vs_local"] = {**{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},
-                              "bit_exact": bool(np.array_equal(out, local_outputs[: len(out)]))}
-    return {"ran": True, **report, "target": target.describe()}
 
 
 def _check_export_inputs(formats, img_size, num_classes, batch, precision, out, data, min_top1_agreement,

@@ -5,8 +5,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .base import Runner
-from .images import ImageBatch
+from ..formats import BACKENDS
+from ..formats.base import ModelSpec, Runner
+from ..targets import WorkerError
+from ..images import ImageBatch
 
 
 @dataclass(frozen=True)
@@ -94,3 +96,36 @@ def validate_outputs(runner: Runner, images: ImageBatch, reference: np.ndarray, 
     report = {**runner.describe(), "bounds": bounds.as_dict(), "passed": not failures, "problems": failures,
               "figures": figures}
     return report, out
+
+
+def validate_on_target(target, fmt: str, path: Path, spec: ModelSpec, info: dict, images: ImageBatch,
+                       reference: np.ndarray, bounds, local_outputs: np.ndarray | None, stage) -> dict:
+    """One artifact validated on a target other than this machine, with its difference from this machine's run.
+
+    An artifact the target cannot run, cannot open or loses mid-run gets a report that says so
+    (not run, or failed with the reason); it never stops the artifacts after it.
+    """
+    backend = BACKENDS[fmt]
+    if not target.can_run(backend):
+        return {"ran": False, "passed": None, "note": f"{backend.runtime} does not run on {target.platform}"}
+    missing = target.missing(backend)
+    if missing:
+        return {"ran": False, "passed": False, "note": missing, "target": target.describe()}
+    stage.update(f"starting the worker on {target.name}")
+    try:
+        runner = target.runner(fmt, path, spec, info)
+    except WorkerError as e:
+        return {"ran": True, "passed": False, "problems": [f"could not open it on {target.name}: {e}"]}
+    try:
+        report, out = validate_outputs(runner, images, reference, spec.batch, bounds,
+                                       on_progress=lambda text: stage.update(f"{text} on {target.name}"))
+    except WorkerError as e:
+        return {"ran": True, "passed": False, "problems": [f"stopped on {target.name}: {e}"]}
+    report["load_seconds"] = round(runner.load_ms / 1e3, 2)
+    # emulated: not a latency; on a device, the median of untimed validation runs (the benchmark times them)
+    report["seconds_per_batch"] = round(float(np.median(runner.run_ms)) / 1e3, 3)
+    if local_outputs is not None:
+        vs = compare(out, local_outputs[: len(out)])
+        report["vs_local"] = {**{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},
+                              "bit_exact": bool(np.array_equal(out, local_outputs[: len(out)]))}
+    return {"ran": True, **report, "target": target.describe()}

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..inputs import whole_number
 from .base import Backend, ExportJob, ModelSpec, Runner, register
-from .images import ImageBatch
+from ..images import ImageBatch
 
 # opset 20 has a native Gelu: ONNX Runtime runs CloFormer-XXS 16% faster than with opset 18's
 # Erf decomposition (8.9 vs 10.6 ms, 1 thread, measured here); ONNX Runtime 1.17+ reads it
