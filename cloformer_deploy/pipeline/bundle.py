@@ -10,29 +10,26 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
+from .. import schema
 from ..files import sha256_file, sha256_path, size_bytes  # noqa: F401  (re-exported for the pipeline)
 from ..inputs import InputError, default_umask_mode
 
 MANIFEST = "manifest.json"
 LABELS = "labels.txt"
-SCHEMA_VERSION = 1
+# the manifest's published schema (pipeline/schemas/manifest.schema.json, rendered in docs/manifest.md) and the
+# version it describes: any change to the manifest's fields changes both
+SCHEMA_VERSION = 2
 
 
 class BundleError(InputError):
     """A folder that is not a sound bundle: one line saying what is wrong with it."""
 
 
-# what a manifest must hold for validation and the benchmark to use it
-_MODEL_KEYS = {"name": str, "num_classes": int, "input_size": list, "batch": int, "params": int}
-_ARTIFACT_KEYS = {"format": str, "path": str, "precision": str, "sha256": str}
-
-
 def read_manifest(folder: Path) -> dict:
-    """The manifest of a bundle folder, checked for the keys the tools read; BundleError otherwise."""
+    """The manifest of a bundle folder, checked against the published schema; BundleError (one line) otherwise."""
     folder = Path(folder)
     if not folder.is_dir():
         state = "is a file" if folder.exists() else "does not exist"
@@ -45,19 +42,29 @@ def read_manifest(folder: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         why = "it is empty" if path.stat().st_size == 0 else f"it is not valid JSON ({str(e).splitlines()[0][:80]})"
         raise BundleError(f"{path} cannot be read: {why}; export the bundle again") from None
+    check_manifest(manifest, path)
+    return manifest
+
+
+def check_manifest(manifest, path: Path | str = MANIFEST) -> None:
+    """A manifest against the published schema (:data:`SCHEMA_VERSION`); BundleError with one line naming
+    ``path``, the first place it breaks the schema and the fix."""
     if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), dict):
         raise BundleError(f"{path} has no 'model' section; export the bundle again")
-    for key, kind in _MODEL_KEYS.items():
-        if not isinstance(manifest["model"].get(key), kind):
-            raise BundleError(f"{path}: model.{key} is missing or not a {kind.__name__}; export the bundle again")
+    version = manifest.get("schema_version")
+    if version is None or (type(version) is int and version < SCHEMA_VERSION):
+        written = "no schema_version" if version is None else f"schema {version}"
+        raise BundleError(f"{path} was written by an older version of cloformer-deploy ({written}; this one reads "
+                          f"schema {SCHEMA_VERSION}); export it again")
+    if type(version) is int and version > SCHEMA_VERSION:
+        raise BundleError(f"{path} was written by a newer version of cloformer-deploy (schema {version}; this one "
+                          f"reads schema {SCHEMA_VERSION}); upgrade cloformer-deploy or export it again with this one")
     artifacts = manifest.get("artifacts")
     if not isinstance(artifacts, list) or not artifacts:
         raise BundleError(f"{path} lists no artifacts; export the bundle again")
-    for i, entry in enumerate(artifacts):
-        for key, kind in _ARTIFACT_KEYS.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get(key), kind):
-                raise BundleError(f"{path}: artifacts[{i}].{key} is missing; export the bundle again")
-    return manifest
+    why = schema.problem("manifest", manifest)
+    if why is not None:
+        raise BundleError(f"{path}: {why}; export the bundle again")
 
 
 def check_files(folder: Path, manifest: dict) -> None:
