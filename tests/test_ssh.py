@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import loopback_sshd
 from cloformer_deploy.targets import TargetError, WorkerError, get_target
 from cloformer_deploy.targets.ssh import SshTarget, device_needs
+
+import loopback_sshd
 
 SITE = Path(find_spec("numpy").submodule_search_locations[0]).parent  # this venv's site-packages
 BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")  # with -S: a Python with no packages at all
@@ -79,7 +80,7 @@ def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(sshd
     from cloformer_deploy.runtime_bench.harness import bench
 
     res = bench(bundle=tiny_bundle.bundle, weights=tiny_checkpoint, formats="onnxruntime,executorch-xnnpack",
-                threads="1", runs=4, warmup=1, out=tmp_path / "bench", target=sshd.address, device=device,
+                threads="1", runs=4, warmup=1, out=tmp_path / "bench", target=sshd.address, **device,
                 cooldown=0.1)
     rows = {(r["runtime"], r["target"]): r for r in res.rows}
     for rt in ("onnxruntime", "executorch-xnnpack"):
@@ -98,11 +99,11 @@ def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(sshd
 
 def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, tiny_bundle, tiny_checkpoint,
                                                                  tmp_path):
-    from cloformer_deploy.pipeline.api import validate_bundle
+    from cloformer_deploy.pipeline import validate_bundle
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle.bundle, bundle)
-    ok, reports = validate_bundle(bundle, weights=tiny_checkpoint, target=sshd.address, device=device)
+    ok, reports = validate_bundle(bundle=bundle, weights=tiny_checkpoint, target=sshd.address, **device)
     assert ok
     by = {r["format"]: r["targets"][sshd.address] for r in reports}
     assert by["onnx"]["passed"] and by["onnx"]["vs_local"]["bit_exact"]
@@ -129,7 +130,8 @@ def test_unreachable_port_is_one_line_naming_the_fix(sshd, device):
 
 def test_a_key_the_device_refuses_is_one_line(sshd, device):
     refused = {**device, "ssh_key": str(sshd.folder / "other_key")}
-    with pytest.raises(TargetError, match=r"Permission denied \(publickey\); the device refused the key: copy it there"):
+    with pytest.raises(TargetError,
+                       match=r"Permission denied \(publickey\); the device refused the key: copy it there"):
         get_target(sshd.address, device={**refused, "ssh_config": str(_config_without_key(sshd))})
 
 
@@ -183,7 +185,7 @@ def test_a_missing_runtime_is_an_error_row_and_the_others_run(sshd, onnx_only_de
     assert "executorch   -" in out and "install on the device (nothing was installed)" in out
 
     res = bench(bundle=tiny_bundle.bundle, weights=tiny_checkpoint, formats="onnxruntime,executorch-xnnpack",
-                threads="1", runs=2, warmup=0, out=tmp_path / "bench", target=sshd.address, device=onnx_only_device)
+                threads="1", runs=2, warmup=0, out=tmp_path / "bench", target=sshd.address, **onnx_only_device)
     rows = {(r["runtime"], r["target"]): r for r in res.rows}
     assert rows[("onnxruntime", sshd.address)]["latency_ms"]["runs"] == 2
     err = rows[("executorch-xnnpack", sshd.address)]["error"]
@@ -259,9 +261,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def _spec(bundle):
     from cloformer_deploy.formats.base import ModelSpec
 
-    m = bundle.manifest["model"]
-    return ModelSpec(m["name"], m["num_classes"], tuple(m["input_size"]), m["batch"], MEAN, STD, None, m["params"],
-                     None, None)
+    return ModelSpec.from_manifest(bundle.manifest["model"], MEAN, STD)
 
 
 def _images(bundle):

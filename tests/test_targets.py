@@ -14,8 +14,7 @@ import pytest
 
 from cloformer_deploy.formats import BACKENDS
 from cloformer_deploy.images import load_images
-from cloformer_deploy.targets import Target, TargetError, WorkerError, get_target
-from cloformer_deploy.targets import arm64, arm64_root
+from cloformer_deploy.targets import Target, TargetError, WorkerError, arm64, arm64_root, get_target
 from cloformer_deploy.targets.local import LocalTarget
 from cloformer_deploy.targets.worker import pack, unpack
 
@@ -103,9 +102,7 @@ def test_local_worker_runs_an_artifact_as_the_in_process_runner_does(fmt, tiny_b
 def _spec(bundle):
     from cloformer_deploy.formats.base import ModelSpec
 
-    m = bundle.manifest["model"]
-    return ModelSpec(m["name"], m["num_classes"], tuple(m["input_size"]), m["batch"], (0.485, 0.456, 0.406),
-                     (0.229, 0.224, 0.225), None, m["params"], None, None)
+    return ModelSpec.from_manifest(bundle.manifest["model"], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_worker_error_answer_keeps_the_worker(tiny_bundle, tmp_path):
@@ -124,9 +121,7 @@ def test_worker_error_answer_keeps_the_worker(tiny_bundle, tmp_path):
 
 
 def _spec_message(bundle):
-    from cloformer_deploy.targets.base import spec_message
-
-    return spec_message(_spec(bundle))
+    return _spec(bundle).to_dict()
 
 
 class _Scripted(LocalTarget):
@@ -347,14 +342,12 @@ class _OtherMachine(LocalTarget):
 
 
 def _on_other_machine(monkeypatch, target):
-    from cloformer_deploy.pipeline import api
-    from cloformer_deploy.runtime_bench import harness
+    import cloformer_deploy.targets
 
     def pick(name="local", cpu=None, cache=None, device=None):  # the bench's own exports still ask for "local"
         return target if name == "fake" else get_target(name, cpu, cache, device)
 
-    for module in (api, harness):
-        monkeypatch.setattr(module, "get_target", pick)
+    monkeypatch.setattr(cloformer_deploy.targets, "get_target", pick)  # what every command's options open
 
 
 def test_export_on_another_target_records_its_figures_beside_these(tiny_variant, tiny_checkpoint, tmp_path,
@@ -363,7 +356,7 @@ def test_export_on_another_target_records_its_figures_beside_these(tiny_variant,
 
     target = _OtherMachine()
     _on_other_machine(monkeypatch, target)
-    result = export(tiny_variant, weights=tiny_checkpoint, formats="onnx,coreml", img_size=64, out=tmp_path,
+    result = export(tiny_variant, weights=tiny_checkpoint, format="onnx,coreml", img_size=64, out=tmp_path,
                     target="fake")
     assert result.passed
     by = {e["format"]: e for e in result.manifest["artifacts"]}
@@ -379,12 +372,12 @@ def test_an_artifact_the_target_refuses_fails_validation_with_the_reason(tiny_bu
                                                                          monkeypatch):
     import shutil
 
-    from cloformer_deploy.pipeline.api import validate_bundle
+    from cloformer_deploy.pipeline import validate_bundle
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle.bundle, bundle)
     _on_other_machine(monkeypatch, _OtherMachine(fail_open=True))
-    ok, reports = validate_bundle(bundle, weights=tiny_checkpoint, target="fake")
+    ok, reports = validate_bundle(bundle=bundle, weights=tiny_checkpoint, target="fake")
     assert not ok
     by = {r["format"]: r for r in reports}
     on = by["executorch"]["targets"]["fake-arm64"]

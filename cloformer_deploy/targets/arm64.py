@@ -8,18 +8,19 @@ run takes seconds per image and says nothing of a phone's speed.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .base import Target, TargetError
+from ..versions import installed_versions
+from .base import RUNTIME_IMPORTS, Target, TargetError, public_version, same_version
+from .worker import device_packages
 
 
 @dataclass(frozen=True)
@@ -135,22 +136,22 @@ def write_cpu_view(root: Path, view: Path, profile: CpuProfile, cores: int = COR
 
 
 ROOT_DIR = "arm64"
-# the runtimes, at the host's versions: what runs on ARM64 is what was validated here
-RUNTIMES = ("torch", "executorch", "onnxruntime", "numpy")
-# executorch's own requirements serve exporting (pandas, hydra, coremltools, ...); its runtime imports these two
-RUNTIME_IMPORTS = ("ruamel.yaml", "tabulate")
+PLATFORM = "linux-aarch64"
+# the device packages of the formats that run there, at the host's versions: what runs on ARM64 is what was
+# validated here
+RUNTIMES = device_packages(PLATFORM)
 
 
 def host_versions() -> dict[str, str]:
-    """The versions the ARM64 root installs: this host's, without a local build tag (2.14.1+cu130 -> 2.14.1)."""
-    out = {}
-    for name in (*RUNTIMES, *RUNTIME_IMPORTS):
-        try:
-            out[name] = version(name).split("+")[0]
-        except PackageNotFoundError:
-            raise TargetError(f"{name} is not installed on this host, so the ARM64 root cannot match it; "
-                              "install the project as the README says") from None
-    return out
+    """The versions the ARM64 root installs (RUNTIMES and their runtimes' imports): this host's, without a local
+    label (2.14.1+cu130 -> 2.14.1)."""
+    names = [*RUNTIMES, *(i for p in RUNTIMES for i in RUNTIME_IMPORTS.get(p, ()))]
+    found = installed_versions(names)
+    absent = [n for n in names if found[n] is None]
+    if absent:
+        raise TargetError(f"{absent[0]} is not installed on this host, so the ARM64 root cannot match it; "
+                          "install the project as the README says")
+    return {n: public_version(v) for n, v in found.items()}
 
 
 def ready_state(cache: Path) -> dict | None:
@@ -166,10 +167,11 @@ def check_ready(cache: Path) -> dict:
     if state is None:
         raise TargetError(f"--target arm64: no ARM64 root in {cache}; build it once with: cloformer-device setup "
                           f"arm64{'' if cache == default_cache() else f' --cache {cache}'} (downloads about 3 GB)")
-    want = {n: v for n, v in host_versions().items() if n in RUNTIMES}
+    want = host_versions()
     have = {n: state["versions"].get(n) for n in RUNTIMES}
-    if have != want:
-        diff = ", ".join(f"{n} {have[n]} (host {want[n]})" for n in RUNTIMES if have[n] != want[n])
+    differs = [n for n in RUNTIMES if not same_version(have[n], want[n])]
+    if differs:
+        diff = ", ".join(f"{n} {have[n]} (host {want[n]})" for n in differs)
         raise TargetError(f"--target arm64: the ARM64 root in {cache} has {diff}; rebuild it with: "
                           "cloformer-device setup arm64 --force")
     return state
@@ -179,7 +181,7 @@ class EmulatedArm64Target(Target):
     """ARM64 Linux under QEMU user-mode emulation, with one CPU profile; numerics only, no latency."""
 
     kind = "arm64"
-    platform = "linux-aarch64"
+    platform = PLATFORM
     measures_latency = False
     step_timeout = 1800.0  # an emulated image of CloFormer-XXS in fp16 takes up to 20 s, starting Python 20-45 s
     validation_threads = 1
@@ -216,4 +218,5 @@ class EmulatedArm64Target(Target):
     def describe(self) -> dict:
         profile = CPU_PROFILES[self.cpu]
         qemu = qemu_binary()
-        return {**super().describe(), "emulator": qemu_label(qemu) if qemu else None, "qemu_cpu": profile.qemu_cpu, "midr": f"0x{profile.midr:08x}", "cpu": profile.about}
+        return {**super().describe(), "emulator": qemu_label(qemu) if qemu else None, "qemu_cpu": profile.qemu_cpu,
+                "midr": f"0x{profile.midr:08x}", "cpu": profile.about}

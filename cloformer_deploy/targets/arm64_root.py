@@ -21,14 +21,25 @@ import sys
 import tarfile
 import threading
 import time
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..progress import Progress
-from .arm64 import (CPU_PROFILES, DEFAULT_CPU, ROOT_DIR, RUNTIME_IMPORTS, RUNTIMES, default_cache, emulated_python,
-                    host_versions, qemu_binary, qemu_label, write_cpu_view)
-from .base import TargetError
+from .arm64 import (
+    CPU_PROFILES,
+    DEFAULT_CPU,
+    ROOT_DIR,
+    RUNTIMES,
+    check_ready,
+    default_cache,
+    emulated_python,
+    host_versions,
+    qemu_binary,
+    qemu_label,
+    ready_state,
+    write_cpu_view,
+)
+from .base import RUNTIME_IMPORTS, TargetError, end_process_group, last_line, same_version
 
 SUITE = "bookworm"  # Python 3.11, the minor version of the host's pins, and glibc 2.36
 DEBIAN_PACKAGES = ("python3.11", "libstdc++6", "libgomp1")
@@ -37,7 +48,7 @@ SMOKE = ("import json, platform, numpy, onnxruntime, torch\n"
          "from executorch.runtime import Runtime\n"
          "from importlib.metadata import version\n"
          "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(),\n"
-         "  'versions': {n: version(n) for n in ('torch', 'executorch', 'onnxruntime', 'numpy')},\n"
+         f"  'versions': {{n: version(n) for n in {RUNTIMES!r}}},\n"
          "  'xnnpack': 'XnnpackBackend' in Runtime.get().backend_registry.registered_backend_names}))\n")
 STEP_TIMEOUT = 3600  # seconds for one setup step (a download of gigabytes on a slow line)
 
@@ -53,14 +64,7 @@ def _run(argv: list[str], stage, what: str, timeout: float = STEP_TIMEOUT, env=N
     """Run a setup step, its output shown as the stage's progress; it is killed on timeout or Ctrl-C."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
-
-    def kill():
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    watchdog = threading.Timer(timeout, kill)  # a step that hangs without printing is ended too
+    watchdog = threading.Timer(timeout, end_process_group, [proc])  # a step that hangs without output ends too
     watchdog.start()
     tail: list[str] = []
     try:
@@ -73,8 +77,7 @@ def _run(argv: list[str], stage, what: str, timeout: float = STEP_TIMEOUT, env=N
                     stage.update(line[:110])
         code = proc.wait()
     except BaseException:
-        kill()
-        proc.wait()
+        end_process_group(proc)
         raise
     finally:
         watchdog.cancel()
@@ -147,6 +150,8 @@ def setup_arm64(cache: str | Path | None = None, *, force: bool = False, keep_do
     wheels.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(partial, ignore_errors=True)  # an interrupted build: started again from the kept downloads
     requirements = [f"{n}=={v}" for n, v in versions.items()]
+    bare = [f"{n}=={versions[n]}" for n in RUNTIMES if n in RUNTIME_IMPORTS]  # without their own requirements
+    others = [r for r in requirements if r not in bare]
     progress.log(f"fetching: Debian {SUITE} arm64 Python 3.11 (about 80 MB, deb.debian.org); aarch64 wheels from "
                  f"PyPI: {', '.join(requirements)} and torch's NVIDIA libraries (about 3 GB in all)")
     if not debian_tar.exists():
@@ -156,24 +161,24 @@ def setup_arm64(cache: str | Path | None = None, *, force: bool = False, keep_do
                   f"--include={','.join(DEBIAN_PACKAGES)}", SUITE, str(tmp)], st, "mmdebstrap")
             tmp.rename(debian_tar)
     with progress.stage("aarch64 wheels from PyPI (kept in the cache until the root is ready)") as st:
-        # executorch alone without its requirements; everything else with theirs
-        _run(_pip("download", "--no-deps", *_platform_args(), "-d", str(wheels),
-                  f"executorch=={versions['executorch']}"), st, "pip download executorch")
-        others = [r for r in requirements if not r.startswith("executorch==")]
+        if bare:
+            _run(_pip("download", "--no-deps", *_platform_args(), "-d", str(wheels), *bare), st,
+                 f"pip download {' '.join(bare)}")
         _run(_pip("download", *_platform_args(), "-d", str(wheels), *others), st, "pip download")
     with progress.stage("unpack the Debian root"):
         _extract(debian_tar, partial / "root")
     site = partial / "root" / "opt" / "site"
     with progress.stage("install the wheels into the root (offline, from the kept downloads)") as st:
-        _run(_pip("install", "--no-index", "--find-links", str(wheels), *_platform_args(), "--no-deps",
-                  "--target", str(site), f"executorch=={versions['executorch']}"), st, "pip install executorch")
+        if bare:
+            _run(_pip("install", "--no-index", "--find-links", str(wheels), *_platform_args(), "--no-deps",
+                      "--target", str(site), *bare), st, f"pip install {' '.join(bare)}")
         _run(_pip("install", "--no-index", "--find-links", str(wheels), *_platform_args(), "--upgrade",
                   "--target", str(site), *others), st, "pip install")
     for profile in CPU_PROFILES.values():
         write_cpu_view(partial / "root", partial / "cpus" / profile.name, profile)
     with progress.stage(f"smoke test under emulation ({DEFAULT_CPU}): import torch, executorch, onnxruntime"):
         smoke, seconds = _smoke(partial, versions)
-    record = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suite": SUITE,
+    record = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "suite": SUITE,
               "debian_packages": list(DEBIAN_PACKAGES), "versions": smoke["versions"], "python": smoke["python"],
               "emulator": qemu_label(qemu_binary()),
               "import_seconds": round(seconds, 1), "bytes": _size(partial),
@@ -199,12 +204,13 @@ def _smoke(partial: Path, versions: dict) -> tuple[dict, float]:
     seconds = time.perf_counter() - t
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        why = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        why = last_line(proc.stderr, 200) or "no output"
         raise TargetError(f"setup arm64: the emulated Python could not import the runtimes: {why}")
     smoke = json.loads(lines[-1])
     want = {n: versions[n] for n in RUNTIMES}
-    got = {n: smoke["versions"][n].split("+")[0] for n in RUNTIMES}
-    if got != want or smoke["machine"] != "aarch64" or not smoke["xnnpack"]:
+    got = smoke["versions"]
+    if any(not same_version(got.get(n), want[n]) for n in RUNTIMES) or smoke["machine"] != "aarch64" \
+            or not smoke["xnnpack"]:
         raise TargetError(f"setup arm64: the root runs {got} on {smoke['machine']} (XNNPACK "
                           f"{'present' if smoke['xnnpack'] else 'absent'}), not {want}")
     return smoke, seconds

@@ -21,12 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ..formats import BACKENDS
 from ..formats.base import Backend, ModelSpec, Runner
 from ..images import ImageBatch
 from ..inputs import InputError
+from ..quiet import is_native_noise
 from .worker import KEPT_BATCHES, pack, unpack
 
 STDERR_TAIL = 4000  # bytes of a worker's stderr kept to explain its death
+# packages whose own requirements serve exporting (executorch: pandas, hydra, coremltools, ...): a device gets
+# them without their requirements, plus what their runtime imports
+RUNTIME_IMPORTS = {p: i for b in BACKENDS.values() for p, i in b.device_runtime_imports.items()}
 
 
 class TargetError(InputError):
@@ -35,6 +40,47 @@ class TargetError(InputError):
 
 class WorkerError(RuntimeError):
     """A worker that answered with an error, gave no answer in time, or died."""
+
+
+def end_process_group(proc: subprocess.Popen) -> None:
+    """Kill a process started with ``start_new_session`` and all it started (QEMU, an ssh ProxyCommand); reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # gone already (macOS says EPERM for a group of zombies)
+        pass
+    proc.wait()
+
+
+def last_line(output: str, limit: int = 300) -> str:
+    """The last line of a program's output that says something: not blank, not a native library's chatter.
+
+    A worker's stderr ends with the line that explains its death; ExecuTorch's cpuinfo lines may follow it.
+    """
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip() and not is_native_noise(ln.strip())]
+    return lines[-1][:limit] if lines else ""
+
+
+# host side only: importing the worker on a device imports this module, and that Python may lack packaging
+def public_version(text: str) -> str:
+    """A version without its local label, as pip pins it: torch 2.14.1+cu130 -> 2.14.1; unparseable: as it is."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(text).public
+    except InvalidVersion:
+        return text
+
+
+def same_version(a: str | None, b: str | None) -> bool:
+    """Both present and equal but for a local label: torch 2.14.1+cpu (PyTorch's CPU index) is torch 2.14.1."""
+    from packaging.version import InvalidVersion, Version
+
+    if not a or not b:
+        return False
+    try:
+        return Version(Version(a).public) == Version(Version(b).public)
+    except InvalidVersion:
+        return a == b
 
 
 class WorkerProcess:
@@ -111,8 +157,8 @@ class WorkerProcess:
         code = self.proc.wait(timeout=30)
         self.stderr.seek(0, os.SEEK_END)
         self.stderr.seek(max(0, self.stderr.tell() - STDERR_TAIL))
-        tail = [ln for ln in self.stderr.read().decode(errors="replace").splitlines() if ln.strip()]
-        why = f": {tail[-1].strip()[:200]}" if tail else ""
+        tail = last_line(self.stderr.read().decode(errors="replace"), 200)
+        why = f": {tail}" if tail else ""
         return f"the worker exited with code {code}{why}"
 
     def close(self) -> None:
@@ -124,11 +170,7 @@ class WorkerProcess:
                 self.proc.wait(timeout=10)
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
+        end_process_group(self.proc)
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()
@@ -140,19 +182,15 @@ class WorkerProcess:
         self.cleanup = []
 
 
-def spec_message(spec: ModelSpec) -> dict:
-    return {"name": spec.name, "num_classes": spec.num_classes, "input_size": list(spec.input_size),
-            "batch": spec.batch, "mean": list(spec.mean), "std": list(spec.std), "labels": spec.labels,
-            "params": spec.params}
 
 
 class WorkerRunner(Runner):
     """An artifact opened by a worker on a target, used as any runner is (validation runs it unchanged)."""
 
-    def __init__(self, worker: WorkerProcess, target: "Target", fmt: str, path: Path, spec: ModelSpec, info: dict,
+    def __init__(self, worker: WorkerProcess, target: Target, fmt: str, path: Path, spec: ModelSpec, info: dict,
                  threads: int | None = None):
         self.worker, self.target = worker, target
-        opened = worker.ask({"cmd": "open", "format": fmt, "path": target.ship(path), "spec": spec_message(spec),
+        opened = worker.ask({"cmd": "open", "format": fmt, "path": target.ship(path), "spec": spec.to_dict(),
                              "info": info, "threads": threads})
         self.load_ms = opened["load_ms"]
         self.description = opened["describe"]
@@ -180,7 +218,7 @@ class Target(ABC):
     measures_latency: bool = True  # False: its timings are not a latency (emulation), so none is reported
     step_timeout: float = 900.0  # seconds for one worker step: load, one batch, one round of timed runs
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 (a target with nothing to check is ready)
         """Raise TargetError (one line naming the fix) when the target cannot run now; called before any work."""
 
     def can_run(self, backend: Backend) -> bool:

@@ -16,29 +16,36 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import platform
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats.base import Backend
 from ..files import sha256_file
-from .base import Target, TargetError, WorkerError
-from .worker import PACKAGES
+from ..formats.base import Backend
+from ..versions import installed_versions
+from .base import (
+    RUNTIME_IMPORTS,
+    Target,
+    TargetError,
+    WorkerError,
+    end_process_group,
+    last_line,
+    public_version,
+    same_version,
+)
+from .worker import PACKAGES, device_packages
 
 DEFAULT_REMOTE_DIR = "~/.cache/cloformer-deploy/device"
 MIN_PYTHON = (3, 10)
-# what each format needs on the device, as Backend.name -> the distributions the worker imports
-# (Core ML's runner hands images to MLModel.predict as PIL images)
-RUNTIME_PACKAGES = {"onnx": ("onnxruntime",), "executorch": ("executorch", "torch"),
-                    "coreml": ("coremltools", "pillow")}
+# packages a Linux device takes from another index: PyPI's ARM64 Linux torch is a CUDA build with 3 GB of NVIDIA
+# libraries, and a board needs the CPU build
+PIP_INDEX = {"torch": "https://download.pytorch.org/whl/cpu"}
 PROBE_MARK = "cloformer-deploy-probe:"
 SAFE_WORD = re.compile(r"^[A-Za-z0-9_./,:=+%@~-]+$")  # survives any re-parsing of the command by a wrapper
 _ADDRESS = re.compile(r"^ssh://(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)"
@@ -73,17 +80,16 @@ def code_archive() -> tuple[bytes, str]:
     package = Path(__file__).resolve().parents[1]
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+
         files = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
                        and p.suffix in (".py", ".txt", ".json"))
         for path in files:
-            info = tarfile.TarInfo(f"{package.name}/{path.relative_to(package).as_posix()}")
-            data = path.read_bytes()
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            tar.addfile(info, io.BytesIO(data))
-        run = RUN_PY.encode()
-        info = tarfile.TarInfo("run.py")
-        info.size, info.mode, info.mtime = len(run), 0o644, 0
-        tar.addfile(info, io.BytesIO(run))
+            add(f"{package.name}/{path.relative_to(package).as_posix()}", path.read_bytes())
+        add("run.py", RUN_PY.encode())
     data = buffer.getvalue()
     # the hash is of the tar (no times in it), the gzip stamped with time 0: equal files, equal bytes
     return gzip.compress(data, mtime=0), hashlib.sha256(data).hexdigest()[:16]
@@ -110,14 +116,6 @@ def say(extra):
     sys.exit(0)
 if sys.version_info < __MIN_PYTHON__:
     say({"too_old": True})
-from importlib.metadata import PackageNotFoundError, version
-versions = {}
-for name in __PACKAGES__:
-    try:
-        versions[name] = version(name)
-    except PackageNotFoundError:
-        versions[name] = None
-out["versions"] = versions
 work = os.path.abspath(os.path.expanduser(__WORK__))
 code = os.path.join(work, "code", __CODE_HASH__)
 out.update(work=work, code=code)
@@ -134,9 +132,11 @@ except OSError as e:
     if not os.path.isdir(code):  # (another first contact may have put it in place meanwhile)
         say({"write_error": "%s: %s" % (work, e.strerror or e)})
     out["free_bytes"] = shutil.disk_usage(work).free
-if versions["numpy"] is None:
-    say({})
 sys.path.insert(0, code)
+from cloformer_deploy.versions import installed_versions
+out["versions"] = installed_versions(__PACKAGES__)
+if out["versions"]["numpy"] is None:  # the worker (and about) imports numpy
+    say({})
 from cloformer_deploy.targets.worker import about
 say({"about": about()})
 '''
@@ -147,14 +147,8 @@ def shell_words(words: list[str]) -> str:
     return " ".join("~/" + shlex.quote(w[2:]) if w.startswith("~/") else shlex.quote(w) for w in words)
 
 
-def same_version(a: str | None, b: str | None) -> bool:
-    """Versions equal up to a local label: torch 2.14.1+cpu (PyTorch's CPU index) is torch 2.14.1."""
-    return bool(a) and bool(b) and a.split("+")[0] == b.split("+")[0]
-
-
-def _one_line(stderr: str) -> str:
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
+def _are_missing(packages: list[str]) -> str:
+    return f"{' and '.join(packages)} {'are' if len(packages) > 1 else 'is'}"
 
 
 def connection_fix(message: str) -> str:
@@ -232,31 +226,23 @@ class SshTarget(Target):
         try:
             out, err = proc.communicate(None if hasattr(stdin, "fileno") else (stdin or b""), timeout=timeout)
         except subprocess.TimeoutExpired:
-            self._kill(proc)
+            end_process_group(proc)
             raise WorkerError(f"{self.name}: {what} gave no answer within {timeout:.0f}s; it was stopped") from None
         except BaseException:
-            self._kill(proc)
+            end_process_group(proc)
             raise
-        self._kill(proc)  # anything ssh left behind (a ProxyCommand) ends with it
+        end_process_group(proc)  # anything ssh left behind (a ProxyCommand) ends with it
         text, err = out.decode(errors="replace"), err.decode(errors="replace")
         if proc.returncode == 255:
-            line = _one_line(err).rstrip(".")
+            line = last_line(err).rstrip(".")
             raise TargetError(f"cannot reach {self.name}: {line or 'ssh failed'}; {connection_fix(line)}")
         if proc.returncode in (126, 127):
             raise TargetError(f"{self.name}: the device has no {shlex.join(self.remote_python)!r} "
-                              f"({_one_line(err) or 'command not found'}); install Python 3.10 or newer there, "
+                              f"({last_line(err) or 'command not found'}); install Python 3.10 or newer there, "
                               "or pass --remote-python with its command")
         if proc.returncode != 0:
-            raise WorkerError(f"{self.name}: {what} failed: {_one_line(err) or f'exit code {proc.returncode}'}")
+            raise WorkerError(f"{self.name}: {what} failed: {last_line(err) or f'exit code {proc.returncode}'}")
         return text
-
-    @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
 
     # ---- the Target interface
     def probe(self) -> dict:
@@ -279,7 +265,7 @@ class SshTarget(Target):
         lines = [ln for ln in out.splitlines() if ln.startswith(PROBE_MARK)]
         if not lines:
             raise TargetError(f"{self.name}: {shlex.join(self.remote_python)!r} did not run the probe (it printed "
-                              f"{_one_line(out)!r}); pass --remote-python with the device's Python 3 command")
+                              f"{last_line(out)!r}); pass --remote-python with the device's Python 3 command")
         info = self.probe_info = json.loads(lines[-1][len(PROBE_MARK):])
         self.versions = info.get("versions") or {}
         self.platform = info.get("platform", "unknown")
@@ -320,12 +306,15 @@ class SshTarget(Target):
             raise TargetError(f"--cores {self.cores}: {self.name} offers cores {_ranges(have)}; "
                               f"choose among them ({clusters_text(self.about)})")
 
+    def lacking(self, backend: Backend) -> list[str]:
+        """The packages a format's runner imports that the device's Python does not have."""
+        return [p for p in backend.device_packages if not self.versions.get(p)]
+
     def missing(self, backend: Backend) -> str | None:
-        needed = [p for p in RUNTIME_PACKAGES.get(backend.name, ()) if not self.versions.get(p)]
+        needed = self.lacking(backend)
         if not needed:
             return None
-        return (f"{' and '.join(needed)} {'are' if len(needed) > 1 else 'is'} not installed on {self.name}; "
-                f"install with: {install_command(self, needed)}")
+        return f"{_are_missing(needed)} not installed on {self.name}; install with: {install_command(self, needed)}"
 
     def ship(self, path: str | Path) -> str:
         """Copy a file (or a folder, as a tar) to ``<work>/files/<hash>/<name>`` unless it is there already."""
@@ -413,54 +402,43 @@ def device_label(about: dict, versions: dict) -> str:
         (f", {runtimes}" if runtimes else "")
 
 
-def install_command(target: "SshTarget", packages: list[str]) -> str:
+def install_command(target: SshTarget, packages: list[str]) -> str:
     """The pip command that installs ``packages`` at the host's versions with the device's Python.
 
-    ExecuTorch's Python runtime links libtorch. On ARM64 Linux, PyPI's torch is a CUDA build with
-    3 GB of NVIDIA libraries; the CPU build from PyTorch's own index is the one a board needs.
+    On Linux a package of :data:`PIP_INDEX` comes from its own index and one of RUNTIME_IMPORTS comes
+    without its requirements (its runtime's imports beside it), each in a pip call of its own.
     """
-    from importlib.metadata import PackageNotFoundError, version
+    extras = [i for p in packages for i in RUNTIME_IMPORTS.get(p, ())]
+    host = installed_versions([*packages, *extras])
 
-    def pinned(name: str) -> str:
-        try:
-            return f"{name}=={version(name)}"
-        except PackageNotFoundError:
-            return name
+    def pinned(name: str) -> str:  # without a local label: torch==2.14.1 takes the CPU index's 2.14.1+cpu
+        return f"{name}=={public_version(host[name])}" if host[name] else name
 
     pip = shell_words([*target.remote_python, "-m", "pip", "install"])
     linux = target.platform.startswith("linux")
-    special = ("torch", "executorch") if linux else ()
-    plain = [p for p in packages if p not in special]
+    indexed = [p for p in packages if linux and p in PIP_INDEX]
+    bare = [p for p in packages if linux and p in RUNTIME_IMPORTS and p not in indexed]
+    plain = [p for p in packages if p not in indexed and p not in bare]
     commands = [f"{pip} {' '.join(pinned(p) for p in plain)}"] if plain else []
-    if "torch" in packages and linux:
-        commands.append(f"{pip} {pinned('torch')} --index-url https://download.pytorch.org/whl/cpu")
-    if "executorch" in packages and linux:
-        # its other requirements serve exporting; the runtime imports only these two besides torch
-        commands.append(f"{pip} --no-deps {pinned('executorch')} ruamel.yaml tabulate")
+    commands += [f"{pip} {pinned(p)} --index-url {PIP_INDEX[p]}" for p in indexed]
+    commands += [f"{pip} --no-deps {' '.join(pinned(n) for n in (p, *RUNTIME_IMPORTS[p]))}" for p in bare]
     return " && ".join(commands)
 
 
-def device_needs(target: "SshTarget") -> dict:
+def device_needs(target: SshTarget) -> dict:
     """What a probed device has against this machine's runtimes: a row per package, and the install command.
 
     Rows: {"package", "device", "host", "status"} with status ok, missing, differs, or "not used here"
     (Core ML's tools off macOS). ``command`` installs what is missing or differs, at the host's versions.
     """
-    from importlib.metadata import PackageNotFoundError, version
-
     from ..formats import BACKENDS
 
     rows, fix = [], []
     probe = target.probe_info
     rows.append({"package": "python", "device": probe.get("python"), "host": platform.python_version(),
                  "status": "too old (needs 3.10+)" if probe.get("too_old") else "ok"})
-    wanted = ["numpy"] + [p for b in BACKENDS.values() if target.platform in b.platforms
-                          for p in RUNTIME_PACKAGES.get(b.name, ())]
-    for package in PACKAGES:
-        try:
-            host = version(package)
-        except PackageNotFoundError:
-            host = None
+    wanted = device_packages(target.platform)
+    for package, host in installed_versions(PACKAGES).items():
         have = target.versions.get(package)
         if package not in wanted:
             status = f"not used on {target.platform}"
@@ -478,8 +456,7 @@ def device_needs(target: "SshTarget") -> dict:
         if target.platform not in b.platforms:
             formats[b.name] = f"does not run on {target.platform}"
         else:
-            lacking = [p for p in RUNTIME_PACKAGES.get(b.name, ()) if not target.versions.get(p)]
-            formats[b.name] = (f"error rows until {' and '.join(lacking)} {'are' if len(lacking) > 1 else 'is'} "
-                               "installed" if lacking else "runs")
+            lacking = target.lacking(b)
+            formats[b.name] = f"error rows until {_are_missing(lacking)} installed" if lacking else "runs"
     return {"rows": rows, "formats": formats, "command": install_command(target, fix) if fix else None,
             "ok": not fix and not probe.get("too_old")}

@@ -15,10 +15,10 @@ inputs or outputs. Commands:
 - ``thermal``: the thermal zones' temperatures, where the kernel exposes them.
 - ``rss``: this process's peak resident memory. ``quit``.
 
-It imports only numpy and this package's light modules at start; each runtime is imported when
-an artifact needs it, so a target without (say) onnxruntime still runs ExecuTorch. It exits when
-its input closes, even in the middle of a step: a caller that is gone (an SSH connection dropped,
-a timeout) leaves nothing running on the device.
+It imports only numpy and this package's light modules (the formats' registry) at start; each
+runtime is imported when an artifact needs it, so a target without (say) onnxruntime still runs
+ExecuTorch. It exits when its input closes, even in the middle of a step: a caller that is gone
+(an SSH connection dropped, a timeout) leaves nothing running on the device.
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ import threading
 import time
 
 import numpy as np
+
+from cloformer_deploy.formats import BACKENDS
+from cloformer_deploy.formats.base import ModelSpec, Runner
+from cloformer_deploy.versions import installed_versions
 
 
 def pack(array: np.ndarray) -> dict:
@@ -64,8 +68,14 @@ def peak_rss_mb() -> float:
     return kb / 2**20 if sys.platform == "darwin" else kb / 1024
 
 
-# what a target's Python may have that the worker uses: numpy, and each format's runtime
-PACKAGES = ("numpy", "torch", "executorch", "onnxruntime", "coremltools", "pillow")
+def device_packages(platform: str | None = None) -> tuple[str, ...]:
+    """The distributions a worker imports: numpy, and the device packages of every format (only of those that run
+    natively on ``platform``, when given), each once, in the registry's order."""
+    backends = [b for b in BACKENDS.values() if platform is None or platform in b.platforms]
+    return tuple(dict.fromkeys(["numpy", *(p for b in backends for p in b.device_packages)]))
+
+
+PACKAGES = device_packages()  # what a target's Python may have that the worker uses
 
 # MIDR part numbers of Arm's own cores (implementer 0x41), as the kernel reports them in /proc/cpuinfo
 ARM_PARTS = {0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd07: "Cortex-A57",
@@ -111,14 +121,6 @@ def _max_khz(cpu: int) -> int | None:
 
 def about() -> dict:
     """What the target is: machine, Python, CPU as the kernel (or the emulator) reports it, runtime versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
     cpu, clusters = {}, []
     try:
         with open("/proc/cpuinfo") as f:
@@ -146,7 +148,7 @@ def about() -> dict:
     return {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
             "platform": f"{sys.platform}-{platform.machine().lower()}", "cores": os.cpu_count(), "cpu": cpu,
             "clusters": clusters, "affinity": affinity, "can_pin": hasattr(os, "sched_setaffinity"),
-            "versions": versions}
+            "versions": installed_versions(PACKAGES)}
 
 
 def thermal(root: str = "/sys/class/thermal") -> dict:
@@ -163,7 +165,7 @@ def thermal(root: str = "/sys/class/thermal") -> dict:
     return zones
 
 
-class EagerRunner:
+class EagerRunner(Runner):
     """The PyTorch model itself (authors' or deploy form), for the benchmark's eager rows; not an artifact."""
 
     method = "torch"
@@ -193,11 +195,8 @@ class EagerRunner:
         with self.torch.no_grad():
             return self.model(prepared).numpy()
 
-    def check_structure(self) -> list[str]:
-        return []
-
-    def describe(self) -> dict:
-        return {"method": self.method}
+    def run(self, batch) -> np.ndarray:
+        return self.infer(self.prepare(batch))
 
 
 def _open(cmd: dict):
@@ -206,12 +205,7 @@ def _open(cmd: dict):
     threads = cmd.get("threads")
     if cmd["format"] == "eager":
         return EagerRunner(cmd["eager"], threads)
-    from cloformer_deploy.formats import BACKENDS
-    from cloformer_deploy.formats.base import ModelSpec
-
-    s = cmd["spec"]
-    spec = ModelSpec(s["name"], s["num_classes"], tuple(s["input_size"]), s["batch"], tuple(s["mean"]),
-                     tuple(s["std"]), s.get("labels"), s.get("params", 0), None, None)
+    spec = ModelSpec.from_dict(cmd["spec"])
     return BACKENDS[cmd["format"]].open(Path(cmd["path"]), spec, cmd.get("info") or {}, threads=threads)
 
 
@@ -243,7 +237,7 @@ KEPT_BATCHES = 32  # keyed batches a worker keeps (0.75 MB each at 224x224); old
 IDLE_EXIT_S = 3600.0  # a worker with no command for this long ends itself: a link dropped without a close
 
 
-def _read_commands(commands: "queue.Queue", idle: threading.Event) -> None:
+def _read_commands(commands: queue.Queue, idle: threading.Event) -> None:
     """Commands from stdin into the queue; when stdin closes, the caller is gone: end the process.
 
     A step in progress is not waited for beyond a moment: its answer has no reader (a dropped
