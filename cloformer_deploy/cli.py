@@ -50,45 +50,8 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt
 
 
-def _add_target_args(p: argparse.ArgumentParser, what: str) -> None:
-    """The options that choose where artifacts also run: export, validate and bench share them."""
-    p.add_argument("--target", default="local",
-                   help=f"local (default); arm64: also {what} on emulated ARM64 (the phone's XNNPACK and ONNX "
-                        "Runtime kernels under QEMU; numerics only, no latency; build it once with "
-                        "cloformer-device setup arm64); or ssh://[user@]host[:port]: on a real device "
-                        "(a board, a phone with Termux, a Mac; see cloformer-device check)")
-    p.add_argument("--cpu", help="ARM64 CPU profile for --target arm64 (default cortex-a76; see cloformer-device list)")
-    p.add_argument("--target-cache", help="folder of the ARM64 root (default: as cloformer-device setup)")
-    _add_device_args(p)
-
-
-def _add_device_args(p: argparse.ArgumentParser) -> None:
-    """Options of an ssh:// device."""
-    g = p.add_argument_group("ssh:// device options")
-    g.add_argument("--remote-python", help="the device's Python command, prefix included (default python3; "
-                                           "a phone: 'proot-distro login debian -- python3')")
-    g.add_argument("--cores", help="pin the device's worker to these cores, e.g. 4-7 (the big cluster; "
-                                   "cloformer-device check lists them)")
-    g.add_argument("--ssh-key", help="private key for the device (default: ssh's own choice)")
-    g.add_argument("--ssh-config", help="an ssh client config file (ssh -F)")
-    g.add_argument("--remote-dir", help="work folder on the device (default ~/.cache/cloformer-deploy/device)")
-
-
-def _device(args) -> dict:
-    return {k: getattr(args, k) for k in ("remote_python", "cores", "ssh_key", "ssh_config", "remote_dir")}
-
-
 def _argv(prog: str, argv) -> list[str]:
     return [prog, *(sys.argv[1:] if argv is None else argv)]
-
-
-def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = "cloformer-xxs") -> None:
-    """The model-choosing options export and bench share."""
-    p.add_argument("--model", default=default_model,
-                   help=f"one of: {', '.join(list_models())} (default {default_model or 'cloformer-xxs'})")
-    p.add_argument("--weights", help="checkpoint (.pth/.pt/.safetensors); without it the model is randomly "
-                                     "initialised (seed 0)")
-    p.add_argument("--img-size", default="224", help="224 or HxW such as 256x320; multiples of 32")
 
 
 @_command("cloformer-models")
@@ -115,54 +78,17 @@ def models_main(p: _Parser, argv) -> int:
 
 @_command("cloformer-export")
 def export_main(p: _Parser, argv) -> int:
-    """Export CloFormer/FAT to validated ONNX, Core ML and ExecuTorch artifacts, bundled with labels and a manifest."""
-    from .formats.base import BACKENDS
+    """Export CloFormer/FAT to validated artifacts (one per format), bundled with labels and a manifest."""
+    from .pipeline.options import ExportOptions
 
-    formats = ", ".join(f"{n} ({b.suffix}, {b.runtime}; {'/'.join(b.precisions)}, default {b.default_precision})"
-                        for n, b in BACKENDS.items())
-    _add_model_args(p)
-    p.add_argument("--format", default="all", help=f"all, or a comma list of: {formats}")
-    p.add_argument("--num-classes", type=int, help="classes of the head (default: the checkpoint's, else 1000)")
-    p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
-    p.add_argument("--precision", help="fp32, fp16, int8 or w4; default: fp16 for coreml, fp32 for the others; "
-                                       "int8: static int8 (ONNX, ExecuTorch) or 8-bit weights (Core ML); "
-                                       "w4: 4-bit palettised weights (Core ML)")
-    p.add_argument("--calibration-size", type=int, help="int8: images to calibrate with (default 32)")
-    p.add_argument("--keep-float", type=int, default=0,
-                   help="int8: leave the N layers whose quantisation moves the logits most in float")
-    p.add_argument("--out", default="export", help="output folder (default export/); the bundle is "
-                                                   "<out>/<model>-<H>x<W>/ and keeps artifacts exported earlier")
-    p.add_argument("--labels", help="class names, one per line (default: ImageNet-1k names for 1000 classes)")
-    p.add_argument("--opset", type=int, help="ONNX opset, 17 to 23 (default 20, native GELU; 17 uses the "
-                                             "TorchScript exporter)")
-    p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
-    p.add_argument("--no-validate", action="store_true", help="skip running the artifacts against PyTorch")
-    p.add_argument("--force", action="store_true", help="replace an artifact of the same format and precision, "
-                                                        "or a bundle of other weights")
-    p.add_argument("--zip", action="store_true", help="also write <bundle>.zip for an app")
-    p.add_argument("--data", help="folder of images for validation (default: photographs bundled with scikit-image)")
-    p.add_argument("--min-top1-agreement", type=float, help="also require this top-1 agreement (0..1)")
-    p.add_argument("--coreml-input", default="image",
-                   help="Core ML input: image (RGB, normalisation inside; default) or tensor (normalised float)")
-    p.add_argument("--coreml-target", default="iOS16", help="minimum deployment target: iOS16 (default), iOS17, iOS18")
-    p.add_argument("--backend", default="xnnpack",
-                   help="ExecuTorch backend: xnnpack (default) or portable (runs about 100x slower)")
-    _add_target_args(p, "validate every artifact that runs there")
+    ExportOptions.add_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
     args = p.parse_args(argv)
-    from .pipeline.api import export
+    from .pipeline.exporter import export
     from .progress import Progress
 
-    result = export(args.model, weights=args.weights, formats=args.format, img_size=args.img_size,
-                    num_classes=args.num_classes, batch=args.batch, precision=args.precision, out=args.out,
-                    labels=args.labels, opset=args.opset, simplify=not args.no_simplify,
-                    validate_artifacts=not args.no_validate, force=args.force, zip_bundle=args.zip,
-                    data=args.data, coreml_input=args.coreml_input, coreml_target=args.coreml_target,
-                    et_backend=args.backend, min_top1_agreement=args.min_top1_agreement,
-                    calibration_size=args.calibration_size, keep_float=args.keep_float, target=args.target,
-                    cpu=args.cpu, target_cache=args.target_cache, device=_device(args),
-                    progress=Progress(quiet=args.quiet),
-                    argv=_argv(p.prog, argv))
+    opts = ExportOptions.from_args(args)
+    result = export(opts, progress=Progress(quiet=args.quiet), argv=_argv(p.prog, argv))
     print(f"\n{'format':<12}{'file':<44}{'size MB':>9}  validation")
     for a in result.artifacts:
         v = a.entry.get("validation")
@@ -187,7 +113,7 @@ def export_main(p: _Parser, argv) -> int:
         print(f"{p.prog}: validation FAILED; the bundle was left at {result.bundle} with the figures "
               "in manifest.json", file=sys.stderr)
         return 1
-    print(f"next:   cloformer-validate {result.bundle}" + (f" --weights {args.weights}" if args.weights else ""))
+    print(f"next:   cloformer-validate {result.bundle}" + (f" --weights {opts.weights}" if opts.weights else ""))
     return 0
 
 
@@ -207,20 +133,15 @@ def _target_verdict(t: dict) -> str:
 @_command("cloformer-validate")
 def validate_main(p: _Parser, argv) -> int:
     """Re-run the validation of an exported bundle against PyTorch; exit 1 if any artifact fails."""
-    p.add_argument("bundle", help="a folder written by cloformer-export")
-    p.add_argument("--weights", help="the checkpoint the bundle was exported from (not needed for random weights)")
-    p.add_argument("--data", help="folder of images (default: photographs bundled with scikit-image)")
-    p.add_argument("--min-top1-agreement", type=float, help="also require this top-1 agreement (0..1)")
-    _add_target_args(p, "validate every artifact that runs there, and record the figures in manifest.json")
+    from .pipeline.options import ValidateOptions
+
+    ValidateOptions.add_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    from .pipeline.api import validate_bundle
+    from .pipeline.revalidate import validate_bundle
     from .progress import Progress
 
-    ok, reports = validate_bundle(args.bundle, weights=args.weights, data=args.data,
-                                  min_top1_agreement=args.min_top1_agreement, target=args.target, cpu=args.cpu,
-                                  target_cache=args.target_cache, device=_device(args),
-                                  progress=Progress(quiet=args.quiet))
+    ok, reports = validate_bundle(ValidateOptions.from_args(args), progress=Progress(quiet=args.quiet))
     for r in reports:
         for name, t in (r.get("targets") or {}).items():
             print(f"{r['path']} on {name}: {_target_verdict(t)}")
@@ -232,63 +153,24 @@ def validate_main(p: _Parser, argv) -> int:
 def bench_main(p: _Parser, argv) -> int:
     """Latency, load time, peak memory, size and drift per runtime, precision and thread count; writes
     results.json/csv/md and plots."""
-    from .runtime_bench.runtimes import RUNTIMES
+    from .runtime_bench.options import BenchOptions
 
-    _add_model_args(p, default_model=None)
-    p.add_argument("--formats", default="all", help=f"all, or a comma list of runtimes: {', '.join(RUNTIMES)}")
-    p.add_argument("--threads", default="1,2", help="thread counts, comma separated (default 1,2)")
-    p.add_argument("--precisions", default="default",
-                   help="comma list: default (each format's), fp32, fp16, int8, w4 (default: default)")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per row (default 50)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    p.add_argument("--compare-authors", action="store_true",
-                   help="also run a naive export of the authors' form in the same runtimes")
-    p.add_argument("--baselines", action="store_true",
-                   help="also time, in the same rounds, 8 mobile backbones from timm (MobileNetV3/V4, EfficientFormerV2, "
-                        "FastViT, RepViT, MobileOne, EfficientViT, MobileViTv2) and the other CloFormer/FAT sizes "
-                        "on ONNX Runtime and XNNPACK; writes peers.md and pareto.png")
-    p.add_argument("--peers", help="comma list of timm model names (or of this project's models) to time beside it")
-    p.add_argument("--portable", action="store_true", help="also run ExecuTorch's portable kernels (slow)")
-    p.add_argument("--profile", action="store_true",
-                   help="also write profile.md: time per operator and per operator kind (ETDump for XNNPACK, "
-                        "ONNX Runtime's profiler)")
-    p.add_argument("--data", help="image folder: drift on it; top-1/top-5 if it has one subfolder per class")
-    p.add_argument("--bundle", help="use the artifacts of an existing export bundle instead of exporting "
-                                    "(with --weights of its checkpoint, as cloformer-validate)")
-    p.add_argument("--out", default="runtime_bench", help="output folder (default runtime_bench/)")
-    p.add_argument("--ablation", action="store_true",
-                   help="instead: time the deploy form step by step (ONNX Runtime and XNNPACK, first thread count)")
-    _add_target_args(p, "measure the drift of every artifact that runs there (rows without latency)")
-    p.add_argument("--cooldown", type=float, default=0.0,
-                   help="seconds of rest between timing rounds (a phone's clocks drop as it heats; default 0)")
+    BenchOptions.add_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     from .progress import Progress
 
-    if args.ablation:
-        from .inputs import InputError
+    opts = BenchOptions.from_args(args)
+    if opts.ablation:
         from .runtime_bench.ablation import ablation
 
-        if args.baselines or args.peers or args.profile:
-            raise InputError("--ablation times the deploy steps of one model; drop --baselines/--peers/--profile")
-        if args.target != "local" or args.cpu or args.target_cache or any(_device(args).values()):
-            raise InputError("--ablation times on this machine; drop --target and its options")
-
-        res = ablation(args.model or "cloformer_xxs", weights=args.weights, img_size=args.img_size,
-                       threads=args.threads, runs=args.runs, warmup=args.warmup, out=args.out,
-                       progress=Progress(quiet=args.quiet))
+        res = ablation(opts, progress=Progress(quiet=args.quiet))
         print(open(res["path"]).read())
         return 0
     from .runtime_bench.harness import bench
     from .runtime_bench.report import console_table
 
-    result = bench(args.model, weights=args.weights, formats=args.formats, threads=args.threads, runs=args.runs,
-                   warmup=args.warmup, img_size=args.img_size, compare_authors=args.compare_authors,
-                   baselines=args.baselines, peers=args.peers, profile=args.profile, portable=args.portable,
-                   data=args.data, out=args.out, bundle=args.bundle, target=args.target, cpu=args.cpu,
-                   target_cache=args.target_cache, device=_device(args), cooldown=args.cooldown,
-                   progress=Progress(quiet=args.quiet), precisions=args.precisions,
-                   argv=_argv(p.prog, argv))
+    result = bench(opts, progress=Progress(quiet=args.quiet), argv=_argv(p.prog, argv))
     console_table(result.results)
     extra = "".join(f", {f}" for f in ("peers.md", "pareto.png", "profile.md") if (result.out / f).exists())
     print(f"results: {result.out}/results.md (and .json, .csv, latency.png, latency_vs_drift.png{extra})")
@@ -299,6 +181,7 @@ def bench_main(p: _Parser, argv) -> int:
 def device_main(p: _Parser, argv) -> int:
     """Targets the artifacts can run on: list them, build the emulated ARM64 one (once), or check an ssh:// device."""
     from .targets import TARGETS
+    from .targets.options import TargetOptions
 
     sub = p.add_subparsers(dest="action", metavar="{setup,list,check}", parser_class=_Parser)
     setup = sub.add_parser("setup", help="build a target once (arm64: a Debian arm64 root with the host's runtimes, "
@@ -316,7 +199,7 @@ def device_main(p: _Parser, argv) -> int:
                                          "this machine's versions), its CPU cores, and the command that installs "
                                          "what is missing; installs nothing. Exit 1 if something is missing")
     check.add_argument("target", help="ssh://[user@]host[:port]")
-    _add_device_args(check)
+    TargetOptions.add_arguments(check, skip=("target", "cpu", "target_cache"))
     args = p.parse_args(argv)
     if args.action is None:
         p.error("choose an action: setup arm64, list, or check ssh://[user@]host")
@@ -362,12 +245,13 @@ def device_main(p: _Parser, argv) -> int:
 
 def _check_device(args) -> int:
     from .targets import TargetError
+    from .targets.options import DEVICE_FIELDS
     from .targets.ssh import SshTarget, clusters_text, device_needs
 
     if not str(args.target).lower().startswith("ssh://"):
         raise TargetError(f"check {args.target!r}: give a device as ssh://[user@]host[:port] "
                           "(cloformer-device list shows local and arm64)")
-    target = SshTarget(args.target, **{k: v for k, v in _device(args).items() if v is not None})
+    target = SshTarget(args.target, **{k: getattr(args, k) for k in DEVICE_FIELDS if hasattr(args, k)})
     info = target.probe()
     if info.get("too_old"):  # no pip command would help: another Python is the fix
         print(f"device   {target.name}: {info.get('platform')}, Python {info['python']}: too old, the worker needs "

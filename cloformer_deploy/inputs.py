@@ -3,7 +3,8 @@
 Every public entry point checks all of its options and file arguments with these before
 it builds or converts a model, so that bad input is one sentence that names the fix and
 nothing is written. Messages name options as command-line flags (``--force``); the same
-error read from the Python API names the keyword argument instead (``force=True``).
+error read from the Python API names the keyword argument instead (``force=True``): an option's
+keyword is its flag's name (see :mod:`cloformer_deploy.options`).
 """
 from __future__ import annotations
 
@@ -12,12 +13,8 @@ import re
 import tempfile
 from pathlib import Path
 
-# flags whose keyword argument is not the flag's name spelled with underscores
-_KEYWORD_OF_FLAG = {
-    "--format": "formats", "--force": "force=True", "--zip": "zip_bundle=True", "--no-validate": "validate_artifacts=False",
-    "--no-simplify": "simplify=False", "--backend": "et_backend", "--compare-authors": "compare_authors=True",
-    "--baselines": "baselines=True", "--portable": "portable=True", "--ablation": "ablation()",
-}
+# the flags that are switches (--force): the API spells them name=True; options.py adds every one it declares
+SWITCHES: set[str] = set()
 # a flag, and its value where one follows (a quoted string or a number)
 _MODEL_FLAG = re.compile(r"--model ([a-z][\w.-]*)")  # a model's name, unquoted in the flag's form
 _FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?: ('[^']*'|-?\d[\w.]*))?")
@@ -37,7 +34,9 @@ class InputError(ValueError):
 
 def _keyword(m: re.Match) -> str:
     flag, value = m.group(1), m.group(2)
-    name = _KEYWORD_OF_FLAG.get(flag, flag[2:].replace("-", "_"))
+    name = flag[2:].replace("-", "_")
+    if value is None and flag in SWITCHES:
+        return f"{name}=True"
     return f"{name}={value}" if value is not None else name
 
 

@@ -8,16 +8,26 @@ filters the fourth line by line, so that a real error from native code still sho
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 import sys
+import tempfile
 import threading
 import warnings
 from contextlib import contextmanager
 
 # lines native code prints that say nothing to a user (cpuinfo's probing of sysfs on x86)
 NATIVE_NOISE = re.compile(r"^\[cpuinfo_utils\.cpp:\d+\]")
+# ExecuTorch's threadpool says so on every reset
+THREADPOOL_NOISE = re.compile(r"^\[threadpool\.cpp:\d+\] Resetting threadpool to \d+ threads\.?\s*$")
+
+
+def is_native_noise(line: str) -> bool:
+    """A line the runtimes' native code prints on every run that says nothing to the user."""
+    return bool(NATIVE_NOISE.match(line) or THREADPOOL_NOISE.match(line))
+
 
 _depth = 0  # nested calls (export inside bench) install the filters once
 _lock = threading.Lock()
@@ -107,9 +117,9 @@ class _NativeStderrFilter:
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
-                    if not NATIVE_NOISE.match(line.decode(errors="replace")):
+                    if not is_native_noise(line.decode(errors="replace")):
                         os.write(out, line + b"\n")
-        if buffer and not NATIVE_NOISE.match(buffer.decode(errors="replace")):
+        if buffer and not is_native_noise(buffer.decode(errors="replace")):
             os.write(out, buffer)
 
     def stop(self) -> None:
@@ -121,3 +131,41 @@ class _NativeStderrFilter:
         self.thread.join(timeout=5)
         os.close(self.saved)
         self.saved = None
+
+
+@contextmanager
+def native_noise_held():
+    """Hold ExecuTorch's log lines while its native code runs; then pass on all but its noise.
+
+    ExecuTorch logs every threadpool reset (and cpuinfo's probing, once) through std::cerr, which
+    its Python bindings send to ``sys.stderr`` during a call and which is file descriptor 2 outside
+    one: both are held. A real error still shows, after the call that logged it.
+    """
+    held_text, previous = io.StringIO(), sys.stderr
+    try:
+        fd = sys.__stderr__.fileno()
+    except (AttributeError, ValueError, OSError):  # no real stderr (embedded interpreter)
+        fd = None
+    with tempfile.TemporaryFile() as held_fd:  # unlinked at once: nothing stays on disk
+        if fd is not None:
+            sys.__stderr__.flush()
+            saved = os.dup(fd)
+            os.dup2(held_fd.fileno(), fd)
+        sys.stderr = held_text
+        try:
+            yield
+        finally:
+            sys.stderr = previous
+            if fd is not None:
+                sys.__stderr__.flush()
+                os.dup2(saved, fd)
+                os.close(saved)
+                held_fd.seek(0)
+                for line in held_fd.read().decode(errors="replace").splitlines(keepends=True):
+                    if not is_native_noise(line):
+                        os.write(fd, line.encode())
+            kept = [line for line in held_text.getvalue().splitlines(keepends=True) if not is_native_noise(line)]
+            if kept:
+                previous.write("".join(kept))
+                previous.flush()
+

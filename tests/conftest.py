@@ -1,47 +1,9 @@
+"""Session fixtures: the tiny model, its checkpoint and its bundle (exported once)."""
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 import torch
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-GOLDEN = Path(os.environ.get("CLOFORMER_GOLDEN", GOLDEN))
-
-
-def golden_file(name: str) -> Path:
-    """A file of ../shared/golden: skipped where absent (a user's clone), a failure under CI."""
-    path = GOLDEN / name
-    if not path.exists():
-        msg = f"parity data {path} is absent (it ships in the project's shared/ folder, not in the package)"
-        if os.environ.get("CI"):
-            pytest.fail(msg + "; CI must check parity")
-        pytest.skip(msg)
-    return path
-
-
-def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every norm non-trivial statistics and affine, so that a wrong fold shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            elif isinstance(m, torch.nn.GroupNorm):
-                m.weight.copy_(torch.rand(m.num_channels, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_channels, generator=g) * 0.2)
-    return model
-
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-TINY = "cloformer_tiny_test"
+from helpers import TINY, TINY_SIZE, randomise_norms
 
 
 @pytest.fixture(scope="session")
@@ -66,13 +28,10 @@ def tiny_checkpoint(tiny_variant, tmp_path_factory):
     return path
 
 
-TINY_SIZE = (64, 96)
-
-
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
     """The tiny model exported once to every format (fp32/fp16 defaults), validated and zipped."""
     from cloformer_deploy.pipeline import export
 
-    return export(tiny_variant, weights=tiny_checkpoint, formats="all", img_size=TINY_SIZE,
-                  out=tmp_path_factory.mktemp("export"), zip_bundle=True)
+    return export(tiny_variant, weights=tiny_checkpoint, format="all", img_size=TINY_SIZE,
+                  out=tmp_path_factory.mktemp("export"), zip=True)

@@ -36,7 +36,7 @@ def bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("arm64")
     for formats, precision in (("onnx,executorch", "fp32"), ("onnx,executorch", "fp16"), ("onnx,executorch", "int8")):
-        result = export(tiny_variant, weights=tiny_checkpoint, formats=formats, precision=precision, img_size=64,
+        result = export(tiny_variant, weights=tiny_checkpoint, format=formats, precision=precision, img_size=64,
                         out=out)
         assert result.passed
     return result.bundle
@@ -44,7 +44,7 @@ def bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def on_a76(arm64_root, bundle, tiny_checkpoint):
-    from cloformer_deploy.pipeline.api import validate_bundle
+    from cloformer_deploy.pipeline import validate_bundle
 
     ok, reports = validate_bundle(bundle, weights=tiny_checkpoint, target="arm64")
     return ok, {(r["format"], r["precision"]): r["targets"]["arm64-cortex-a76"] for r in reports}
@@ -75,7 +75,7 @@ def test_tiny_model_validates_on_emulated_arm64(arm64_root, on_a76, bundle):
 def test_the_cpu_profile_chooses_the_kernels(on_a76, bundle, tiny_checkpoint):
     """A Cortex-A72 has no fp16 arithmetic: the fp16 program still runs and passes, with other kernels than
     on the Cortex-A76, so its outputs differ; fp32 and int8 run as well."""
-    from cloformer_deploy.pipeline.api import validate_bundle
+    from cloformer_deploy.pipeline import validate_bundle
 
     ok, reports = validate_bundle(bundle, weights=tiny_checkpoint, target="arm64", cpu="cortex-a72")
     by = {(r["format"], r["precision"]): r["targets"]["arm64-cortex-a72"] for r in reports}

@@ -10,7 +10,7 @@ from cloformer_deploy.formats import BACKENDS
 from cloformer_deploy.pipeline import export
 from cloformer_deploy.formats.base import ModelSpec
 from cloformer_deploy.images import ImageBatch
-from conftest import golden_file
+from helpers import golden_file
 
 EXPORTED_FP32 = 1e-4  # the golden README's bound for exported fp32 artifacts
 
@@ -21,9 +21,9 @@ def golden_bundle(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     ckpt = tmp / "cloformer_xxs.pth"
     torch.save({k[len("weights."):]: v for k, v in data.items() if k.startswith("weights.")}, ckpt)
-    result = export("cloformer-xxs", weights=ckpt, formats="all", img_size=224, out=tmp / "export")
+    result = export("cloformer-xxs", weights=ckpt, format="all", img_size=224, out=tmp / "export")
     # Core ML also as fp32 with a tensor input, to feed the golden (already normalised) input
-    coreml32 = export("cloformer-xxs", weights=ckpt, formats="coreml", precision="fp32", coreml_input="tensor",
+    coreml32 = export("cloformer-xxs", weights=ckpt, format="coreml", precision="fp32", coreml_input="tensor",
                       img_size=224, out=tmp / "coreml32")
     result.artifacts += coreml32.artifacts
     return result, data["input.0"].numpy(), data["logits.0"].numpy()

@@ -19,7 +19,7 @@ from cloformer_deploy.pipeline import export, validate_bundle
 from cloformer_deploy.pipeline.bundle import sha256_path
 from cloformer_deploy.images import load_images
 
-from conftest import TINY_SIZE as SIZE
+from helpers import TINY_SIZE as SIZE
 
 
 @pytest.fixture(scope="module")
@@ -157,20 +157,20 @@ def test_interrupted_export_leaves_nothing(tiny_variant, tmp_path, monkeypatch):
 
     monkeypatch.setattr(backend, "export", broken)
     with pytest.raises(KeyboardInterrupt):
-        export(tiny_variant, formats="onnx,executorch", img_size=64, out=tmp_path, num_classes=10)
+        export(tiny_variant, format="onnx,executorch", img_size=64, out=tmp_path, num_classes=10)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_force_replaces_atomically(tiny_variant, tmp_path):
-    first = export(tiny_variant, formats="onnx", img_size=64, out=tmp_path, num_classes=10, validate_artifacts=False)
-    second = export(tiny_variant, formats="onnx", img_size=64, out=tmp_path, num_classes=10, force=True,
-                    validate_artifacts=False, batch=2)
+    first = export(tiny_variant, format="onnx", img_size=64, out=tmp_path, num_classes=10, no_validate=True)
+    second = export(tiny_variant, format="onnx", img_size=64, out=tmp_path, num_classes=10, force=True,
+                    no_validate=True, batch=2)
     assert first.bundle == second.bundle and json.loads((second.bundle / "manifest.json").read_text())["model"]["batch"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [second.bundle.name]
 
 
 def test_batch_and_tensor_input_and_opset17(tiny_variant, tmp_path):
-    r = export(tiny_variant, formats="onnx,coreml", img_size=64, out=tmp_path, num_classes=10, batch=2,
+    r = export(tiny_variant, format="onnx,coreml", img_size=64, out=tmp_path, num_classes=10, batch=2,
                opset=17, coreml_input="tensor", precision="fp32")
     assert r.passed
     onnx_model = onnx.load(str(next(r.bundle.glob("*.onnx"))))
@@ -188,7 +188,7 @@ def test_data_folder_used_for_validation(tiny_variant, tmp_path):
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (80, 120, 3), dtype=np.uint8)).save(photos / f"p{i}.jpg")
     (photos / "notes.txt").write_text("not an image")
-    r = export(tiny_variant, formats="onnx", img_size=64, out=tmp_path / "out", num_classes=10, data=photos)
+    r = export(tiny_variant, format="onnx", img_size=64, out=tmp_path / "out", num_classes=10, data=photos)
     assert r.manifest["validation_images"]["count"] == 3
     assert r.artifacts[0].entry["validation"]["figures"]["images"] == 3
 
@@ -209,7 +209,7 @@ def test_cli_subprocess_bad_input_has_no_traceback(tmp_path):
 
 
 def test_random_weights_are_the_same_in_every_run():
-    from cloformer_deploy.pipeline.api import prepare_model
+    from cloformer_deploy.pipeline import prepare_model
 
     torch.manual_seed(123)  # the caller's RNG state must neither matter nor change
     state = torch.random.get_rng_state()
@@ -227,7 +227,7 @@ def test_bundle_of_random_weights_validates_from_its_seed(tiny_variant, tmp_path
     a checkpoint given for it is refused, as the wrong checkpoint is."""
     from cloformer_deploy.runtime_bench.harness import bench
 
-    r = export(tiny_variant, formats="onnx", img_size=64, out=tmp_path, num_classes=10, validate_artifacts=False)
+    r = export(tiny_variant, format="onnx", img_size=64, out=tmp_path, num_classes=10, no_validate=True)
     m = r.manifest["model"]
     assert m["random_init"] and m["random_seed"] == 0 and m["state_sha256"]
     assert validate_main([str(r.bundle), "-q"]) == 0
@@ -241,7 +241,7 @@ def test_bundle_of_random_weights_validates_from_its_seed(tiny_variant, tmp_path
 
 
 def test_onnx_fp16_exported_and_validated(tiny_variant, tiny_checkpoint, tmp_path):
-    r = export(tiny_variant, weights=tiny_checkpoint, formats="onnx", precision="fp16", img_size=SIZE, out=tmp_path)
+    r = export(tiny_variant, weights=tiny_checkpoint, format="onnx", precision="fp16", img_size=SIZE, out=tmp_path)
     assert r.passed
     entry = r.artifacts[0].entry
     v = entry["validation"]
@@ -275,7 +275,7 @@ def test_onnx_fp16_norm_statistics_stay_finite_where_naive_fp16_overflows(tiny_v
         loud.patch_embed.conv5.bias.mul_(2000)
     x = load_images((64, 64), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).tensor[:2]
     fp32 = tmp_path / "fp32.onnx"
-    spec = ModelSpec(tiny_variant, 10, (64, 64), 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
+    spec = ModelSpec(tiny_variant, 10, (64, 64))
     job = ExportJob(cd.to_deploy(loud, (64, 64)), torch.from_numpy(x[:1]), spec, "fp32", {})
     BACKENDS["onnx"].export(job, fp32, print)
     base = onnx.load(str(fp32))
@@ -303,10 +303,10 @@ def test_onnx_fp16_norm_statistics_stay_finite_where_naive_fp16_overflows(tiny_v
 
 def test_precisions_and_formats_exported_separately_share_one_bundle(tiny_variant, tmp_path, capsys):
     """fp16 then fp32 Core ML, then ONNX: each run adds to the bundle; --force replaces only its own artifact."""
-    common = dict(img_size=64, out=tmp_path, num_classes=10, validate_artifacts=False)
-    a = export(tiny_variant, formats="coreml", precision="fp16", **common)
-    b = export(tiny_variant, formats="coreml", precision="fp32", **common)
-    c = export(tiny_variant, formats="onnx", **common)
+    common = dict(img_size=64, out=tmp_path, num_classes=10, no_validate=True)
+    a = export(tiny_variant, format="coreml", precision="fp16", **common)
+    b = export(tiny_variant, format="coreml", precision="fp32", **common)
+    c = export(tiny_variant, format="onnx", **common)
     assert a.bundle == b.bundle == c.bundle
     names = sorted(p.name for p in a.bundle.iterdir())
     assert names == sorted(["labels.txt", "manifest.json", "cloformer_tiny_test-64x64-fp16.mlpackage",
@@ -317,7 +317,7 @@ def test_precisions_and_formats_exported_separately_share_one_bundle(tiny_varian
     fp16 = next(e for e in manifest["artifacts"] if e["precision"] == "fp16")
     assert fp16["sha256"] == sha256_path(a.bundle / fp16["path"])  # kept byte for byte
     kept_sha = {e["path"]: e["sha256"] for e in manifest["artifacts"]}
-    d = export(tiny_variant, formats="onnx", force=True, **common)
+    d = export(tiny_variant, format="onnx", force=True, **common)
     after = {e["path"]: e["sha256"] for e in d.manifest["artifacts"]}
     assert set(after) == set(kept_sha) and after["cloformer_tiny_test-64x64-fp16.mlpackage"] == \
         kept_sha["cloformer_tiny_test-64x64-fp16.mlpackage"]
@@ -328,7 +328,7 @@ def test_precisions_and_formats_exported_separately_share_one_bundle(tiny_varian
 def test_bundle_folders_follow_the_umask(tiny_variant, tmp_path):
     old = os.umask(0o022)
     try:
-        r = export(tiny_variant, formats="onnx", img_size=64, out=tmp_path, num_classes=10, validate_artifacts=False)
+        r = export(tiny_variant, format="onnx", img_size=64, out=tmp_path, num_classes=10, no_validate=True)
     finally:
         os.umask(old)
     assert r.bundle.stat().st_mode & 0o777 == 0o755
@@ -355,7 +355,7 @@ def test_api_prints_nothing_but_our_own_progress(tiny_variant, tiny_checkpoint, 
     from cloformer_deploy.progress import Progress
 
     log = io.StringIO()
-    r = export(tiny_variant, weights=tiny_checkpoint, formats="executorch,coreml", img_size=64, out=tmp_path,
+    r = export(tiny_variant, weights=tiny_checkpoint, format="executorch,coreml", img_size=64, out=tmp_path,
                progress=Progress(stream=log, plain_interval=0))
     assert r.passed
     out, err = capfd.readouterr()
@@ -366,7 +366,7 @@ def test_api_prints_nothing_but_our_own_progress(tiny_variant, tiny_checkpoint, 
 
 
 def test_executorch_fp16_is_one_partition_and_validated(tiny_variant, tiny_checkpoint, tmp_path):
-    r = export(tiny_variant, weights=tiny_checkpoint, formats="executorch", precision="fp16", img_size=SIZE,
+    r = export(tiny_variant, weights=tiny_checkpoint, format="executorch", precision="fp16", img_size=SIZE,
                out=tmp_path)
     entry = r.artifacts[0].entry
     assert r.passed and entry["validation"]["figures"]["top1_agreement"] == 1.0
@@ -393,7 +393,7 @@ def test_executorch_fp16_scales_loud_norms_and_stays_accurate(tiny_variant, tmp_
     images = load_images((64, 64), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     with torch.no_grad():
         ref = loud(torch.from_numpy(images.tensor)).numpy()
-    spec = ModelSpec(tiny_variant, 10, (64, 64), 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
+    spec = ModelSpec(tiny_variant, 10, (64, 64))
     steps, extra = BACKENDS["executorch"].deploy_steps("fp16", {})
     assert set(FP16_XNNPACK_STEPS) <= set(extra)
     module = cd.to_deploy(loud, (64, 64), steps=steps, extra_steps=extra)

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cloformer_deploy as cd
-from conftest import golden_file, max_abs
+from helpers import golden_file, max_abs
 
 PARITY = 1e-5
 

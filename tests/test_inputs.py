@@ -83,7 +83,7 @@ CASES = [
     ("export", ["--img-size", "224x"], "is not a size"),
     ("export", ["--num-classes", "0"], "--num-classes 0 is out of range"),
     ("export", ["--num-classes", "-5"], "--num-classes -5 is out of range"),
-    ("export", ["--num-classes", "ten"], "invalid int value"),
+    ("export", ["--num-classes", "ten"], "is not a whole number"),
     ("export", ["--batch", "0"], "--batch 0 is out of range"),
     ("export", ["--precision", "fp8"], "--precision 'fp8' is not offered"),
     ("export", ["--format", "coreml", "--precision", "int4"], "--precision 'int4' is not offered"),
@@ -174,6 +174,16 @@ CASES = [
     ("bench", ["--ablation", "--threads", "0"], "--threads 0 is out of range"),
     ("bench", ["--ablation", "--model", "vgg"], "unknown model 'vgg'"),
     ("bench", ["--ablation", "--target", "arm64"], "--ablation times on this machine; drop --target"),
+    # what the machine cannot hold, found before any model is built (a shape-only pass on the meta device)
+    ("export", ["--format", "onnx", "--img-size", "100000"], "--img-size 100000x100000 at --batch 1 needs about"),
+    ("export", ["--img-size", "4096", "--batch", "64"], "but this machine has"),
+    ("export", ["--num-classes", "1000000000"], "--num-classes 1000000000 is out of range"),
+    ("bench", ["--img-size", "100000x100000"], "--img-size 100000x100000 needs about"),
+    ("bench", ["--runs", "1000000000"], "--runs 1000000000 is out of range"),
+    ("bench", ["--ablation", "--img-size", "65536"], "--img-size 65536x65536 needs about"),
+    # a format's own options, given without any of its formats
+    ("export", ["--format", "coreml", "--opset", "18"], "--opset applies to onnx; drop it or add --format onnx"),
+    ("export", ["--format", "onnx", "--backend", "portable"], "--backend applies to executorch"),
     # targets (the ARM64 target's own checks, which depend on the host's QEMU, are in test_targets.py)
     ("export", ["--target", "mars"], "--target 'mars' is not a target; choose local, arm64 or ssh://"),
     ("export", ["--cpu", "cortex-a76"], "--cpu chooses the emulated CPU of --target arm64"),
@@ -236,7 +246,7 @@ def test_api_errors_name_keyword_arguments(tiny_bundle, tiny_variant, tiny_check
     from cloformer_deploy.pipeline import export
 
     with pytest.raises(InputError) as e:
-        export(tiny_variant, weights=tiny_checkpoint, formats="onnx", img_size=(64, 96),
+        export(tiny_variant, weights=tiny_checkpoint, format="onnx", img_size=(64, 96),
                out=tiny_bundle.bundle.parent)
     assert "pass force=True" in str(e.value) and "--" not in str(e.value)
     assert "--force" in e.value.cli_message
@@ -262,7 +272,7 @@ def test_interrupt_anywhere_is_one_line_and_leaves_no_folder(tiny_variant, tmp_p
     assert rc == 130 and err.endswith("interrupted; nothing was written") and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
-    import cloformer_deploy.pipeline.api as api
+    import cloformer_deploy.pipeline.exporter as api
 
     def interrupted_import(*args, **kwargs):
         raise KeyboardInterrupt
@@ -286,7 +296,7 @@ def test_listed_profiles_are_the_counted_ones():
     from cloformer_deploy.models import list_models, profile_model
     from cloformer_deploy.models.registry import PROFILE_224
 
-    from conftest import TINY
+    from helpers import TINY
 
     assert set(PROFILE_224) == set(list_models()) - {TINY}
     for name in PROFILE_224:

@@ -10,12 +10,12 @@ import pytest
 from cloformer_deploy.cli import validate_main
 from cloformer_deploy.formats import BACKENDS
 from cloformer_deploy.pipeline import export
-from conftest import TINY_SIZE
+from helpers import TINY_SIZE
 
 
 @pytest.fixture(scope="module")
 def bundles(tiny_variant, tiny_checkpoint, tiny_bundle, tmp_path_factory):
-    int8 = export(tiny_variant, weights=tiny_checkpoint, formats="all", precision="int8", img_size=TINY_SIZE,
+    int8 = export(tiny_variant, weights=tiny_checkpoint, format="all", precision="int8", img_size=TINY_SIZE,
                   out=tmp_path_factory.mktemp("int8"), calibration_size=16, keep_float=2)
     return tiny_bundle, int8
 
@@ -71,7 +71,7 @@ def test_coreml_int8_and_w4_run_in_the_interpreter(bundles, tiny_variant, tiny_c
     entry = next(a.entry for a in int8.artifacts if a.format == "coreml")
     assert entry["ops"].get("constexpr_affine_dequantize", 0) > 0 or entry["ops"].get("constexpr_blockwise_shift_scale", 0) > 0 \
         or entry["compression"]["weights"].startswith("int8")
-    w4 = export(tiny_variant, weights=tiny_checkpoint, formats="coreml", precision="w4", img_size=64, out=tmp_path)
+    w4 = export(tiny_variant, weights=tiny_checkpoint, format="coreml", precision="w4", img_size=64, out=tmp_path)
     v = w4.artifacts[0].entry["validation"]
     assert w4.passed and v["method"] in ("emulated", "coreml") and v["figures"]["cosine"] >= 0.95
 
@@ -89,7 +89,7 @@ def test_int8_precision_per_format():
 @pytest.mark.slow
 def test_cloformer_xxs_int8_sizes_and_drift(tmp_path):
     """The issue's figures: each int8 artifact at most 35% of the fp32 weights (16.7 MB), cosine >= 0.99."""
-    r = export("cloformer-xxs", formats="all", precision="int8", out=tmp_path)
+    r = export("cloformer-xxs", format="all", precision="int8", out=tmp_path)
     assert r.passed
     for a in r.artifacts:
         assert a.entry["size_bytes"] <= 0.35 * 16.7e6, (a.format, a.entry["size_bytes"])

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from cloformer_deploy.runtime_bench.op_profile import (OpTime, _executorch_ops, _onnxruntime_ops, op_tables,
-                                                       profile_executorch, profile_onnxruntime)
+from cloformer_deploy.formats.executorch import _executorch_ops, profile_executorch
+from cloformer_deploy.formats.onnx import _onnxruntime_ops, profile_onnxruntime
+from cloformer_deploy.formats.profiling import OpTime
+from cloformer_deploy.runtime_bench.op_profile import op_tables
 
 CONVS = 3
 

@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 # each ExecuTorch release is built against one torch minor release; its Python runtime links that libtorch
@@ -35,4 +36,4 @@ def test_installed_versions_are_the_pinned_ones(package):
         if package == "torchvision":
             pytest.skip("torchvision comes with the 'peers' extra, which is not installed")
         raise
-    assert installed.split("+")[0] == pin, f"{package} {installed} is installed but pyproject.toml pins {pin}"
+    assert Version(installed).public == Version(pin).public, f"{package} {installed} is installed but pyproject.toml pins {pin}"

@@ -28,13 +28,32 @@ class ModelSpec:
     name: str
     num_classes: int
     input_size: tuple[int, int]
-    batch: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    labels: list[str] | None
-    params: int
-    weights: str | None  # path of the checkpoint, or None for random initialisation
-    weights_sha256: str | None
+    batch: int = 1
+    # an artifact exported only to be timed records no normalisation: mean 0, std 1
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    labels: list[str] | None = None
+    params: int = 0
+    weights: str | None = None  # path of the checkpoint, or None for random initialisation
+    weights_sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        """The spec as plain data (a worker's message); :meth:`from_dict` reads it back."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_manifest(cls, model: dict, mean, std, labels: list[str] | None = None, weights: str | None = None):
+        """The spec of a bundle's manifest ``model`` section, with the variant's normalisation."""
+        return cls(model["name"], model["num_classes"], tuple(model["input_size"]), model["batch"], tuple(mean),
+                   tuple(std), labels, model["params"], weights, model.get("weights_sha256"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelSpec:
+        """The spec of :meth:`to_dict`'s data, also after JSON (which turns its tuples into lists)."""
+        return cls(**{**data, "input_size": tuple(data["input_size"]), "mean": tuple(data["mean"]),
+                      "std": tuple(data["std"])})
 
 
 @dataclass
@@ -76,17 +95,45 @@ class Runner(ABC):
         return {"method": self.method}
 
 
+@dataclass(frozen=True)
+class BenchRuntime:
+    """One way the benchmark runs a format's artifacts, a row kind of its own (``--formats`` names it)."""
+
+    name: str  # "executorch-xnnpack"
+    short: str  # "ET-XNNPACK", in plots
+    aliases: tuple[str, ...] = ()  # other words --formats takes for it
+    export_options: dict = field(default_factory=dict)  # options its artifact is exported with; {}: the bundle's
+    in_all: bool = True  # part of --formats all
+    peers: bool = False  # the peers (timm models) are exported for it and timed in it
+    fixed_runs: int | None = None  # timed runs whatever --runs says (slow kernels); None: --runs
+
+
 class Backend(ABC):
     name: str  # "onnx", "coreml", "executorch"
     suffix: str  # ".onnx", ".mlpackage", ".pte"
     runtime: str  # what runs it, for help text
+    label: str  # the format's name in prose: "ONNX", "Core ML", "ExecuTorch"
+    bench_runtimes: tuple[BenchRuntime, ...] = ()  # the first runs the bundle's artifacts
+    # this format's own export options, as fields of the export's options (made with cloformer_deploy.options.option)
+    options: dict[str, Any] = {}
+    keeps_float_layers = True  # int8 can leave chosen layers in float (--keep-float)
+    input_note: str | None = None  # how its input differs from the manifest's preprocessing, for an app developer
+    device_packages: tuple[str, ...] = ()  # Python distributions a device's worker imports to run it
+    # a device package installed without its requirements -> what its runtime imports besides
+    device_runtime_imports: dict[str, tuple[str, ...]] = {}
     precisions: tuple[str, ...] = ("fp32", "fp16")
     calibrated_precisions: tuple[str, ...] = ("int8",)  # precisions whose export reads calibration images
     default_precision = "fp32"
 
     def check_options(self, options: dict) -> dict:
-        """This format's options, normalised; InputError for a value it cannot take. Runs before any work."""
-        return options
+        """This format's options (its fields of ``options``) checked and normalised; InputError for a value it
+        cannot take. Runs before any work."""
+        out = dict(options)
+        for name, spec in self.options.items():
+            value = options.get(name, spec.default)
+            check = spec.metadata.get("check")
+            out[name] = check("--" + name.replace("_", "-"), value) if check is not None and value is not None else value
+        return out
 
     def deploy_steps(self, precision: str, options: dict) -> tuple[list[str], list[str]] | None:
         """(steps, extra steps) of the deploy form this format wants with these options; None: the default form."""
@@ -116,6 +163,12 @@ class Backend(ABC):
 
     def versions(self) -> dict[str, str]:
         return {}
+
+    profiler: str | None = None  # the runtime's own per-operator profiler, if the project reads it
+
+    def profile(self, path: Path, images: np.ndarray, threads: int, runs: int) -> list:
+        """Per-operator times (:class:`~cloformer_deploy.formats.profiling.OpTime`) of ``runs`` runs at ``threads``."""
+        raise NotImplementedError(f"{self.name} has no profiler")
 
 
 BACKENDS: dict[str, Backend] = {}

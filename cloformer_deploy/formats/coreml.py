@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from ..inputs import choice
-from .base import Backend, ExportJob, ModelSpec, Runner, register
+from ..options import option
+from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register
 from ..images import ImageBatch
 
 if TYPE_CHECKING:
@@ -188,17 +189,23 @@ class CoreMLBackend(Backend):
     name = "coreml"
     suffix = ".mlpackage"
     runtime = "Core ML (macOS/iOS)"
+    bench_runtimes = (BenchRuntime("coreml", "Core ML"),)
+    device_packages = ("coremltools", "pillow")  # the runner hands MLModel.predict PIL images
+    label = "Core ML"
+    keeps_float_layers = False  # its int8 is 8-bit weights, chosen per op by coremltools
+    input_note = "image input: RGB pixels 0-255; normalisation is inside the model"
+    options = {
+        "coreml_input": option("image", "Core ML input: image (RGB, normalisation inside; default) or tensor "
+                                        "(normalised float)", check=lambda flag, v: choice(flag, v, ("image", "tensor"))),
+        "coreml_target": option("iOS16", "minimum deployment target: iOS16 (default), iOS17, iOS18",
+                                check=lambda flag, v: choice(flag, v, TARGETS)),
+    }
     default_precision = "fp16"
     # int8: 8-bit linear (symmetric, per-channel) weights; w4: 4-bit palettised weights (k-means LUT).
     # Both compress weights only: activations and arithmetic stay fp16.
     precisions = ("fp16", "fp32", "int8", "w4")
     # Core ML runs on Apple's systems only; elsewhere the package interpreter reads it on the local target
     platforms = ("darwin-arm64", "darwin-x86_64")
-
-    def check_options(self, options: dict) -> dict:
-        options["coreml_input"] = choice("--coreml-input", options.get("coreml_input", "image"), ("image", "tensor"))
-        options["coreml_target"] = choice("--coreml-target", options.get("coreml_target", "iOS16"), TARGETS)
-        return options
 
     def versions(self) -> dict[str, str]:
         import coremltools

@@ -1,15 +1,28 @@
-"""ExecuTorch: torch.export of the deploy form, lowered to XNNPACK, run by the ExecuTorch Python runtime."""
+"""ExecuTorch: torch.export of the deploy form, lowered to XNNPACK, run by the ExecuTorch Python runtime.
+
+Profiles: the program runs with ETDump enabled and the Inspector reads the dump. XNNPACK reports
+the operators of each partition under its own names ("Convolution (NHWC, F32) IGEMM #2", numbered per
+partition), timed by XNNPACK itself as the intervals between consecutive operators' ends (a clock
+read per operator, no other cost inside them); a kernel left outside any partition reports as
+"native_call_<kernel>", whose dispatch ("OPERATOR_CALL" around it) is not counted.
+"""
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from ..inputs import choice
-from .base import Backend, ExportJob, ModelSpec, Runner, register
+from ..options import option
+from ..quiet import native_noise_held, quiet_libraries
+from .profiling import WARMUP_RUNS, OpTime, batches, check_counts, medians
+from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register
 from ..images import ImageBatch
 
 if TYPE_CHECKING:
@@ -120,24 +133,104 @@ def delegation_report(edge_program) -> dict:
             "non_delegated_ops": dict(sorted(outside.items()))}
 
 
+_XNNPACK_NUMBER = re.compile(r" #\d+$")  # XNNPACK numbers the operators of a type within one partition
+_ET_FRAMEWORK = {"Method::init", "Program::load_method", "Method::execute", "DELEGATE_CALL", "OPERATOR_CALL"}
+
+def profile_executorch(path: str, images: np.ndarray, threads: int, runs: int) -> list[OpTime]:
+    """Per-operator times of a .pte run by the ExecuTorch runtime with ``threads`` threads, ``runs`` runs.
+
+    The thread count is ExecuTorch's process-wide threadpool: it is set for the profile and set back
+    after, so nothing else in this process should run ExecuTorch meanwhile.
+    """
+    check_counts(threads, runs)
+    with quiet_libraries(), tempfile.TemporaryDirectory(prefix="cloformer-etdump-") as tmp:
+        etdump = os.path.join(tmp, "profile.etdp")
+        with native_noise_held():
+            import torch
+            from executorch.extension.pybindings import portable_lib
+
+            before = portable_lib._threadpool_get_thread_count()
+            if before != threads:
+                portable_lib._unsafe_reset_threadpool(threads)
+            try:
+                module = portable_lib._load_for_executorch(str(path), enable_etdump=True)
+                meta = module.method_meta("forward").input_tensor_meta(0)
+                dtype = {5: np.float16}.get(meta.dtype(), np.float32)  # an fp16 program takes fp16 images
+                inputs = [torch.from_numpy(b.astype(dtype)) for b in batches(images, meta.sizes()[0])]
+                for i in range(WARMUP_RUNS + runs):
+                    module.forward([inputs[i % len(inputs)]])
+                module.write_etdump_result_to_file(etdump)
+                del module
+            finally:
+                if before != threads:
+                    portable_lib._unsafe_reset_threadpool(before)
+        from executorch.devtools import Inspector
+
+        blocks = Inspector(etdump_path=etdump).event_blocks
+    return _executorch_ops(blocks, WARMUP_RUNS)
+
+
+def _executorch_ops(blocks, warmup: int) -> list[OpTime]:
+    """OpTimes from an ExecuTorch Inspector's event blocks (one "Execute" block per distinct run pattern).
+
+    Within a block every event has one time per run (``perf_data.raw``, in ms), in run order; runs
+    are put in time order by the start of their Method::execute and the first ``warmup`` dropped.
+    """
+    runs = []  # per execution: (start, [(event, ms)])
+    for block in blocks:
+        if block.name != "Execute":
+            continue
+        timed = [e for e in block.events if e.perf_data is not None]
+        execute = next((e for e in timed if e.name == "Method::execute"), None)
+        if execute is None:
+            continue
+        for r, start in enumerate(execute.start_time):
+            runs.append((start, [(e, e.perf_data.raw[r]) for e in timed if len(e.perf_data.raw) > r]))
+    runs.sort(key=lambda run: run[0])
+    runs = [events for _, events in runs[warmup:]]
+    if not runs:
+        raise ValueError("the ETDump holds no execution after the warm-up")
+    # the instruction that calls a delegate or a kernel; the Inspector has no public accessor for it
+    partitions = sorted({e._instruction_id for run in runs for e, _ in run if e.name == "DELEGATE_CALL"})
+    partition = {iid: k for k, iid in enumerate(partitions, 1)}
+    samples = []
+    for run in runs:
+        times: dict[tuple[str, str], float] = defaultdict(float)
+        for e, ms in run:
+            if e.is_delegated_op:  # named by its delegate debug identifier: XNNPACK's "<type> #<n>"
+                times[(f"{e.name} in partition {partition.get(e._instruction_id, '?')}",
+                       _XNNPACK_NUMBER.sub("", e.name))] += ms
+            elif e.name not in _ET_FRAMEWORK:  # a kernel outside any delegate: native_call_<kernel>
+                kernel = e.name.removeprefix("native_call_")
+                times[(f"{kernel} (instruction {e._instruction_id})", f"{kernel} (not delegated)")] += ms
+        samples.append(times)
+    return medians(samples, [])
+
+
 @register
 class ExecuTorchBackend(Backend):
     name = "executorch"
     suffix = ".pte"
     runtime = "ExecuTorch (XNNPACK)"
+    bench_runtimes = (BenchRuntime("executorch-xnnpack", "ET-XNNPACK", aliases=("executorch", "xnnpack"), peers=True),
+                      BenchRuntime("executorch-portable", "ET-portable", aliases=("portable",),
+                                   export_options={"backend": "portable"}, in_all=False, fixed_runs=3))
+    device_packages = ("executorch", "torch")  # its Python runtime links libtorch
+    # on a device it installs without its own requirements (they serve exporting); its runtime imports these
+    device_runtime_imports = {"executorch": ("ruamel.yaml", "tabulate")}
+    profiler = "ETDump and the Inspector"
+    label = "ExecuTorch"
+    options = {"backend": option("xnnpack", "ExecuTorch backend: xnnpack (default) or portable (runs about 100x slower)",
+                                 check=lambda flag, v: choice(flag, v, ("xnnpack", "portable")))}
     # fp16 runs the whole network in fp16 inside one XNNPACK partition, inputs and outputs included (a cast
     # would fall outside the delegate): the deploy form takes FP16_XNNPACK_STEPS and scaled norm inputs
     precisions = ("fp32", "fp16", "int8")
     calibrated_precisions = ("fp16", "int8")
 
-    def check_options(self, options: dict) -> dict:
-        options["et_backend"] = choice("--backend", options.get("et_backend", "xnnpack"), ("xnnpack", "portable"))
-        return options
-
     def deploy_steps(self, precision: str, options: dict):
         from ..models.deploy import DEFAULT_STEPS, FP16_XNNPACK_STEPS, QUANTIZATION_FRIENDLY
 
-        if options.get("et_backend", "xnnpack") != "xnnpack":
+        if options.get("backend", "xnnpack") != "xnnpack":
             return (list(DEFAULT_STEPS), FP16_XNNPACK_STEPS) if precision == "fp16" else None
         # XNNPACK's depthwise kernels stop at 25 taps: wider ones are cut into pieces that fit
         # int8 keeps the unmerged form with split_local_qkv: needed on executorch 1.4.1 (channel slices between
@@ -158,7 +251,7 @@ class ExecuTorchBackend(Backend):
         import torch
         from executorch.exir import to_edge_transform_and_lower
 
-        backend = job.options.get("et_backend", "xnnpack")
+        backend = job.options.get("backend", "xnnpack")
         module, example = job.module, job.example
         fp16: dict = {}
         if job.precision == "int8":
@@ -190,3 +283,6 @@ class ExecuTorchBackend(Backend):
 
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
         return ExecuTorchRunner(path, threads)
+
+    def profile(self, path: Path, images: np.ndarray, threads: int, runs: int) -> list[OpTime]:
+        return profile_executorch(str(path), images, threads, runs)

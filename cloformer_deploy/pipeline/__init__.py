@@ -1,9 +1,25 @@
 """The pipeline: checkpoint -> deploy form -> artifacts -> validation -> bundle and manifest.
 
-``export`` writes a bundle; ``validate_bundle`` validates one again (here and on a target).
+``export`` writes a bundle; ``validate_bundle`` validates one again (here and on a target). Both take an
+options object (:class:`ExportOptions`, :class:`ValidateOptions`) or its fields as keyword arguments.
+
+Importing the package imports neither torch nor a converter (the CLI parses its flags from
+:mod:`.options` first); the functions are imported on first use.
 """
 from __future__ import annotations
 
-from .api import ExportInputError, ExportResult, export, open_bundle, validate_bundle
+from importlib import import_module
 
-__all__ = ["ExportInputError", "ExportResult", "export", "open_bundle", "validate_bundle"]
+_WHERE = {"ArtifactResult": "exporter", "ExportResult": "exporter", "export": "exporter",
+          "PreparedModel": "model", "prepare_model": "model",
+          "ExportInputError": "options", "ExportOptions": "options", "ValidateOptions": "options",
+          "OpenedBundle": "revalidate", "open_bundle": "revalidate", "validate_bundle": "revalidate"}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_WHERE)

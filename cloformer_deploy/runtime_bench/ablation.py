@@ -10,35 +10,46 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..formats import BACKENDS
-from ..pipeline.api import check_weights, prepare_model
-from ..formats.base import ExportJob, ModelSpec
 from ..files import size_bytes
+from ..formats import BACKENDS
+from ..formats.base import ExportJob, ModelSpec
 from ..images import load_images
-from ..progress import Progress
-from ..validation import compare
-from ..inputs import image_size, thread_counts, whole_number, writable_folder
-from ..models import check_input_size, get_variant, to_deploy
-from ..quiet import quiet_libraries
+from ..inputs import writable_folder
+from ..models import to_deploy
 from ..models.deploy import DEFAULT_STEPS
+from ..models.memory import check_fits
+from ..pipeline import prepare_model
+from ..progress import Progress
+from ..quiet import quiet_libraries
+from ..validation import compare
 from .harness import Combo, _measure
 from .machine import machine_info
+from .options import BenchInputError, BenchOptions
+from .runtimes import FORMAT_OF, PEER_RUNTIMES, SHORT_RUNTIME
 
-RUNTIMES = (("onnx", "onnxruntime"), ("executorch", "executorch-xnnpack"))
-NAMES = {"onnxruntime": "ONNX Runtime", "executorch-xnnpack": "XNNPACK"}
+# the runtimes that take any PyTorch model, with the prefix of their columns ("ort_median_ms", "xnnpack_...")
+RUNTIMES = tuple((FORMAT_OF[rt], rt) for rt in PEER_RUNTIMES)
+COLUMN = {rt: SHORT_RUNTIME[rt].lower().removeprefix("et-") for rt in PEER_RUNTIMES}
+NAMES = {rt: BACKENDS[FORMAT_OF[rt]].runtime for rt in PEER_RUNTIMES}
 
 
-def ablation(model: str = "cloformer_xxs", *, weights=None, img_size=224, threads=1, runs: int = 30,
-             warmup: int = 5, out="runtime_bench", progress: Progress | None = None) -> dict:
-    """Time the deploy form step by step at the first of ``threads``; writes <out>/<model>-<H>x<W>-ablation.md/json."""
+def ablation(options: BenchOptions | str | None = None, /, *, progress: Progress | None = None, **kwargs) -> dict:
+    """Time the deploy form step by step at the first of ``threads``; writes <out>/<model>-<H>x<W>-ablation.md/json.
+
+    Takes the benchmark's options (:class:`BenchOptions`) or its fields as keyword arguments.
+    """
     with quiet_libraries():
-        get_variant(model)
-        size = check_input_size(image_size("--img-size", img_size))
-        threads = thread_counts("--threads", threads)[0]
-        runs, warmup = whole_number("--runs", runs, 1), whole_number("--warmup", warmup, 0)
-        check_weights(weights)
-        writable_folder("--out", out)
-        return _ablation(model, weights, size, threads, runs, warmup, Path(out), progress or Progress(quiet=True))
+        if isinstance(options, str):  # ablation("cloformer-xxs", ...)
+            options, kwargs = None, {"model": options, **kwargs}
+        opts = BenchOptions.of(options, **kwargs).checked()
+        if opts.baselines or opts.peers or opts.profile:
+            raise BenchInputError("--ablation times the deploy steps of one model; drop --baselines/--peers/--profile")
+        if opts.target_given():
+            raise BenchInputError("--ablation times on this machine; drop --target and its options")
+        writable_folder("--out", opts.out)
+        check_fits(opts.model, opts.img_size, 1, what=f"--img-size {opts.img_size[0]}x{opts.img_size[1]}")
+        return _ablation(opts.model, opts.weights, opts.img_size, opts.threads[0], opts.runs, opts.warmup,
+                         Path(opts.out), progress or Progress(quiet=True))
 
 
 def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: Progress) -> dict:
@@ -59,7 +70,7 @@ def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: 
             stages.append((label, to_deploy(authors, size, steps=form[0], extra_steps=form[1])))
         shipped.setdefault(label, []).append(rt)
     work = Path(tempfile.mkdtemp(prefix="cloformer-ablation-"))
-    spec = ModelSpec(variant.name, authors.num_classes, size, 1, variant.mean, variant.std, None, 0, None, None)
+    spec = ModelSpec(variant.name, authors.num_classes, size, mean=variant.mean, std=variant.std)
     combos, facts = [], []
     try:
         torch.save(authors.state_dict(), work / "weights.pth")
@@ -70,11 +81,11 @@ def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: 
                 path = work / f"stage{i}{BACKENDS[fmt].suffix}"
                 with progress.stage(f"{label}: export {fmt}"):
                     info = BACKENDS[fmt].export(ExportJob(module, example, spec, "fp32", {}), path, progress.log)
-                if fmt == "onnx":
-                    fact["onnx_nodes"] = info["nodes"]
-                else:
+                if "partitions" in info:  # a delegating runtime's export reports its partitions
                     fact["partitions"] = info["partitions"]
                     fact["kernels_outside"] = info["non_delegated_kernels"]
+                else:
+                    fact["onnx_nodes"] = info["nodes"]
                 combos.append(Combo(variant.name, label, rt, "fp32", threads, str(path),
                                     round(size_bytes(path) / 1e6, 2)))
             facts.append(fact)
@@ -90,7 +101,7 @@ def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: 
         for c in combos:
             if c.form != fact["stage"]:
                 continue
-            key = "ort" if c.runtime == "onnxruntime" else "xnnpack"
+            key = COLUMN[c.runtime]
             row[f"{key}_median_ms"] = round(float(np.median(c.times)), 2) if c.times else None
             row[f"{key}_max_abs"] = compare(c.outputs, reference)["max_abs"] if c.outputs is not None else None
             row[f"{key}_error"] = c.error

@@ -18,33 +18,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..formats import BACKENDS
-from ..pipeline.api import PRECISIONS, check_weights, export, open_bundle, prepare_model, versions
-from ..formats.base import ExportJob, ModelSpec
 from ..files import size_bytes
+from ..formats import BACKENDS
+from ..formats.base import ExportJob, ModelSpec
 from ..images import ImageBatch, load_images
+from ..inputs import writable_folder
+from ..models import profile_model
+from ..models.memory import check_fits
+from ..pipeline import export, open_bundle, prepare_model
+from ..pipeline.model import versions
 from ..progress import Progress
-from ..validation import compare
-from ..inputs import (InputError, comma_list, existing_folder, image_size, seconds, thread_counts, whole_number,
-                      writable_folder)
-from ..models import check_input_size, get_variant, profile_model
 from ..quiet import quiet_libraries
-from .machine import machine_info
-from .report import write_reports
-from .op_profile import PROFILERS
-from .peers import Peer, resolve_peers
-from .runtimes import ALIASES, FORMAT_OF as _FORMAT_OF, PEER_RUNTIMES, RUNTIME_OF_FORMAT, RUNTIMES
-from ..targets import Target, WorkerError, WorkerProcess, get_target
+from ..targets import Target, WorkerError, WorkerProcess
 from ..targets.local import LocalTarget
-from ..targets.base import spec_message
 from ..targets.worker import unpack
+from ..validation import compare, versus_local
+from .machine import machine_info
+from .options import BenchInputError, BenchOptions
+from .peers import Peer, resolve_peers
+from .report import write_reports
+from .runtimes import EAGER, FORMAT_OF, PEER_RUNTIMES, RUNTIME_OF_FORMAT, RUNTIMES, bench_runtime
 
-PORTABLE_RUNS = 3  # the portable kernels take seconds per run
 LOCAL = LocalTarget()  # this machine: every timed row runs here
-
-
-class BenchInputError(InputError):
-    pass
 
 
 @dataclass
@@ -81,6 +76,18 @@ class BenchResult:
     rows: list[dict]
 
 
+def bench_runtime_aliases(runtime: str) -> tuple[str, ...]:
+    return bench_runtime(runtime).aliases if runtime in FORMAT_OF else ()
+
+
+def profiler_of(runtime: str) -> str | None:
+    """The profiler of a runtime's format, for the runtime that runs the format's own artifacts."""
+    if runtime not in FORMAT_OF:
+        return None
+    backend = BACKENDS[FORMAT_OF[runtime]]
+    return backend.profiler if bench_runtime(runtime) is backend.bench_runtimes[0] else None
+
+
 def _labelled(images: ImageBatch, data: str | Path | None) -> list[int] | None:
     """Class indices for an ImageNet-validation-layout folder (one subfolder per class, sorted by name, as
     ImageNet's synset folders give the class order), from the images' paths; None for a flat folder."""
@@ -100,81 +107,72 @@ def _accuracy(outputs: np.ndarray, labels: list[int]) -> dict:
             "images": int(len(y))}
 
 
-def bench(model: str | None = None, *, weights=None, formats="all", threads=(1, 2), runs: int = 50,
-          warmup: int = 10, img_size=None, compare_authors: bool = False, baselines: bool = False,
-          portable: bool = False, data=None, out="runtime_bench", bundle=None, timeout: float = 900.0,
-          precisions=("default",), peers=None, profile: bool = False, target: str = "local",
-          cpu: str | None = None, target_cache=None, device: dict | None = None, cooldown: float = 0.0,
-          progress: Progress | None = None, argv: list[str] | None = None) -> BenchResult:
+def bench(options: BenchOptions | str | None = None, /, *, progress: Progress | None = None,
+          argv: list[str] | None = None, **kwargs) -> BenchResult:
     """Time every runtime (own process each) on the deploy form, optionally beside the authors' form.
 
-    ``bundle`` takes the artifacts of an existing export instead of exporting; its checkpoint
-    must be given as ``weights`` exactly as :func:`~cloformer_deploy.pipeline.validate_bundle` requires.
-    ``baselines`` adds the default peers (timm mobile backbones and the other CloFormer/FAT sizes) and
-    ``peers`` names more; they are exported for ONNX Runtime and XNNPACK and timed in the same rounds.
-    ``profile`` adds per-operator time tables (ETDump for XNNPACK, ONNX Runtime's profiler) in profile.md.
-    ``target`` other than ``local`` adds, for every artifact of the benchmarked model it can run, rows
-    run there: ``arm64`` (emulated, with ``cpu``) gives drift only; ``ssh://[user@]host[:port]`` (a real
-    device, with the ``device`` options of :data:`~cloformer_deploy.targets.DEVICE_OPTIONS`) gives rows
-    timed in the same interleaved rounds as this machine's. ``cooldown`` seconds pass between rounds
+    Takes a :class:`BenchOptions` or its fields as keyword arguments (``bench(model="cloformer-xxs",
+    formats="onnxruntime", threads="1,2")``); the names are the CLI's flags. ``bundle`` takes the
+    artifacts of an existing export instead of exporting; its checkpoint must be given as ``weights``
+    exactly as :func:`~cloformer_deploy.pipeline.validate_bundle` requires. ``baselines`` adds the default
+    peers (timm mobile backbones and the other CloFormer/FAT sizes) and ``peers`` names more; they are
+    exported for the runtimes that take any PyTorch model and timed in the same rounds. ``profile`` adds
+    per-operator time tables (each runtime's own profiler) in profile.md. ``target`` other than ``local``
+    adds, for every artifact of the benchmarked model it can run, rows run there: ``arm64`` (emulated,
+    with ``cpu``) gives drift only; ``ssh://[user@]host[:port]`` (a real device, with its options) gives
+    rows timed in the same interleaved rounds as this machine's. ``cooldown`` seconds pass between rounds
     (a phone's clocks drop when it heats up). A runtime the device lacks is an error row.
     """
     with quiet_libraries():
+        if isinstance(options, str):  # bench("cloformer-xxs", ...)
+            options, kwargs = None, {"model": options, **kwargs}
+        opts = BenchOptions.of(options, **kwargs).checked()
         progress = progress or Progress(quiet=True)
-        threads = thread_counts("--threads", threads)
-        runs, warmup = whole_number("--runs", runs, 1), whole_number("--warmup", warmup, 0)
-        cooldown = seconds("--cooldown", cooldown)
-        runtimes = _runtimes(formats, portable)
-        precisions = comma_list("--precisions", precisions, "default,int8")
-        bad = [p for p in precisions if p not in ("default", *PRECISIONS)]
-        if bad:
-            raise BenchInputError(f"--precisions: unknown precision {bad[0]!r}; choose from default, "
-                                  f"{', '.join(PRECISIONS)}")
-        if model is not None:
-            get_variant(model)
-        size = None if img_size is None else check_input_size(image_size("--img-size", img_size))
-        if data is not None:
-            existing_folder("--data", data, "a folder of .jpg/.png images")
-        writable_folder("--out", out)
-        if bundle is not None:
-            opened = open_bundle(bundle, weights)
+        if opts.ablation:
+            raise BenchInputError("--ablation is a run of its own: call ablation() with these options")
+        runtimes = opts.formats + [r for r in RUNTIMES if opts.portable and "portable" in bench_runtime_aliases(r)
+                                   and r not in opts.formats]
+        runtimes = [r for r in RUNTIMES if r in runtimes]
+        writable_folder("--out", opts.out)
+        size, model = opts.img_size, opts.model
+        if opts.bundle is not None:
+            opened = open_bundle(opts.bundle, opts.weights)
             m = opened.manifest["model"]
-            if model is not None and get_variant(model).name != m["name"]:
-                raise BenchInputError(f"--bundle holds {m['name']}, not {get_variant(model).name}; "
-                                      "drop --model or pass another bundle")
-            if size is not None and size != tuple(m["input_size"]):
+            if opts.was_given("model") and model != m["name"]:
+                raise BenchInputError(f"--bundle holds {m['name']}, not {model}; drop --model or pass another bundle")
+            if opts.was_given("img_size") and size != tuple(m["input_size"]):
                 raise BenchInputError(f"--bundle is for {m['input_size'][0]}x{m['input_size'][1]} images, "
                                       f"not {size[0]}x{size[1]}; drop --img-size or pass another bundle")
-            prepared, size = opened.prepared, tuple(m["input_size"])
-        else:
-            check_weights(weights)
-        peer_list = resolve_peers(baselines, peers, model or (m["name"] if bundle is not None else "cloformer_xxs"))
+            size, model = tuple(m["input_size"]), m["name"]
+        peer_list = resolve_peers(opts.baselines, opts.peers, model)
         if peer_list and not set(runtimes) & set(PEER_RUNTIMES):
             raise BenchInputError(f"--baselines/--peers are timed on {' and '.join(PEER_RUNTIMES)}; add one of "
                                   "them to --formats")
-        if bundle is None:
-            prepared = prepare_model(model or "cloformer_xxs", weights, None)
-        if profile and not set(runtimes) & set(PROFILERS):
-            raise BenchInputError(f"--profile reads the profilers of {' and '.join(PROFILERS)}; add one of them "
+        if opts.profile and not any(profiler_of(r) for r in runtimes):
+            names = [r for r in RUNTIMES if profiler_of(r)]
+            raise BenchInputError(f"--profile reads the profilers of {' and '.join(names)}; add one of them "
                                   "to --formats")
-        remote = get_target(target, cpu, target_cache, device)
+        check_fits(model, size, 1, what=f"--img-size {size[0]}x{size[1]}")
+        prepared = opened.prepared if opts.bundle is not None else prepare_model(model, opts.weights, None)
+        remote = opts.open_target()
         if remote.kind == "local":
             remote = None
-        elif not any(remote.can_run(BACKENDS[_FORMAT_OF[r]]) for r in runtimes if r in _FORMAT_OF):
-            raise BenchInputError(f"--target {target}: none of --formats runs there; add onnxruntime or "
-                                  "executorch-xnnpack")
+        elif not any(remote.can_run(BACKENDS[FORMAT_OF[r]]) for r in runtimes if r in FORMAT_OF):
+            there = [r for r in RUNTIMES if r in FORMAT_OF and remote.can_run(BACKENDS[FORMAT_OF[r]])]
+            raise BenchInputError(f"--target {opts.target}: none of --formats runs there; add "
+                                  f"{' or '.join(there)}")
         try:
-            return _bench(prepared, runtimes, threads, runs, warmup, size or (224, 224), compare_authors,
-                          data, Path(out), bundle, timeout, precisions, peer_list, profile, remote, cooldown,
-                          progress, argv)
+            return _bench(opts, prepared, runtimes, size, peer_list, remote, progress, argv)
         finally:
             if remote is not None:
                 remote.close()
 
 
-def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, data, out: Path, bundle,
-           timeout, precisions, peer_list, profile, remote: Target | None, cooldown: float, progress: Progress,
+def _bench(opts: BenchOptions, prepared, runtimes, size, peer_list, remote: Target | None, progress: Progress,
            argv) -> BenchResult:
+    threads, runs, warmup, data, bundle = opts.threads, opts.runs, opts.warmup, opts.data, opts.bundle
+    compare_authors, timeout, precisions, profile = opts.compare_authors, opts.timeout, opts.precisions, opts.profile
+    cooldown, out = opts.cooldown, Path(opts.out)
     variant, authors = prepared.variant, prepared.module
     weights_sha = prepared.weights_sha256
     images = load_images(size, variant.mean, variant.std, folder=data)
@@ -194,7 +192,7 @@ def _bench(prepared, runtimes, threads, runs, warmup, size, compare_authors, dat
         forms = ["deploy", "authors"] if compare_authors else ["deploy"]
         for form in forms:
             for rt in runtimes:
-                if rt == "torch":
+                if rt == EAGER:
                     combos += [Combo(variant.name, form, rt, "fp32", t,
                                      size_mb=size_bytes(work / "weights.pth") / 1e6) for t in threads]
                     continue
@@ -244,40 +242,25 @@ def _profiles(combos, images: ImageBatch, threads: int, runs: int, progress: Pro
     seen, parts = set(), []
     for c in combos:
         key = (c.form, c.runtime, c.precision)
-        if c.role != "subject" or c.target is not None or c.runtime not in PROFILERS or c.path is None or key in seen:
+        if c.role != "subject" or c.target is not None or not profiler_of(c.runtime) or c.path is None or key in seen:
             continue
         seen.add(key)
         with progress.stage(f"profile {c.form} form, {c.runtime} {c.precision}, {threads} thread(s), {runs} runs"):
             try:
-                tables = op_tables(PROFILERS[c.runtime](c.path, images.tensor, threads, runs))
+                tables = op_tables(BACKENDS[FORMAT_OF[c.runtime]].profile(c.path, images.tensor, threads, runs))
             except Exception as e:  # a profiler that fails costs its section, not the run's results
                 tables = f"profiling failed: {_one_line(e)}"
         parts.append(f"## {c.model}, {c.form} form, {c.runtime}, {c.precision}, {threads} thread(s)\n\n{tables}")
+    profilers = "; ".join(f"{b.label}: {b.profiler}" for b in BACKENDS.values() if b.profiler)
     head = (f"# Where the time goes: per-operator profiles\n\nEach artifact run {runs} times after warm-up, "
-            f"{threads} thread(s), batch 1, by the runtime's own profiler (ExecuTorch: ETDump and the Inspector; "
-            "ONNX Runtime: its session profiler, its per-node cost measured on a chain of trivial nodes and "
-            "subtracted). Kinds are the runtime's kernel names.\n")
+            f"{threads} thread(s), batch 1, by the runtime's own profiler ({profilers}). Kinds are the runtime's "
+            "kernel names.\n")
     return "\n\n".join([head, *parts]) + "\n"
-
-
-def _runtimes(formats, portable: bool) -> list[str]:
-    names = [n.lower() for n in comma_list("--formats", formats, "onnxruntime,executorch-xnnpack")]
-    if "all" in names:
-        chosen = ["torch", "onnxruntime", "executorch-xnnpack", "coreml"]
-    else:
-        chosen = [ALIASES.get(n, n) for n in names]
-        unknown = [n for n in chosen if n not in RUNTIMES]
-        if unknown:
-            raise BenchInputError(f"--formats: unknown runtime {unknown[0]!r}; choose from: "
-                                  f"{', '.join(RUNTIMES)}, all")
-    if portable and "executorch-portable" not in chosen:
-        chosen.append("executorch-portable")
-    return [r for r in RUNTIMES if r in chosen]
 
 
 def _bare_spec(name: str, num_classes: int, size) -> ModelSpec:
     """The spec of an artifact exported only to be timed: batch 1, no normalisation or labels recorded."""
-    return ModelSpec(name, num_classes, size, 1, (0, 0, 0), (1, 1, 1), None, 0, None, None)
+    return ModelSpec(name, num_classes, size)
 
 
 def _one_line(e: Exception) -> str:
@@ -291,7 +274,6 @@ def _peer_combos(peer_list: list[Peer], runtimes, threads, work: Path, size, ima
 
     A peer that fails to build, export or run becomes an error row; the others still run.
     """
-    from ..pipeline.api import prepare_model
     from ..models import count_macs
     from .peers import build_timm_peer
 
@@ -320,18 +302,18 @@ def _peer_combos(peer_list: list[Peer], runtimes, threads, work: Path, size, ima
                            for rt in chosen for t in threads]
                 continue
             for rt in chosen:
-                backend = BACKENDS[_FORMAT_OF[rt]]
+                backend = BACKENDS[FORMAT_OF[rt]]
                 stage.update(f"export for {rt}")
                 try:
                     if peer.source == "timm":
                         path = work / f"peer-{peer.name}{backend.suffix}"
                         spec = _bare_spec(peer.name, num_classes, size)
-                        options = {"opset": None, "simplify": True} if rt == "onnxruntime" else {}
+                        options = backend.check_options(dict(bench_runtime(rt).export_options))
                         job = ExportJob(module, torch.from_numpy(images.tensor[:1]), spec, "fp32", options)
                         art = _art(path, {"precision": "fp32", **backend.export(job, path, lambda text: None)})
                     else:  # exactly as the benchmarked model: each format's own deploy form
-                        result = export(peer.name, formats=[backend.name], img_size=size, num_classes=num_classes,
-                                        out=work / f"peer-{peer.name}", validate_artifacts=False, precision="fp32")
+                        result = export(peer.name, format=[backend.name], img_size=size, num_classes=num_classes,
+                                        out=work / f"peer-{peer.name}", no_validate=True, precision="fp32")
                         entry = next(e for e in result.manifest["artifacts"] if e["format"] == backend.name)
                         art = _art(result.bundle / entry["path"], entry)
                 except Exception as e:
@@ -347,8 +329,8 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
                precisions: list[str], data) -> dict:
     """(form, runtime, precision) -> {path, precision, size_mb, extra}: exported now, or taken from --bundle."""
     out: dict = {}
-    formats = sorted({_FORMAT_OF[r] for r in runtimes if r in _FORMAT_OF and r != "executorch-portable"},
-                     key=list(BACKENDS).index)
+    # formats whose own artifacts (the bundle's) some chosen runtime runs; other runtimes export their own below
+    formats = [f for f, rt in RUNTIME_OF_FORMAT.items() if rt in runtimes]
     entries: list[tuple[Path, dict]] = []
     if bundle is not None:  # checked by open_bundle: the manifest, its files and the weights
         from ..pipeline.bundle import read_manifest
@@ -363,9 +345,9 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
             if not fmts:
                 continue
             with progress.stage(f"export deploy form ({', '.join(fmts)}; {prec} precision)"):
-                result = export(name, weights=ckpt, formats=fmts, img_size=size, num_classes=authors.num_classes,
-                                out=work / f"export-{prec}", validate_artifacts=False, data=data,
-                                precision=None if prec == "default" else prec)
+                result = export(name, weights=ckpt, format=fmts, img_size=size, num_classes=authors.num_classes,
+                                out=work / f"export-{prec}", no_validate=True, data=data,
+                                **({} if prec == "default" else {"precision": prec}))
             entries += [(result.bundle, e) for e in result.manifest["artifacts"]]
     for root, e in entries:
         rt = RUNTIME_OF_FORMAT[e["format"]]
@@ -374,16 +356,16 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
     spec = _bare_spec(name, authors.num_classes, size)
     example = torch.randn(1, 3, *size)
     jobs = []
-    if "executorch-portable" in runtimes:
-        from ..models import to_deploy
+    for rt in runtimes:  # a runtime with export options of its own (portable kernels) exports its own artifact
+        if rt in FORMAT_OF and bench_runtime(rt).export_options:
+            from ..models import to_deploy
 
-        jobs.append(("deploy", "executorch-portable", to_deploy(authors, size), {"et_backend": "portable"}))
-    if compare_authors:
-        for rt in ("onnxruntime", "executorch-xnnpack"):
-            if rt in runtimes:
-                jobs.append(("authors", rt, authors, {"opset": None, "simplify": True}))
-    for form, rt, module, options in jobs:
-        backend = BACKENDS[_FORMAT_OF[rt]]
+            jobs.append(("deploy", rt, to_deploy(authors, size)))
+    if compare_authors:  # a naive export, in the runtimes that take any PyTorch model
+        jobs += [("authors", rt, authors) for rt in PEER_RUNTIMES if rt in runtimes]
+    for form, rt, module in jobs:
+        backend = BACKENDS[FORMAT_OF[rt]]
+        options = backend.check_options(dict(bench_runtime(rt).export_options))
         path = work / f"{form}-{rt}{backend.suffix}"
         with progress.stage(f"export {form} form for {rt}"):
             info = backend.export(ExportJob(module, example, spec, "fp32", options), path, progress.log)
@@ -398,7 +380,7 @@ def _artifact_combos(model: str, form: str, rt: str, art: dict, threads, remote:
     Apple systems: drift by the interpreter, untimed). Each way the runtime runs the artifact on a
     platform is a row (Core ML on a Mac: a compute unit each); thread counts only for runtimes that take one.
     """
-    backend = BACKENDS[_FORMAT_OF[rt]]
+    backend = BACKENDS[FORMAT_OF[rt]]
     out = []
     for where in (None, remote) if remote is not None else (None,):
         if where is not None and not where.can_run(backend):
@@ -430,7 +412,7 @@ def _measure(combos, work: Path, variant, num_classes, size, images: ImageBatch,
     """
     eager = {"model": variant.name, "family": variant.family, "architecture": dataclasses.asdict(variant.config),
              "num_classes": num_classes, "input_size": list(size), "weights": str(work / "weights.pth")}
-    spec = spec_message(_bare_spec(variant.name, num_classes, size))
+    spec = _bare_spec(variant.name, num_classes, size).to_dict()
     done: dict = {}  # one artifact's outputs do not depend on its thread count: run them once
     groups: dict = {}
     first = next((c.threads for c in combos if c.threads is not None), None)
@@ -479,10 +461,10 @@ def _thermal(group) -> dict:
 
 
 def _open_message(c: Combo, eager: dict, spec: dict) -> dict:
-    if c.runtime == "torch":
+    if c.runtime == EAGER:
         return {"cmd": "open", "format": "eager", "threads": c.threads or 1, "eager": {**eager, "form": c.form}}
     where = c.target or LOCAL
-    return {"cmd": "open", "format": _FORMAT_OF[c.runtime], "path": where.ship(c.path),
+    return {"cmd": "open", "format": FORMAT_OF[c.runtime], "path": where.ship(c.path),
             "spec": {**spec, "name": c.model}, "info": c.variant, "threads": c.threads or 1}
 
 
@@ -524,8 +506,9 @@ def _time(group, runs, warmup, progress, what, cooldown: float = 0.0) -> None:
                     continue
                 n = runs // rounds + (1 if r < runs % rounds else 0)
                 w = warmup if r == 0 else 0
-                if c.runtime == "executorch-portable":
-                    n, w = (PORTABLE_RUNS if r == 0 else 0), (1 if r == 0 else 0)
+                fixed = bench_runtime(c.runtime).fixed_runs if c.runtime in FORMAT_OF else None
+                if fixed is not None:  # kernels that take seconds per run: a fixed count, in the first round
+                    n, w = (fixed if r == 0 else 0), (1 if r == 0 else 0)
                 try:
                     if w:
                         c.worker.ask({"cmd": "time", "n": w})
@@ -573,9 +556,7 @@ def _versus_local(combos: list[Combo], rows: list[dict]) -> None:
     here = {key(c): c.outputs for c in combos if c.target is None and c.outputs is not None}
     for c, row in zip(combos, rows):
         if c.target is not None and c.outputs is not None and key(c) in here:
-            vs = compare(c.outputs, here[key(c)])
-            row["vs_local"] = {**{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},
-                               "bit_exact": bool(np.array_equal(c.outputs, here[key(c)]))}
+            row["vs_local"] = versus_local(c.outputs, here[key(c)])
 
 
 def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
@@ -601,8 +582,8 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
             accuracy = _accuracy(c.outputs, labels)
     note = None
     on = c.target or LOCAL
-    if not c.timed and on.measures_latency and c.runtime in _FORMAT_OF:
-        backend = BACKENDS[_FORMAT_OF[c.runtime]]
+    if not c.timed and on.measures_latency and c.runtime in FORMAT_OF:
+        backend = BACKENDS[FORMAT_OF[c.runtime]]
         note = (f"latency not measurable on {on.platform}: {backend.runtime} runs on "
                 f"{', '.join(backend.platforms)}; drift by its reference interpreter")
     if c.target is not None and not c.target.measures_latency:

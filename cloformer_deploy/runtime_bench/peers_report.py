@@ -34,7 +34,7 @@ def summary(results: dict) -> list[dict]:
             "model": r["model"], "subject": subject, "family": _family(r["model"], r.get("source")),
             "params": r.get("params"), "macs": r.get("macs"), "partitions": None, "latency": {}, "gmacs_per_s": {},
             "published": r.get("published") if not subject else _published(r["model"]), "errors": []})
-        if r["runtime"] == "executorch-xnnpack" and (r.get("delegation") or {}).get("partitions") is not None:
+        if (r.get("delegation") or {}).get("partitions") is not None:  # a delegating runtime's row
             m["partitions"] = r["delegation"]["partitions"]
         key = (r["runtime"], r["threads"])
         if (r.get("latency_ms") or {}).get("median") is not None:

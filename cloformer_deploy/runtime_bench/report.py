@@ -5,10 +5,9 @@ import csv
 import json
 import math
 import textwrap
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .report_parts import SHORT_RUNTIME, Plot, fmt, md_cell, ms_axis, nice_ceil, nice_floor, note_below, plain
+from .report_parts import SHORT_RUNTIME, Plot, fmt, md_cell, ms_axis, nice_ceil, nice_floor, note_below
 from .runtimes import PEER_RUNTIMES
 
 COLUMNS = ["model", "form", "runtime", "precision", "threads", "median ms", "p90 ms", "min ms", "load ms",

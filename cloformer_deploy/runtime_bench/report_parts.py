@@ -5,8 +5,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SHORT_RUNTIME = {"onnxruntime": "ORT", "executorch-xnnpack": "ET-XNNPACK", "executorch-portable": "ET-portable",
-                 "coreml": "Core ML"}
+from .runtimes import SHORT_RUNTIME  # noqa: F401  (the reports' short runtime names)
+
 
 
 def fmt(v, spec: str = "") -> str:

@@ -1,11 +1,23 @@
-"""The runtimes the benchmark can time, and the export format each one runs (a table: no heavy import)."""
+"""The runtimes the benchmark can time, read from the formats' registry (no heavy import).
+
+Every name here comes from a format's ``bench_runtimes``; "torch" (the eager model) is the only row kind
+that is not a format.
+"""
 from __future__ import annotations
 
-RUNTIMES = ("torch", "onnxruntime", "executorch-xnnpack", "executorch-portable", "coreml")
-FORMAT_OF = {"onnxruntime": "onnx", "executorch-xnnpack": "executorch", "executorch-portable": "executorch",
-             "coreml": "coreml"}
-RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "executorch": "executorch-xnnpack", "coreml": "coreml"}
-ALIASES = {"onnx": "onnxruntime", "executorch": "executorch-xnnpack", "xnnpack": "executorch-xnnpack",
-           "portable": "executorch-portable", "pytorch": "torch"}
-# the runtimes peer models are exported for and timed on
-PEER_RUNTIMES = ("onnxruntime", "executorch-xnnpack")
+from ..formats import BACKENDS
+
+EAGER = "torch"
+_WAYS = {r.name: (b, r) for b in BACKENDS.values() for r in b.bench_runtimes}
+RUNTIMES = (EAGER, *_WAYS)
+FORMAT_OF = {name: b.name for name, (b, _) in _WAYS.items()}
+RUNTIME_OF_FORMAT = {b.name: b.bench_runtimes[0].name for b in BACKENDS.values() if b.bench_runtimes}
+ALIASES = {"pytorch": EAGER, **{a: name for name, (_, r) in _WAYS.items() for a in r.aliases}}
+IN_ALL = (EAGER, *(name for name, (_, r) in _WAYS.items() if r.in_all))
+PEER_RUNTIMES = tuple(name for name, (_, r) in _WAYS.items() if r.peers)
+SHORT_RUNTIME = {name: r.short for name, (_, r) in _WAYS.items()}
+
+
+def bench_runtime(name: str):
+    """The :class:`~cloformer_deploy.formats.base.BenchRuntime` called ``name``."""
+    return _WAYS[name][1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -125,7 +126,34 @@ def validate_on_target(target, fmt: str, path: Path, spec: ModelSpec, info: dict
     # emulated: not a latency; on a device, the median of untimed validation runs (the benchmark times them)
     report["seconds_per_batch"] = round(float(np.median(runner.run_ms)) / 1e3, 3)
     if local_outputs is not None:
-        vs = compare(out, local_outputs[: len(out)])
-        report["vs_local"] = {**{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},
-                              "bit_exact": bool(np.array_equal(out, local_outputs[: len(out)]))}
+        report["vs_local"] = versus_local(out, local_outputs)
     return {"ran": True, **report, "target": target.describe()}
+
+
+def versus_local(out: np.ndarray, local: np.ndarray) -> dict:
+    """How a target's outputs differ from this machine's run of the same artifact on the same images."""
+    vs = compare(out, local[: len(out)])
+    return {**{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},
+            "bit_exact": bool(np.array_equal(out, local[: len(out)]))}
+
+
+def validate_artifact(local, target, fmt: str, path: Path, spec: ModelSpec, info: dict, images: ImageBatch,
+                      reference: np.ndarray, bounds: Bounds, progress, label: str) -> dict:
+    """One artifact validated on this machine (``local``) and, for another ``target``, there too.
+
+    The report is this machine's, with the target's under ``targets.<name>``; it passes when both do
+    (a target that cannot run the format does not fail it).
+    """
+    with progress.stage(f"{label}: validate") as stage:
+        runner = local.runner(fmt, path, spec, info)
+        report, local_out = validate_outputs(runner, images, reference, spec.batch, bounds,
+                                             on_progress=stage.update)
+    progress.report(fmt, report)
+    if target.kind != "local":
+        with progress.stage(f"{label}: validate on {target.name}") as stage:
+            on_target = validate_on_target(target, fmt, path, spec, info, images, reference, bounds, local_out,
+                                           stage)
+        progress.report_target(fmt, target.name, on_target)
+        report["targets"] = {target.name: on_target}
+        report["passed"] = report["passed"] and on_target["passed"] is not False
+    return report

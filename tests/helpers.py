@@ -1,0 +1,47 @@
+"""What several test modules share: the golden data, the tiny model's name and size, tensor helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN = Path(os.environ.get("CLOFORMER_GOLDEN", GOLDEN))
+
+
+def golden_file(name: str) -> Path:
+    """A file of ../shared/golden: skipped where absent (a user's clone), a failure under CI."""
+    path = GOLDEN / name
+    if not path.exists():
+        msg = f"parity data {path} is absent (it ships in the project's shared/ folder, not in the package)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + "; CI must check parity")
+        pytest.skip(msg)
+    return path
+
+
+def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every norm non-trivial statistics and affine, so that a wrong fold shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            elif isinstance(m, torch.nn.GroupNorm):
+                m.weight.copy_(torch.rand(m.num_channels, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_channels, generator=g) * 0.2)
+    return model
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+TINY = "cloformer_tiny_test"
+
+TINY_SIZE = (64, 96)
