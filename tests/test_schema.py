@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cloformer_deploy import schema
+from cloformer_deploy.pipeline import schema
 from cloformer_deploy.cli import bench_main, export_main, validate_main
 from cloformer_deploy.pipeline import bundle as bundle_io
 
@@ -113,7 +113,7 @@ DAMAGE = {
                    "manifest.json was written by an older version of cloformer-deploy (schema 1; this one reads "
                    "schema 2); export it again"),
     "wrong enum": (lambda m: m["artifacts"][1].update(precision="fp8"),
-                   "artifacts[1] has precision 'fp8', which this version does not know"),
+                   "artifacts[1] has precision 'fp8', which is not offered when format is coreml"),
 }
 
 
@@ -215,7 +215,7 @@ def test_closed_lists_in_the_schemas_match_the_registries():
     from cloformer_deploy.runtime_bench.runtimes import RUNTIMES
 
     m, r = schema.load("manifest")["$defs"], schema.load("results")["$defs"]
-    fix = "; edit the schema under cloformer_deploy/ and regenerate docs/ (python -m cloformer_deploy.schema NAME)"
+    fix = "; edit the schema under cloformer_deploy/ and regenerate docs/ (python -m cloformer_deploy.pipeline.schema NAME)"
     art = m["artifact"]["properties"]
     assert art["format"]["enum"] == list(BACKENDS), "artifact.format" + fix
     offered = [p for p in art["precision"]["enum"] if any(p in b.precisions for b in BACKENDS.values())]
@@ -240,7 +240,7 @@ def test_definitions_shared_by_both_schemas_are_the_same():
 @pytest.mark.parametrize("name", list(schema.SCHEMAS))
 def test_docs_show_the_current_schema(name):
     page = ROOT / schema.SCHEMAS[name][2]
-    command = f"python -m cloformer_deploy.schema {name} > {schema.SCHEMAS[name][2]}"
+    command = f"python -m cloformer_deploy.pipeline.schema {name} > {schema.SCHEMAS[name][2]}"
     assert page.is_file(), f"{page.relative_to(ROOT)} is missing; write it: {command}"
     assert page.read_text() == schema.render(name), f"{page.relative_to(ROOT)} is stale; regenerate it: {command}"
 
@@ -249,4 +249,4 @@ def test_module_entry_renders_and_refuses_an_unknown_name(capsys):
     assert schema.main(["manifest"]) == 0
     assert capsys.readouterr().out == schema.render("manifest")
     assert schema.main(["nope"]) == 2
-    assert "usage: python -m cloformer_deploy.schema" in capsys.readouterr().err
+    assert "usage: python -m cloformer_deploy.pipeline.schema" in capsys.readouterr().err

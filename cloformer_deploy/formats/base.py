@@ -118,6 +118,11 @@ class Backend(ABC):
     options: dict[str, Any] = {}
     keeps_float_layers = True  # int8 can leave chosen layers in float (--keep-float)
     input_note: str | None = None  # how its input differs from the manifest's preprocessing, for an app developer
+    summary: str  # what its artifact is, for an app developer ("a .onnx file for ONNX Runtime (...)")
+    manifest_facts: dict[str, dict] = {}  # what its export records in a manifest entry, as JSON Schema properties
+    manifest_required: tuple[str, ...] = ()  # of those, the ones every entry of this format has
+    calibration_recorded: tuple[str, ...] = ("int8",)  # precisions whose entry records the calibration images
+    runner_methods: tuple[str, ...] = ()  # how a validation report says its runner ran it ("onnxruntime", ...)
     device_packages: tuple[str, ...] = ()  # Python distributions a device's worker imports to run it
     # a device package installed without its requirements -> what its runtime imports besides
     device_runtime_imports: dict[str, tuple[str, ...]] = {}

@@ -191,6 +191,50 @@ class CoreMLBackend(Backend):
     runtime = "Core ML (macOS/iOS)"
     bench_runtimes = (BenchRuntime("coreml", "Core ML"),)
     device_packages = ("coremltools", "pillow")  # the runner hands MLModel.predict PIL images
+    summary = 'a .mlpackage folder for Core ML (iOS 16+, macOS 13+)'
+    # what its export records in a manifest entry, as JSON Schema (assembled into the published schema)
+    manifest_facts = {'input': {'enum': ['image', 'tensor'],
+               'description': 'Core ML: `image`: the input (named `image`) is an RGB image of input_size, pixels '
+                              '0-255, normalised inside the model; `tensor`: the input (named `input`) is the '
+                              'normalised float32 array batch x 3 x H x W, as preprocessing describes.'},
+     'minimum_deployment_target': {'enum': ['iOS16', 'iOS17', 'iOS18'],
+                                   'description': 'Core ML: oldest iOS the package runs on (iOS16: also macOS '
+                                                  '13).'},
+     'classifier': {'type': 'boolean',
+                    'description': 'Core ML: true (batch 1) when the model is a classifier: it outputs the top '
+                                   'label and a dictionary of scores by label (logits: apply softmax for '
+                                   'probabilities); false: one float32 output `logits`, batch x num_classes.'},
+     'ops': {'type': 'object',
+             'additionalProperties': {'type': 'integer', 'minimum': 0},
+             'description': 'Core ML: operations of the ML Program per type.',
+             'propertyNames': {'description': 'operator name'}},
+     'fp32_ops_in_fp16_program': {'type': 'integer',
+                                  'minimum': 0,
+                                  'description': "Core ML: compute ops kept float32 in an fp16 program (the norms' "
+                                                 'statistics).'},
+     'compression': {'type': 'object',
+                     'additionalProperties': True,
+                     'description': 'Core ML int8 and w4: how the weights were compressed.',
+                     'properties': {'weights': {'type': 'string', 'description': "The weights' encoding."},
+                                    'activations': {'type': 'string',
+                                                    'description': "The arithmetic's precision (fp16)."}}},
+     'norm_statistics': {'type': 'object',
+                         'additionalProperties': True,
+                         'description': "Core ML, not fp32: the largest values the channel norms' statistics reach "
+                                        "on the validation images (float32 reference), against float16's largest "
+                                        'value: why those ops stay float32.',
+                         'properties': {'max_squared_deviation': {'type': 'number',
+                                                                  'description': 'Largest (x - mean)^2 a norm '
+                                                                                 'squares.'},
+                                        'max_variance': {'type': 'number',
+                                                         'description': 'Largest variance a norm computes.'},
+                                        'max_abs_input': {'type': 'number',
+                                                          'description': 'Largest absolute value entering a norm.'},
+                                        'fp16_max': {'type': 'number',
+                                                     'description': 'Largest finite float16: 65504.'}}}}
+    manifest_required = ('input', 'minimum_deployment_target', 'classifier', 'ops', 'fp32_ops_in_fp16_program')
+    runner_methods = ('coreml', 'emulated')
+    calibration_recorded = ()  # its int8 is weights only
     label = "Core ML"
     keeps_float_layers = False  # its int8 is 8-bit weights, chosen per op by coremltools
     input_note = "image input: RGB pixels 0-255; normalisation is inside the model"

@@ -216,6 +216,37 @@ class ExecuTorchBackend(Backend):
                       BenchRuntime("executorch-portable", "ET-portable", aliases=("portable",),
                                    export_options={"backend": "portable"}, in_all=False, fixed_runs=3))
     device_packages = ("executorch", "torch")  # its Python runtime links libtorch
+    summary = 'a .pte program for the ExecuTorch runtime (Android, iOS)'
+    # what its export records in a manifest entry, as JSON Schema (assembled into the published schema)
+    manifest_facts = {'backend': {'enum': ['xnnpack', 'portable'],
+                 'description': 'ExecuTorch: `xnnpack`: lowered to the XNNPACK delegate (link it in the app); '
+                                "`portable`: ExecuTorch's portable kernels (about 100x slower)."},
+     'partitions': {'type': 'integer',
+                    'minimum': 0,
+                    'description': 'ExecuTorch: delegate partitions (1: the whole network runs in one XNNPACK '
+                                   'subgraph).'},
+     'non_delegated_kernels': {'type': 'integer',
+                               'minimum': 0,
+                               'description': 'ExecuTorch: operator calls outside any delegate, run by ExecuTorch '
+                                              'kernels the app must link (0 with XNNPACK).'},
+     'non_delegated_ops': {'type': 'object',
+                           'additionalProperties': {'type': 'integer', 'minimum': 0},
+                           'description': 'ExecuTorch: those operators, with their counts.',
+                           'propertyNames': {'description': 'operator name'}},
+     'constant_methods': {'type': 'array',
+                          'items': {'type': 'string'},
+                          'description': 'ExecuTorch: methods of the program that return constants an app can '
+                                         'read: batch, input_size, mean, num_classes, std.'},
+     'input_dtype': {'enum': ['float32', 'float16'],
+                     'description': 'ExecuTorch: element type of the input tensor; an fp16 program takes float16 '
+                                    'and outputs float16 logits.'},
+     'scaled_norms': {'type': 'object',
+                      'additionalProperties': {'type': 'integer'},
+                      'propertyNames': {'description': 'layer'},
+                      'description': 'ExecuTorch fp16: channel norms whose input is scaled by 2^-k inside the '
+                                     "program to stay in float16's range: layer -> k."}}
+    manifest_required = ('backend', 'partitions', 'non_delegated_kernels', 'non_delegated_ops', 'constant_methods', 'input_dtype')
+    runner_methods = ('executorch',)
     # on a device it installs without its own requirements (they serve exporting); its runtime imports these
     device_runtime_imports = {"executorch": ("ruamel.yaml", "tabulate")}
     profiler = "ETDump and the Inspector"

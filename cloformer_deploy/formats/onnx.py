@@ -165,6 +165,41 @@ class OnnxBackend(Backend):
     runtime = "ONNX Runtime"
     bench_runtimes = (BenchRuntime("onnxruntime", "ORT", aliases=("onnx",), peers=True),)
     device_packages = ("onnxruntime",)
+    summary = 'a .onnx file for ONNX Runtime (Android, iOS, desktop)'
+    # what its export records in a manifest entry, as JSON Schema (assembled into the published schema)
+    manifest_facts = {'opset': {'type': 'integer',
+               'minimum': 1,
+               'description': 'ONNX: opset of the graph; the ONNX Runtime an app ships must support it.'},
+     'simplified': {'type': 'boolean', 'description': 'ONNX: true when onnxsim simplified the graph.'},
+     'simplify_error': {'type': 'string',
+                        'description': 'ONNX: why onnxsim failed (the unsimplified graph was kept).'},
+     'fp32_nodes_in_fp16_graph': {'type': 'integer',
+                                  'minimum': 0,
+                                  'description': "ONNX fp16: nodes kept float32 (the norms' statistics, which "
+                                                 'overflow fp16). Input and output stay float32.'},
+     'quantization': {'type': 'object',
+                      'additionalProperties': True,
+                      'description': 'ONNX int8: how the graph was quantised.',
+                      'properties': {'format': {'type': 'string',
+                                                'description': '`QDQ`: QuantizeLinear/DequantizeLinear pairs '
+                                                               'around float ops.'},
+                                     'weights': {'type': 'string',
+                                                 'description': 'How weights are quantised, e.g. int8 per-channel '
+                                                                'symmetric.'},
+                                     'activations': {'type': 'string',
+                                                     'description': 'How activations are quantised and '
+                                                                    'calibrated.'},
+                                     'excluded_nodes': {'type': 'integer',
+                                                        'minimum': 0,
+                                                        'description': 'Nodes left float (--keep-float).'}}},
+     'nodes': {'type': 'integer', 'minimum': 0, 'description': 'ONNX: number of nodes in the graph.'},
+     'op_types': {'type': 'object',
+                  'additionalProperties': {'type': 'integer', 'minimum': 0},
+                  'description': 'ONNX: nodes per operator type: the kernels a reduced-operator ONNX Runtime build '
+                                 'needs.',
+                  'propertyNames': {'description': 'operator name'}}}
+    manifest_required = ('opset', 'simplified', 'nodes', 'op_types')
+    runner_methods = ('onnxruntime',)
     profiler = "ONNX Runtime's session profiler, net of its own cost per node"
     label = "ONNX"
     options = {

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .. import schema
+from . import schema
 from ..files import sha256_file, sha256_path, size_bytes  # noqa: F401  (re-exported for the pipeline)
 from ..inputs import InputError, default_umask_mode
 
@@ -150,7 +150,11 @@ class StagingDir:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """Written to a temporary name and renamed: a manifest is never half-written (validation rewrites it)."""
+    """Checked against the published schema (a failure is this project's bug, not the user's), then written to
+    a temporary name and renamed: a manifest is never half-written (validation rewrites it)."""
+    problem = schema.problem("manifest", manifest)
+    if problem is not None:
+        raise RuntimeError(f"the manifest this version wrote breaks its own schema: {problem}")
     tmp = folder / f".{MANIFEST}.partial"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, folder / MANIFEST)

@@ -26,7 +26,9 @@ from ..inputs import writable_folder
 from ..models import profile_model
 from ..models.memory import check_fits
 from ..pipeline import export, open_bundle, prepare_model
+from ..pipeline import schema
 from ..pipeline.model import versions
+from ..pipeline.schema import RESULTS_SCHEMA_VERSION
 from ..progress import Progress
 from ..quiet import quiet_libraries
 from ..targets import Target, WorkerError, WorkerProcess
@@ -215,7 +217,7 @@ def _bench(opts: BenchOptions, prepared, runtimes, size, peer_list, remote: Targ
                 c.worker.close()
         shutil.rmtree(work, ignore_errors=True)
     results = {
-        "machine": machine, "versions": versions(),
+        "schema_version": RESULTS_SCHEMA_VERSION, "machine": machine, "versions": versions(),
         "config": {"model": variant.name, "input_size": list(size), "threads": threads, "runs": runs,
                    "warmup": warmup, "cooldown_s": cooldown, "weights_sha256": weights_sha, "random_init": prepared.random_init,
                    "images": len(images), "data": str(data) if data else "scikit-image bundled photographs",
@@ -230,6 +232,9 @@ def _bench(opts: BenchOptions, prepared, runtimes, size, peer_list, remote: Targ
     for stale in ("profile.md", "peers.md", "pareto.png"):  # an earlier run's, which this run would not replace
         (out_dir / stale).unlink(missing_ok=True)
     write_reports(out_dir, results)
+    problem = schema.problem("results", results)  # after writing: a schema bug must not cost the measurements
+    if problem is not None:
+        raise RuntimeError(f"results.json breaks its own schema (written all the same): {problem}")
     if profiles is not None:
         (out_dir / "profile.md").write_text(profiles)
     return BenchResult(out_dir, results, rows)

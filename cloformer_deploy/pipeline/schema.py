@@ -6,8 +6,8 @@ Both ship in the package and are read with :mod:`importlib.resources`: ``manifes
 :func:`problem` names the first place a document breaks its schema in one line; :func:`render` turns a
 schema into the Markdown page app developers read (docs/manifest.md, docs/results.md)::
 
-    python -m cloformer_deploy.schema manifest > docs/manifest.md
-    python -m cloformer_deploy.schema results > docs/results.md
+    python -m cloformer_deploy.pipeline.schema manifest > docs/manifest.md
+    python -m cloformer_deploy.pipeline.schema results > docs/results.md
 
 A shared base module, like :mod:`cloformer_deploy.files`: every layer may use it.
 """
@@ -41,7 +41,51 @@ def schema_file(name: str):
 
 @cache
 def _schema(name: str) -> dict:
-    return json.loads(schema_file(name).read_text(encoding="utf-8"))
+    schema = json.loads(schema_file(name).read_text(encoding="utf-8"))
+    return _with_formats(schema) if name == "manifest" else _with_runtimes(schema)
+
+
+def _with_runtimes(schema: dict) -> dict:
+    """results.json's schema with the runtimes and precisions of the formats this version has."""
+    from ..formats import BACKENDS
+
+    row = schema["$defs"]["row"]["properties"]
+    # "torch": the eager model, the one row kind that is not a format's
+    row["runtime"]["enum"] = ["torch", *(r.name for b in BACKENDS.values() for r in b.bench_runtimes)]
+    row["precision"]["enum"] = list(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
+    return schema
+
+
+def _with_formats(schema: dict) -> dict:
+    """The manifest's schema with what each format records: the formats' modules hold those facts, so a new
+    format brings its part of the schema with it."""
+    from ..formats import BACKENDS
+
+    defs = schema["$defs"]
+    artifact = defs["artifact"]
+    props = artifact["properties"]
+    props["format"]["enum"] = list(BACKENDS)
+    props["format"]["description"] = "; ".join(f"`{n}`: {b.summary}" for n, b in BACKENDS.items()) + "."
+    props["precision"]["enum"] = list(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
+    conditions = []
+    for name, backend in BACKENDS.items():
+        props.update(backend.manifest_facts)
+        when = {"properties": {"format": {"const": name}}, "required": ["format"]}
+        conditions.append({"if": when, "then": {"required": list(backend.manifest_required),
+                                                "properties": {"precision": {"enum": list(backend.precisions)}}}})
+        for precision in backend.calibration_recorded:
+            conditions.append({"if": {"properties": {"format": {"const": name}, "precision": {"const": precision}},
+                                      "required": ["format", "precision"]}, "then": {"required": ["calibration"]}})
+    artifact["allOf"] = conditions
+    method = defs["validation"]["properties"]["method"]
+    method["enum"] = list(dict.fromkeys(m for b in BACKENDS.values() for m in b.runner_methods))
+    preprocessing = defs["preprocessing"]
+    for name, backend in BACKENDS.items():
+        if backend.input_note:
+            preprocessing["properties"][name] = {"type": "string", "description": f"What a {backend.label} "
+                                                 "artifact takes instead of the normalised tensor."}
+            preprocessing["required"].append(name)
+    return schema
 
 
 def load(name: str) -> dict:
@@ -360,15 +404,17 @@ def render(name: str) -> str:
     head = [
         f"# {schema['title']}, schema version {version}",
         "",
-        f"<!-- Generated from cloformer_deploy/{package_path} by `python -m cloformer_deploy.schema {name} > "
+        f"<!-- Generated from cloformer_deploy/{package_path} by `python -m cloformer_deploy.pipeline.schema {name} > "
         f"{page}`: edit the schema, then run that command. -->",
         "",
         _cell(schema["description"]),
         "",
-        f"The JSON Schema (draft 2020-12) ships in the package as `cloformer_deploy/{package_path}` "
-        f"(`importlib.resources.files(\"cloformer_deploy\") / \"{package_path}\"`); any JSON Schema 2020-12 "
-        f"validator checks a {document} against it, and in Python `cloformer_deploy.schema.check(\"{name}\", data)` "
-        "raises one line naming the first field that breaks it.",
+        f"The JSON Schema (draft 2020-12) ships in the package as `cloformer_deploy/{package_path}`"
+        + (" with the parts every format shares; each format's module adds what its export records, and "
+           f"`python -m cloformer_deploy.pipeline.schema {name} --json` prints the whole schema" if name == "manifest"
+           else "") + f". Any JSON Schema 2020-12 validator checks a {document} against it, and in Python "
+        f"`cloformer_deploy.pipeline.schema.check(\"{name}\", data)` raises one line naming the first field that "
+        "breaks it.",
         "",
         "Required: `yes`, always present (a type that includes null: present, possibly null); `no`, may be absent; "
         "`if ...`, present under that condition. Numbers written as `Infinity` or `NaN` can appear where outputs "
@@ -380,10 +426,13 @@ def render(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
     if len(args) != 1 or args[0] not in SCHEMAS:
-        print(f"usage: python -m cloformer_deploy.schema {{{','.join(SCHEMAS)}}} > docs/<name>.md", file=sys.stderr)
+        print(f"usage: python -m cloformer_deploy.pipeline.schema {{{','.join(SCHEMAS)}}} [--json] > docs/<name>.md",
+              file=sys.stderr)
         return 2
-    sys.stdout.write(render(args[0]))
+    sys.stdout.write(json.dumps(_schema(args[0]), indent=2, ensure_ascii=False) + "\n" if as_json else render(args[0]))
     return 0
 
 
