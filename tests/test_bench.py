@@ -16,6 +16,7 @@ def result(tiny_variant, tiny_checkpoint, tmp_path_factory):
                  runs=4, warmup=1, img_size=64, compare_authors=True, out=tmp_path_factory.mktemp("bench"))
 
 
+@pytest.mark.e2e
 def test_rows_cover_every_runtime_form_and_thread_count(result):
     keys = {(r["form"], r["runtime"], r["threads"]) for r in result.rows}
     for form in ("deploy", "authors"):
@@ -25,6 +26,7 @@ def test_rows_cover_every_runtime_form_and_thread_count(result):
     assert not [r for r in result.rows if r["error"]], [r["error"] for r in result.rows if r["error"]]
 
 
+@pytest.mark.e2e
 def test_each_row_is_measured(result):
     for r in result.rows:
         if r["runtime"] == "coreml":
@@ -39,6 +41,7 @@ def test_each_row_is_measured(result):
     assert all(r["delegation"]["partitions"] == 1 for r in xnn)
 
 
+@pytest.mark.e2e
 def test_machine_and_outputs_written(result):
     m = result.results["machine"]
     assert m["cpu"] and m["cores"] >= 1 and set(m["matmul_gflops"]) == {"1", "2"}

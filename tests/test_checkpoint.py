@@ -36,7 +36,9 @@ def test_training_checkpoint_with_yacs_config_loads_without_yacs(tmp_path, fat_b
     import types
     cfg = FakeCfgNode(MODEL=FakeCfgNode(NAME="fat_b0"), TRAIN=FakeCfgNode(EPOCHS=300))
     cfg.__dict__["__immutable__"] = True
-    yacs = types.ModuleType("yacs"); yacs.config = types.ModuleType("yacs.config"); yacs.config.CfgNode = FakeCfgNode
+    yacs = types.ModuleType("yacs")
+    yacs.config = types.ModuleType("yacs.config")
+    yacs.config.CfgNode = FakeCfgNode
     monkeypatch.setitem(sys.modules, "yacs", yacs)
     monkeypatch.setitem(sys.modules, "yacs.config", yacs.config)
     path = tmp_path / "ckpt_epoch_299.pth"

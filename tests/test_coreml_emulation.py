@@ -42,6 +42,7 @@ def test_fp32_package_matches_pytorch(setup, tmp_path, coreml_input):
     assert report["figures"]["max_abs"] <= 1e-4
 
 
+@pytest.mark.e2e
 def test_fp16_norm_statistics_stay_finite_where_naive_fp16_overflows(setup, tmp_path):
     """Activations 2000x larger into the stem norm: the function is the same (a norm is scale-free),
     but a naive fp16 conversion squares deviations past 65504 and returns NaN."""

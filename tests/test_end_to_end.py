@@ -4,15 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import golden_file
 from safetensors.torch import load_file
 
 from cloformer_deploy.formats import BACKENDS
-from cloformer_deploy.pipeline import export
 from cloformer_deploy.formats.base import ModelSpec
 from cloformer_deploy.images import ImageBatch
-from helpers import golden_file
+from cloformer_deploy.pipeline import export
 
 EXPORTED_FP32 = 1e-4  # the golden README's bound for exported fp32 artifacts
+
+pytestmark = pytest.mark.e2e  # CloFormer-XXS at 224 in every format on the golden weights
 
 
 @pytest.fixture(scope="module")

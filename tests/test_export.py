@@ -11,15 +11,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import TINY_SIZE as SIZE
 
 import cloformer_deploy as cd
 from cloformer_deploy.cli import export_main, validate_main
 from cloformer_deploy.formats import BACKENDS
+from cloformer_deploy.images import load_images
 from cloformer_deploy.pipeline import export, validate_bundle
 from cloformer_deploy.pipeline.bundle import sha256_path
-from cloformer_deploy.images import load_images
-
-from helpers import TINY_SIZE as SIZE
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +346,7 @@ def test_calibration_gives_the_requested_count_or_says_why_not(tmp_path):
     assert len(load_calibration((64, 64), mean, std, folder=tmp_path, count=32)) == 6
 
 
+@pytest.mark.e2e
 def test_api_prints_nothing_but_our_own_progress(tiny_variant, tiny_checkpoint, tmp_path, capfd):
     """Converters' warnings, progress bars and the ExecuTorch runtime's native cpuinfo lines stay off the
     terminal, from the Python API too (file descriptor level: capfd sees what C++ writes)."""
@@ -365,6 +365,7 @@ def test_api_prints_nothing_but_our_own_progress(tiny_variant, tiny_checkpoint, 
     assert "cpuinfo" not in text and "coremltools" not in text
 
 
+@pytest.mark.e2e
 def test_executorch_fp16_is_one_partition_and_validated(tiny_variant, tiny_checkpoint, tmp_path):
     r = export(tiny_variant, weights=tiny_checkpoint, format="executorch", precision="fp16", img_size=SIZE,
                out=tmp_path)
@@ -376,6 +377,7 @@ def test_executorch_fp16_is_one_partition_and_validated(tiny_variant, tiny_check
     assert runner.dtype == np.float16
 
 
+@pytest.mark.e2e
 def test_executorch_fp16_scales_loud_norms_and_stays_accurate(tiny_variant, tmp_path):
     """Stem activations 2000x larger: squared deviations pass fp16's 65504. The export scales those norms'
     inputs and stays one partition and accurate. (XNNPACK on this x86 CPU, which has no fp16 arithmetic,

@@ -293,10 +293,10 @@ def test_help_and_listing_import_no_torch():
 
 
 def test_listed_profiles_are_the_counted_ones():
+    from helpers import TINY
+
     from cloformer_deploy.models import list_models, profile_model
     from cloformer_deploy.models.registry import PROFILE_224
-
-    from helpers import TINY
 
     assert set(PROFILE_224) == set(list_models()) - {TINY}
     for name in PROFILE_224:

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import onnx
 import pytest
+from helpers import TINY_SIZE
 
 from cloformer_deploy.cli import validate_main
 from cloformer_deploy.formats import BACKENDS
 from cloformer_deploy.pipeline import export
-from helpers import TINY_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,7 @@ def bundles(tiny_variant, tiny_checkpoint, tiny_bundle, tmp_path_factory):
     return tiny_bundle, int8
 
 
+@pytest.mark.e2e
 def test_every_format_int8_passes_its_bound(bundles):
     _, int8 = bundles
     assert int8.passed and [a.precision for a in int8.artifacts] == ["int8"] * 3
@@ -29,6 +30,7 @@ def test_every_format_int8_passes_its_bound(bundles):
         assert v["figures"]["max_abs"] > 1e-5  # quantised: the numbers really changed
 
 
+@pytest.mark.e2e
 def test_int8_is_smaller(bundles):
     fp32, int8 = bundles
     size = {a.format: a.entry["size_bytes"] for a in fp32.artifacts if a.precision == "fp32"}
@@ -37,6 +39,7 @@ def test_int8_is_smaller(bundles):
             assert a.entry["size_bytes"] < 0.5 * size[a.format], a.format
 
 
+@pytest.mark.e2e
 def test_calibration_and_kept_layers_are_recorded(bundles):
     _, int8 = bundles
     m = json.loads((int8.bundle / "manifest.json").read_text())
@@ -48,6 +51,7 @@ def test_calibration_and_kept_layers_are_recorded(bundles):
             assert cal["kept_float"] == [s["layer"] for s in cal["sensitivity_top"][:2]]
 
 
+@pytest.mark.e2e
 def test_onnx_int8_is_qdq_with_kept_layers_in_float(bundles):
     _, int8 = bundles
     entry = next(a.entry for a in int8.artifacts if a.format == "onnx")
@@ -60,12 +64,14 @@ def test_onnx_int8_is_qdq_with_kept_layers_in_float(bundles):
         assert f"{layer}.weight" in floats
 
 
+@pytest.mark.e2e
 def test_executorch_int8_stays_in_one_xnnpack_partition(bundles):
     _, int8 = bundles
     entry = next(a.entry for a in int8.artifacts if a.format == "executorch")
     assert entry["partitions"] == 1 and entry["non_delegated_kernels"] == 0
 
 
+@pytest.mark.e2e
 def test_coreml_int8_and_w4_run_in_the_interpreter(bundles, tiny_variant, tiny_checkpoint, tmp_path):
     _, int8 = bundles
     entry = next(a.entry for a in int8.artifacts if a.format == "coreml")
@@ -76,6 +82,7 @@ def test_coreml_int8_and_w4_run_in_the_interpreter(bundles, tiny_variant, tiny_c
     assert w4.passed and v["method"] in ("emulated", "coreml") and v["figures"]["cosine"] >= 0.95
 
 
+@pytest.mark.e2e
 def test_validate_applies_int8_bounds(bundles, tiny_checkpoint):
     _, int8 = bundles
     assert validate_main([str(int8.bundle), "--weights", str(tiny_checkpoint), "-q"]) == 0

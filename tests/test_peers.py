@@ -94,6 +94,7 @@ def _bench_peers(tiny_variant, tmp_path, peers):
                  profile=True, out=tmp_path)
 
 
+@pytest.mark.e2e
 def test_peer_path_end_to_end_with_profile_and_an_error_row(tiny_variant, tmp_path, monkeypatch):
     """The smallest timm model through both backends in the same rounds; a peer that fails to build is an
     error row and the others still run; --profile writes per-op tables for the benchmarked model."""

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cloformer_deploy.pipeline import schema
 from cloformer_deploy.cli import bench_main, export_main, validate_main
 from cloformer_deploy.pipeline import bundle as bundle_io
+from cloformer_deploy.pipeline import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_RESULTS = sorted((ROOT / "runtime_bench" / "reference").glob("*/results.json"))

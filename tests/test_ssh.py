@@ -15,12 +15,11 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
+import loopback_sshd
 import pytest
 
 from cloformer_deploy.targets import TargetError, WorkerError, get_target
 from cloformer_deploy.targets.ssh import SshTarget, device_needs
-
-import loopback_sshd
 
 SITE = Path(find_spec("numpy").submodule_search_locations[0]).parent  # this venv's site-packages
 BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")  # with -S: a Python with no packages at all
@@ -193,6 +192,7 @@ def test_a_missing_runtime_is_an_error_row_and_the_others_run(sshd, onnx_only_de
     assert rows[("executorch-xnnpack", "local")]["error"] is None
 
 
+@pytest.mark.e2e
 def test_a_worker_that_hangs_is_stopped_and_nothing_is_left_on_the_device(sshd, device, tiny_bundle):
     target = get_target(sshd.address, device=device)
     onnx = next(e for e in tiny_bundle.manifest["artifacts"] if e["format"] == "onnx")

@@ -135,6 +135,7 @@ class _Scripted(LocalTarget):
         return ["sh", "-c", self.script], None, []
 
 
+@pytest.mark.e2e
 def test_a_silent_worker_times_out_and_its_whole_process_group_is_ended():
     target = _Scripted("sleep 60 & echo $! > /dev/stderr; sleep 60")
     worker = target.start(timeout=1)
@@ -350,6 +351,7 @@ def _on_other_machine(monkeypatch, target):
     monkeypatch.setattr(cloformer_deploy.targets, "get_target", pick)  # what every command's options open
 
 
+@pytest.mark.e2e
 def test_export_on_another_target_records_its_figures_beside_these(tiny_variant, tiny_checkpoint, tmp_path,
                                                                      monkeypatch):
     from cloformer_deploy.pipeline import export
@@ -388,6 +390,7 @@ def test_an_artifact_the_target_refuses_fails_validation_with_the_reason(tiny_bu
     assert recorded["executorch"]["passed"] is False and recorded["coreml"]["ran"] is False
 
 
+@pytest.mark.e2e
 def test_bench_on_another_target_adds_drift_rows_without_latency(tiny_variant, tiny_checkpoint, tmp_path,
                                                                   monkeypatch):
     from cloformer_deploy.runtime_bench.harness import bench

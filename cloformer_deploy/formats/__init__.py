@@ -5,7 +5,7 @@ text and bad-input checks stay instant. The registry's order is the CLI's order.
 """
 from __future__ import annotations
 
-from . import onnx, coreml, executorch  # noqa: F401,I001  (each registers its format; this order is the CLI order)
+from . import coreml, executorch, onnx  # noqa: F401,I001  (each registers its format; this order is the CLI order)
 from .base import BACKENDS, Backend, Runner
 
 __all__ = ["BACKENDS", "Backend", "Runner"]

@@ -8,14 +8,15 @@ module that registers itself.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..inputs import InputError
 from ..images import ImageBatch
+from ..inputs import InputError
 
 if TYPE_CHECKING:
     import torch

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import platform
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..images import ImageBatch
 from ..inputs import choice
 from ..options import option
 from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register
-from ..images import ImageBatch
 
 if TYPE_CHECKING:
     import torch

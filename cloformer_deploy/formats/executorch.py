@@ -12,24 +12,25 @@ import os
 import re
 import tempfile
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..images import ImageBatch
 from ..inputs import choice
 from ..options import option
 from ..quiet import native_noise_held, quiet_libraries
-from .profiling import WARMUP_RUNS, OpTime, batches, check_counts, medians
 from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register
-from ..images import ImageBatch
+from .profiling import WARMUP_RUNS, OpTime, batches, check_counts, medians
 
 if TYPE_CHECKING:
     import torch
 
 # graph nodes that are bookkeeping, not kernels
-_NOT_KERNELS = {"getitem", "executorch_call_delegate"}
+_NOT_KERNELS = {"getitem"}
 
 
 _SCALAR_TYPES = {5: np.float16, 6: np.float32}  # c10::ScalarType codes of the inputs a program may take
@@ -72,9 +73,11 @@ class ExecuTorchRunner(Runner):
 
 def quantize_pt2e_xnnpack(job: ExportJob, log: Callable[[str], None] = lambda text: None) -> torch.nn.Module:
     """Static int8: per-channel symmetric weights, per-tensor activations calibrated on real images."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                         get_symmetric_quantization_config)
     import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     if job.calibration is None:
@@ -107,6 +110,7 @@ def _to_fp16(job: ExportJob, log: Callable[[str], None]):
     import copy
 
     import torch
+
     from ..models.deploy import scale_norm_inputs
 
     if job.calibration is None:
@@ -118,18 +122,14 @@ def _to_fp16(job: ExportJob, log: Callable[[str], None]):
 
 
 def delegation_report(edge_program) -> dict:
-    """Partitions and the kernels left outside any delegate, from the lowered graph."""
-    outside: Counter = Counter()
-    partitions = 0
-    for node in edge_program.graph_module.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = getattr(node.target, "__name__", str(node.target))
-        if name == "executorch_call_delegate":
-            partitions += 1
-        elif name not in _NOT_KERNELS:
-            outside[name] += 1
-    return {"partitions": partitions, "non_delegated_kernels": sum(outside.values()),
+    """Partitions and the kernels left outside any delegate, as ExecuTorch's own export stages count them
+    (``get_delegation_info``); ``getitem`` (taking one output of a multi-output call) is no kernel."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(edge_program.graph_module)
+    outside = {op: b.non_delegated for op, b in info.delegation_by_operator.items()
+               if b.non_delegated and op not in _NOT_KERNELS}
+    return {"partitions": info.num_delegated_subgraphs, "non_delegated_kernels": sum(outside.values()),
             "non_delegated_ops": dict(sorted(outside.items()))}
 
 
@@ -264,8 +264,6 @@ class ExecuTorchBackend(Backend):
         if options.get("backend", "xnnpack") != "xnnpack":
             return (list(DEFAULT_STEPS), FP16_XNNPACK_STEPS) if precision == "fp16" else None
         # XNNPACK's depthwise kernels stop at 25 taps: wider ones are cut into pieces that fit
-        # int8 keeps the unmerged form with split_local_qkv: needed on executorch 1.4.1 (channel slices between
-        # quantised ops did not compile); on 1.5.1 the merged form is one partition too, at the same speed and drift
         if precision == "int8":
             steps, extra = QUANTIZATION_FRIENDLY
             return steps, [*extra, "split_wide_depthwise"]

@@ -16,17 +16,17 @@ import statistics
 import tempfile
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from ..images import ImageBatch
 from ..inputs import whole_number
 from ..options import option
 from ..quiet import quiet_libraries
-from .profiling import WARMUP_RUNS, OpTime, batches, check_counts, medians
 from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register
-from ..images import ImageBatch
+from .profiling import WARMUP_RUNS, OpTime, batches, check_counts, medians
 
 # opset 20 has a native Gelu: ONNX Runtime runs CloFormer-XXS 16% faster than with opset 18's
 # Erf decomposition (8.9 vs 10.6 ms, 1 thread, measured here); ONNX Runtime 1.17+ reads it

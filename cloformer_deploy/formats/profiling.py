@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 WARMUP_RUNS = 2  # executions run first and left out (lazy initialisation, arena growth, cold caches)
 
 

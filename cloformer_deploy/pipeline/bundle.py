@@ -13,9 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import schema
 from ..files import sha256_file, sha256_path, size_bytes  # noqa: F401  (re-exported for the pipeline)
 from ..inputs import InputError, default_umask_mode
+from . import schema
 
 MANIFEST = "manifest.json"
 LABELS = "labels.txt"

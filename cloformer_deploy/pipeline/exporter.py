@@ -26,9 +26,23 @@ from ..targets.local import LocalTarget
 from ..validation import bounds_for, validate_artifact
 from . import bundle as bundle_io
 from .manifest import build_manifest, kept_artifacts
-from .model import RANDOM_SEED, PreparedModel, labels_for, layer_sensitivity, prepare_model, quantisable_layers, versions
-from .options import (DEFAULT_CALIBRATION_SIZE, ExportInputError, ExportOptions, check_memory, export_checked,
-                      format_options)
+from .model import (
+    RANDOM_SEED,
+    PreparedModel,
+    labels_for,
+    layer_sensitivity,
+    prepare_model,
+    quantisable_layers,
+    versions,
+)
+from .options import (
+    DEFAULT_CALIBRATION_SIZE,
+    ExportInputError,
+    ExportOptions,
+    check_memory,
+    export_checked,
+    format_options,
+)
 
 LOCAL = LocalTarget()  # this machine: artifacts are validated here first, then on a --target
 

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 from ..formats import BACKENDS
 from ..formats.base import parse_formats
-from ..inputs import (InputError, existing_file, existing_folder, fraction, image_size, whole_number,
-                      writable_folder)
+from ..inputs import InputError, existing_file, existing_folder, fraction, image_size, whole_number, writable_folder
 from ..models.registry import get_variant, list_models
 from ..options import option
 from ..targets.options import TargetOptions

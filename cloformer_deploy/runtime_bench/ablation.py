@@ -137,7 +137,7 @@ def ablation_markdown(result: dict) -> str:
              "", "| stage | ONNX Runtime ms | speed-up | XNNPACK ms | speed-up | XNNPACK partitions | kernels outside "
              "| ONNX nodes | max abs vs authors | shipped by |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        def sp(key):
+        def sp(key, r=r):
             a, b = base.get(key), r.get(key)
             return f"{a / b:.2f}x" if a and b else "-"
         shipped = ", ".join(NAMES.get(rt, rt) for rt in r.get("shipped_by", [])) or "-"

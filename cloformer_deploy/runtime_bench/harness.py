@@ -25,8 +25,7 @@ from ..images import ImageBatch, load_images
 from ..inputs import writable_folder
 from ..models import profile_model
 from ..models.memory import check_fits
-from ..pipeline import export, open_bundle, prepare_model
-from ..pipeline import schema
+from ..pipeline import export, open_bundle, prepare_model, schema
 from ..pipeline.model import versions
 from ..pipeline.schema import RESULTS_SCHEMA_VERSION
 from ..progress import Progress
@@ -54,14 +53,14 @@ class Combo:
     path: str | None = None
     size_mb: float | None = None
     extra: dict = field(default_factory=dict)
-    worker: "WorkerProcess | None" = None
+    worker: WorkerProcess | None = None
     times: list[float] = field(default_factory=list)
     load_ms: float | None = None
     error: str | None = None
     outputs: np.ndarray | None = None
     peak_rss_mb: float | None = None
     role: str = "subject"  # the benchmarked model, or a "peer" timed beside it
-    target: "Target | None" = None  # where it runs; None: this machine
+    target: Target | None = None  # where it runs; None: this machine
     variant: dict = field(default_factory=dict)  # how the runtime runs it (Core ML: its compute unit)
     timed: bool | None = None  # None: timed when it has a thread count
     described: dict = field(default_factory=dict)  # the runner's own description, from the worker

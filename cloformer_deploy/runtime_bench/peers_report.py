@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .report_parts import SHORT_RUNTIME, Plot, fmt, md_cell, ms_axis, nice_ceil, nice_floor, note_below
 from .runtimes import PEER_RUNTIMES
+
 FAMILY_COLOURS = {"cloformer": "tab:blue", "fat": "tab:green", "timm": "tab:gray"}
 
 

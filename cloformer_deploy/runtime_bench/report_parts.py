@@ -8,7 +8,6 @@ from pathlib import Path
 from .runtimes import SHORT_RUNTIME  # noqa: F401  (the reports' short runtime names)
 
 
-
 def fmt(v, spec: str = "") -> str:
     if v is None:
         return "-"
