@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 
 class Stage:
-    def __init__(self, progress: "Progress", name: str, status=None):
+    def __init__(self, progress: Progress, name: str, status=None):
         self.progress, self.name, self.status = progress, name, status
         self.last_line = time.perf_counter()
 

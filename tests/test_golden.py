@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import golden_file, max_abs
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cloformer_deploy as cd
-from helpers import golden_file, max_abs
 
 PARITY = 1e-5
 

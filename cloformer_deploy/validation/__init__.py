@@ -4,8 +4,17 @@ It uses targets and formats through their interfaces and names neither a format 
 """
 from __future__ import annotations
 
-from .outputs import (DEFAULT_BOUNDS, Bounds, bounds_for, compare, validate, validate_artifact, validate_on_target, validate_outputs,
-                      versus_local)
+from .outputs import (
+                      DEFAULT_BOUNDS,
+                      Bounds,
+                      bounds_for,
+                      compare,
+                      validate,
+                      validate_artifact,
+                      validate_on_target,
+                      validate_outputs,
+                      versus_local,
+)
 
 __all__ = ["DEFAULT_BOUNDS", "Bounds", "bounds_for", "compare", "validate", "validate_artifact", "validate_on_target",
            "validate_outputs", "versus_local"]

@@ -8,8 +8,8 @@ import numpy as np
 
 from ..formats import BACKENDS
 from ..formats.base import ModelSpec, Runner
-from ..targets import WorkerError
 from ..images import ImageBatch
+from ..targets import WorkerError
 
 
 @dataclass(frozen=True)
