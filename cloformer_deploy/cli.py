@@ -6,6 +6,7 @@ after the arguments are read. Bad input of any kind is one line on stderr and ex
 from __future__ import annotations
 
 import argparse
+import io
 import signal
 import sys
 import threading
@@ -50,6 +51,23 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt
 
 
+def _table(columns: list[str], rows: list[list], right: tuple[str, ...] = ()) -> None:
+    """A table on stdout, drawn by rich (plain characters, as wide as its cells: logs and pipes keep it whole)."""
+    from rich import box
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*[escape("-" if v is None else str(v)) for v in row])
+    drawn = io.StringIO()
+    Console(file=drawn, width=240, highlight=False, soft_wrap=True).print(table)
+    print("\n".join(line.rstrip() for line in drawn.getvalue().splitlines()))
+
+
 def _argv(prog: str, argv) -> list[str]:
     return [prog, *(sys.argv[1:] if argv is None else argv)]
 
@@ -70,9 +88,10 @@ def models_main(p: _Parser, argv) -> int:
         check_input_size(size)
         rows = [(r.name, r.params, r.macs, r.paper_gmacs) for r in (profile_model(n, size) for n in list_models())]
     h, w = size
-    print(f"{'model':<22}{'params':>12}{'GMACs @' + f'{h}x{w}':>18}{'paper GMACs':>13}")
-    for name, params, macs, paper in rows:
-        print(f"{name:<22}{params:>12,}{macs / 1e9:>18.3f}{f'{paper:.1f}' if paper else '-':>13}")
+    gmacs = f"GMACs @{h}x{w}"
+    _table(["model", "params", gmacs, "paper GMACs"],
+           [[name, f"{params:,}", f"{macs / 1e9:.3f}", f"{paper:.1f}" if paper else "-"] for name, params, macs, paper in rows],
+           right=("params", gmacs, "paper GMACs"))
     return 0
 
 
@@ -89,7 +108,7 @@ def export_main(p: _Parser, argv) -> int:
 
     opts = ExportOptions.from_args(args)
     result = export(opts, progress=Progress(quiet=args.quiet), argv=_argv(p.prog, argv))
-    print(f"\n{'format':<12}{'file':<44}{'size MB':>9}  validation")
+    rows = []
     for a in result.artifacts:
         v = a.entry.get("validation")
         if v is None:
@@ -100,9 +119,10 @@ def export_main(p: _Parser, argv) -> int:
                        f"cosine {f['cosine']:.5f}, top-1 {f['top1_agreement']:.0%}")
         else:
             verdict = f"{'PASS' if v['passed'] else 'FAIL'} ({v['method']})"
-        print(f"{a.format:<12}{a.path.name:<44}{a.entry['size_bytes'] / 1e6:>9.2f}  {verdict}")
-        for name, t in ((v or {}).get("targets") or {}).items():
-            print(f"{'':<12}{'  on ' + name:<44}{'':>9}  {_target_verdict(t)}")
+        rows.append([a.format, a.path.name, f"{a.entry['size_bytes'] / 1e6:.2f}", verdict])
+        rows += [["", f"  on {name}", "", _target_verdict(t)] for name, t in ((v or {}).get("targets") or {}).items()]
+    print()
+    _table(["format", "file", "size MB", "validation"], rows, right=("size MB",))
     others = [e for e in result.manifest["artifacts"] if e["path"] not in {a.path.name for a in result.artifacts}]
     if others:
         print(f"kept in the bundle: {', '.join(e['path'] for e in others)}")
@@ -181,42 +201,37 @@ def bench_main(p: _Parser, argv) -> int:
 def device_main(p: _Parser, argv) -> int:
     """Targets the artifacts can run on: list them, build the emulated ARM64 one (once), or check an ssh:// device."""
     from .targets import TARGETS
-    from .targets.options import TargetOptions
+    from .targets.options import CheckOptions, ListOptions, SetupOptions
 
     sub = p.add_subparsers(dest="action", metavar="{setup,list,check}", parser_class=_Parser)
     setup = sub.add_parser("setup", help="build a target once (arm64: a Debian arm64 root with the host's runtimes, "
                                          "run by QEMU; downloads about 3 GB, 5.8 GB on disk)")
-    setup.add_argument("target", help="arm64")
-    setup.add_argument("--cache", help="folder for the root (default: $CLOFORMER_DEPLOY_CACHE or "
-                                       "~/.cache/cloformer-deploy)")
-    setup.add_argument("--force", action="store_true", help="rebuild a root that is already ready")
-    setup.add_argument("--keep-downloads", action="store_true", help="keep the downloaded wheels (about 3 GB) "
-                                                                    "after the root is ready")
+    SetupOptions.add_arguments(setup)
     setup.add_argument("-q", "--quiet", action="store_true")
     listing = sub.add_parser("list", help="targets, whether they are ready, and the ARM64 CPU profiles")
-    listing.add_argument("--cache", help="folder of the roots (as for setup)")
+    ListOptions.add_arguments(listing)
     check = sub.add_parser("check", help="what an ssh:// device has and lacks (Python, numpy, runtimes against "
                                          "this machine's versions), its CPU cores, and the command that installs "
                                          "what is missing; installs nothing. Exit 1 if something is missing")
-    check.add_argument("target", help="ssh://[user@]host[:port]")
-    TargetOptions.add_arguments(check, skip=("target", "cpu", "target_cache"))
+    CheckOptions.add_arguments(check, skip=("cpu", "target_cache"))
     args = p.parse_args(argv)
     if args.action is None:
         p.error("choose an action: setup arm64, list, or check ssh://[user@]host")
     if args.action == "check":
-        return _check_device(args)
+        return _check_device(CheckOptions.from_args(args))
     from pathlib import Path
 
     from .progress import Progress
     from .targets.arm64 import CPU_PROFILES, DEFAULT_CPU, check_cpu, default_cache, qemu_binary
     from .targets.arm64_root import ROOT_DIR, ready_state, setup_arm64
 
-    cache = Path(args.cache) if args.cache else default_cache()
+    opts = (SetupOptions if args.action == "setup" else ListOptions).from_args(args)
+    cache = Path(opts.cache) if opts.cache else default_cache()
     if args.action == "setup":
-        if args.target != "arm64":
-            raise InputError(f"setup {args.target!r}: only arm64 is built by setup ({', '.join(TARGETS)} exist; "
+        if opts.target != "arm64":
+            raise InputError(f"setup {opts.target!r}: only arm64 is built by setup ({', '.join(TARGETS)} exist; "
                              "local needs none)")
-        record = setup_arm64(cache, force=args.force, keep_downloads=args.keep_downloads,
+        record = setup_arm64(cache, force=opts.force, keep_downloads=opts.keep_downloads,
                              progress=Progress(quiet=args.quiet))
         print(f"arm64 root ready: {cache / ROOT_DIR} ({record['bytes'] / 1e9:.1f} GB; torch "
               f"{record['versions']['torch']}, executorch {record['versions']['executorch']}, onnxruntime "
@@ -224,13 +239,11 @@ def device_main(p: _Parser, argv) -> int:
         print("next:   cloformer-validate BUNDLE --target arm64")
         return 0
     state = ready_state(cache)
-    print(f"{'target':<8}{'status':<58}runs")
-    print(f"{'local':<8}{'ready':<58}{TARGETS['local']}")
     status = (f"ready in {cache / ROOT_DIR} ({state['bytes'] / 1e9:.1f} GB)" if state
               else "not set up: cloformer-device setup arm64")
-    print(f"{'arm64':<8}{status:<58}{TARGETS['arm64']}")
-    print(f"{'ssh://':<8}{'cloformer-device check ssh://[user@]host[:port]':<58}"
-          f"{TARGETS['ssh://[user@]host[:port]']}")
+    _table(["target", "status", "runs"], [["local", "ready", TARGETS["local"]], ["arm64", status, TARGETS["arm64"]],
+                                          ["ssh://", "cloformer-device check ssh://[user@]host[:port]",
+                                           TARGETS["ssh://[user@]host[:port]"]]])
     qemu = qemu_binary()
     print(f"\nARM64 CPU profiles (--cpu; default {DEFAULT_CPU}){'' if qemu else '; QEMU is not installed'}:")
     for name, profile in CPU_PROFILES.items():
@@ -243,15 +256,14 @@ def device_main(p: _Parser, argv) -> int:
     return 0
 
 
-def _check_device(args) -> int:
+def _check_device(opts) -> int:
     from .targets import TargetError
-    from .targets.options import DEVICE_FIELDS
     from .targets.ssh import SshTarget, clusters_text, device_needs
 
-    if not str(args.target).lower().startswith("ssh://"):
-        raise TargetError(f"check {args.target!r}: give a device as ssh://[user@]host[:port] "
+    if not str(opts.target).lower().startswith("ssh://"):
+        raise TargetError(f"check {opts.target!r}: give a device as ssh://[user@]host[:port] "
                           "(cloformer-device list shows local and arm64)")
-    target = SshTarget(args.target, **{k: getattr(args, k) for k in DEVICE_FIELDS if hasattr(args, k)})
+    target = SshTarget(opts.target, **opts.device())
     info = target.probe()
     if info.get("too_old"):  # no pip command would help: another Python is the fix
         print(f"device   {target.name}: {info.get('platform')}, Python {info['python']}: too old, the worker needs "
@@ -272,9 +284,9 @@ def _check_device(args) -> int:
     if about.get("affinity") is not None and about.get("clusters"):
         print("cores    --cores chooses among: " + "; ".join(f"{c['core']} {','.join(map(str, c['cpus']))}"
                                                          for c in about["clusters"]))
-    print(f"\n{'package':<13}{'on the device':<16}{'this machine':<15}status")
-    for r in needs["rows"]:
-        print(f"{r['package']:<13}{r['device'] or '-':<16}{r['host'] or '-':<15}{r['status']}")
+    print()
+    _table(["package", "on the device", "this machine", "status"],
+           [[r["package"], r["device"], r["host"], r["status"]] for r in needs["rows"]])
     print("\nformats: " + "; ".join(f"{k}: {v}" for k, v in needs["formats"].items()))
     if needs["command"]:
         print(f"\ninstall on the device (nothing was installed):\n  {needs['command']}")

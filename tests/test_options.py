@@ -11,9 +11,9 @@ from cloformer_deploy.inputs import InputError
 from cloformer_deploy.options import flag_of
 from cloformer_deploy.pipeline.options import ExportOptions, ValidateOptions, export_checked
 from cloformer_deploy.runtime_bench.options import BenchOptions
-from cloformer_deploy.targets.options import TargetOptions
+from cloformer_deploy.targets.options import CheckOptions, ListOptions, SetupOptions, TargetOptions
 
-COMMANDS = [ExportOptions, ValidateOptions, BenchOptions]
+COMMANDS = [ExportOptions, ValidateOptions, BenchOptions, SetupOptions, ListOptions, CheckOptions]
 
 
 def _parser(cls) -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def test_unknown_keyword_names_the_options():
 
 
 def test_target_options_are_shared_and_last_in_help():
-    for cls in COMMANDS:
+    for cls in (ExportOptions, ValidateOptions, BenchOptions, CheckOptions):
         assert issubclass(cls, TargetOptions)
     help_text = _parser(ExportOptions).format_help()
     assert help_text.index("--model") < help_text.index("--format") < help_text.index("--target")

@@ -114,6 +114,7 @@ class Backend(ABC):
     suffix: str  # ".onnx", ".mlpackage", ".pte"
     runtime: str  # what runs it, for help text
     label: str  # the format's name in prose: "ONNX", "Core ML", "ExecuTorch"
+    position: int  # where it stands in the registry: the CLI's order
     bench_runtimes: tuple[BenchRuntime, ...] = ()  # the first runs the bundle's artifacts
     # this format's own export options, as fields of the export's options (made with cloformer_deploy.options.option)
     options: dict[str, Any] = {}
@@ -183,6 +184,13 @@ BACKENDS: dict[str, Backend] = {}
 def register(cls: type[Backend]) -> type[Backend]:
     BACKENDS[cls.name] = cls()
     return cls
+
+
+def order_registry() -> None:
+    """The registry in the formats' ``position`` order (the CLI's, the reports', ``--format all``'s)."""
+    ordered = sorted(BACKENDS.values(), key=lambda b: b.position)
+    BACKENDS.clear()
+    BACKENDS.update((b.name, b) for b in ordered)
 
 
 class FormatError(InputError):

@@ -237,6 +237,7 @@ class CoreMLBackend(Backend):
     runner_methods = ('coreml', 'emulated')
     calibration_recorded = ()  # its int8 is weights only
     label = "Core ML"
+    position = 20
     keeps_float_layers = False  # its int8 is 8-bit weights, chosen per op by coremltools
     input_note = "image input: RGB pixels 0-255; normalisation is inside the model"
     options = {

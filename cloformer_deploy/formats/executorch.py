@@ -251,6 +251,7 @@ class ExecuTorchBackend(Backend):
     device_runtime_imports = {"executorch": ("ruamel.yaml", "tabulate")}
     profiler = "ETDump and the Inspector"
     label = "ExecuTorch"
+    position = 30
     options = {"backend": option("xnnpack", "ExecuTorch backend: xnnpack (default) or portable (runs about 100x slower)",
                                  check=lambda flag, v: choice(flag, v, ("xnnpack", "portable")))}
     # fp16 runs the whole network in fp16 inside one XNNPACK partition, inputs and outputs included (a cast

@@ -202,6 +202,7 @@ class OnnxBackend(Backend):
     runner_methods = ('onnxruntime',)
     profiler = "ONNX Runtime's session profiler, net of its own cost per node"
     label = "ONNX"
+    position = 10
     options = {
         "opset": option(None, f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET}, native GELU; 17 uses "
                               "the TorchScript exporter)",

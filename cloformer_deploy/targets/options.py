@@ -39,3 +39,28 @@ class TargetOptions(Options):
 
     def target_given(self) -> bool:
         return any(self.was_given(k) for k in ("target", "cpu", "target_cache", *DEVICE_FIELDS))
+
+
+@dataclass
+class SetupOptions(Options):
+    """``cloformer-device setup``: build a target once."""
+
+    target: str = option(None, "arm64", positional=True)
+    cache: str | None = option(None, "folder for the root (default: $CLOFORMER_DEPLOY_CACHE or "
+                                     "~/.cache/cloformer-deploy)")
+    force: bool = option(False, "rebuild a root that is already ready")
+    keep_downloads: bool = option(False, "keep the downloaded wheels (about 3 GB) after the root is ready")
+
+
+@dataclass
+class ListOptions(Options):
+    """``cloformer-device list``: the targets, whether they are ready, the ARM64 CPU profiles."""
+
+    cache: str | None = option(None, "folder of the roots (as for setup)")
+
+
+@dataclass
+class CheckOptions(TargetOptions):
+    """``cloformer-device check``: what an ssh:// device has and lacks; installs nothing."""
+
+    target: str = option(None, "ssh://[user@]host[:port]", positional=True)
