@@ -10,7 +10,7 @@ import cloformer_deploy as cd
 from cloformer_deploy.models import DEPLOY_STEPS, InputSizeError
 from cloformer_deploy.models.cloformer import CloFormer, CloFormerConfig
 from cloformer_deploy.models.deploy_modules import ChannelNorm
-from conftest import max_abs, randomise_norms
+from helpers import max_abs, randomise_norms
 
 STEP_NAMES = [s.name for s in DEPLOY_STEPS]
 
@@ -116,17 +116,16 @@ def test_unknown_step_is_an_error():
 
 
 @pytest.mark.parametrize("name", ["cloformer_xxs", "two_branch"])
-def test_quantization_friendly_form_keeps_the_function(name):
-    from cloformer_deploy.models.deploy import QUANTIZATION_FRIENDLY
+def test_unmerged_form_keeps_the_function(name):
+    from cloformer_deploy.models.deploy import UNMERGED_STEPS
 
     model = _model(name)
     x = torch.randn(2, 3, 64, 96)
-    steps, extra = QUANTIZATION_FRIENDLY
-    d = cd.to_deploy(model, (64, 96), steps=steps, extra_steps=extra)
+    d = cd.to_deploy(model, (64, 96), steps=UNMERGED_STEPS)
     with torch.no_grad():
         ref, out = model(x), d(x)
     assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
-    attn = [m for m in d.modules() if type(m).__name__ == "StaticCloAttention" and m.local_split is not None]
+    attn = [m for m in d.modules() if type(m).__name__ == "StaticCloAttention"]
     assert attn and all(m.in_proj is None for m in attn)
 
 
@@ -280,3 +279,25 @@ def test_scaled_norms_stay_finite_in_fp16_where_unscaled_ones_overflow():
 
     assert cosine(d) >= 0.999
     assert cosine(unscaled) < 0.99  # 0.972 measured (torch 2.14.1)
+
+
+def test_steps_ask_the_modules():
+    """A step knows no block: any module answering ``deploy_<step>`` takes part, in place or by a replacement."""
+    from cloformer_deploy.models.deploy import fold_residuals
+
+    class Answers(torch.nn.Module):
+        def __init__(self, replace: bool):
+            super().__init__()
+            self.replace, self.inner, self.asked = replace, torch.nn.Sequential(), 0
+
+        def deploy_fold_residuals(self):
+            self.asked += 1
+            return torch.nn.Identity() if self.replace else None
+
+    inner = Answers(replace=True)
+    outer = Answers(replace=False)
+    outer.inner.append(inner)
+    model = torch.nn.Sequential(outer)
+    fold_residuals(model, (64, 64))
+    assert outer.asked == inner.asked == 1
+    assert type(outer.inner[0]) is torch.nn.Identity  # replaced where it sat; children of in-place answers asked

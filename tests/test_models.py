@@ -6,7 +6,7 @@ import torch
 
 import cloformer_deploy as cd
 from cloformer_deploy.models import VARIANTS, UnknownModelError, profile_model
-from conftest import max_abs, randomise_norms
+from helpers import max_abs, randomise_norms
 
 # from the authors' code
 AUTHORS_PARAMS = {

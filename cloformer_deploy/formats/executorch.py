@@ -260,14 +260,12 @@ class ExecuTorchBackend(Backend):
     calibrated_precisions = ("fp16", "int8")
 
     def deploy_steps(self, precision: str, options: dict):
-        from ..models.deploy import DEFAULT_STEPS, FP16_XNNPACK_STEPS, QUANTIZATION_FRIENDLY
+        from ..models.deploy import DEFAULT_STEPS, FP16_XNNPACK_STEPS
 
         if options.get("backend", "xnnpack") != "xnnpack":
             return (list(DEFAULT_STEPS), FP16_XNNPACK_STEPS) if precision == "fp16" else None
-        # XNNPACK's depthwise kernels stop at 25 taps: wider ones are cut into pieces that fit
-        if precision == "int8":
-            steps, extra = QUANTIZATION_FRIENDLY
-            return steps, [*extra, "split_wide_depthwise"]
+        # XNNPACK's depthwise kernels stop at 25 taps: wider ones are cut into pieces that fit; int8 takes the
+        # fp32 form (one partition, nothing outside, on executorch 1.5.1)
         if precision == "fp16":
             return list(DEFAULT_STEPS), ["split_wide_depthwise", *FP16_XNNPACK_STEPS]
         return list(DEFAULT_STEPS), ["split_wide_depthwise"]

@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 
 from .configs import CloFormerConfig
-from .layers import Backbone, DropPath, stochastic_depth_rates
+from .deploy_modules import StaticCloAttention
+from .folds import fold_affine_into_conv1x1
+from .layers import Backbone, Block, DropPath, downsample_shortcut
 
 
 class AttnMap(nn.Module):
@@ -83,6 +85,9 @@ class EfficientAttention(nn.Module):
             out.append(self.global_branch(x))
         return self.proj_drop(self.proj(torch.cat(out, dim=1)))
 
+    def deploy_static_shapes(self, h: int, w: int) -> StaticCloAttention:
+        return StaticCloAttention(self, h, w)
+
 
 class ConvFFN(nn.Module):
     def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int, stride: int,
@@ -99,8 +104,14 @@ class ConvFFN(nn.Module):
         x = self.drop(self.dwconv(self.act(self.fc1(x))))
         return self.drop(self.fc2(x))
 
+    def fold_input_affine(self, gamma: torch.Tensor, beta: torch.Tensor) -> bool:
+        self.fc1 = fold_affine_into_conv1x1(self.fc1, gamma, beta)
+        return True
 
-class CloBlock(nn.Module):
+
+class CloBlock(Block):
+    feed_forward_name = "mlp"
+
     def __init__(self, dim: int, out_dim: int, num_heads: int, group_split, kernel_sizes, window_size: int,
                  mlp_kernel_size: int, mlp_ratio: float, stride: int, qkv_bias: bool = True, drop_path: float = 0.0):
         super().__init__()
@@ -108,43 +119,14 @@ class CloBlock(nn.Module):
         self.attn = EfficientAttention(dim, num_heads, group_split, kernel_sizes, window_size, qkv_bias=qkv_bias)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.GroupNorm(1, dim)
-        if stride == 1:
-            self.downsample = nn.Identity()
-        else:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(dim, dim, mlp_kernel_size, 2, mlp_kernel_size // 2),
-                nn.BatchNorm2d(dim),
-                nn.Conv2d(dim, out_dim, 1),
-            )
+        self.downsample = downsample_shortcut(dim, out_dim, stride, mlp_kernel_size, depthwise=False)
         self.mlp = ConvFFN(dim, int(dim * mlp_ratio), mlp_kernel_size, stride, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return self.downsample(x) + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class CloLayer(nn.Module):
-    def __init__(self, cfg: CloFormerConfig, i: int, drop_paths: list[float]):
-        super().__init__()
-        dim = cfg.embed_dims[i]
-        last = i == len(cfg.depths) - 1
-        out_dim = dim if last else cfg.embed_dims[i + 1]
-        args = (cfg.num_heads[i], cfg.group_splits[i], cfg.kernel_sizes[i], cfg.window_sizes[i],
-                cfg.mlp_kernel_sizes[i], cfg.mlp_ratios[i])
-        blocks = [CloBlock(dim, dim, *args, 1, cfg.qkv_bias, drop_paths[j]) for j in range(cfg.depths[i] - 1)]
-        blocks.append(CloBlock(dim, out_dim, *args, 1 if last else 2, cfg.qkv_bias, drop_paths[-1]))
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = blk(x)
-        return x
 
 
 class CloFormer(Backbone):
-    def __init__(self, cfg: CloFormerConfig, num_classes: int = 1000, in_chans: int = 3,
-                 features_only: bool = False, drop_path_rate: float | None = None):
-        super().__init__(in_chans, num_classes, list(cfg.embed_dims), features_only)
-        self.config = cfg
-        rates = stochastic_depth_rates(list(cfg.depths), cfg.drop_path_rate if drop_path_rate is None else drop_path_rate)
-        self.layers.extend(CloLayer(cfg, i, rates[i]) for i in range(len(cfg.depths)))
+    config: CloFormerConfig
+
+    def make_block(self, stage: int, dim: int, out_dim: int, stride: int, drop_path: float) -> CloBlock:
+        c, i = self.config, stage
+        return CloBlock(dim, out_dim, c.num_heads[i], c.group_splits[i], c.kernel_sizes[i], c.window_sizes[i],
+                        c.mlp_kernel_sizes[i], c.mlp_ratios[i], stride, c.qkv_bias, drop_path)

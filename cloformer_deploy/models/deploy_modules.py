@@ -3,14 +3,21 @@
 Every size used by a reshape is a Python int computed at construction from the
 input size; ``forward`` never reads ``x.shape``. The batch dimension is written
 as ``-1`` so the same module serves any static batch an exporter traces with.
+Methods named ``deploy_<step>`` are the modules' answers to the rewrite steps
+(:mod:`cloformer_deploy.models.deploy`).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from .cloformer import EfficientAttention
-from .fat import FASA
+from .folds import cat_convs, cat_depthwise, fold_affine_into_conv1x1, scale_conv_rows
+
+if TYPE_CHECKING:
+    from .cloformer import EfficientAttention
+    from .fat import FASA
 
 
 class ChannelNorm(nn.Module):
@@ -35,7 +42,7 @@ class ChannelNorm(nn.Module):
         self.register_buffer("input_scale", None, persistent=False)
 
     @classmethod
-    def from_group_norm(cls, gn: nn.GroupNorm) -> "ChannelNorm":
+    def from_group_norm(cls, gn: nn.GroupNorm) -> ChannelNorm:
         if gn.num_groups != 1:
             raise ValueError("only GroupNorm(1, C) is a channel norm")
         return cls(gn.num_channels, gn.eps, gn.weight if gn.affine else None, gn.bias if gn.affine else None)
@@ -52,7 +59,21 @@ class ChannelNorm(nn.Module):
         self.weight = self.bias = None
         return gamma, beta
 
+    def move_affine_into(self, reader: nn.Module) -> None:
+        """Hand gamma/beta to the module reading this norm's output, if it can take them exactly.
+
+        ``reader.fold_input_affine(gamma, beta)`` folds them into its weights and says whether it did.
+        """
+        if self.affine and reader.fold_input_affine(self.weight.detach().flatten(), self.bias.detach().flatten()):
+            self.weight = self.bias = None
+
     single_reduce = False  # set by the single_reduce_norm step
+
+    def deploy_single_reduce_norm(self) -> None:
+        self.single_reduce = True
+
+    def deploy_norm_constants_as_buffers(self) -> None:
+        constant_buffer(self, "eps_tensor", self.eps)
 
     def _mean_chw(self, t: torch.Tensor) -> torch.Tensor:
         if self.single_reduce:
@@ -191,8 +212,52 @@ class StaticCloAttention(nn.Module):
         self.in_proj_split: list[int] = []
         self.mixer: nn.Conv2d | None = None
         self.kv_in_proj = False  # window 1: the kv projection shares the input and is merged too
-        # set by split_local_qkv: q, k and v of each local branch as separate conv + depthwise pairs
-        self.local_split: nn.ModuleList | None = None
+
+    def deploy_fold_attention_scale(self) -> None:
+        """The local scale into the context-aware weights' last conv, the global one into the global q."""
+        if self.local_scale is not None:
+            for ab in self.act_blocks:
+                scale_conv_rows(ab.act_block[-1], slice(None), self.local_scale)
+            self.local_scale = None
+        if self.global_heads and self.global_scale is not None:
+            if self.in_proj is not None:
+                raise RuntimeError("fold_attention_scale must run before merge_parallel_convs")
+            scale_conv_rows(self.global_q, slice(None), self.global_scale)
+            self.global_scale = None
+
+    def fold_input_affine(self, gamma: torch.Tensor, beta: torch.Tensor) -> bool:
+        """A per-channel affine of the input into every projection reading it; exact, as average pooling (the
+        global kv's input) commutes with it."""
+        if self.in_proj is not None:
+            return False
+        self.qkvs = nn.ModuleList(fold_affine_into_conv1x1(c, gamma, beta) for c in self.qkvs)
+        if self.global_heads:
+            self.global_q = fold_affine_into_conv1x1(self.global_q, gamma, beta)
+            self.global_kv = fold_affine_into_conv1x1(self.global_kv, gamma, beta)
+        return True
+
+    def deploy_merge_parallel_convs(self) -> None:
+        """The projections reading the input as one convolution, the local depthwise mixers as one."""
+        if self.in_proj is not None:
+            return
+        convs, split = [], []
+        if len(self.qkvs):
+            convs += list(self.qkvs)
+            split.append(sum(c.out_channels for c in self.qkvs))
+            self.mixer = cat_depthwise(list(self.convs))
+        if self.global_heads:
+            convs.append(self.global_q)
+            split.append(self.global_q.out_channels)
+            if isinstance(self.pool, nn.Identity):  # window 1: kv reads the same input
+                convs.append(self.global_kv)
+                split.append(self.global_kv.out_channels)
+                self.kv_in_proj = True
+                del self.global_kv
+        self.in_proj = cat_convs(convs)
+        self.in_proj_split = split
+        del self.qkvs, self.convs
+        if self.global_heads:
+            del self.global_q
 
     def _local(self, qkv: torch.Tensor, c: int, act_block: nn.Module) -> torch.Tensor:
         q, k, v = _channel_slices(qkv, [c, c, c])
@@ -201,20 +266,7 @@ class StaticCloAttention(nn.Module):
             a = a * self.local_scale
         return torch.tanh(a) * v
 
-    def _local_split(self, x: torch.Tensor, parts: nn.ModuleDict, act_block: nn.Module) -> torch.Tensor:
-        q, k, v = (parts[f"{n}_mix"](parts[n](x)) for n in "qkv")
-        a = act_block(q * k)
-        if self.local_scale is not None:
-            a = a * self.local_scale
-        return torch.tanh(a) * v
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.local_split is not None:
-            out = [self._local_split(x, parts, ab) for parts, ab in zip(self.local_split, self.act_blocks)]
-            if self.global_heads:
-                out.append(pooled_attention(self.global_q(x), self.global_kv(self.pool(x)), self.global_channels,
-                                            self.dim_head, self.h, self.w, self.n_kv, self.global_scale))
-            return self.proj(torch.cat(out, dim=1) if len(out) > 1 else out[0])
         if self.in_proj is None:
             qkvs = [mix(proj(x)) for proj, mix in zip(self.qkvs, self.convs)]
             gq = self.global_q(x) if self.global_heads else None
@@ -246,6 +298,28 @@ class StaticFASA(nn.Module):
         self.scale: float | None = attn.scale
         self.in_proj: nn.Conv2d | None = None  # q and kv merged (window 1 only)
         self.local_act = nn.SiLU()  # a module, so that a rewrite step can replace it
+
+    def deploy_fold_attention_scale(self) -> None:
+        # q also feeds the local mixer, so the scale goes to the k half of the kv projection
+        if self.scale is None:
+            return
+        if self.in_proj is not None:
+            raise RuntimeError("fold_attention_scale must run before merge_parallel_convs")
+        scale_conv_rows(self.kv, slice(0, self.dim), self.scale)
+        self.scale = None
+
+    def fold_input_affine(self, gamma: torch.Tensor, beta: torch.Tensor) -> bool:
+        # exact only without the refined downsampling: its depthwise convs' zero padding carries no beta
+        if self.in_proj is not None or not isinstance(self.pool, nn.Identity):
+            return False
+        self.q = fold_affine_into_conv1x1(self.q, gamma, beta)
+        self.kv = fold_affine_into_conv1x1(self.kv, gamma, beta)
+        return True
+
+    def deploy_merge_parallel_convs(self) -> None:
+        if self.in_proj is None and isinstance(self.pool, nn.Identity):  # window 1: q and kv read the same input
+            self.in_proj = cat_convs([self.q, self.kv])
+            del self.q, self.kv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_proj is None:

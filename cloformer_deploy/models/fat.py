@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 
 from .configs import FATConfig
-from .layers import Backbone, DropPath, stochastic_depth_rates
+from .deploy_modules import StaticFASA
+from .folds import absorb_identity, fold_affine_into_conv1x1, fuse_conv_bn
+from .layers import Backbone, Block, DropPath, downsample_shortcut
 
 
 def _dwconv(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
@@ -62,6 +64,9 @@ class FASA(nn.Module):
         local_feat = local_feat * torch.sigmoid(global_feat)
         return self.mixer(local_feat * global_feat)
 
+    def deploy_static_shapes(self, h: int, w: int) -> StaticFASA:
+        return StaticFASA(self, h, w)
+
 
 class ConvFFN(nn.Module):
     def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int, stride: int, out_channels: int):
@@ -80,8 +85,25 @@ class ConvFFN(nn.Module):
         x = x + self.dwconv(x) if self.dw_residual else self.dwconv(x)
         return self.fc2(self.bn(x))
 
+    def fold_input_affine(self, gamma: torch.Tensor, beta: torch.Tensor) -> bool:
+        self.fc1 = fold_affine_into_conv1x1(self.fc1, gamma, beta)
+        return True
 
-class FATBlock(nn.Module):
+    def deploy_fold_residuals(self) -> None:
+        if self.dw_residual:
+            absorb_identity(self.dwconv)
+            self.dw_residual = False
+
+    def deploy_fold_batchnorm(self) -> None:
+        # the batch norm reads x + dwconv(x): it folds into the conv once fold_residuals has put x in the kernel
+        if isinstance(self.bn, nn.BatchNorm2d) and not self.dw_residual:
+            self.dwconv = fuse_conv_bn(self.dwconv, self.bn)
+            self.bn = nn.Identity()
+
+
+class FATBlock(Block):
+    feed_forward_name = "ffn"
+
     def __init__(self, dim: int, out_dim: int, kernel_size: int, num_heads: int, window_size: int,
                  mlp_kernel_size: int, mlp_ratio: float, stride: int, drop_path: float = 0.0):
         super().__init__()
@@ -91,43 +113,23 @@ class FATBlock(nn.Module):
         self.attn = FASA(dim, kernel_size, num_heads, window_size)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.GroupNorm(1, dim)
-        if stride == 1:
-            self.downsample = nn.Identity()
-        else:
-            self.downsample = nn.Sequential(
-                _dwconv(dim, mlp_kernel_size, stride),
-                nn.BatchNorm2d(dim),
-                nn.Conv2d(dim, out_dim, 1),
-            )
+        self.downsample = downsample_shortcut(dim, out_dim, stride, mlp_kernel_size, depthwise=True)
         self.ffn = ConvFFN(dim, int(dim * mlp_ratio), mlp_kernel_size, stride, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.cpe(x) if self.cpe_residual else self.cpe(x)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return self.downsample(x) + self.drop_path(self.ffn(self.norm2(x)))
+        return super().forward(x)
 
-
-class FATLayer(nn.Module):
-    def __init__(self, cfg: FATConfig, i: int, drop_paths: list[float]):
-        super().__init__()
-        dim = cfg.embed_dims[i]
-        last = i == len(cfg.depths) - 1
-        out_dim = dim if last else cfg.embed_dims[i + 1]
-        args = (cfg.kernel_sizes[i], cfg.num_heads[i], cfg.window_sizes[i], cfg.mlp_kernel_sizes[i], cfg.mlp_ratios[i])
-        blocks = [FATBlock(dim, dim, *args, 1, drop_paths[j]) for j in range(cfg.depths[i] - 1)]
-        blocks.append(FATBlock(dim, out_dim, *args, 1 if last else 2, drop_paths[-1]))
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = blk(x)
-        return x
+    def deploy_fold_residuals(self) -> None:
+        if self.cpe_residual:
+            absorb_identity(self.cpe)
+            self.cpe_residual = False
 
 
 class FAT(Backbone):
-    def __init__(self, cfg: FATConfig, num_classes: int = 1000, in_chans: int = 3,
-                 features_only: bool = False, drop_path_rate: float | None = None):
-        super().__init__(in_chans, num_classes, list(cfg.embed_dims), features_only)
-        self.config = cfg
-        rates = stochastic_depth_rates(list(cfg.depths), cfg.drop_path_rate if drop_path_rate is None else drop_path_rate)
-        self.layers.extend(FATLayer(cfg, i, rates[i]) for i in range(len(cfg.depths)))
+    config: FATConfig
+
+    def make_block(self, stage: int, dim: int, out_dim: int, stride: int, drop_path: float) -> FATBlock:
+        c, i = self.config, stage
+        return FATBlock(dim, out_dim, c.kernel_sizes[i], c.num_heads[i], c.window_sizes[i], c.mlp_kernel_sizes[i],
+                        c.mlp_ratios[i], stride, drop_path)
