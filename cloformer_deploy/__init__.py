@@ -2,13 +2,21 @@
 
 The package imports torch only when a name that needs it is first used.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "InputSizeError", "UnknownModelError", "__version__", "create_model", "list_models",
-    "load_checkpoint", "profile_model", "to_deploy",
+    "CheckpointError",
+    "InputSizeError",
+    "UnknownModelError",
+    "__version__",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "profile_model",
+    "to_deploy",
 ]
 
 

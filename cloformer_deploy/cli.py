@@ -3,6 +3,7 @@
 Parsing imports nothing heavy (``--help`` and bad input answer at once); the API is imported
 after the arguments are read. Bad input of any kind is one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _command(prog: str):
     """Run a command's body: InputError -> one line and 2; Ctrl-C -> one line and 130, at any point."""
+
     def wrap(body):
         @wraps(body)
         def main(argv: list[str] | None = None) -> int:
@@ -43,7 +45,9 @@ def _command(prog: str):
             finally:
                 if threading.current_thread() is threading.main_thread():
                     signal.signal(signal.SIGTERM, previous)
+
         return main
+
     return wrap
 
 
@@ -89,9 +93,14 @@ def models_main(p: _Parser, argv) -> int:
         rows = [(r.name, r.params, r.macs, r.paper_gmacs) for r in (profile_model(n, size) for n in list_models())]
     h, w = size
     gmacs = f"GMACs @{h}x{w}"
-    _table(["model", "params", gmacs, "paper GMACs"],
-           [[name, f"{params:,}", f"{macs / 1e9:.3f}", f"{paper:.1f}" if paper else "-"] for name, params, macs, paper in rows],
-           right=("params", gmacs, "paper GMACs"))
+    _table(
+        ["model", "params", gmacs, "paper GMACs"],
+        [
+            [name, f"{params:,}", f"{macs / 1e9:.3f}", f"{paper:.1f}" if paper else "-"]
+            for name, params, macs, paper in rows
+        ],
+        right=("params", gmacs, "paper GMACs"),
+    )
     return 0
 
 
@@ -115,8 +124,10 @@ def export_main(p: _Parser, argv) -> int:
             verdict = "not validated"
         elif v.get("figures"):
             f = v["figures"]
-            verdict = (f"{'PASS' if v['passed'] else 'FAIL'} ({v['method']}) max abs {f['max_abs']:.1e}, "
-                       f"cosine {f['cosine']:.5f}, top-1 {f['top1_agreement']:.0%}")
+            verdict = (
+                f"{'PASS' if v['passed'] else 'FAIL'} ({v['method']}) max abs {f['max_abs']:.1e}, "
+                f"cosine {f['cosine']:.5f}, top-1 {f['top1_agreement']:.0%}"
+            )
         else:
             verdict = f"{'PASS' if v['passed'] else 'FAIL'} ({v['method']})"
         rows.append([a.format, a.path.name, f"{a.entry['size_bytes'] / 1e6:.2f}", verdict])
@@ -130,8 +141,10 @@ def export_main(p: _Parser, argv) -> int:
     if result.zip_path:
         print(f"zip:    {result.zip_path}")
     if not result.passed:
-        print(f"{p.prog}: validation FAILED; the bundle was left at {result.bundle} with the figures "
-              "in manifest.json", file=sys.stderr)
+        print(
+            f"{p.prog}: validation FAILED; the bundle was left at {result.bundle} with the figures in manifest.json",
+            file=sys.stderr,
+        )
         return 1
     print(f"next:   cloformer-validate {result.bundle}" + (f" --weights {opts.weights}" if opts.weights else ""))
     return 0
@@ -144,10 +157,17 @@ def _target_verdict(t: dict) -> str:
     if not t.get("figures"):
         return "FAIL: " + "; ".join(t.get("problems") or [])
     f, vs = t["figures"], t.get("vs_local") or {}
-    here = ("bit-exact with this machine" if vs.get("bit_exact") else
-            f"vs this machine max abs {vs['max_abs']:.1e}" if vs else "")
-    return (f"{'PASS' if t['passed'] else 'FAIL'} max abs {f['max_abs']:.1e}, cosine {f['cosine']:.5f}, "
-            f"top-1 {f['top1_agreement']:.0%}; {here}")
+    here = (
+        "bit-exact with this machine"
+        if vs.get("bit_exact")
+        else f"vs this machine max abs {vs['max_abs']:.1e}"
+        if vs
+        else ""
+    )
+    return (
+        f"{'PASS' if t['passed'] else 'FAIL'} max abs {f['max_abs']:.1e}, cosine {f['cosine']:.5f}, "
+        f"top-1 {f['top1_agreement']:.0%}; {here}"
+    )
 
 
 @_command("cloformer-validate")
@@ -204,15 +224,21 @@ def device_main(p: _Parser, argv) -> int:
     from .targets.options import CheckOptions, ListOptions, SetupOptions
 
     sub = p.add_subparsers(dest="action", metavar="{setup,list,check}", parser_class=_Parser)
-    setup = sub.add_parser("setup", help="build a target once (arm64: a Debian arm64 root with the host's runtimes, "
-                                         "run by QEMU; downloads about 3 GB, 5.8 GB on disk)")
+    setup = sub.add_parser(
+        "setup",
+        help="build a target once (arm64: a Debian arm64 root with the host's runtimes, "
+        "run by QEMU; downloads about 3 GB, 5.8 GB on disk)",
+    )
     SetupOptions.add_arguments(setup)
     setup.add_argument("-q", "--quiet", action="store_true")
     listing = sub.add_parser("list", help="targets, whether they are ready, and the ARM64 CPU profiles")
     ListOptions.add_arguments(listing)
-    check = sub.add_parser("check", help="what an ssh:// device has and lacks (Python, numpy, runtimes against "
-                                         "this machine's versions), its CPU cores, and the command that installs "
-                                         "what is missing; installs nothing. Exit 1 if something is missing")
+    check = sub.add_parser(
+        "check",
+        help="what an ssh:// device has and lacks (Python, numpy, runtimes against "
+        "this machine's versions), its CPU cores, and the command that installs "
+        "what is missing; installs nothing. Exit 1 if something is missing",
+    )
     CheckOptions.add_arguments(check, skip=("cpu", "target_cache"))
     args = p.parse_args(argv)
     if args.action is None:
@@ -229,21 +255,33 @@ def device_main(p: _Parser, argv) -> int:
     cache = Path(opts.cache) if opts.cache else default_cache()
     if args.action == "setup":
         if opts.target != "arm64":
-            raise InputError(f"setup {opts.target!r}: only arm64 is built by setup ({', '.join(TARGETS)} exist; "
-                             "local needs none)")
-        record = setup_arm64(cache, force=opts.force, keep_downloads=opts.keep_downloads,
-                             progress=Progress(quiet=args.quiet))
-        print(f"arm64 root ready: {cache / ROOT_DIR} ({record['bytes'] / 1e9:.1f} GB; torch "
-              f"{record['versions']['torch']}, executorch {record['versions']['executorch']}, onnxruntime "
-              f"{record['versions']['onnxruntime']}; importing them under emulation took {record['import_seconds']}s)")
+            raise InputError(
+                f"setup {opts.target!r}: only arm64 is built by setup ({', '.join(TARGETS)} exist; local needs none)"
+            )
+        record = setup_arm64(
+            cache, force=opts.force, keep_downloads=opts.keep_downloads, progress=Progress(quiet=args.quiet)
+        )
+        print(
+            f"arm64 root ready: {cache / ROOT_DIR} ({record['bytes'] / 1e9:.1f} GB; torch "
+            f"{record['versions']['torch']}, executorch {record['versions']['executorch']}, onnxruntime "
+            f"{record['versions']['onnxruntime']}; importing them under emulation took {record['import_seconds']}s)"
+        )
         print("next:   cloformer-validate BUNDLE --target arm64")
         return 0
     state = ready_state(cache)
-    status = (f"ready in {cache / ROOT_DIR} ({state['bytes'] / 1e9:.1f} GB)" if state
-              else "not set up: cloformer-device setup arm64")
-    _table(["target", "status", "runs"], [["local", "ready", TARGETS["local"]], ["arm64", status, TARGETS["arm64"]],
-                                          ["ssh://", "cloformer-device check ssh://[user@]host[:port]",
-                                           TARGETS["ssh://[user@]host[:port]"]]])
+    status = (
+        f"ready in {cache / ROOT_DIR} ({state['bytes'] / 1e9:.1f} GB)"
+        if state
+        else "not set up: cloformer-device setup arm64"
+    )
+    _table(
+        ["target", "status", "runs"],
+        [
+            ["local", "ready", TARGETS["local"]],
+            ["arm64", status, TARGETS["arm64"]],
+            ["ssh://", "cloformer-device check ssh://[user@]host[:port]", TARGETS["ssh://[user@]host[:port]"]],
+        ],
+    )
     qemu = qemu_binary()
     print(f"\nARM64 CPU profiles (--cpu; default {DEFAULT_CPU}){'' if qemu else '; QEMU is not installed'}:")
     for name, profile in CPU_PROFILES.items():
@@ -261,17 +299,23 @@ def _check_device(opts) -> int:
     from .targets.ssh import SshTarget, clusters_text, device_needs
 
     if not str(opts.target).lower().startswith("ssh://"):
-        raise TargetError(f"check {opts.target!r}: give a device as ssh://[user@]host[:port] "
-                          "(cloformer-device list shows local and arm64)")
+        raise TargetError(
+            f"check {opts.target!r}: give a device as ssh://[user@]host[:port] "
+            "(cloformer-device list shows local and arm64)"
+        )
     target = SshTarget(opts.target, **opts.device())
     info = target.probe()
     if info.get("too_old"):  # no pip command would help: another Python is the fix
-        print(f"device   {target.name}: {info.get('platform')}, Python {info['python']}: too old, the worker needs "
-              "3.10 or newer; pass --remote-python with a newer one")
+        print(
+            f"device   {target.name}: {info.get('platform')}, Python {info['python']}: too old, the worker needs "
+            "3.10 or newer; pass --remote-python with a newer one"
+        )
         return 1
     if info.get("write_error"):
-        print(f"device   {target.name}: cannot write the work folder: {info['write_error']}; free space there or "
-              "pass --remote-dir")
+        print(
+            f"device   {target.name}: cannot write the work folder: {info['write_error']}; free space there or "
+            "pass --remote-dir"
+        )
         return 1
     if target.cores is not None and target.about:
         target.check_cores()
@@ -282,11 +326,15 @@ def _check_device(opts) -> int:
         free = info.get("free_bytes")
         print(f"work     {info['work']}" + (f" ({free / 1e9:.1f} GB free)" if free else ""))
     if about.get("affinity") is not None and about.get("clusters"):
-        print("cores    --cores chooses among: " + "; ".join(f"{c['core']} {','.join(map(str, c['cpus']))}"
-                                                         for c in about["clusters"]))
+        print(
+            "cores    --cores chooses among: "
+            + "; ".join(f"{c['core']} {','.join(map(str, c['cpus']))}" for c in about["clusters"])
+        )
     print()
-    _table(["package", "on the device", "this machine", "status"],
-           [[r["package"], r["device"], r["host"], r["status"]] for r in needs["rows"]])
+    _table(
+        ["package", "on the device", "this machine", "status"],
+        [[r["package"], r["device"], r["host"], r["status"]] for r in needs["rows"]],
+    )
     print("\nformats: " + "; ".join(f"{k}: {v}" for k, v in needs["formats"].items()))
     if needs["command"]:
         print(f"\ninstall on the device (nothing was installed):\n  {needs['command']}")

@@ -1,4 +1,5 @@
 """Hashes and sizes of files and folders, and the project's git commit: shared by every layer."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,9 @@ def size_bytes(path: Path) -> int:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

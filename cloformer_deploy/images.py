@@ -4,6 +4,7 @@ The default set is the photographs bundled in scikit-image's wheel (no network).
 Real images matter: noise inputs keep activations small and hide fp16 and
 quantisation drift that photographs expose.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,9 +17,20 @@ from .inputs import InputError
 # crop_pct of the authors' evaluation transform (Resize(256/224 * size), CenterCrop(size))
 CROP_PCT = 0.875
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-_SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-                   "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "coins.png", "moon.png",
-                   "brick.png")
+_SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+    "camera.png",
+    "coins.png",
+    "moon.png",
+    "brick.png",
+)
 
 
 class ImageDataError(InputError):
@@ -39,7 +51,7 @@ class ImageBatch:
     def batches(self, size: int):
         """Consecutive sub-batches of exactly ``size`` images (a static-batch artifact needs exactly that)."""
         for i in range(0, len(self) - size + 1, size):
-            yield ImageBatch(self.names[i:i + size], self.images[i:i + size], self.tensor[i:i + size])
+            yield ImageBatch(self.names[i : i + size], self.images[i : i + size], self.tensor[i : i + size])
 
 
 def default_image_paths() -> list[Path]:
@@ -80,8 +92,9 @@ def normalise(images: np.ndarray, mean, std) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def load_images(size: tuple[int, int], mean, std, folder: str | Path | None = None,
-                limit: int | None = None) -> ImageBatch:
+def load_images(
+    size: tuple[int, int], mean, std, folder: str | Path | None = None, limit: int | None = None
+) -> ImageBatch:
     paths = folder_image_paths(folder) if folder is not None else default_image_paths()
     if limit:
         paths = paths[:limit]
@@ -104,8 +117,7 @@ def load_images(size: tuple[int, int], mean, std, folder: str | Path | None = No
 CALIBRATION_VIEWS = ((1.0, True), (0.75, False), (0.6, True))
 
 
-def load_calibration(size: tuple[int, int], mean, std, folder: str | Path | None = None,
-                     count: int = 32) -> np.ndarray:
+def load_calibration(size: tuple[int, int], mean, std, folder: str | Path | None = None, count: int = 32) -> np.ndarray:
     """Images to calibrate int8 activations: each photograph mirrored and cropped wider or tighter than for
     validation, so that calibration and validation inputs are never the same pixels. Views are taken
     photograph by photograph until ``count``; a folder with too few photographs gives fewer (the caller

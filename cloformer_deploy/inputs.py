@@ -6,6 +6,7 @@ nothing is written. Messages name options as command-line flags (``--force``); t
 error read from the Python API names the keyword argument instead (``force=True``): an option's
 keyword is its flag's name (see :mod:`cloformer_deploy.options`).
 """
+
 from __future__ import annotations
 
 import os

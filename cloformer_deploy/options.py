@@ -6,6 +6,7 @@ object from the flags actually typed and the API from the keyword arguments actu
 object knows which fields were *given* and which hold a default (:meth:`Options.given`): a default is
 never taken for a choice. Every check runs from :meth:`Options.checked` before any work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,32 @@ from .inputs import SWITCHES, InputError
 _GIVEN = "_given"
 
 
-def option(default: Any = None, help: str = "", *, check: Callable[[str, Any], Any] | None = None,
-           positional: bool = False, metavar: str | None = None, cli: bool = True, short: str | None = None):
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    check: Callable[[str, Any], Any] | None = None,
+    positional: bool = False,
+    metavar: str | None = None,
+    cli: bool = True,
+    short: str | None = None,
+):
     """A field of an options object: its default, its help text, and ``check(flag, value) -> value``.
 
     A bool field is a switch that is off by default (``--force``; ``--no-validate``). ``cli=False``: a field
     of the Python API only (an object a program passes, such as the options of a device).
     """
-    return field(default=default, metadata={"help": help, "check": check, "positional": positional,
-                                            "metavar": metavar, "cli": cli, "short": short})
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "check": check,
+            "positional": positional,
+            "metavar": metavar,
+            "cli": cli,
+            "short": short,
+        },
+    )
 
 
 def flag_of(name: str) -> str:
@@ -55,12 +73,16 @@ class Options:
         names = cls.names()
         unknown = [k for k in kwargs if k not in names]
         if unknown:
-            raise InputError(f"{flag_of(unknown[0])} is not an option of this command; choose from "
-                             f"{', '.join(flag_of(n) for n in sorted(names))}")
+            raise InputError(
+                f"{flag_of(unknown[0])} is not an option of this command; choose from "
+                f"{', '.join(flag_of(n) for n in sorted(names))}"
+            )
         if options is not None:
             if not isinstance(options, cls):
-                raise InputError(f"expected {cls.__name__}, got {type(options).__name__}; pass {cls.__name__}(...) "
-                                 "or keyword arguments")
+                raise InputError(
+                    f"expected {cls.__name__}, got {type(options).__name__}; pass {cls.__name__}(...) "
+                    "or keyword arguments"
+                )
             made = dataclasses.replace(options, **kwargs)
             given = options.given() | frozenset(kwargs)
         else:
@@ -87,8 +109,12 @@ class Options:
 
         Fields of a class that says ``fields_last`` (where the artifacts run, say) come after the command's own.
         """
-        last = {f.name for base in cls.__mro__ if vars(base).get("fields_last") and dataclasses.is_dataclass(base)
-                for f in dataclasses.fields(base)}
+        last = {
+            f.name
+            for base in cls.__mro__
+            if vars(base).get("fields_last") and dataclasses.is_dataclass(base)
+            for f in dataclasses.fields(base)
+        }
         ordered = sorted(dataclasses.fields(cls), key=lambda f: f.name in last)
         for f in ordered:
             meta = f.metadata
@@ -102,8 +128,9 @@ class Options:
             if f.type in ("bool", bool) or isinstance(f.default, bool):
                 parser.add_argument(*names, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=text)
             else:
-                parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, metavar=meta.get("metavar"),
-                                    help=text)
+                parser.add_argument(
+                    *names, dest=f.name, default=argparse.SUPPRESS, metavar=meta.get("metavar"), help=text
+                )
 
     @classmethod
     def from_args(cls, namespace: argparse.Namespace, **extra):

@@ -4,6 +4,7 @@ A long stage reports how far it is from inside (``stage.update("7/12 images")``)
 terminal the spinner's text changes; in a log a line is written at most every
 ``plain_interval`` seconds, so that a CI log shows a stage is alive without flooding.
 """
+
 from __future__ import annotations
 
 import sys
@@ -71,9 +72,11 @@ class Progress:
         fig = report.get("figures")
         verdict = "PASS" if report.get("passed") else "FAIL"
         if fig:
-            text = (f"{fmt}: {verdict} ({report.get('method')}) max abs {fig['max_abs']:.2e}, "
-                    f"mean abs {fig['mean_abs']:.2e}, cosine {fig['cosine']:.6f}, "
-                    f"top-1 agreement {fig['top1_agreement']:.0%} on {fig['images']} images")
+            text = (
+                f"{fmt}: {verdict} ({report.get('method')}) max abs {fig['max_abs']:.2e}, "
+                f"mean abs {fig['mean_abs']:.2e}, cosine {fig['cosine']:.6f}, "
+                f"top-1 agreement {fig['top1_agreement']:.0%} on {fig['images']} images"
+            )
         else:
             text = f"{fmt}: {verdict} ({report.get('method')}) {report.get('note', '')}"
         if report.get("problems"):
@@ -89,6 +92,11 @@ class Progress:
         self.report(f"{fmt} on {target}", report)
         vs = report.get("vs_local")
         if vs:
-            self._line(f"{fmt} on {target} vs this machine: "
-                       + ("bit-exact" if vs["bit_exact"] else
-                          f"max abs {vs['max_abs']:.2e}, cosine {vs['cosine']:.6f}, top-1 {vs['top1_agreement']:.0%}"))
+            self._line(
+                f"{fmt} on {target} vs this machine: "
+                + (
+                    "bit-exact"
+                    if vs["bit_exact"]
+                    else f"max abs {vs['max_abs']:.2e}, cosine {vs['cosine']:.6f}, top-1 {vs['top1_agreement']:.0%}"
+                )
+            )

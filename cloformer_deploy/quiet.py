@@ -6,6 +6,7 @@ bars (coremltools' passes) and C++ writes to file descriptor 2 (ExecuTorch's cpu
 every program load). :func:`quiet_libraries` silences the first three for its duration and
 filters the fourth line by line, so that a real error from native code still shows.
 """
+
 from __future__ import annotations
 
 import io
@@ -79,6 +80,7 @@ def _disable_tqdm():
 
     def restore():
         tqdm.__init__ = original
+
     return restore
 
 
@@ -168,4 +170,3 @@ def native_noise_held():
             if kept:
                 previous.write("".join(kept))
                 previous.flush()
-

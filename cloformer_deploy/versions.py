@@ -3,6 +3,7 @@
 Standard library only: a device's first-contact probe imports it before it knows that numpy (or
 anything else) is there.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -1,8 +1,10 @@
 """Session fixtures: the tiny model, its checkpoint and its bundle (exported once)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+
 from helpers import TINY, TINY_SIZE, randomise_norms
 
 
@@ -12,8 +14,13 @@ def tiny_variant():
     from cloformer_deploy.models.cloformer import CloFormerConfig
     from cloformer_deploy.models.registry import VARIANTS, Variant
 
-    cfg = CloFormerConfig(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 3, 4),
-                          group_splits=((1, 1), (1, 1), (2, 1), (1, 3)), kernel_sizes=((3,), (5,), (7,), (9,)))
+    cfg = CloFormerConfig(
+        embed_dims=(16, 32, 48, 64),
+        depths=(1, 1, 1, 1),
+        num_heads=(2, 2, 3, 4),
+        group_splits=((1, 1), (1, 1), (2, 1), (1, 3)),
+        kernel_sizes=((3,), (5,), (7,), (9,)),
+    )
     VARIANTS[TINY] = Variant(TINY, "cloformer", cfg, None, "test-only tiny CloFormer")
     yield TINY
     VARIANTS.pop(TINY, None)
@@ -33,5 +40,11 @@ def tiny_bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
     """The tiny model exported once to every format (fp32/fp16 defaults), validated and zipped."""
     from cloformer_deploy.pipeline import export
 
-    return export(tiny_variant, weights=tiny_checkpoint, format="all", img_size=TINY_SIZE,
-                  out=tmp_path_factory.mktemp("export"), zip=True)
+    return export(
+        tiny_variant,
+        weights=tiny_checkpoint,
+        format="all",
+        img_size=TINY_SIZE,
+        out=tmp_path_factory.mktemp("export"),
+        zip=True,
+    )

@@ -1,4 +1,5 @@
 """What several test modules share: the golden data, the tiny model's name and size, tensor helpers."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 The device is this machine; the transport (key exchange, the remote shell, stdin/stdout over the
 channel, the channel closing) is real.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -65,16 +66,22 @@ def start(folder: Path) -> Loopback:
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\nPidFile {folder / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {folder / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-        "PermitRootLogin prohibit-password\nLogLevel ERROR\nMaxStartups 50\nMaxSessions 50\n")
+        "PermitRootLogin prohibit-password\nLogLevel ERROR\nMaxStartups 50\nMaxSessions 50\n"
+    )
     host_pub = (folder / "host_key.pub").read_text().split()
-    (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n"
-                                        f"[localhost]:{port} {host_pub[0]} {host_pub[1]}\n")
+    (folder / "known_hosts").write_text(
+        f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n[localhost]:{port} {host_pub[0]} {host_pub[1]}\n"
+    )
     (folder / "ssh_config").write_text(  # "localhost" names this server too: ssh://localhost in a report
         f"Host localhost\n  HostName 127.0.0.1\n  Port {port}\n"
         f"Host *\n  IdentityFile {folder / 'client_key'}\n  IdentitiesOnly yes\n"
-        f"  UserKnownHostsFile {folder / 'known_hosts'}\n  StrictHostKeyChecking yes\n")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")], stdout=subprocess.DEVNULL,
-                            stderr=open(folder / "sshd.log", "wb"))
+        f"  UserKnownHostsFile {folder / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+    )
+    proc = subprocess.Popen(
+        [SSHD, "-D", "-e", "-f", str(folder / "sshd_config")],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "sshd.log", "wb"),
+    )
     for _ in range(200):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:

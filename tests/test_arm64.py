@@ -3,6 +3,7 @@
 Needs QEMU and mmdebstrap (``apt-get install qemu-user-static mmdebstrap``) and, the first time,
 the network (about 2.8 GB from PyPI and deb.debian.org). Skipped without the tools, a failure under CI.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ def bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("arm64")
     for formats, precision in (("onnx,executorch", "fp32"), ("onnx,executorch", "fp16"), ("onnx,executorch", "int8")):
-        result = export(tiny_variant, weights=tiny_checkpoint, format=formats, precision=precision, img_size=64,
-                        out=out)
+        result = export(
+            tiny_variant, weights=tiny_checkpoint, format=formats, precision=precision, img_size=64, out=out
+        )
         assert result.passed
     return result.bundle
 

@@ -1,4 +1,5 @@
 """cloformer-bench measures and reports: on a tiny model with few runs. Timings are printed, never asserted."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,17 @@ from cloformer_deploy.runtime_bench.harness import bench
 
 @pytest.fixture(scope="module")
 def result(tiny_variant, tiny_checkpoint, tmp_path_factory):
-    return bench(tiny_variant, weights=tiny_checkpoint, formats="torch,onnx,executorch,coreml", threads=(1, 2),
-                 runs=4, warmup=1, img_size=64, compare_authors=True, out=tmp_path_factory.mktemp("bench"))
+    return bench(
+        tiny_variant,
+        weights=tiny_checkpoint,
+        formats="torch,onnx,executorch,coreml",
+        threads=(1, 2),
+        runs=4,
+        warmup=1,
+        img_size=64,
+        compare_authors=True,
+        out=tmp_path_factory.mktemp("bench"),
+    )
 
 
 @pytest.mark.e2e
@@ -73,9 +83,15 @@ def test_failing_runtime_becomes_an_error_row(tiny_variant, tmp_path, monkeypatc
     assert rows["torch"]["latency_ms"] is not None and rows["torch"]["error"] is None
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--formats", "tflite"], "unknown runtime"), (["--threads", "a"], "--threads"),
-    (["--img-size", "100"], "multiple of 32"), (["--model", "vgg"], "unknown model")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--formats", "tflite"], "unknown runtime"),
+        (["--threads", "a"], "--threads"),
+        (["--img-size", "100"], "multiple of 32"),
+        (["--model", "vgg"], "unknown model"),
+    ],
+)
 def test_bad_input(args, message, tmp_path, capsys):
     assert bench_main(args + ["--out", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err
@@ -98,8 +114,8 @@ def test_labelled_folder_gives_top1_and_top5(tmp_path):
     labels = _labelled(images, tmp_path)
     assert labels == [0, 0, 1, 1, 2, 2]
     logits = np.zeros((6, 10))
-    logits[np.arange(6), labels] = 1.0   # right
-    logits[1] = np.arange(10)            # class 0 is not in image 1's top-5
+    logits[np.arange(6), labels] = 1.0  # right
+    logits[1] = np.arange(10)  # class 0 is not in image 1's top-5
     logits[3, 1], logits[3, 9] = 2.0, 5.0  # class 1 second: in top-5, not top-1
     acc = _accuracy(logits, labels)
     assert acc == {"top1": 4 / 6, "top5": 5 / 6, "images": 6}

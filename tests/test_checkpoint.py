@@ -1,4 +1,5 @@
 """Checkpoint loading: the forms users have, and every bad input with its message."""
+
 from __future__ import annotations
 
 import os
@@ -34,6 +35,7 @@ FakeCfgNode.__qualname__ = FakeCfgNode.__name__ = "CfgNode"
 def test_training_checkpoint_with_yacs_config_loads_without_yacs(tmp_path, fat_b0, monkeypatch):
     import sys
     import types
+
     cfg = FakeCfgNode(MODEL=FakeCfgNode(NAME="fat_b0"), TRAIN=FakeCfgNode(EPOCHS=300))
     cfg.__dict__["__immutable__"] = True
     yacs = types.ModuleType("yacs")
@@ -42,8 +44,17 @@ def test_training_checkpoint_with_yacs_config_loads_without_yacs(tmp_path, fat_b
     monkeypatch.setitem(sys.modules, "yacs", yacs)
     monkeypatch.setitem(sys.modules, "yacs.config", yacs.config)
     path = tmp_path / "ckpt_epoch_299.pth"
-    torch.save({"model": fat_b0.state_dict(), "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]},
-                "lr_scheduler": {"t": 3}, "max_accuracy": 71.2, "epoch": 299, "config": cfg}, path)
+    torch.save(
+        {
+            "model": fat_b0.state_dict(),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]},
+            "lr_scheduler": {"t": 3},
+            "max_accuracy": 71.2,
+            "epoch": 299,
+            "config": cfg,
+        },
+        path,
+    )
     monkeypatch.delitem(sys.modules, "yacs")
     monkeypatch.delitem(sys.modules, "yacs.config")
     assert _same(fat_b0, cd.create_model("fat-b0", checkpoint=path))
@@ -52,9 +63,13 @@ def test_training_checkpoint_with_yacs_config_loads_without_yacs(tmp_path, fat_b
 @pytest.mark.parametrize("wrap", ["bare", "state_dict", "model", "ddp", "nested"])
 def test_wrappers_and_prefixes(tmp_path, fat_b0, wrap):
     sd = fat_b0.state_dict()
-    obj = {"bare": sd, "state_dict": {"state_dict": sd, "epoch": 3}, "model": {"model": sd},
-           "ddp": OrderedDict((f"module.{k}", v) for k, v in sd.items()),
-           "nested": {"state_dict": {"model": {f"module.{k}": v for k, v in sd.items()}}}}[wrap]
+    obj = {
+        "bare": sd,
+        "state_dict": {"state_dict": sd, "epoch": 3},
+        "model": {"model": sd},
+        "ddp": OrderedDict((f"module.{k}", v) for k, v in sd.items()),
+        "nested": {"state_dict": {"model": {f"module.{k}": v for k, v in sd.items()}}},
+    }[wrap]
     torch.save(obj, tmp_path / "w.pth")
     assert _same(fat_b0, cd.create_model("fat_b0", checkpoint=tmp_path / "w.pth"))
 
@@ -138,8 +153,11 @@ def test_missing_and_unexpected_keys(tmp_path, fat_b0):
     sd.pop("layers.1.blocks.0.attn.q.weight")
     sd["layers.9.extra"] = torch.zeros(1)
     torch.save(sd, tmp_path / "odd.pth")
-    with pytest.raises(CheckpointError, match=r"1 missing keys \(e.g. layers.1.blocks.0.attn.q.weight\); "
-                                              r"1 unexpected keys \(e.g. layers.9.extra\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"1 missing keys \(e.g. layers.1.blocks.0.attn.q.weight\); "
+        r"1 unexpected keys \(e.g. layers.9.extra\)",
+    ):
         cd.create_model("fat_b0", checkpoint=tmp_path / "odd.pth")
 
 

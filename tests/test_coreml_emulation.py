@@ -1,4 +1,5 @@
 """Core ML packages executed on Linux by the interpreter: parity, fp16 overflow guard, corrupted weights."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,14 +20,25 @@ def setup(tiny_variant):
     torch.manual_seed(0)
     authors = cd.create_model(tiny_variant, num_classes=10)
     images = load_images(SIZE, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    spec = ModelSpec(tiny_variant, 10, SIZE, 1, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                     [str(i) for i in range(10)], 0, None, None)
+    spec = ModelSpec(
+        tiny_variant,
+        10,
+        SIZE,
+        1,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        [str(i) for i in range(10)],
+        0,
+        None,
+        None,
+    )
     return authors, images, spec
 
 
 def _export(authors, images, spec, path, precision, **options):
-    job = ExportJob(cd.to_deploy(authors, SIZE), torch.from_numpy(images.tensor[:1]), spec, precision,
-                    options, images.tensor)
+    job = ExportJob(
+        cd.to_deploy(authors, SIZE), torch.from_numpy(images.tensor[:1]), spec, precision, options, images.tensor
+    )
     info = CoreMLBackend().export(job, path, print)
     return CoreMLRunner(path, spec, emulate=True), info
 
@@ -74,12 +86,12 @@ def test_corrupted_weights_inside_the_package_fail_validation(setup, tmp_path):
     # the blob file: 64-byte aligned records, each a header (0xDEADBEEF, dtype, size, offset) then data
     corrupted = 0
     for pos in range(64, len(data), 64):
-        if data[pos:pos + 4] != b"\xef\xbe\xad\xde":
+        if data[pos : pos + 4] != b"\xef\xbe\xad\xde":
             continue
-        size, offset = (int.from_bytes(data[pos + k:pos + k + 8], "little") for k in (8, 16))
-        w = np.frombuffer(bytes(data[offset:offset + size]), dtype=np.float32).copy()
+        size, offset = (int.from_bytes(data[pos + k : pos + k + 8], "little") for k in (8, 16))
+        w = np.frombuffer(bytes(data[offset : offset + size]), dtype=np.float32).copy()
         w[::7] *= -3.0  # every 7th weight, in place: same size, same offsets
-        data[offset:offset + size] = w.tobytes()
+        data[offset : offset + size] = w.tobytes()
         corrupted += 1
     assert corrupted > 10
     blob.write_bytes(bytes(data))

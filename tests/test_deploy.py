@@ -1,4 +1,5 @@
 """The deploy form: each rewrite keeps the function, shapes are static, the input model is untouched."""
+
 from __future__ import annotations
 
 import copy
@@ -10,14 +11,19 @@ import cloformer_deploy as cd
 from cloformer_deploy.models import DEPLOY_STEPS, InputSizeError
 from cloformer_deploy.models.cloformer import CloFormer, CloFormerConfig
 from cloformer_deploy.models.deploy_modules import ChannelNorm
+
 from helpers import max_abs, randomise_norms
 
 STEP_NAMES = [s.name for s in DEPLOY_STEPS]
 
 # the authors' default config.py: two local branches with different kernels, so mixers really merge
-TWO_BRANCH = CloFormerConfig(embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(2, 4, 8, 16),
-                             group_splits=((1, 1), (1, 1, 2), (2, 2, 4), (4, 12)),
-                             kernel_sizes=((5,), (5, 3), (5, 3), (3,)))
+TWO_BRANCH = CloFormerConfig(
+    embed_dims=(32, 64, 128, 256),
+    depths=(1, 1, 2, 1),
+    num_heads=(2, 4, 8, 16),
+    group_splits=((1, 1), (1, 1, 2), (2, 2, 4), (4, 12)),
+    kernel_sizes=((5,), (5, 3), (5, 3), (3,)),
+)
 
 
 def _model(name):
@@ -26,8 +32,9 @@ def _model(name):
     return randomise_norms(model.eval(), seed=3)
 
 
-@pytest.fixture(scope="module", params=["cloformer_xxs", "cloformer_global", "cloformer_no_global", "fat_b0",
-                                        "two_branch"])
+@pytest.fixture(
+    scope="module", params=["cloformer_xxs", "cloformer_global", "cloformer_no_global", "fat_b0", "two_branch"]
+)
 def model_and_input(request):
     torch.manual_seed(2)
     return _model(request.param), torch.randn(2, 3, 64, 96)
@@ -47,8 +54,11 @@ def test_rewrites_reach_their_targets():
         d = cd.to_deploy(_model(name), (64, 64))
         kinds = {type(m).__name__ for m in d.modules()}
         assert not kinds & {"BatchNorm2d", "SyncBatchNorm", "GroupNorm", "Dropout", "DropPath"}, kinds
-        assert all(s.local_scale is None and s.global_scale is None for s in d.modules()
-                   if type(s).__name__ == "StaticCloAttention")
+        assert all(
+            s.local_scale is None and s.global_scale is None
+            for s in d.modules()
+            if type(s).__name__ == "StaticCloAttention"
+        )
         assert all(s.scale is None for s in d.modules() if type(s).__name__ == "StaticFASA")
         affine = [m for m in d.modules() if isinstance(m, ChannelNorm) and m.affine]
         if name.startswith("cloformer") or name == "two_branch":
@@ -57,8 +67,11 @@ def test_rewrites_reach_their_targets():
         else:
             # FAT: stem + blocks whose kv path is a padded strided depthwise conv (stages 0-2)
             assert len(affine) == 1 + 2 + 2 + 6
-    merged = [m for m in cd.to_deploy(_model("two_branch"), (64, 64)).modules()
-              if type(m).__name__ == "StaticCloAttention" and len(m.local_channels) == 2]
+    merged = [
+        m
+        for m in cd.to_deploy(_model("two_branch"), (64, 64)).modules()
+        if type(m).__name__ == "StaticCloAttention" and len(m.local_channels) == 2
+    ]
     assert merged and all(m.mixer.kernel_size == (5, 5) and m.in_proj is not None for m in merged)
 
 
@@ -165,8 +178,11 @@ def test_split_wide_depthwise_keeps_the_function(name):
     with torch.no_grad():
         ref, out = model(x), d(x)
     assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
-    wide = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1
-            and m.kernel_size[0] * m.kernel_size[1] > 25]
+    wide = [
+        m
+        for m in d.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1 and m.kernel_size[0] * m.kernel_size[1] > 25
+    ]
     assert wide == []
     rings = [m for m in d.modules() if type(m).__name__ == "RingDepthwise"]
     assert bool(rings) == (name != "two_branch")  # the two-branch config has no kernel beyond 5x5
@@ -181,8 +197,12 @@ def test_every_format_form_keeps_the_function(name):
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         ref = model(x)
-    forms = {tuple(map(tuple, f)) for b in BACKENDS.values() for p in b.precisions
-             if (f := b.deploy_steps(p, {})) is not None}
+    forms = {
+        tuple(map(tuple, f))
+        for b in BACKENDS.values()
+        for p in b.precisions
+        if (f := b.deploy_steps(p, {})) is not None
+    }
     assert len(forms) >= 3  # ONNX, XNNPACK fp32, XNNPACK int8
     for steps, extra in forms:
         with torch.no_grad():
@@ -219,8 +239,9 @@ def test_fp16_xnnpack_steps_keep_the_function_and_reach_their_targets(name):
     half = copy.deepcopy(d).half()
     with torch.no_grad():
         graph = torch.export.export(half, (x[:1].half(),)).graph
-    scalar_args = [n.format_node() for n in graph.nodes
-                   if n.op == "call_function" and any(isinstance(a, float) for a in n.args)]
+    scalar_args = [
+        n.format_node() for n in graph.nodes if n.op == "call_function" and any(isinstance(a, float) for a in n.args)
+    ]
     assert scalar_args == []
 
 
@@ -241,10 +262,20 @@ def test_scale_norm_inputs_is_exact_and_fits_fp16():
     shifts = scale_norm_inputs(d, x)
     assert shifts and all(s > 0 for s in shifts.values())
     peaks = []
-    hooks = [m.register_forward_hook(lambda m, a, o: peaks.append(
-        ((a[0] * m.input_scale if m.input_scale is not None else a[0])
-         - (a[0] * m.input_scale if m.input_scale is not None else a[0]).mean((1, 2, 3), keepdim=True)).abs().max()))
-        for m in d.modules() if isinstance(m, ChannelNorm)]
+    hooks = [
+        m.register_forward_hook(
+            lambda m, a, o: peaks.append(
+                (
+                    (a[0] * m.input_scale if m.input_scale is not None else a[0])
+                    - (a[0] * m.input_scale if m.input_scale is not None else a[0]).mean((1, 2, 3), keepdim=True)
+                )
+                .abs()
+                .max()
+            )
+        )
+        for m in d.modules()
+        if isinstance(m, ChannelNorm)
+    ]
     with torch.no_grad():
         after = d(x)
     for h in hooks:

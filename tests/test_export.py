@@ -1,4 +1,5 @@
 """cloformer-export and cloformer-validate: artifacts, validation, bundle, metadata, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import TINY_SIZE as SIZE
 
 import cloformer_deploy as cd
 from cloformer_deploy.cli import export_main, validate_main
@@ -19,6 +19,8 @@ from cloformer_deploy.formats import BACKENDS
 from cloformer_deploy.images import load_images
 from cloformer_deploy.pipeline import export, validate_bundle
 from cloformer_deploy.pipeline.bundle import sha256_path
+
+from helpers import TINY_SIZE as SIZE
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,11 @@ def test_every_format_exported_and_validated(bundle):
         else:
             assert v["figures"]["cosine"] >= 0.999
     methods = {a.format: a.entry["validation"]["method"] for a in bundle.artifacts}
-    assert methods == {"onnx": "onnxruntime", "executorch": "executorch",
-                       "coreml": "coreml" if sys.platform == "darwin" else "emulated"}
+    assert methods == {
+        "onnx": "onnxruntime",
+        "executorch": "executorch",
+        "coreml": "coreml" if sys.platform == "darwin" else "emulated",
+    }
 
 
 def test_bundle_layout_and_manifest(bundle):
@@ -121,6 +126,7 @@ def test_validate_refuses_other_weights(bundle, tmp_path, capsys, tiny_variant):
     import torch
 
     import cloformer_deploy as cd
+
     other = tmp_path / "other.pth"
     torch.save(cd.create_model(tiny_variant, num_classes=10).state_dict(), other)
     assert validate_main([str(bundle.bundle), "--weights", str(other)]) == 2
@@ -131,8 +137,21 @@ def test_breach_fails_and_is_recorded_not_placed(tiny_variant, tiny_checkpoint, 
     from cloformer_deploy import validation as validate
 
     monkeypatch.setitem(validate.DEFAULT_BOUNDS, "fp32", validate.Bounds(max_abs=1e-12))  # no export meets it
-    rc = export_main(["--model", tiny_variant, "--weights", str(tiny_checkpoint), "--format", "onnx",
-                      "--img-size", "64", "--out", str(tmp_path), "-q"])
+    rc = export_main(
+        [
+            "--model",
+            tiny_variant,
+            "--weights",
+            str(tiny_checkpoint),
+            "--format",
+            "onnx",
+            "--img-size",
+            "64",
+            "--out",
+            str(tmp_path),
+            "-q",
+        ]
+    )
     assert rc == 1
     assert not (tmp_path / "cloformer_tiny_test-64x64").exists()
     m = json.loads((tmp_path / "cloformer_tiny_test-64x64.failed" / "manifest.json").read_text())
@@ -141,8 +160,20 @@ def test_breach_fails_and_is_recorded_not_placed(tiny_variant, tiny_checkpoint, 
 
 def test_existing_bundle_kept_without_force(bundle, tiny_variant, tiny_checkpoint, capsys):
     before = sha256_path(bundle.bundle)
-    rc = export_main(["--model", tiny_variant, "--weights", str(tiny_checkpoint), "--format", "onnx",
-                      "--img-size", "64x96", "--out", str(bundle.bundle.parent)])
+    rc = export_main(
+        [
+            "--model",
+            tiny_variant,
+            "--weights",
+            str(tiny_checkpoint),
+            "--format",
+            "onnx",
+            "--img-size",
+            "64x96",
+            "--out",
+            str(bundle.bundle.parent),
+        ]
+    )
     assert rc == 2 and "--force" in capsys.readouterr().err
     assert sha256_path(bundle.bundle) == before
 
@@ -162,15 +193,28 @@ def test_interrupted_export_leaves_nothing(tiny_variant, tmp_path, monkeypatch):
 
 def test_force_replaces_atomically(tiny_variant, tmp_path):
     first = export(tiny_variant, format="onnx", img_size=64, out=tmp_path, num_classes=10, no_validate=True)
-    second = export(tiny_variant, format="onnx", img_size=64, out=tmp_path, num_classes=10, force=True,
-                    no_validate=True, batch=2)
-    assert first.bundle == second.bundle and json.loads((second.bundle / "manifest.json").read_text())["model"]["batch"] == 2
+    second = export(
+        tiny_variant, format="onnx", img_size=64, out=tmp_path, num_classes=10, force=True, no_validate=True, batch=2
+    )
+    assert (
+        first.bundle == second.bundle
+        and json.loads((second.bundle / "manifest.json").read_text())["model"]["batch"] == 2
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [second.bundle.name]
 
 
 def test_batch_and_tensor_input_and_opset17(tiny_variant, tmp_path):
-    r = export(tiny_variant, format="onnx,coreml", img_size=64, out=tmp_path, num_classes=10, batch=2,
-               opset=17, coreml_input="tensor", precision="fp32")
+    r = export(
+        tiny_variant,
+        format="onnx,coreml",
+        img_size=64,
+        out=tmp_path,
+        num_classes=10,
+        batch=2,
+        opset=17,
+        coreml_input="tensor",
+        precision="fp32",
+    )
     assert r.passed
     onnx_model = onnx.load(str(next(r.bundle.glob("*.onnx"))))
     assert onnx_model.opset_import[0].version == 17
@@ -181,6 +225,7 @@ def test_batch_and_tensor_input_and_opset17(tiny_variant, tmp_path):
 
 def test_data_folder_used_for_validation(tiny_variant, tmp_path):
     from PIL import Image
+
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
@@ -199,8 +244,12 @@ def test_default_images_are_real_photographs():
 
 
 def test_cli_subprocess_bad_input_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cloformer_deploy.cli", "--model", "nope", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cloformer_deploy.cli", "--model", "nope", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.startswith("cloformer-export")]
     assert lines and "unknown model" in lines[0] and "Traceback" not in proc.stderr
@@ -284,7 +333,7 @@ def test_onnx_fp16_norm_statistics_stay_finite_where_naive_fp16_overflows(tiny_v
 
     def run(model):
         s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return np.concatenate([s.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+        return np.concatenate([s.run(None, {"input": x[i : i + 1]})[0] for i in range(len(x))])
 
     def statistic_types(model):
         typed = onnx.shape_inference.infer_shapes(model)
@@ -308,18 +357,30 @@ def test_precisions_and_formats_exported_separately_share_one_bundle(tiny_varian
     c = export(tiny_variant, format="onnx", **common)
     assert a.bundle == b.bundle == c.bundle
     names = sorted(p.name for p in a.bundle.iterdir())
-    assert names == sorted(["labels.txt", "manifest.json", "cloformer_tiny_test-64x64-fp16.mlpackage",
-                            "cloformer_tiny_test-64x64-fp32.mlpackage", "cloformer_tiny_test-64x64-fp32.onnx"])
+    assert names == sorted(
+        [
+            "labels.txt",
+            "manifest.json",
+            "cloformer_tiny_test-64x64-fp16.mlpackage",
+            "cloformer_tiny_test-64x64-fp32.mlpackage",
+            "cloformer_tiny_test-64x64-fp32.onnx",
+        ]
+    )
     manifest = json.loads((a.bundle / "manifest.json").read_text())
     assert [(e["format"], e["precision"]) for e in manifest["artifacts"]] == [
-        ("coreml", "fp16"), ("coreml", "fp32"), ("onnx", "fp32")]
+        ("coreml", "fp16"),
+        ("coreml", "fp32"),
+        ("onnx", "fp32"),
+    ]
     fp16 = next(e for e in manifest["artifacts"] if e["precision"] == "fp16")
     assert fp16["sha256"] == sha256_path(a.bundle / fp16["path"])  # kept byte for byte
     kept_sha = {e["path"]: e["sha256"] for e in manifest["artifacts"]}
     d = export(tiny_variant, format="onnx", force=True, **common)
     after = {e["path"]: e["sha256"] for e in d.manifest["artifacts"]}
-    assert set(after) == set(kept_sha) and after["cloformer_tiny_test-64x64-fp16.mlpackage"] == \
-        kept_sha["cloformer_tiny_test-64x64-fp16.mlpackage"]
+    assert (
+        set(after) == set(kept_sha)
+        and after["cloformer_tiny_test-64x64-fp16.mlpackage"] == kept_sha["cloformer_tiny_test-64x64-fp16.mlpackage"]
+    )
     assert [a.format for a in d.artifacts] == ["onnx"]  # the result lists what this run wrote
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -355,8 +416,14 @@ def test_api_prints_nothing_but_our_own_progress(tiny_variant, tiny_checkpoint, 
     from cloformer_deploy.progress import Progress
 
     log = io.StringIO()
-    r = export(tiny_variant, weights=tiny_checkpoint, format="executorch,coreml", img_size=64, out=tmp_path,
-               progress=Progress(stream=log, plain_interval=0))
+    r = export(
+        tiny_variant,
+        weights=tiny_checkpoint,
+        format="executorch,coreml",
+        img_size=64,
+        out=tmp_path,
+        progress=Progress(stream=log, plain_interval=0),
+    )
     assert r.passed
     out, err = capfd.readouterr()
     assert err == "" and out == "", (out, err)
@@ -367,8 +434,9 @@ def test_api_prints_nothing_but_our_own_progress(tiny_variant, tiny_checkpoint, 
 
 @pytest.mark.e2e
 def test_executorch_fp16_is_one_partition_and_validated(tiny_variant, tiny_checkpoint, tmp_path):
-    r = export(tiny_variant, weights=tiny_checkpoint, format="executorch", precision="fp16", img_size=SIZE,
-               out=tmp_path)
+    r = export(
+        tiny_variant, weights=tiny_checkpoint, format="executorch", precision="fp16", img_size=SIZE, out=tmp_path
+    )
     entry = r.artifacts[0].entry
     assert r.passed and entry["validation"]["figures"]["top1_agreement"] == 1.0
     assert entry["partitions"] == 1 and entry["non_delegated_kernels"] == 0 and entry["input_dtype"] == "float16"
@@ -405,8 +473,12 @@ def test_executorch_fp16_scales_loud_norms_and_stays_accurate(tiny_variant, tmp_
 
     def cosine(path):
         runner = ExecuTorchRunner(path)
-        out = np.concatenate([runner.run(ImageBatch(["x"], images.images[i:i + 1], images.tensor[i:i + 1]))
-                              for i in range(len(images))])
+        out = np.concatenate(
+            [
+                runner.run(ImageBatch(["x"], images.images[i : i + 1], images.tensor[i : i + 1]))
+                for i in range(len(images))
+            ]
+        )
         return np.nan_to_num((out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1))
 
     assert cosine(tmp_path / "scaled.pte").min() >= 0.999

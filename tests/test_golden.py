@@ -1,13 +1,15 @@
 """Parity with the authors' code, on the data in ../shared/golden made with it."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import golden_file, max_abs
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cloformer_deploy as cd
+
+from helpers import golden_file, max_abs
 
 PARITY = 1e-5
 
@@ -17,7 +19,7 @@ def _golden(variant: str):
     data = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    weights = {k[len("weights."):]: v for k, v in data.items() if k.startswith("weights.")}
+    weights = {k[len("weights.") :]: v for k, v in data.items() if k.startswith("weights.")}
     return weights, data["input.0"], data["logits.0"], meta
 
 

@@ -1,5 +1,6 @@
 """Bad input across every command and the Python API: one line naming the fix, exit 2, no traceback,
 nothing written, before any model is built or converted."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,13 @@ import torch
 from cloformer_deploy.cli import bench_main, device_main, export_main, models_main, validate_main
 from cloformer_deploy.inputs import InputError
 
-COMMANDS = {"export": export_main, "validate": validate_main, "bench": bench_main, "models": models_main,
-            "device": device_main}
+COMMANDS = {
+    "export": export_main,
+    "validate": validate_main,
+    "bench": bench_main,
+    "models": models_main,
+    "device": device_main,
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +37,9 @@ def inputs(tiny_bundle, tiny_checkpoint, tiny_variant, tmp_path_factory):
     (root / "photos_none").mkdir()
     (root / "photos_none" / "notes.txt").write_text("no images here")
     (root / "truncated.pth").write_bytes(tiny_checkpoint.read_bytes()[:500])
-    torch.save(__import__("cloformer_deploy").create_model(tiny_variant, num_classes=10).state_dict(),
-               root / "other.pth")
+    torch.save(
+        __import__("cloformer_deploy").create_model(tiny_variant, num_classes=10).state_dict(), root / "other.pth"
+    )
     torch.save(__import__("cloformer_deploy").create_model("cloformer_xs").state_dict(), root / "xs.pth")
 
     def broken(name, damage):
@@ -48,10 +55,11 @@ def inputs(tiny_bundle, tiny_checkpoint, tiny_variant, tmp_path_factory):
             m = json.loads((folder / "manifest.json").read_text())
             fn(m)
             (folder / "manifest.json").write_text(json.dumps(m))
+
         return damage
 
     broken("b_empty", set_manifest(""))
-    broken("b_badjson", set_manifest("{\"model\": "))
+    broken("b_badjson", set_manifest('{"model": '))
     broken("b_list", set_manifest("[1, 2]"))
     broken("b_nomodel", edit_manifest(lambda m: m.pop("model")))
     broken("b_noname", edit_manifest(lambda m: m["model"].pop("name")))
@@ -66,6 +74,7 @@ def inputs(tiny_bundle, tiny_checkpoint, tiny_variant, tmp_path_factory):
         data = bytearray(onnx_file.read_bytes())
         data[-100] ^= 0xFF
         onnx_file.write_bytes(bytes(data))
+
     broken("b_changed", tamper)
     return {"root": root, "good": good, "ckpt": tiny_checkpoint, "model": tiny_variant}
 
@@ -91,10 +100,17 @@ CASES = [
     ("export", ["--keep-float", "-3", "--precision", "int8"], "--keep-float -3 is out of range"),
     ("export", ["--keep-float", "3"], "--keep-float applies to int8"),
     ("export", ["--format", "coreml", "--precision", "int8", "--keep-float", "2"], "--keep-float applies to int8 ONNX"),
-    ("export", ["--model", "{model}", "--format", "onnx", "--precision", "int8", "--keep-float", "500"],
-     "more than the model's"),
+    (
+        "export",
+        ["--model", "{model}", "--format", "onnx", "--precision", "int8", "--keep-float", "500"],
+        "more than the model's",
+    ),
     ("export", ["--calibration-size", "0", "--precision", "int8"], "--calibration-size 0 is out of range"),
-    ("export", ["--calibration-size", "8"], "--calibration-size applies to --precision int8 (and fp16 ExecuTorch) only"),
+    (
+        "export",
+        ["--calibration-size", "8"],
+        "--calibration-size applies to --precision int8 (and fp16 ExecuTorch) only",
+    ),
     ("export", ["--min-top1-agreement", "5"], "not a share from 0 to 1 (5% is 0.05)"),
     ("export", ["--min-top1-agreement", "-0.1"], "not a share from 0 to 1"),
     ("export", ["--opset", "10"], "--opset 10 is out of range; give a whole number from 17 to 23"),
@@ -117,12 +133,56 @@ CASES = [
     ("export", ["--data", "{root}/file.txt"], "is a file; pass a folder"),
     ("export", ["--data", "{root}/photos_none"], "holds no .jpg/.png images"),
     ("export", ["--out", "{root}/file.txt/out"], "not writable"),
-    ("export", ["--model", "{model}", "--weights", "{ckpt}", "--img-size", "64x96", "--format", "onnx",
-                "--out", "{good_parent}"], "already holds onnx fp32; pass --force"),
-    ("export", ["--model", "{model}", "--weights", "{root}/other.pth", "--img-size", "64x96", "--format", "onnx",
-                "--out", "{good_parent}"], "holds artifacts that differ in weights"),
-    ("export", ["--model", "{model}", "--weights", "{ckpt}", "--img-size", "64x96", "--batch", "2",
-                "--format", "onnx", "--out", "{good_parent}"], "holds artifacts that differ in batch"),
+    (
+        "export",
+        [
+            "--model",
+            "{model}",
+            "--weights",
+            "{ckpt}",
+            "--img-size",
+            "64x96",
+            "--format",
+            "onnx",
+            "--out",
+            "{good_parent}",
+        ],
+        "already holds onnx fp32; pass --force",
+    ),
+    (
+        "export",
+        [
+            "--model",
+            "{model}",
+            "--weights",
+            "{root}/other.pth",
+            "--img-size",
+            "64x96",
+            "--format",
+            "onnx",
+            "--out",
+            "{good_parent}",
+        ],
+        "holds artifacts that differ in weights",
+    ),
+    (
+        "export",
+        [
+            "--model",
+            "{model}",
+            "--weights",
+            "{ckpt}",
+            "--img-size",
+            "64x96",
+            "--batch",
+            "2",
+            "--format",
+            "onnx",
+            "--out",
+            "{good_parent}",
+        ],
+        "holds artifacts that differ in batch",
+    ),
     # cloformer-validate
     ("validate", ["{root}/nope"], "does not exist; pass a folder written by cloformer-export"),
     ("validate", ["{root}/file.txt"], "is a file"),
@@ -134,7 +194,11 @@ CASES = [
     ("validate", ["{root}/b_noname"], "model.name is missing"),
     ("validate", ["{root}/b_noartifacts"], "lists no artifacts"),
     ("validate", ["{root}/b_unknownmodel", "--weights", "{ckpt}"], "unknown model 'resnet50'"),
-    ("validate", ["{root}/b_unknownformat", "--weights", "{ckpt}"], "format 'tflite', which this version does not know"),
+    (
+        "validate",
+        ["{root}/b_unknownformat", "--weights", "{ckpt}"],
+        "format 'tflite', which this version does not know",
+    ),
     ("validate", ["{root}/b_missing", "--weights", "{ckpt}"], "is listed in manifest.json but missing"),
     ("validate", ["{root}/b_changed", "--weights", "{ckpt}"], "changed since export (sha256 differs"),
     ("validate", ["{root}/b_nolabels", "--weights", "{ckpt}"], "has no labels.txt"),
@@ -218,13 +282,16 @@ def _tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-@pytest.mark.parametrize("command, args, message", CASES,
-                         ids=[f"{c}:{' '.join(a)[:60]}" for c, a, _ in CASES])
-def test_bad_input_is_one_line_exit_2_nothing_written(command, args, message, inputs, tmp_path, capsys,
-                                                      monkeypatch):
+@pytest.mark.parametrize("command, args, message", CASES, ids=[f"{c}:{' '.join(a)[:60]}" for c, a, _ in CASES])
+def test_bad_input_is_one_line_exit_2_nothing_written(command, args, message, inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default --out folders land here, where nothing may appear
-    fill = {"root": str(inputs["root"]), "good": str(inputs["good"]), "ckpt": str(inputs["ckpt"]),
-            "model": inputs["model"], "good_parent": str(inputs["good"].parent)}
+    fill = {
+        "root": str(inputs["root"]),
+        "good": str(inputs["good"]),
+        "ckpt": str(inputs["ckpt"]),
+        "model": inputs["model"],
+        "good_parent": str(inputs["good"].parent),
+    }
     argv = [a.format(**fill) for a in args]
     if command in ("export", "bench") and "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
@@ -246,8 +313,7 @@ def test_api_errors_name_keyword_arguments(tiny_bundle, tiny_variant, tiny_check
     from cloformer_deploy.pipeline import export
 
     with pytest.raises(InputError) as e:
-        export(tiny_variant, weights=tiny_checkpoint, format="onnx", img_size=(64, 96),
-               out=tiny_bundle.bundle.parent)
+        export(tiny_variant, weights=tiny_checkpoint, format="onnx", img_size=(64, 96), out=tiny_bundle.bundle.parent)
     assert "pass force=True" in str(e.value) and "--" not in str(e.value)
     assert "--force" in e.value.cli_message
     with pytest.raises(InputError, match=r"min_top1_agreement=5 is not a share"):
@@ -266,8 +332,22 @@ def test_interrupt_anywhere_is_one_line_and_leaves_no_folder(tiny_variant, tmp_p
 
     monkeypatch.setattr(BACKENDS["onnx"], "export", interrupted)
     out = tmp_path / "new" / "deeper"
-    rc = export_main(["--model", tiny_variant, "--format", "onnx", "--img-size", "64", "--num-classes", "10",
-                      "--no-validate", "--out", str(out), "-q"])
+    rc = export_main(
+        [
+            "--model",
+            tiny_variant,
+            "--format",
+            "onnx",
+            "--img-size",
+            "64",
+            "--num-classes",
+            "10",
+            "--no-validate",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 130 and err.endswith("interrupted; nothing was written") and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
@@ -283,20 +363,23 @@ def test_interrupt_anywhere_is_one_line_and_leaves_no_folder(tiny_variant, tmp_p
 
 def test_help_and_listing_import_no_torch():
     """--help, bad input and cloformer-models answer without importing torch or a converter."""
-    code = ("import sys\nfrom cloformer_deploy.cli import models_main, export_main\nmodels_main([])\n"
-            "try:\n    export_main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'coremltools', 'onnx', 'executorch') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "COLUMNS": "100"}).stdout
+    code = (
+        "import sys\nfrom cloformer_deploy.cli import models_main, export_main\nmodels_main([])\n"
+        "try:\n    export_main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'coremltools', 'onnx', 'executorch') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "100"}
+    ).stdout
     assert "HEAVY []" in out and "cloformer_xxs" in out and "4,166,728" in out and "--coreml-target" in out
 
 
 def test_listed_profiles_are_the_counted_ones():
-    from helpers import TINY
-
     from cloformer_deploy.models import list_models, profile_model
     from cloformer_deploy.models.registry import PROFILE_224
+
+    from helpers import TINY
 
     assert set(PROFILE_224) == set(list_models()) - {TINY}
     for name in PROFILE_224:

@@ -1,4 +1,5 @@
 """int8 (and Core ML 4-bit weights): calibrated on real images, smaller, drift measured and bounded."""
+
 from __future__ import annotations
 
 import json
@@ -6,17 +7,26 @@ import json
 import numpy as np
 import onnx
 import pytest
-from helpers import TINY_SIZE
 
 from cloformer_deploy.cli import validate_main
 from cloformer_deploy.formats import BACKENDS
 from cloformer_deploy.pipeline import export
 
+from helpers import TINY_SIZE
+
 
 @pytest.fixture(scope="module")
 def bundles(tiny_variant, tiny_checkpoint, tiny_bundle, tmp_path_factory):
-    int8 = export(tiny_variant, weights=tiny_checkpoint, format="all", precision="int8", img_size=TINY_SIZE,
-                  out=tmp_path_factory.mktemp("int8"), calibration_size=16, keep_float=2)
+    int8 = export(
+        tiny_variant,
+        weights=tiny_checkpoint,
+        format="all",
+        precision="int8",
+        img_size=TINY_SIZE,
+        out=tmp_path_factory.mktemp("int8"),
+        calibration_size=16,
+        keep_float=2,
+    )
     return tiny_bundle, int8
 
 
@@ -75,8 +85,11 @@ def test_executorch_int8_stays_in_one_xnnpack_partition(bundles):
 def test_coreml_int8_and_w4_run_in_the_interpreter(bundles, tiny_variant, tiny_checkpoint, tmp_path):
     _, int8 = bundles
     entry = next(a.entry for a in int8.artifacts if a.format == "coreml")
-    assert entry["ops"].get("constexpr_affine_dequantize", 0) > 0 or entry["ops"].get("constexpr_blockwise_shift_scale", 0) > 0 \
+    assert (
+        entry["ops"].get("constexpr_affine_dequantize", 0) > 0
+        or entry["ops"].get("constexpr_blockwise_shift_scale", 0) > 0
         or entry["compression"]["weights"].startswith("int8")
+    )
     w4 = export(tiny_variant, weights=tiny_checkpoint, format="coreml", precision="w4", img_size=64, out=tmp_path)
     v = w4.artifacts[0].entry["validation"]
     assert w4.passed and v["method"] in ("emulated", "coreml") and v["figures"]["cosine"] >= 0.95

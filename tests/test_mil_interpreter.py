@@ -1,4 +1,5 @@
 """The Core ML interpreter: each op kind against an independent torch computation, fp32 and fp16."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,46 +24,84 @@ Y = RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)
 
 # name: (MIL builder on x, torch reference on x, input shape); x is (1, 4, 8, 8) unless said
 CASES = {
-    "conv": (lambda x, c: mb.conv(x=x, weight=c(W3), bias=c(B6), pad_type="custom", pad=[1, 1, 1, 1]),
-             lambda x: F.conv2d(x, torch.tensor(W3), torch.tensor(B6), padding=1), None),
-    "conv_depthwise_strided_same": (lambda x, c: mb.conv(x=x, weight=c(WD), strides=[2, 2], pad_type="same", groups=4),
-                                    # MIL "same": the odd pixel of padding goes after (TensorFlow's convention)
-                                    lambda x: F.conv2d(F.pad(x, (1, 2, 1, 2)), torch.tensor(WD), None, 2, groups=4),
-                                    None),
-    "avg_pool": (lambda x, c: mb.avg_pool(x=x, kernel_sizes=[4, 4], strides=[4, 4], pad_type="valid",
-                                          exclude_padding_from_average=True),
-                 lambda x: F.avg_pool2d(x, 4, 4), None),
-    "reduce_mean": (lambda x, c: mb.reduce_mean(x=x, axes=[2, 3], keep_dims=True),
-                    lambda x: x.mean((2, 3), keepdim=True), None),
+    "conv": (
+        lambda x, c: mb.conv(x=x, weight=c(W3), bias=c(B6), pad_type="custom", pad=[1, 1, 1, 1]),
+        lambda x: F.conv2d(x, torch.tensor(W3), torch.tensor(B6), padding=1),
+        None,
+    ),
+    "conv_depthwise_strided_same": (
+        lambda x, c: mb.conv(x=x, weight=c(WD), strides=[2, 2], pad_type="same", groups=4),
+        # MIL "same": the odd pixel of padding goes after (TensorFlow's convention)
+        lambda x: F.conv2d(F.pad(x, (1, 2, 1, 2)), torch.tensor(WD), None, 2, groups=4),
+        None,
+    ),
+    "avg_pool": (
+        lambda x, c: mb.avg_pool(
+            x=x, kernel_sizes=[4, 4], strides=[4, 4], pad_type="valid", exclude_padding_from_average=True
+        ),
+        lambda x: F.avg_pool2d(x, 4, 4),
+        None,
+    ),
+    "reduce_mean": (
+        lambda x, c: mb.reduce_mean(x=x, axes=[2, 3], keep_dims=True),
+        lambda x: x.mean((2, 3), keepdim=True),
+        None,
+    ),
     "reshape": (lambda x, c: mb.reshape(x=x, shape=[1, 2, 2, 64]), lambda x: x.reshape(1, 2, 2, 64), None),
     "transpose": (lambda x, c: mb.transpose(x=x, perm=[0, 2, 3, 1]), lambda x: x.permute(0, 2, 3, 1), None),
-    "squeeze": (lambda x, c: mb.squeeze(x=mb.reduce_mean(x=x, axes=[3], keep_dims=True), axes=[3]),
-                lambda x: x.mean(3), None),
+    "squeeze": (
+        lambda x, c: mb.squeeze(x=mb.reduce_mean(x=x, axes=[3], keep_dims=True), axes=[3]),
+        lambda x: x.mean(3),
+        None,
+    ),
     "expand_dims": (lambda x, c: mb.expand_dims(x=x, axes=[1]), lambda x: x.unsqueeze(1), None),
-    "slice_by_index": (lambda x, c: mb.slice_by_index(x=x, begin=[0, 1, 0, 2], end=[1, 3, 8, 8],
-                                                      end_mask=[True, False, True, True]),
-                       lambda x: x[:, 1:3, :, 2:], None),
+    "slice_by_index": (
+        lambda x, c: mb.slice_by_index(x=x, begin=[0, 1, 0, 2], end=[1, 3, 8, 8], end_mask=[True, False, True, True]),
+        lambda x: x[:, 1:3, :, 2:],
+        None,
+    ),
     "split": (lambda x, c: mb.split(x=x, split_sizes=[1, 3], axis=1)[1], lambda x: x[:, 1:], None),
-    "concat": (lambda x, c: mb.concat(values=[x, mb.mul(x=x, y=c(np.float32(2.0)))], axis=1),
-               lambda x: torch.cat([x, 2 * x], 1), None),
+    "concat": (
+        lambda x, c: mb.concat(values=[x, mb.mul(x=x, y=c(np.float32(2.0)))], axis=1),
+        lambda x: torch.cat([x, 2 * x], 1),
+        None,
+    ),
     "add": (lambda x, c: mb.add(x=x, y=c(Y)), lambda x: x + torch.tensor(Y), None),
     "sub": (lambda x, c: mb.sub(x=x, y=c(Y)), lambda x: x - torch.tensor(Y), None),
-    "mul_broadcast": (lambda x, c: mb.mul(x=x, y=c(CH.reshape(1, 4, 1, 1))),
-                      lambda x: x * torch.tensor(CH).reshape(1, 4, 1, 1), None),
-    "real_div": (lambda x, c: mb.real_div(x=x, y=c(CH.reshape(1, 4, 1, 1))),
-                 lambda x: x / torch.tensor(CH).reshape(1, 4, 1, 1), None),
+    "mul_broadcast": (
+        lambda x, c: mb.mul(x=x, y=c(CH.reshape(1, 4, 1, 1))),
+        lambda x: x * torch.tensor(CH).reshape(1, 4, 1, 1),
+        None,
+    ),
+    "real_div": (
+        lambda x, c: mb.real_div(x=x, y=c(CH.reshape(1, 4, 1, 1))),
+        lambda x: x / torch.tensor(CH).reshape(1, 4, 1, 1),
+        None,
+    ),
     "square": (lambda x, c: mb.square(x=x), lambda x: x * x, None),
     "sqrt": (lambda x, c: mb.sqrt(x=mb.mul(x=x, y=x)), lambda x: x.abs(), None),
-    "rsqrt": (lambda x, c: mb.rsqrt(x=mb.add(x=mb.mul(x=x, y=x), y=c(np.float32(1.0))), epsilon=c(1e-5)),
-              lambda x: 1 / torch.sqrt(x * x + 1 + 1e-5), None),
-    "batch_norm": (lambda x, c: mb.batch_norm(x=x, mean=c(CH - 1), variance=c(CH), gamma=c(CH * 2), beta=c(CH),
-                                              epsilon=c(1e-5)),
-                   lambda x: F.batch_norm(x, torch.tensor(CH - 1), torch.tensor(CH), torch.tensor(CH * 2),
-                                          torch.tensor(CH), False, 0.0, 1e-5), None),
-    "matmul": (lambda x, c: mb.matmul(x=x, y=c(Y), transpose_y=True), lambda x: x @ torch.tensor(Y).transpose(-1, -2),
-               None),
-    "linear": (lambda x, c: mb.linear(x=x, weight=c(LW), bias=c(LB)),
-               lambda x: F.linear(x, torch.tensor(LW), torch.tensor(LB)), (3, 8)),
+    "rsqrt": (
+        lambda x, c: mb.rsqrt(x=mb.add(x=mb.mul(x=x, y=x), y=c(np.float32(1.0))), epsilon=c(1e-5)),
+        lambda x: 1 / torch.sqrt(x * x + 1 + 1e-5),
+        None,
+    ),
+    "batch_norm": (
+        lambda x, c: mb.batch_norm(x=x, mean=c(CH - 1), variance=c(CH), gamma=c(CH * 2), beta=c(CH), epsilon=c(1e-5)),
+        lambda x: F.batch_norm(
+            x, torch.tensor(CH - 1), torch.tensor(CH), torch.tensor(CH * 2), torch.tensor(CH), False, 0.0, 1e-5
+        ),
+        None,
+    ),
+    "matmul": (
+        lambda x, c: mb.matmul(x=x, y=c(Y), transpose_y=True),
+        lambda x: x @ torch.tensor(Y).transpose(-1, -2),
+        None,
+    ),
+    "linear": (
+        lambda x, c: mb.linear(x=x, weight=c(LW), bias=c(LB)),
+        lambda x: F.linear(x, torch.tensor(LW), torch.tensor(LB)),
+        (3, 8),
+    ),
     "softmax": (lambda x, c: mb.softmax(x=x, axis=-1), lambda x: torch.softmax(x, -1), None),
     "silu": (lambda x, c: mb.silu(x=x), F.silu, None),
     "gelu_exact": (lambda x, c: mb.gelu(x=x, mode="EXACT"), F.gelu, None),
@@ -79,14 +118,21 @@ def _save(builder, shape, dtype, path):
     def const(v):
         return mb.const(val=np.asarray(v).astype(np_dtype))
 
-    @mb.program(input_specs=[mb.TensorSpec(shape=shape, dtype=types.fp16 if dtype == "fp16" else types.fp32)],
-                opset_version=ct.target.iOS16)
+    @mb.program(
+        input_specs=[mb.TensorSpec(shape=shape, dtype=types.fp16 if dtype == "fp16" else types.fp32)],
+        opset_version=ct.target.iOS16,
+    )
     def prog(x):
         return builder(x, const)
 
     # an empty pass pipeline keeps each op as written, so the op under test is the op executed
-    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
-                       compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY)
+    model = ct.convert(
+        prog,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS16,
+        compute_precision=ct.precision.FLOAT32,
+        pass_pipeline=ct.PassPipeline.EMPTY,
+    )
     model.save(str(path))
     return MILInterpreter(path)
 
@@ -121,8 +167,9 @@ def test_fp16_overflow_is_reported_by_op(tmp_path):
         sq = mb.mul(x=big, y=big, name="square_overflows")
         return mb.reduce_mean(x=sq, axes=[1, 2, 3], keep_dims=True, name="variance")
 
-    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
-                       pass_pipeline=ct.PassPipeline.EMPTY)
+    model = ct.convert(
+        prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16, pass_pipeline=ct.PassPipeline.EMPTY
+    )
     model.save(str(tmp_path / "o.mlpackage"))
     interp = MILInterpreter(tmp_path / "o.mlpackage")
     x = np.full((1, 4, 8, 8), 2.0, np.float16)
@@ -136,14 +183,16 @@ def test_unknown_op_is_named(tmp_path):
     def prog(x):
         return mb.erf(x=x)
 
-    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
-                       pass_pipeline=ct.PassPipeline.EMPTY)
+    model = ct.convert(
+        prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16, pass_pipeline=ct.PassPipeline.EMPTY
+    )
     model.save(str(tmp_path / "e.mlpackage"))
     with pytest.raises(UnsupportedOpError, match="no kernel for: erf"):
         MILInterpreter(tmp_path / "e.mlpackage")
 
 
 # ---- the compiled step list against a plain op-by-op evaluation --------------------------------------------
+
 
 def _network(x, c, np_dtype):
     """Constants-only ops (folded at load), list arguments mixing variables and constants, split outputs,
@@ -173,10 +222,17 @@ def _reference_run(interp, x: np.ndarray, trace: bool):
 
     def args(op, values, to_fp32):
         def look(binding):
-            v = binding.value if isinstance(binding, mi.InlineValue) else values.get(binding, interp.consts.get(binding))
+            v = (
+                binding.value
+                if isinstance(binding, mi.InlineValue)
+                else values.get(binding, interp.consts.get(binding))
+            )
             return v.float() if to_fp32 and isinstance(v, torch.Tensor) and v.dtype == torch.float16 else v
-        return {k: [look(b) for b in bs] if k in mi.LIST_ARGUMENTS.get(op.op_type, ()) else look(bs[0])
-                for k, bs in op.inputs.items()}
+
+        return {
+            k: [look(b) for b in bs] if k in mi.LIST_ARGUMENTS.get(op.op_type, ()) else look(bs[0])
+            for k, bs in op.inputs.items()
+        }
 
     nonfinite, drifts = [], []
     with torch.no_grad(), _intra_op_threads(1):  # reductions split across threads round differently
@@ -265,10 +321,12 @@ def test_constants_read_from_the_package_equal_coremltools_loader(tmp_path):
 
     interp = _save(build, (1, 4, 8, 8), "fp32", tmp_path / "k.mlpackage")
     spec = interp.spec
-    program = load_milproto(spec, spec.specificationVersion,
-                            str(tmp_path / "k.mlpackage" / "Data" / "com.apple.CoreML" / "weights"))
-    theirs = {op.outputs[0].name: op.outputs[0].val for op in program.functions["main"].operations
-              if op.op_type == "const"}
+    program = load_milproto(
+        spec, spec.specificationVersion, str(tmp_path / "k.mlpackage" / "Data" / "com.apple.CoreML" / "weights")
+    )
+    theirs = {
+        op.outputs[0].name: op.outputs[0].val for op in program.functions["main"].operations if op.op_type == "const"
+    }
     assert theirs.keys() == interp.consts.keys() and len(theirs) > 5
     for name, value in theirs.items():
         ours = interp.consts[name]

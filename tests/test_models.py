@@ -1,4 +1,5 @@
 """The model zoo: variants, parameter counts, shapes, names, features_only, profile."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,12 +7,18 @@ import torch
 
 import cloformer_deploy as cd
 from cloformer_deploy.models import VARIANTS, UnknownModelError, profile_model
+
 from helpers import max_abs, randomise_norms
 
 # from the authors' code
 AUTHORS_PARAMS = {
-    "cloformer_xxs": 4_166_728, "cloformer_xs": 7_172_216, "cloformer_s": 12_345_576,
-    "fat_b0": 4_494_488, "fat_b1": 7_819_720, "fat_b2": 13_466_728, "fat_b3": 29_196_264,
+    "cloformer_xxs": 4_166_728,
+    "cloformer_xs": 7_172_216,
+    "cloformer_s": 12_345_576,
+    "fat_b0": 4_494_488,
+    "fat_b1": 7_819_720,
+    "fat_b2": 13_466_728,
+    "fat_b3": 29_196_264,
 }
 
 
@@ -66,6 +73,7 @@ def test_features_only_returns_four_stage_maps(name):
     # a classifier checkpoint loads into the feature extractor (head and final norm are dropped)
     full = cd.create_model(name)
     from cloformer_deploy.models import apply_state_dict
+
     apply_state_dict(model, full.state_dict(), name)
     deploy = cd.to_deploy(model, (128, 192))
     with torch.no_grad():

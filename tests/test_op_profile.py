@@ -2,6 +2,7 @@
 
 Structure (which ops, how many, what kinds, what the tables add up to) is asserted; timing values never.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,10 +61,21 @@ def artifacts(tmp_path_factory):
     out = tmp_path_factory.mktemp("op_profile")
     model, example = ThreeConvs().eval(), torch.randn(1, 3, 24, 24)
     onnx_path = out / "three_convs.onnx"
-    torch.onnx.export(model, (example,), str(onnx_path), dynamo=True, opset_version=20, input_names=["input"],
-                      external_data=False, verbose=False)
-    return SimpleNamespace(pte=_pte(model, example, out / "three_convs.pte"), onnx=str(onnx_path),
-                           cumsum=_pte(CumsumBetween(), example, out / "cumsum.pte"))
+    torch.onnx.export(
+        model,
+        (example,),
+        str(onnx_path),
+        dynamo=True,
+        opset_version=20,
+        input_names=["input"],
+        external_data=False,
+        verbose=False,
+    )
+    return SimpleNamespace(
+        pte=_pte(model, example, out / "three_convs.pte"),
+        onnx=str(onnx_path),
+        cumsum=_pte(CumsumBetween(), example, out / "cumsum.pte"),
+    )
 
 
 @pytest.fixture
@@ -134,8 +146,11 @@ def test_onnxruntime_counts_the_models_convolutions(artifacts, images, clean_tem
 
 @pytest.mark.parametrize("runtime", ["executorch", "onnxruntime"])
 def test_tables_of_a_real_profile_add_up(artifacts, images, runtime):
-    ops = (profile_executorch(artifacts.pte, images, 1, 3) if runtime == "executorch"
-           else profile_onnxruntime(artifacts.onnx, images, 1, 3))
+    ops = (
+        profile_executorch(artifacts.pte, images, 1, 3)
+        if runtime == "executorch"
+        else profile_onnxruntime(artifacts.onnx, images, 1, 3)
+    )
     text = op_tables(ops, top=4)
     kinds = kind_table(text)
     assert sum(n for _, _, n in kinds.values()) == len(ops)
@@ -147,8 +162,12 @@ def test_tables_of_a_real_profile_add_up(artifacts, images, runtime):
 
 
 def test_op_tables_aggregates_sorts_and_escapes():
-    ops = [OpTime("conv a", "Conv", 3.0), OpTime("conv b", "Conv", 1.0), OpTime("gelu", "Gelu", 4.0, calls=2),
-           OpTime("x|y", "Odd|Kind", 2.0)]
+    ops = [
+        OpTime("conv a", "Conv", 3.0),
+        OpTime("conv b", "Conv", 1.0),
+        OpTime("gelu", "Gelu", 4.0, calls=2),
+        OpTime("x|y", "Odd|Kind", 2.0),
+    ]
     text = op_tables(ops, top=3)
     assert kind_table(text) == {"Conv": (4.0, 40.0, 2), "Gelu": (4.0, 40.0, 1), "Odd|Kind": (2.0, 20.0, 1)}
     lines = text.splitlines()
@@ -161,10 +180,12 @@ def test_op_tables_aggregates_sorts_and_escapes():
 
 def test_onnxruntime_events_split_by_run_and_skip_warmup():
     def run(ts, conv_us):  # one model_run with a Conv node (and its fence event, which is no kernel)
-        return [{"cat": "Node", "name": "c_kernel_time", "ts": ts + 1, "dur": conv_us, "args": {"op_name": "Conv"}},
-                {"cat": "Node", "name": "c_fence_after", "ts": ts + 2, "dur": 0, "args": {"op_name": "Conv"}},
-                {"cat": "Node", "name": "r_kernel_time", "ts": ts + 3, "dur": 5, "args": {"op_name": "Relu"}},
-                {"cat": "Session", "name": "model_run", "ts": ts, "dur": 500}]
+        return [
+            {"cat": "Node", "name": "c_kernel_time", "ts": ts + 1, "dur": conv_us, "args": {"op_name": "Conv"}},
+            {"cat": "Node", "name": "c_fence_after", "ts": ts + 2, "dur": 0, "args": {"op_name": "Conv"}},
+            {"cat": "Node", "name": "r_kernel_time", "ts": ts + 3, "dur": 5, "args": {"op_name": "Relu"}},
+            {"cat": "Session", "name": "model_run", "ts": ts, "dur": 500},
+        ]
 
     events = run(0, 9000) + run(1000, 8000) + run(2000, 100) + run(3000, 300) + run(4000, 200)
     ops = _onnxruntime_ops(events, warmup=2, per_node_ms=0.004)
@@ -176,21 +197,31 @@ def test_onnxruntime_events_split_by_run_and_skip_warmup():
 
 def test_executorch_events_skip_warmup_in_time_order():
     def event(name, raw, delegated=True, iid=0, start=None):
-        return SimpleNamespace(name=name, perf_data=SimpleNamespace(raw=raw), is_delegated_op=delegated,
-                               _instruction_id=iid, start_time=start)
+        return SimpleNamespace(
+            name=name,
+            perf_data=SimpleNamespace(raw=raw),
+            is_delegated_op=delegated,
+            _instruction_id=iid,
+            start_time=start,
+        )
 
     starts = [30, 10, 20, 40]  # the Inspector's order need not be the runs' order: 10 (run 1) is the warm-up
-    block = SimpleNamespace(name="Execute", events=[
-        event("Convolution (NHWC, F32) IGEMM #1", [0.5, 9.0, 0.7, 0.6]),
-        event("native_call_cumsum.out", [0.2, 0.2, 0.2, 0.2], delegated=False, iid=1),
-        event("OPERATOR_CALL", [0.3, 0.3, 0.3, 0.3], delegated=False, iid=1),
-        event("DELEGATE_CALL", [1.0, 1.0, 1.0, 1.0], delegated=False),
-        event("Method::execute", [2.0, 10.0, 2.0, 2.0], delegated=False, start=starts)])
+    block = SimpleNamespace(
+        name="Execute",
+        events=[
+            event("Convolution (NHWC, F32) IGEMM #1", [0.5, 9.0, 0.7, 0.6]),
+            event("native_call_cumsum.out", [0.2, 0.2, 0.2, 0.2], delegated=False, iid=1),
+            event("OPERATOR_CALL", [0.3, 0.3, 0.3, 0.3], delegated=False, iid=1),
+            event("DELEGATE_CALL", [1.0, 1.0, 1.0, 1.0], delegated=False),
+            event("Method::execute", [2.0, 10.0, 2.0, 2.0], delegated=False, start=starts),
+        ],
+    )
     init = SimpleNamespace(name="Default", events=[event("Method::init", [1.0], delegated=False)])
     ops = _executorch_ops([init, block], warmup=1)
     assert [(o.name, o.kind) for o in ops] == [
         ("Convolution (NHWC, F32) IGEMM #1 in partition 1", "Convolution (NHWC, F32) IGEMM"),
-        ("cumsum.out (instruction 1)", "cumsum.out (not delegated)")]
+        ("cumsum.out (instruction 1)", "cumsum.out (not delegated)"),
+    ]
     assert ops[0].median_ms == pytest.approx(0.6)
     with pytest.raises(ValueError, match="no execution"):
         _executorch_ops([init, block], warmup=4)

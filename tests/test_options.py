@@ -1,4 +1,5 @@
 """The options objects: one per command, field names = flag names, and what was given kept apart from defaults."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Peers in the same run: name resolution, the peers table and pareto.png, and the bench path end to end."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ SMALLEST_TIMM = "test_byobnet"  # timm's own test network (0.2 M params): exerci
 def test_baselines_are_the_default_peers_and_the_family_without_the_model_itself():
     peers = resolve_peers(True, None, "cloformer-xxs")
     names = [p.name for p in peers]
-    assert names[:len(DEFAULT_PEERS)] == list(DEFAULT_PEERS)
-    assert set(names[len(DEFAULT_PEERS):]) == set(FAMILY) - {"cloformer_xxs"}
-    assert {p.source for p in peers[:len(DEFAULT_PEERS)]} == {"timm"}
-    assert {p.source for p in peers[len(DEFAULT_PEERS):]} == {"cloformer-deploy"}
+    assert names[: len(DEFAULT_PEERS)] == list(DEFAULT_PEERS)
+    assert set(names[len(DEFAULT_PEERS) :]) == set(FAMILY) - {"cloformer_xxs"}
+    assert {p.source for p in peers[: len(DEFAULT_PEERS)]} == {"timm"}
+    assert {p.source for p in peers[len(DEFAULT_PEERS) :]} == {"cloformer-deploy"}
     # every default has a published top-1 with a source
     assert all(p.published and p.published["source"] for p in peers)
 
@@ -47,19 +48,32 @@ def test_pareto_front_keeps_only_the_unbeaten():
 
 
 def _results(rows, peers):
-    return {"config": {"model": "cloformer_xxs", "input_size": [224, 224], "threads": [1], "peers": peers},
-            "rows": rows}
+    return {
+        "config": {"model": "cloformer_xxs", "input_size": [224, 224], "threads": [1], "peers": peers},
+        "rows": rows,
+    }
 
 
 def _row(model, role, rt, ms, top1=None, source="timm", error=None, partitions=1):
-    r = {"model": model, "role": role, "form": "deploy" if role == "subject" else "timm", "runtime": rt,
-         "precision": "fp32", "threads": 1, "params": 1_000_000, "macs": 500_000_000,
-         "latency_ms": {"median": ms} if ms else None, "gflops_per_s": 1.0 / ms if ms else None,
-         "delegation": {"partitions": partitions} if rt == "executorch-xnnpack" else {}, "error": error}
+    r = {
+        "model": model,
+        "role": role,
+        "form": "deploy" if role == "subject" else "timm",
+        "runtime": rt,
+        "precision": "fp32",
+        "threads": 1,
+        "params": 1_000_000,
+        "macs": 500_000_000,
+        "latency_ms": {"median": ms} if ms else None,
+        "gflops_per_s": 1.0 / ms if ms else None,
+        "delegation": {"partitions": partitions} if rt == "executorch-xnnpack" else {},
+        "error": error,
+    }
     if role == "peer":
         r["source"] = source
-        r["published"] = {"top1": top1, "eval_size": 224, "source": f"paper of {model}",
-                          "source_kind": "paper"} if top1 else None
+        r["published"] = (
+            {"top1": top1, "eval_size": 224, "source": f"paper of {model}", "source_kind": "paper"} if top1 else None
+        )
     return r
 
 
@@ -69,11 +83,13 @@ def test_peers_table_and_pareto_show_a_peer_that_beats_cloformer(tmp_path):
     matplotlib.use("Agg")
     rows = []
     for rt in ("onnxruntime", "executorch-xnnpack"):
-        rows += [_row("cloformer_xxs", "subject", rt, 20.0),
-                 _row("fastnet", "peer", rt, 10.0, top1=79.0),      # beats it on both axes
-                 _row("slownet", "peer", rt, 40.0, top1=76.0),      # loses on both
-                 _row("unpublished", "peer", rt, 5.0),              # no published top-1
-                 _row("broken", "peer", rt, None, top1=80.0, error="export failed: boom")]
+        rows += [
+            _row("cloformer_xxs", "subject", rt, 20.0),
+            _row("fastnet", "peer", rt, 10.0, top1=79.0),  # beats it on both axes
+            _row("slownet", "peer", rt, 40.0, top1=76.0),  # loses on both
+            _row("unpublished", "peer", rt, 5.0),  # no published top-1
+            _row("broken", "peer", rt, None, top1=80.0, error="export failed: boom"),
+        ]
     results = _results(rows, ["fastnet", "slownet", "unpublished", "broken"])
     md = markdown(results)
     assert "faster than cloformer_xxs (20.00 ms) *and* more accurate (published) than its 77.0%: fastnet." in md
@@ -90,8 +106,17 @@ def test_peers_table_and_pareto_show_a_peer_that_beats_cloformer(tmp_path):
 def _bench_peers(tiny_variant, tmp_path, peers):
     from cloformer_deploy.runtime_bench.harness import bench
 
-    return bench(tiny_variant, formats="onnx,xnnpack", threads=1, runs=2, warmup=0, img_size=64, peers=peers,
-                 profile=True, out=tmp_path)
+    return bench(
+        tiny_variant,
+        formats="onnx,xnnpack",
+        threads=1,
+        runs=2,
+        warmup=0,
+        img_size=64,
+        peers=peers,
+        profile=True,
+        out=tmp_path,
+    )
 
 
 @pytest.mark.e2e
@@ -136,8 +161,15 @@ def test_two_real_peers_beside_cloformer_xxs(tmp_path):
     each one XNNPACK partition, with their published top-1 in the table and on the Pareto plot."""
     from cloformer_deploy.runtime_bench.harness import bench
 
-    res = bench("cloformer_xxs", formats="onnx,xnnpack", threads=1, runs=3, warmup=1,
-                peers="mobileone_s0,mobilenetv3_large_100", out=tmp_path)
+    res = bench(
+        "cloformer_xxs",
+        formats="onnx,xnnpack",
+        threads=1,
+        runs=3,
+        warmup=1,
+        peers="mobileone_s0,mobilenetv3_large_100",
+        out=tmp_path,
+    )
     peer_rows = [r for r in res.rows if r["role"] == "peer"]
     assert len(peer_rows) == 4 and all(r["error"] is None for r in peer_rows)
     for r in peer_rows:
@@ -146,6 +178,10 @@ def test_two_real_peers_beside_cloformer_xxs(tmp_path):
             assert r["delegation"]["partitions"] == 1
     mobileone = next(r for r in peer_rows if r["model"] == "mobileone_s0")
     assert mobileone["params"] < 5.0e6  # unfused it is 5.29 M (timm); reparameterized 2.08 M
-    plot = {label for label, _, _ in __import__("cloformer_deploy.runtime_bench.peers_report", fromlist=["x"])
-            .plot_pareto(tmp_path / "p.png", res.results).drawn}
+    plot = {
+        label
+        for label, _, _ in __import__("cloformer_deploy.runtime_bench.peers_report", fromlist=["x"])
+        .plot_pareto(tmp_path / "p.png", res.results)
+        .drawn
+    }
     assert {"cloformer_xxs (ORT)", "mobileone_s0 (ET-XNNPACK)", "mobilenetv3_large_100 (ORT)"} <= plot

@@ -1,4 +1,5 @@
 """The published top-1 table (cloformer_deploy/data/published_top1.json): well formed, sourced, complete."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,16 @@ from importlib.resources import files
 import pytest
 
 ALLOWED_KINDS = {"paper", "timm results file", "model card"}
-DEFAULT_PEERS = ["mobilenetv3_large_100", "mobilenetv4_conv_small", "efficientformerv2_s0", "fastvit_t8",
-                 "repvit_m0_9", "mobileone_s0", "efficientvit_b0", "mobilevitv2_050"]
+DEFAULT_PEERS = [
+    "mobilenetv3_large_100",
+    "mobilenetv4_conv_small",
+    "efficientformerv2_s0",
+    "fastvit_t8",
+    "repvit_m0_9",
+    "mobileone_s0",
+    "efficientvit_b0",
+    "mobilevitv2_050",
+]
 PROJECT_MODELS = ["cloformer_xxs", "cloformer_xs", "cloformer_s", "fat_b0", "fat_b1"]
 
 

@@ -1,6 +1,7 @@
 """The published schemas: every manifest the project writes conforms to manifest.schema.json, a manifest that
 breaks it is refused in one line by cloformer-validate and cloformer-bench, the reference results.json files
 conform to results.schema.json, and docs/ shows the schemas as they are."""
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,25 @@ def _loopback_sshd():
 
 def _random_onnx_bundle(model: str, out: Path) -> Path:
     """The tiny model with random weights, ONNX fp32 at 64x64, exported with --no-validate (seconds)."""
-    assert export_main(["--model", model, "--num-classes", "10", "--format", "onnx", "--img-size", "64",
-                        "--no-validate", "--out", str(out), "-q"]) == 0
+    assert (
+        export_main(
+            [
+                "--model",
+                model,
+                "--num-classes",
+                "10",
+                "--format",
+                "onnx",
+                "--img-size",
+                "64",
+                "--no-validate",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     return out / f"{model}-64x64"
 
 
@@ -54,8 +72,12 @@ def exported(tiny_variant, tiny_checkpoint, tmp_path_factory):
     folder = out / f"{tiny_variant}-64x64"
     first = json.loads((folder / "manifest.json").read_text())
     assert export_main(common + ["--format", "onnx", "--precision", "int8"]) == 0
-    return {"folder": folder, "first": first, "final": json.loads((folder / "manifest.json").read_text()),
-            "ckpt": tiny_checkpoint}
+    return {
+        "folder": folder,
+        "first": first,
+        "final": json.loads((folder / "manifest.json").read_text()),
+        "ckpt": tiny_checkpoint,
+    }
 
 
 @pytest.mark.e2e
@@ -92,8 +114,23 @@ def test_a_manifest_validated_on_a_device_conforms(tiny_variant, tmp_path):
     folder = _random_onnx_bundle(tiny_variant, tmp_path / "out")
     server = loopback_sshd.start(tmp_path / "sshd")
     try:
-        assert validate_main([str(folder), "--target", server.address, "--ssh-config", str(server.config),
-                              "--remote-python", sys.executable, "--remote-dir", str(tmp_path / "device"), "-q"]) == 0
+        assert (
+            validate_main(
+                [
+                    str(folder),
+                    "--target",
+                    server.address,
+                    "--ssh-config",
+                    str(server.config),
+                    "--remote-python",
+                    sys.executable,
+                    "--remote-dir",
+                    str(tmp_path / "device"),
+                    "-q",
+                ]
+            )
+            == 0
+        )
     finally:
         server.stop()
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -105,15 +142,23 @@ def test_a_manifest_validated_on_a_device_conforms(tiny_variant, tmp_path):
 # ---- a manifest that breaks the schema: one line, exit 2, from both commands that read bundles -----------------
 
 DAMAGE = {
-    "missing key": (lambda m: m["artifacts"][0].pop("sha256"),
-                    "manifest.json: artifacts[0].sha256 is missing; export the bundle again"),
-    "wrong type": (lambda m: m["model"].update(batch="1"),
-                   "manifest.json: model.batch is '1' (a string), not an integer; export the bundle again"),
-    "old schema": (lambda m: m.update(schema_version=1),
-                   "manifest.json was written by an older version of cloformer-deploy (schema 1; this one reads "
-                   "schema 2); export it again"),
-    "wrong enum": (lambda m: m["artifacts"][1].update(precision="fp8"),
-                   "artifacts[1] has precision 'fp8', which is not offered when format is coreml"),
+    "missing key": (
+        lambda m: m["artifacts"][0].pop("sha256"),
+        "manifest.json: artifacts[0].sha256 is missing; export the bundle again",
+    ),
+    "wrong type": (
+        lambda m: m["model"].update(batch="1"),
+        "manifest.json: model.batch is '1' (a string), not an integer; export the bundle again",
+    ),
+    "old schema": (
+        lambda m: m.update(schema_version=1),
+        "manifest.json was written by an older version of cloformer-deploy (schema 1; this one reads "
+        "schema 2); export it again",
+    ),
+    "wrong enum": (
+        lambda m: m["artifacts"][1].update(precision="fp8"),
+        "artifacts[1] has precision 'fp8', which is not offered when format is coreml",
+    ),
 }
 
 
@@ -135,8 +180,19 @@ def test_a_manifest_that_breaks_the_schema_is_refused_in_one_line(exported, tmp_
     if command == "validate":
         rc = validate_main([str(folder), "--weights", str(exported["ckpt"]), "-q"])
     else:
-        rc = bench_main(["--bundle", str(folder), "--weights", str(exported["ckpt"]), "--formats", "onnxruntime",
-                         "--out", str(tmp_path / "bench"), "-q"])
+        rc = bench_main(
+            [
+                "--bundle",
+                str(folder),
+                "--weights",
+                str(exported["ckpt"]),
+                "--formats",
+                "onnxruntime",
+                "--out",
+                str(tmp_path / "bench"),
+                "-q",
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err and message in err, err
@@ -147,13 +203,26 @@ def test_a_manifest_that_breaks_the_schema_is_refused_in_one_line(exported, tmp_
 @pytest.mark.e2e
 def test_an_old_bundle_is_refused_by_the_installed_command_without_traceback(exported, tmp_path):
     folder = _damaged(exported, tmp_path, DAMAGE["old schema"][0])
-    proc = subprocess.run([sys.executable, "-c", "import sys; from cloformer_deploy.cli import validate_main; "
-                           "sys.exit(validate_main(sys.argv[1:]))", str(folder), "--weights", str(exported["ckpt"])],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from cloformer_deploy.cli import validate_main; sys.exit(validate_main(sys.argv[1:]))",
+            str(folder),
+            "--weights",
+            str(exported["ckpt"]),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"cloformer-validate: error: {folder / 'manifest.json'} was written by "
-                                                "an older version of cloformer-deploy (schema 1; this one reads "
-                                                "schema 2); export it again"]
+    assert proc.stderr.strip().splitlines() == [
+        f"cloformer-validate: error: {folder / 'manifest.json'} was written by "
+        "an older version of cloformer-deploy (schema 1; this one reads "
+        "schema 2); export it again"
+    ]
 
 
 @pytest.mark.e2e
@@ -168,6 +237,7 @@ def test_newer_and_missing_schema_versions_say_which(exported):
 
 # ---- results.json ----------------------------------------------------------------------------------------------
 
+
 def test_reference_results_conform():
     assert REFERENCE_RESULTS, "runtime_bench/reference/*/results.json: no reference runs found"
     for path in REFERENCE_RESULTS:
@@ -179,8 +249,10 @@ def test_results_that_break_the_schema_are_refused_in_one_line():
     cases = [
         (lambda r: r["rows"][2].pop("latency_ms"), "results.json: rows[2].latency_ms is missing"),
         (lambda r: r["config"].update(threads="1,2"), "results.json: config.threads is '1,2' (a string), not an array"),
-        (lambda r: r["rows"][0].update(runtime="tflite"),
-         "results.json: rows[0] has runtime 'tflite', which this version does not know"),
+        (
+            lambda r: r["rows"][0].update(runtime="tflite"),
+            "results.json: rows[0] has runtime 'tflite', which this version does not know",
+        ),
         (lambda r: r.update(schema_version=2), "results.json: schema_version is 2 (an integer), not 1"),
     ]
     for damage, message in cases:
@@ -192,6 +264,7 @@ def test_results_that_break_the_schema_are_refused_in_one_line():
 
 
 # ---- the schemas themselves --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(schema.SCHEMAS))
 def test_schema_ships_in_the_package_and_is_a_valid_2020_12_schema(name):

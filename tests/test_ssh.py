@@ -4,6 +4,7 @@ Every test starts from keys it makes; nothing outside tmp folders is touched exc
 privilege separation folder when run as root. Where sshd is not installed the tests skip with
 the command that installs it, and fail under CI (which installs it).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,12 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
-import loopback_sshd
 import pytest
 
 from cloformer_deploy.targets import TargetError, WorkerError, get_target
 from cloformer_deploy.targets.ssh import SshTarget, device_needs
+
+import loopback_sshd
 
 SITE = Path(find_spec("numpy").submodule_search_locations[0]).parent  # this venv's site-packages
 BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")  # with -S: a Python with no packages at all
@@ -74,13 +76,23 @@ def test_probe_labels_the_device_and_copies_the_code_once(sshd, device):
     assert list((Path(device["remote_dir"]) / "code").iterdir()) == codes
 
 
-def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(sshd, device, tiny_bundle,
-                                                                             tiny_checkpoint, tmp_path):
+def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(
+    sshd, device, tiny_bundle, tiny_checkpoint, tmp_path
+):
     from cloformer_deploy.runtime_bench.harness import bench
 
-    res = bench(bundle=tiny_bundle.bundle, weights=tiny_checkpoint, formats="onnxruntime,executorch-xnnpack",
-                threads="1", runs=4, warmup=1, out=tmp_path / "bench", target=sshd.address, **device,
-                cooldown=0.1)
+    res = bench(
+        bundle=tiny_bundle.bundle,
+        weights=tiny_checkpoint,
+        formats="onnxruntime,executorch-xnnpack",
+        threads="1",
+        runs=4,
+        warmup=1,
+        out=tmp_path / "bench",
+        target=sshd.address,
+        **device,
+        cooldown=0.1,
+    )
     rows = {(r["runtime"], r["target"]): r for r in res.rows}
     for rt in ("onnxruntime", "executorch-xnnpack"):
         here, there = rows[(rt, "local")], rows[(rt, sshd.address)]
@@ -96,8 +108,7 @@ def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(sshd
     assert f"on {sshd.address}" in (res.out / "results.md").read_text()
 
 
-def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, tiny_bundle, tiny_checkpoint,
-                                                                 tmp_path):
+def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, tiny_bundle, tiny_checkpoint, tmp_path):
     from cloformer_deploy.pipeline import validate_bundle
 
     bundle = tmp_path / "b"
@@ -107,8 +118,11 @@ def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, t
     by = {r["format"]: r["targets"][sshd.address] for r in reports}
     assert by["onnx"]["passed"] and by["onnx"]["vs_local"]["bit_exact"]
     assert by["executorch"]["passed"] and by["executorch"]["vs_local"]["bit_exact"]
-    assert by["coreml"] == {"ran": False, "passed": None,
-                            "note": f"Core ML (macOS/iOS) does not run on linux-{os.uname().machine}"}
+    assert by["coreml"] == {
+        "ran": False,
+        "passed": None,
+        "note": f"Core ML (macOS/iOS) does not run on linux-{os.uname().machine}",
+    }
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert all(sshd.address in e["validation"]["targets"] for e in manifest["artifacts"])
     assert not _remote_processes(device["remote_dir"])  # the validation worker ended with the run
@@ -129,8 +143,9 @@ def test_unreachable_port_is_one_line_naming_the_fix(sshd, device):
 
 def test_a_key_the_device_refuses_is_one_line(sshd, device):
     refused = {**device, "ssh_key": str(sshd.folder / "other_key")}
-    with pytest.raises(TargetError,
-                       match=r"Permission denied \(publickey\); the device refused the key: copy it there"):
+    with pytest.raises(
+        TargetError, match=r"Permission denied \(publickey\); the device refused the key: copy it there"
+    ):
         get_target(sshd.address, device={**refused, "ssh_config": str(_config_without_key(sshd))})
 
 
@@ -142,8 +157,10 @@ def _config_without_key(sshd) -> Path:
 
 def test_an_unknown_host_key_is_refused_not_accepted(sshd, device, tmp_path):
     config = tmp_path / "config"
-    config.write_text(f"Host *\n  IdentityFile {sshd.folder / 'client_key'}\n  IdentitiesOnly yes\n"
-                      f"  UserKnownHostsFile {tmp_path / 'empty_known_hosts'}\n  StrictHostKeyChecking yes\n")
+    config.write_text(
+        f"Host *\n  IdentityFile {sshd.folder / 'client_key'}\n  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {tmp_path / 'empty_known_hosts'}\n  StrictHostKeyChecking yes\n"
+    )
     with pytest.raises(TargetError, match="host key is not known"):
         get_target(sshd.address, device={**device, "ssh_config": str(config)})
 
@@ -168,8 +185,9 @@ def onnx_only_device(device, tmp_path):
     return {**device, "remote_python": f"env PYTHONPATH={site} {BASE_PYTHON} -S"}
 
 
-def test_a_missing_runtime_is_an_error_row_and_the_others_run(sshd, onnx_only_device, tiny_bundle, tiny_checkpoint,
-                                                              tmp_path, capsys):
+def test_a_missing_runtime_is_an_error_row_and_the_others_run(
+    sshd, onnx_only_device, tiny_bundle, tiny_checkpoint, tmp_path, capsys
+):
     from cloformer_deploy.cli import device_main
     from cloformer_deploy.runtime_bench.harness import bench
 
@@ -183,8 +201,17 @@ def test_a_missing_runtime_is_an_error_row_and_the_others_run(sshd, onnx_only_de
     out = capsys.readouterr().out
     assert "executorch   -" in out and "install on the device (nothing was installed)" in out
 
-    res = bench(bundle=tiny_bundle.bundle, weights=tiny_checkpoint, formats="onnxruntime,executorch-xnnpack",
-                threads="1", runs=2, warmup=0, out=tmp_path / "bench", target=sshd.address, **onnx_only_device)
+    res = bench(
+        bundle=tiny_bundle.bundle,
+        weights=tiny_checkpoint,
+        formats="onnxruntime,executorch-xnnpack",
+        threads="1",
+        runs=2,
+        warmup=0,
+        out=tmp_path / "bench",
+        target=sshd.address,
+        **onnx_only_device,
+    )
     rows = {(r["runtime"], r["target"]): r for r in res.rows}
     assert rows[("onnxruntime", sshd.address)]["latency_ms"]["runs"] == 2
     err = rows[("executorch-xnnpack", sshd.address)]["error"]
@@ -273,8 +300,10 @@ def _images(bundle):
 
 # ---- the parts of a device's report that need no device
 
-BIG_LITTLE = "".join(f"processor\t: {i}\nBogoMIPS\t: 38.40\nCPU implementer\t: 0x41\nCPU part\t: {part}\n\n"
-                     for i, part in enumerate(["0xd05"] * 4 + ["0xd0b"] * 3 + ["0xd44"]))
+BIG_LITTLE = "".join(
+    f"processor\t: {i}\nBogoMIPS\t: 38.40\nCPU implementer\t: 0x41\nCPU part\t: {part}\n\n"
+    for i, part in enumerate(["0xd05"] * 4 + ["0xd0b"] * 3 + ["0xd44"])
+)
 
 
 def test_cpu_clusters_name_the_core_kinds_of_a_phone():
@@ -282,10 +311,14 @@ def test_cpu_clusters_name_the_core_kinds_of_a_phone():
     from cloformer_deploy.targets.worker import cpu_clusters
 
     clusters = cpu_clusters(BIG_LITTLE)
-    assert [(c["core"], c["cpus"]) for c in clusters] == [("Cortex-A55", [0, 1, 2, 3]), ("Cortex-A76", [4, 5, 6]),
-                                                         ("Cortex-X1", [7])]
-    assert clusters_text({"clusters": clusters}) == ("4x Cortex-A55 (cores 0-3) + 3x Cortex-A76 (cores 4-6) + "
-                                                     "1x Cortex-X1 (cores 7)")
+    assert [(c["core"], c["cpus"]) for c in clusters] == [
+        ("Cortex-A55", [0, 1, 2, 3]),
+        ("Cortex-A76", [4, 5, 6]),
+        ("Cortex-X1", [7]),
+    ]
+    assert clusters_text({"clusters": clusters}) == (
+        "4x Cortex-A55 (cores 0-3) + 3x Cortex-A76 (cores 4-6) + 1x Cortex-X1 (cores 7)"
+    )
 
 
 def test_core_lists_parse_as_taskset_writes_them():
@@ -297,8 +330,16 @@ def test_core_lists_parse_as_taskset_writes_them():
             parse_cores(bad)
 
 
-@pytest.mark.parametrize("text, why", [("ssh://", "no host"), ("ssh://a b", "a space"), ("pi@pi5", "no scheme"),
-                                       ("ssh://pi@pi5:0", "port 0"), ("ssh://pi@pi5/path", "a path")])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("ssh://", "no host"),
+        ("ssh://a b", "a space"),
+        ("pi@pi5", "no scheme"),
+        ("ssh://pi@pi5:0", "port 0"),
+        ("ssh://pi@pi5/path", "a path"),
+    ],
+)
 def test_bad_ssh_addresses_are_refused(text, why):
     from cloformer_deploy.targets.ssh import parse_address
 
@@ -310,15 +351,22 @@ def test_ssh_addresses_parse_to_ssh_arguments():
     from cloformer_deploy.targets.ssh import parse_address
 
     a = parse_address("ssh://u0_a123@192.168.1.20:8022")
-    assert (a.user, a.host, a.port, a.destination, str(a)) == ("u0_a123", "192.168.1.20", 8022, "u0_a123@192.168.1.20",
-                                                               "ssh://u0_a123@192.168.1.20:8022")
+    assert (a.user, a.host, a.port, a.destination, str(a)) == (
+        "u0_a123",
+        "192.168.1.20",
+        8022,
+        "u0_a123@192.168.1.20",
+        "ssh://u0_a123@192.168.1.20:8022",
+    )
     t = SshTarget("ssh://[::1]:2222", remote_python="proot-distro login debian -- python3", ssh_key="/k")
     argv = t.ssh_argv()
-    assert argv[-2:] == ["--", "::1"] and ["-p", "2222"] == argv[argv.index("-p"):argv.index("-p") + 2]
+    assert argv[-2:] == ["--", "::1"] and ["-p", "2222"] == argv[argv.index("-p") : argv.index("-p") + 2]
     assert "BatchMode=yes" in argv and "/k" in argv  # never a password prompt that would hang
     t.code = "/home/u/.cache/cloformer-deploy/device/code/abc"
-    assert t.remote_command([f"{t.code}/run.py", "worker"]) == \
-        "proot-distro login debian -- python3 /home/u/.cache/cloformer-deploy/device/code/abc/run.py worker"
+    assert (
+        t.remote_command([f"{t.code}/run.py", "worker"])
+        == "proot-distro login debian -- python3 /home/u/.cache/cloformer-deploy/device/code/abc/run.py worker"
+    )
     venv = SshTarget("ssh://pi@pi5", remote_python="~/cd/bin/python 'a b'")  # the device's home, not ours
     assert venv.remote_command(["-"]) == "~/cd/bin/python 'a b' -"
 
@@ -326,8 +374,14 @@ def test_ssh_addresses_parse_to_ssh_arguments():
 def test_core_ml_placement_counts_neural_engine_ops_and_fallbacks():
     from cloformer_deploy.formats.coreml_placement import summarise_placement
 
-    ops = [("const", None, ()), ("conv", "NE", ("CPU", "GPU", "NE")), ("conv", "NE", ("CPU", "GPU", "NE")),
-           ("layer_norm", "GPU", ("CPU", "GPU")), ("gelu", "CPU", ("CPU", "GPU", "NE")), ("softmax", None, ())]
+    ops = [
+        ("const", None, ()),
+        ("conv", "NE", ("CPU", "GPU", "NE")),
+        ("conv", "NE", ("CPU", "GPU", "NE")),
+        ("layer_norm", "GPU", ("CPU", "GPU")),
+        ("gelu", "CPU", ("CPU", "GPU", "NE")),
+        ("softmax", None, ()),
+    ]
     s = summarise_placement(ops, "CPU_AND_NE")
     assert s["ops"] == 4 and s["by_device"] == {"NE": 2, "GPU": 1, "CPU": 1} and s["unplaced"] == 1
     assert s["share_on_neural_engine"] == 0.5
@@ -340,8 +394,12 @@ def test_core_ml_is_a_row_per_compute_unit_on_a_mac_and_one_untimed_row_elsewher
     from cloformer_deploy.runtime_bench.harness import _artifact_combos
 
     coreml = BACKENDS["coreml"]
-    assert [v["compute_units"] for v in coreml.row_variants("darwin-arm64")] == ["CPU_ONLY", "CPU_AND_GPU",
-                                                                               "CPU_AND_NE", "ALL"]
+    assert [v["compute_units"] for v in coreml.row_variants("darwin-arm64")] == [
+        "CPU_ONLY",
+        "CPU_AND_GPU",
+        "CPU_AND_NE",
+        "ALL",
+    ]
     assert coreml.row_variants("linux-aarch64") == [{}] and not coreml.uses_threads
 
     class _Mac(SshTarget):  # as a probe of a Mac with coremltools and no onnxruntime leaves it
@@ -370,8 +428,9 @@ def test_core_ml_open_checks_the_compute_unit(tiny_bundle):
     entry = next(e for e in tiny_bundle.manifest["artifacts"] if e["format"] == "coreml")
     with pytest.raises(InputError, match="'NPU' is not offered; choose from CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL"):
         BACKENDS["coreml"].open(tiny_bundle.bundle / entry["path"], _spec(tiny_bundle), {"compute_units": "NPU"})
-    runner = BACKENDS["coreml"].open(tiny_bundle.bundle / entry["path"], _spec(tiny_bundle),
-                                     {"compute_units": "cpu_and_ne"})
+    runner = BACKENDS["coreml"].open(
+        tiny_bundle.bundle / entry["path"], _spec(tiny_bundle), {"compute_units": "cpu_and_ne"}
+    )
     assert runner.compute_units == "CPU_AND_NE" and runner.method == "emulated" and runner.placement is None
 
 
@@ -391,8 +450,19 @@ def test_a_folder_goes_over_as_itself_once(sshd, device, tiny_bundle):
     assert len(list((Path(device["remote_dir"]) / "files").iterdir())) == 1
 
 
-OLD_PYTHON = next((str(p) for v in ("3.9", "3.8") for p in Path("/root/.pyenv/versions").glob(f"{v}*/bin/python{v}")
-                   if p.exists()), None) if Path("/root/.pyenv/versions").is_dir() else shutil.which("python3.9")
+OLD_PYTHON = (
+    next(
+        (
+            str(p)
+            for v in ("3.9", "3.8")
+            for p in Path("/root/.pyenv/versions").glob(f"{v}*/bin/python{v}")
+            if p.exists()
+        ),
+        None,
+    )
+    if Path("/root/.pyenv/versions").is_dir()
+    else shutil.which("python3.9")
+)
 
 
 @pytest.mark.skipif(OLD_PYTHON is None, reason="no Python older than 3.10 on this machine to play the old device")
@@ -403,7 +473,7 @@ def test_a_device_python_too_old_is_named(sshd, device):
 
 def test_a_banner_the_device_shell_prints_is_not_taken_for_an_answer(sshd, device):
     """A .bashrc or a proot login that writes to stdout before Python starts: its lines are set aside."""
-    chatty = f"sh -c 'echo Welcome to Termux; exec \"$0\" \"$@\"' {sys.executable}"
+    chatty = f'sh -c \'echo Welcome to Termux; exec "$0" "$@"\' {sys.executable}'
     target = get_target(sshd.address, device={**device, "remote_python": chatty})
     worker = target.start()
     try:
@@ -449,8 +519,10 @@ def test_each_compute_unit_keeps_its_own_outputs():
         def stage(self, text):
             return _Stage()
 
-    combos = [Combo("m", "deploy", "coreml", "fp16", None, "m.mlpackage", variant={"compute_units": u}, timed=True)
-              for u in ("CPU_ONLY", "CPU_AND_NE")]
+    combos = [
+        Combo("m", "deploy", "coreml", "fp16", None, "m.mlpackage", variant={"compute_units": u}, timed=True)
+        for u in ("CPU_ONLY", "CPU_AND_NE")
+    ]
     for value, c in enumerate(combos):
         c.worker = _Unit(float(value))
     images = ImageBatch(["a"], np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 3, 8, 8), np.float32))
@@ -474,15 +546,31 @@ def test_results_md_shows_a_device_beside_this_machine_with_its_temperatures():
     from cloformer_deploy.runtime_bench.report import target_markdown
 
     def row(target, median, threads=4):
-        return {"model": "m", "role": "subject", "target": target, "form": "deploy", "runtime": "onnxruntime",
-                "precision": "fp32", "threads": threads, "latency_ms": {"median": median}, "load_ms": 120.0,
-                "drift": {"max_abs": 2e-6, "cosine": 1.0, "top1_agreement": 1.0}, "error": None,
-                **({"vs_local": {"bit_exact": False, "max_abs": 1e-6, "cosine": 1.0}} if target != "local" else {})}
+        return {
+            "model": "m",
+            "role": "subject",
+            "target": target,
+            "form": "deploy",
+            "runtime": "onnxruntime",
+            "precision": "fp32",
+            "threads": threads,
+            "latency_ms": {"median": median},
+            "load_ms": 120.0,
+            "drift": {"max_abs": 2e-6, "cosine": 1.0, "top1_agreement": 1.0},
+            "error": None,
+            **({"vs_local": {"bit_exact": False, "max_abs": 1e-6, "cosine": 1.0}} if target != "local" else {}),
+        }
 
-    results = {"config": {"model": "m"}, "rows": [row("local", 10.0), row("ssh://pi@pi5", 25.0)],
-               "targets": {"ssh://pi@pi5": {"measures_latency": True, "label": "aarch64 Linux, 4x Cortex-A76"}},
-               "thermal": {"ssh://pi@pi5": [{"threads": 4, "before_c": {"thermal_zone0 cpu": 48.5},
-                                             "after_c": {"thermal_zone0 cpu": 71.0}}]}}
+    results = {
+        "config": {"model": "m"},
+        "rows": [row("local", 10.0), row("ssh://pi@pi5", 25.0)],
+        "targets": {"ssh://pi@pi5": {"measures_latency": True, "label": "aarch64 Linux, 4x Cortex-A76"}},
+        "thermal": {
+            "ssh://pi@pi5": [
+                {"threads": 4, "before_c": {"thermal_zone0 cpu": 48.5}, "after_c": {"thermal_zone0 cpu": 71.0}}
+            ]
+        },
+    }
     md = "\n".join(target_markdown(results))
     assert "## On ssh://pi@pi5" in md and "aarch64 Linux, 4x Cortex-A76" in md
     assert "before thermal_zone0 cpu 48.5 C; after thermal_zone0 cpu 71.0 C" in md

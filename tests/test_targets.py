@@ -1,11 +1,11 @@
 """Targets: the worker protocol on the local target, its failures and clean-up, the emulated ARM64 target's
 checks, CPU views and its setup's atomicity (with the tools replaced: no network, no QEMU needed)."""
-from __future__ import annotations
 
-import re
+from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tarfile
 import time
@@ -112,11 +112,27 @@ def test_worker_error_answer_keeps_the_worker(tiny_bundle, tmp_path):
     worker = LocalTarget().start(timeout=300)
     try:
         with pytest.raises(WorkerError, match="No such file|does not exist|Failed|NO_SUCHFILE|not found"):
-            worker.ask({"cmd": "open", "format": "onnx", "path": str(tmp_path / "missing.onnx"),
-                        "spec": _spec_message(tiny_bundle), "info": {}, "threads": 1})
+            worker.ask(
+                {
+                    "cmd": "open",
+                    "format": "onnx",
+                    "path": str(tmp_path / "missing.onnx"),
+                    "spec": _spec_message(tiny_bundle),
+                    "info": {},
+                    "threads": 1,
+                }
+            )
         entry = _entry(tiny_bundle, "onnx")
-        opened = worker.ask({"cmd": "open", "format": "onnx", "path": str(tiny_bundle.bundle / entry["path"]),
-                             "spec": _spec_message(tiny_bundle), "info": entry, "threads": 1})
+        opened = worker.ask(
+            {
+                "cmd": "open",
+                "format": "onnx",
+                "path": str(tiny_bundle.bundle / entry["path"]),
+                "spec": _spec_message(tiny_bundle),
+                "info": entry,
+                "threads": 1,
+            }
+        )
         assert opened["problems"] == [] and opened["describe"]["method"] == "onnxruntime"
     finally:
         worker.close()
@@ -151,8 +167,9 @@ def test_a_silent_worker_times_out_and_its_whole_process_group_is_ended():
 
 
 def test_a_worker_that_dies_says_why():
-    worker = _Scripted("read line; echo 'ImportError: libtorch.so: cannot open shared object file' >&2; exit 3"
-                       ).start(timeout=30)
+    worker = _Scripted("read line; echo 'ImportError: libtorch.so: cannot open shared object file' >&2; exit 3").start(
+        timeout=30
+    )
     with pytest.raises(WorkerError, match=r"exited with code 3: ImportError: libtorch.so"):
         worker.ask({"cmd": "about"})
     worker.close()
@@ -165,6 +182,7 @@ def test_pack_round_trip():
 
 
 # ------------------------------------------------------------------ the emulated ARM64 target's checks
+
 
 def test_target_names_and_cpu_choices_are_checked():
     with _says("--target 'mars' is not a target; choose local, arm64 or ssh://"):
@@ -187,8 +205,7 @@ def test_arm64_without_qemu_names_the_package(monkeypatch, tmp_path):
 def test_arm64_not_set_up_names_the_setup_command(monkeypatch, tmp_path):
     monkeypatch.setattr(arm64, "qemu_binary", lambda: "/usr/bin/qemu-aarch64-static")
     monkeypatch.setattr(arm64, "qemu_version", lambda b: (7, 2, 22))
-    with _says(f"no ARM64 root in {tmp_path}; build it once with: cloformer-device "
-                                          f"setup arm64 --cache {tmp_path}"):
+    with _says(f"no ARM64 root in {tmp_path}; build it once with: cloformer-device setup arm64 --cache {tmp_path}"):
         get_target("arm64", cache=tmp_path)
     with _says("--cpu 'pentium' is not a profile; choose from cortex-a76"):
         get_target("arm64", cpu="pentium", cache=tmp_path)
@@ -207,8 +224,10 @@ def test_a_root_for_other_runtime_versions_is_not_ready(monkeypatch, tmp_path):
     root.mkdir()
     versions = {n: v for n, v in arm64_root.host_versions().items() if n in arm64_root.RUNTIMES}
     (root / "ready.json").write_text(json.dumps({"versions": {**versions, "executorch": "1.4.1"}}))
-    with _says(r"has executorch 1.4.1 \(host .*\); rebuild it with: cloformer-device "
-                                          "setup arm64 --force"):
+    with _says(
+        r"has executorch 1.4.1 \(host .*\); rebuild it with: cloformer-device "
+        "setup arm64 --force"
+    ):
         arm64_root.check_ready(tmp_path)
     (root / "ready.json").write_text(json.dumps({"versions": versions}))
     assert arm64_root.check_ready(tmp_path)["versions"] == versions
@@ -241,6 +260,7 @@ def test_cpu_view_reports_the_profile_midr(name, tmp_path):
 
 # ------------------------------------------------------------------ setup: atomic and resumable
 
+
 class _FakeTools:
     """mmdebstrap and pip replaced: a tiny tarball and nothing installed; counts what ran."""
 
@@ -270,11 +290,16 @@ def fake_setup(monkeypatch):
 
 def test_interrupted_setup_leaves_nothing_ready_and_resumes(fake_setup, monkeypatch, tmp_path):
     versions = arm64_root.host_versions()
-    smoke = {"machine": "aarch64", "python": "3.11.2", "xnnpack": True,
-             "versions": {n: versions[n] for n in arm64_root.RUNTIMES}}
+    smoke = {
+        "machine": "aarch64",
+        "python": "3.11.2",
+        "xnnpack": True,
+        "versions": {n: versions[n] for n in arm64_root.RUNTIMES},
+    }
 
     def broken_smoke(partial, v):
         raise TargetError("setup arm64: the emulated Python could not import the runtimes: boom")
+
     monkeypatch.setattr(arm64_root, "_smoke", broken_smoke)
     with _says("boom"):
         arm64_root.setup_arm64(tmp_path)
@@ -297,8 +322,10 @@ def test_setup_without_host_tools_names_them_and_writes_nothing(monkeypatch, tmp
     monkeypatch.setattr(arm64_root, "qemu_binary", lambda: None)
     monkeypatch.setattr(arm64_root.shutil, "which", lambda name: None)
     cache = tmp_path / "cache"
-    with _says("setup arm64 needs qemu-aarch64-static and mmdebstrap; install them "
-                                          "with: apt-get install qemu-user-static mmdebstrap"):
+    with _says(
+        "setup arm64 needs qemu-aarch64-static and mmdebstrap; install them "
+        "with: apt-get install qemu-user-static mmdebstrap"
+    ):
         arm64_root.setup_arm64(cache)
     assert not cache.exists()
 
@@ -318,6 +345,7 @@ def test_device_list_shows_targets_and_profiles(monkeypatch, tmp_path, capsys):
 
 # ------------------------------------------------------------------ export, validate and bench on another target
 
+
 class _OtherMachine(LocalTarget):
     """Stands in for a remote or emulated target: an aarch64 platform, no latency, workers in subprocesses
     of this machine (so its outputs must equal this machine's bit for bit)."""
@@ -336,8 +364,10 @@ class _OtherMachine(LocalTarget):
 
     def worker_command(self):
         if self.fail_open:  # answers every command as XNNPACK does on a core without fp16 arithmetic
-            script = ("import sys, json\nfor line in sys.stdin:\n"
-                      "    print(json.dumps({'error': 'RuntimeError: xnn_status_unsupported_hardware'}), flush=True)\n")
+            script = (
+                "import sys, json\nfor line in sys.stdin:\n"
+                "    print(json.dumps({'error': 'RuntimeError: xnn_status_unsupported_hardware'}), flush=True)\n"
+            )
             return [sys.executable, "-c", script], None, []
         return super().worker_command()
 
@@ -354,14 +384,16 @@ def _on_other_machine(monkeypatch, target):
 
 
 @pytest.mark.e2e
-def test_export_on_another_target_records_its_figures_beside_these(tiny_variant, tiny_checkpoint, tmp_path,
-                                                                     monkeypatch):
+def test_export_on_another_target_records_its_figures_beside_these(
+    tiny_variant, tiny_checkpoint, tmp_path, monkeypatch
+):
     from cloformer_deploy.pipeline import export
 
     target = _OtherMachine()
     _on_other_machine(monkeypatch, target)
-    result = export(tiny_variant, weights=tiny_checkpoint, format="onnx,coreml", img_size=64, out=tmp_path,
-                    target="fake")
+    result = export(
+        tiny_variant, weights=tiny_checkpoint, format="onnx,coreml", img_size=64, out=tmp_path, target="fake"
+    )
     assert result.passed
     by = {e["format"]: e for e in result.manifest["artifacts"]}
     onnx = by["onnx"]["validation"]["targets"]["fake-arm64"]
@@ -372,8 +404,9 @@ def test_export_on_another_target_records_its_figures_beside_these(tiny_variant,
     assert getattr(target, "_validation_worker", None) is None  # closed: nothing left running
 
 
-def test_an_artifact_the_target_refuses_fails_validation_with_the_reason(tiny_bundle, tiny_checkpoint, tmp_path,
-                                                                         monkeypatch):
+def test_an_artifact_the_target_refuses_fails_validation_with_the_reason(
+    tiny_bundle, tiny_checkpoint, tmp_path, monkeypatch
+):
     import shutil
 
     from cloformer_deploy.pipeline import validate_bundle
@@ -393,14 +426,22 @@ def test_an_artifact_the_target_refuses_fails_validation_with_the_reason(tiny_bu
 
 
 @pytest.mark.e2e
-def test_bench_on_another_target_adds_drift_rows_without_latency(tiny_variant, tiny_checkpoint, tmp_path,
-                                                                  monkeypatch):
+def test_bench_on_another_target_adds_drift_rows_without_latency(tiny_variant, tiny_checkpoint, tmp_path, monkeypatch):
     from cloformer_deploy.runtime_bench.harness import bench
     from cloformer_deploy.runtime_bench.report import plot_latency
 
     _on_other_machine(monkeypatch, _OtherMachine())
-    res = bench(tiny_variant, weights=tiny_checkpoint, formats="onnx", threads="1", runs=2, warmup=0, img_size=64,
-                out=tmp_path, target="fake")
+    res = bench(
+        tiny_variant,
+        weights=tiny_checkpoint,
+        formats="onnx",
+        threads="1",
+        runs=2,
+        warmup=0,
+        img_size=64,
+        out=tmp_path,
+        target="fake",
+    )
     rows = {r["target"]: r for r in res.rows}
     assert set(rows) == {"local", "fake-arm64"}
     here, there = rows["local"], rows["fake-arm64"]

@@ -1,4 +1,5 @@
 """The pinned stack: what pyproject.toml pins is what is installed, and torch and executorch stay a pair."""
+
 from __future__ import annotations
 
 import re
@@ -36,4 +37,6 @@ def test_installed_versions_are_the_pinned_ones(package):
         if package == "torchvision":
             pytest.skip("torchvision comes with the 'peers' extra, which is not installed")
         raise
-    assert Version(installed).public == Version(pin).public, f"{package} {installed} is installed but pyproject.toml pins {pin}"
+    assert Version(installed).public == Version(pin).public, (
+        f"{package} {installed} is installed but pyproject.toml pins {pin}"
+    )

@@ -3,6 +3,7 @@
 Importing this package registers every format without importing torch or any converter, so help
 text and bad-input checks stay instant. The registry is in the formats' ``position`` order, the CLI's.
 """
+
 from __future__ import annotations
 
 from . import coreml, executorch, onnx  # noqa: F401  (each registers its format)

@@ -5,6 +5,7 @@ disk, and opens an artifact as a runner. The CLI's choices and help, validation,
 packaging and the benchmark all read :data:`BACKENDS`; adding a format is adding a
 module that registers itself.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -47,14 +48,25 @@ class ModelSpec:
     @classmethod
     def from_manifest(cls, model: dict, mean, std, labels: list[str] | None = None, weights: str | None = None):
         """The spec of a bundle's manifest ``model`` section, with the variant's normalisation."""
-        return cls(model["name"], model["num_classes"], tuple(model["input_size"]), model["batch"], tuple(mean),
-                   tuple(std), labels, model["params"], weights, model.get("weights_sha256"))
+        return cls(
+            model["name"],
+            model["num_classes"],
+            tuple(model["input_size"]),
+            model["batch"],
+            tuple(mean),
+            tuple(std),
+            labels,
+            model["params"],
+            weights,
+            model.get("weights_sha256"),
+        )
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
         """The spec of :meth:`to_dict`'s data, also after JSON (which turns its tuples into lists)."""
-        return cls(**{**data, "input_size": tuple(data["input_size"]), "mean": tuple(data["mean"]),
-                      "std": tuple(data["std"])})
+        return cls(
+            **{**data, "input_size": tuple(data["input_size"]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
+        )
 
 
 @dataclass
@@ -139,7 +151,9 @@ class Backend(ABC):
         for name, spec in self.options.items():
             value = options.get(name, spec.default)
             check = spec.metadata.get("check")
-            out[name] = check("--" + name.replace("_", "-"), value) if check is not None and value is not None else value
+            out[name] = (
+                check("--" + name.replace("_", "-"), value) if check is not None and value is not None else value
+            )
         return out
 
     def deploy_steps(self, precision: str, options: dict) -> tuple[list[str], list[str]] | None:

@@ -4,6 +4,7 @@ On macOS the package runs with ``MLModel.predict``; elsewhere coremltools can re
 but not execute it, so the runner executes the saved program with our interpreter
 (:mod:`.mil_interpreter`).
 """
+
 from __future__ import annotations
 
 import platform
@@ -64,8 +65,9 @@ class CoreMLRunner(Runner):
         start = time.perf_counter()
         # on a Mac this compiles the package (.mlpackage -> .mlmodelc) and loads it for the compute unit:
         # the load time of the row is both, as an app's first launch pays them
-        self.model = ct.models.MLModel(str(path), skip_model_load=not self.on_mac,
-                                       compute_units=getattr(ct.ComputeUnit, compute_units))
+        self.model = ct.models.MLModel(
+            str(path), skip_model_load=not self.on_mac, compute_units=getattr(ct.ComputeUnit, compute_units)
+        )
         self.compile_and_load_ms = (time.perf_counter() - start) * 1e3
         self.mlspec = self.model.get_spec()
         self.placement = None
@@ -88,8 +90,10 @@ class CoreMLRunner(Runner):
             d["compile_and_load_ms"] = round(self.compile_and_load_ms, 1)
             d["placement"] = self.placement
         else:
-            d["note"] = ("reference evaluation of the package's arithmetic on this machine, not Apple hardware "
-                         "(the Neural Engine and GPU accumulate differently); Core ML latency needs a Mac or iPhone")
+            d["note"] = (
+                "reference evaluation of the package's arithmetic on this machine, not Apple hardware "
+                "(the Neural Engine and GPU accumulate differently); Core ML latency needs a Mac or iPhone"
+            )
             if self.interpreter.is_fp16:
                 d["fp16"] = self.fp16
         return d
@@ -155,7 +159,7 @@ class CoreMLRunner(Runner):
         desc = self.mlspec.description
         inp = desc.input[0]
         if inp.type.WhichOneof("Type") == "imageType":
-            feeds = [batch.images[i:i + 1].transpose(0, 3, 1, 2).astype(np.float32) for i in range(len(batch))]
+            feeds = [batch.images[i : i + 1].transpose(0, 3, 1, 2).astype(np.float32) for i in range(len(batch))]
         else:
             feeds = [batch.tensor]
         rows = []
@@ -192,59 +196,77 @@ class CoreMLBackend(Backend):
     runtime = "Core ML (macOS/iOS)"
     bench_runtimes = (BenchRuntime("coreml", "Core ML"),)
     device_packages = ("coremltools", "pillow")  # the runner hands MLModel.predict PIL images
-    summary = 'a .mlpackage folder for Core ML (iOS 16+, macOS 13+)'
+    summary = "a .mlpackage folder for Core ML (iOS 16+, macOS 13+)"
     # what its export records in a manifest entry, as JSON Schema (assembled into the published schema)
-    manifest_facts = {'input': {'enum': ['image', 'tensor'],
-               'description': 'Core ML: `image`: the input (named `image`) is an RGB image of input_size, pixels '
-                              '0-255, normalised inside the model; `tensor`: the input (named `input`) is the '
-                              'normalised float32 array batch x 3 x H x W, as preprocessing describes.'},
-     'minimum_deployment_target': {'enum': ['iOS16', 'iOS17', 'iOS18'],
-                                   'description': 'Core ML: oldest iOS the package runs on (iOS16: also macOS '
-                                                  '13).'},
-     'classifier': {'type': 'boolean',
-                    'description': 'Core ML: true (batch 1) when the model is a classifier: it outputs the top '
-                                   'label and a dictionary of scores by label (logits: apply softmax for '
-                                   'probabilities); false: one float32 output `logits`, batch x num_classes.'},
-     'ops': {'type': 'object',
-             'additionalProperties': {'type': 'integer', 'minimum': 0},
-             'description': 'Core ML: operations of the ML Program per type.',
-             'propertyNames': {'description': 'operator name'}},
-     'fp32_ops_in_fp16_program': {'type': 'integer',
-                                  'minimum': 0,
-                                  'description': "Core ML: compute ops kept float32 in an fp16 program (the norms' "
-                                                 'statistics).'},
-     'compression': {'type': 'object',
-                     'additionalProperties': True,
-                     'description': 'Core ML int8 and w4: how the weights were compressed.',
-                     'properties': {'weights': {'type': 'string', 'description': "The weights' encoding."},
-                                    'activations': {'type': 'string',
-                                                    'description': "The arithmetic's precision (fp16)."}}},
-     'norm_statistics': {'type': 'object',
-                         'additionalProperties': True,
-                         'description': "Core ML, not fp32: the largest values the channel norms' statistics reach "
-                                        "on the validation images (float32 reference), against float16's largest "
-                                        'value: why those ops stay float32.',
-                         'properties': {'max_squared_deviation': {'type': 'number',
-                                                                  'description': 'Largest (x - mean)^2 a norm '
-                                                                                 'squares.'},
-                                        'max_variance': {'type': 'number',
-                                                         'description': 'Largest variance a norm computes.'},
-                                        'max_abs_input': {'type': 'number',
-                                                          'description': 'Largest absolute value entering a norm.'},
-                                        'fp16_max': {'type': 'number',
-                                                     'description': 'Largest finite float16: 65504.'}}}}
-    manifest_required = ('input', 'minimum_deployment_target', 'classifier', 'ops', 'fp32_ops_in_fp16_program')
-    runner_methods = ('coreml', 'emulated')
+    manifest_facts = {
+        "input": {
+            "enum": ["image", "tensor"],
+            "description": "Core ML: `image`: the input (named `image`) is an RGB image of input_size, pixels "
+            "0-255, normalised inside the model; `tensor`: the input (named `input`) is the "
+            "normalised float32 array batch x 3 x H x W, as preprocessing describes.",
+        },
+        "minimum_deployment_target": {
+            "enum": ["iOS16", "iOS17", "iOS18"],
+            "description": "Core ML: oldest iOS the package runs on (iOS16: also macOS 13).",
+        },
+        "classifier": {
+            "type": "boolean",
+            "description": "Core ML: true (batch 1) when the model is a classifier: it outputs the top "
+            "label and a dictionary of scores by label (logits: apply softmax for "
+            "probabilities); false: one float32 output `logits`, batch x num_classes.",
+        },
+        "ops": {
+            "type": "object",
+            "additionalProperties": {"type": "integer", "minimum": 0},
+            "description": "Core ML: operations of the ML Program per type.",
+            "propertyNames": {"description": "operator name"},
+        },
+        "fp32_ops_in_fp16_program": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Core ML: compute ops kept float32 in an fp16 program (the norms' statistics).",
+        },
+        "compression": {
+            "type": "object",
+            "additionalProperties": True,
+            "description": "Core ML int8 and w4: how the weights were compressed.",
+            "properties": {
+                "weights": {"type": "string", "description": "The weights' encoding."},
+                "activations": {"type": "string", "description": "The arithmetic's precision (fp16)."},
+            },
+        },
+        "norm_statistics": {
+            "type": "object",
+            "additionalProperties": True,
+            "description": "Core ML, not fp32: the largest values the channel norms' statistics reach "
+            "on the validation images (float32 reference), against float16's largest "
+            "value: why those ops stay float32.",
+            "properties": {
+                "max_squared_deviation": {"type": "number", "description": "Largest (x - mean)^2 a norm squares."},
+                "max_variance": {"type": "number", "description": "Largest variance a norm computes."},
+                "max_abs_input": {"type": "number", "description": "Largest absolute value entering a norm."},
+                "fp16_max": {"type": "number", "description": "Largest finite float16: 65504."},
+            },
+        },
+    }
+    manifest_required = ("input", "minimum_deployment_target", "classifier", "ops", "fp32_ops_in_fp16_program")
+    runner_methods = ("coreml", "emulated")
     calibration_recorded = ()  # its int8 is weights only
     label = "Core ML"
     position = 20
     keeps_float_layers = False  # its int8 is 8-bit weights, chosen per op by coremltools
     input_note = "image input: RGB pixels 0-255; normalisation is inside the model"
     options = {
-        "coreml_input": option("image", "Core ML input: image (RGB, normalisation inside; default) or tensor "
-                                        "(normalised float)", check=lambda flag, v: choice(flag, v, ("image", "tensor"))),
-        "coreml_target": option("iOS16", "minimum deployment target: iOS16 (default), iOS17, iOS18",
-                                check=lambda flag, v: choice(flag, v, TARGETS)),
+        "coreml_input": option(
+            "image",
+            "Core ML input: image (RGB, normalisation inside; default) or tensor (normalised float)",
+            check=lambda flag, v: choice(flag, v, ("image", "tensor")),
+        ),
+        "coreml_target": option(
+            "iOS16",
+            "minimum deployment target: iOS16 (default), iOS17, iOS18",
+            check=lambda flag, v: choice(flag, v, TARGETS),
+        ),
     }
     default_precision = "fp16"
     # int8: 8-bit linear (symmetric, per-channel) weights; w4: 4-bit palettised weights (k-means LUT).
@@ -277,8 +299,9 @@ class CoreMLBackend(Backend):
             inputs = [ct.TensorType(name=TENSOR_INPUT, shape=(s.batch, 3, h, w), dtype=np.float32)]
         # options["norm_statistics_fp32"]=False converts naively (everything fp16), to show what it guards against
         selector = keep_norm_statistics_fp32 if job.options.get("norm_statistics_fp32", True) else (lambda op: True)
-        precision = (ct.precision.FLOAT32 if job.precision == "fp32"
-                     else ct.transform.FP16ComputePrecision(op_selector=selector))
+        precision = (
+            ct.precision.FLOAT32 if job.precision == "fp32" else ct.transform.FP16ComputePrecision(op_selector=selector)
+        )
         classify = bool(s.labels) and s.num_classes > 0 and s.batch == 1
         kwargs = {}
         if classify:
@@ -290,8 +313,14 @@ class CoreMLBackend(Backend):
             log("torch.export")
             exported = torch.export.export(module, (example,)).run_decompositions({})
             log(f"converting to an ML Program ({job.precision})")
-            mlmodel = ct.convert(exported, inputs=inputs, convert_to="mlprogram", compute_precision=precision,
-                                 minimum_deployment_target=getattr(ct.target, target), **kwargs)
+            mlmodel = ct.convert(
+                exported,
+                inputs=inputs,
+                convert_to="mlprogram",
+                compute_precision=precision,
+                minimum_deployment_target=getattr(ct.target, target),
+                **kwargs,
+            )
         compression = None
         if job.precision in ("int8", "w4"):
             log(f"compressing weights ({job.precision})")
@@ -299,11 +328,20 @@ class CoreMLBackend(Backend):
         mlmodel.author = "cloformer-deploy"
         mlmodel.license = "Weights: see the checkpoint's license. CloFormer/FAT architecture by Fan et al."
         mlmodel.version = s.weights_sha256[:12] if s.weights_sha256 else "random-init"
-        mlmodel.short_description = (f"{s.name} image classifier ({s.num_classes} classes, {h}x{w} RGB); "
-                                     "scores are logits: apply softmax for probabilities")
-        meta = {"model": s.name, "input_size": f"{h}x{w}", "mean": ",".join(map(str, s.mean)),
-                "std": ",".join(map(str, s.std)), "weights_sha256": s.weights_sha256 or "random-init",
-                "precision": job.precision, "num_classes": str(s.num_classes), "input": input_kind}
+        mlmodel.short_description = (
+            f"{s.name} image classifier ({s.num_classes} classes, {h}x{w} RGB); "
+            "scores are logits: apply softmax for probabilities"
+        )
+        meta = {
+            "model": s.name,
+            "input_size": f"{h}x{w}",
+            "mean": ",".join(map(str, s.mean)),
+            "std": ",".join(map(str, s.std)),
+            "weights_sha256": s.weights_sha256 or "random-init",
+            "precision": job.precision,
+            "num_classes": str(s.num_classes),
+            "input": input_kind,
+        }
         mlmodel.user_defined_metadata.update(meta)
         mlmodel.save(str(path))
         ops = _count_ops(mlmodel)
@@ -312,8 +350,14 @@ class CoreMLBackend(Backend):
             extra["compression"] = compression
         if job.precision != "fp32" and job.images is not None:
             extra["norm_statistics"] = norm_statistics_range(job.module, job.images)
-        return {**extra, "input": input_kind, "minimum_deployment_target": target, "classifier": classify,
-                "ops": ops, "fp32_ops_in_fp16_program": _fp32_compute_ops(mlmodel) if job.precision != "fp32" else 0}
+        return {
+            **extra,
+            "input": input_kind,
+            "minimum_deployment_target": target,
+            "classifier": classify,
+            "ops": ops,
+            "fp32_ops_in_fp16_program": _fp32_compute_ops(mlmodel) if job.precision != "fp32" else 0,
+        }
 
     uses_threads = False  # Core ML chooses its own threads (and devices)
 
@@ -335,8 +379,9 @@ def compress_weights(mlmodel, precision: str):
     import coremltools.optimize.coreml as cto
 
     if precision == "int8":
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
-                                         weight_threshold=512)
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=512
+        )
         out = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
         return out, {"weights": "int8 linear symmetric per-channel", "activations": "fp16"}
     op = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_tensor", weight_threshold=512)

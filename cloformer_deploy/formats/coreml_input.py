@@ -1,4 +1,5 @@
 """The Core ML image input's normalisation, as a module wrapped around the deploy form before conversion."""
+
 from __future__ import annotations
 
 import torch

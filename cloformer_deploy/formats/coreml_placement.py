@@ -5,6 +5,7 @@ Only a Mac runs :func:`compute_plan_placement` (coremltools' compute plan calls 
 and is what the tests run everywhere. NEVER RUN HERE: the Core ML calls below have not run on the
 Linux machine this project is built on (see the README's "What has never run").
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -42,9 +43,14 @@ def summarise_placement(ops: Iterable[tuple[str, str | None, tuple[str, ...]]], 
         if wanted and preferred != wanted:
             fallback[f"{kind} (on {preferred}{'' if wanted in supported else f', no {wanted} kernel'})"] += 1
     total = sum(by_device.values())
-    return {"compute_units": compute_units, "ops": total, "by_device": dict(by_device.most_common()),
-            "share_on_neural_engine": round(by_device["NE"] / total, 3) if total else None,
-            "fallback_ops": dict(fallback.most_common(12)), "unplaced": unplaced}
+    return {
+        "compute_units": compute_units,
+        "ops": total,
+        "by_device": dict(by_device.most_common()),
+        "share_on_neural_engine": round(by_device["NE"] / total, 3) if total else None,
+        "fallback_ops": dict(fallback.most_common(12)),
+        "unplaced": unplaced,
+    }
 
 
 def _operations(block):
@@ -60,16 +66,22 @@ def compute_plan_placement(model, compute_units: str) -> dict:
         import coremltools as ct
         from coremltools.models.compute_plan import MLComputePlan
 
-        plan = MLComputePlan.load_from_path(model.get_compiled_model_path(),
-                                            compute_units=getattr(ct.ComputeUnit, compute_units))
+        plan = MLComputePlan.load_from_path(
+            model.get_compiled_model_path(), compute_units=getattr(ct.ComputeUnit, compute_units)
+        )
         ops = []
         for op in _operations(plan.model_structure.program.functions["main"].block):
             usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
             if usage is None:
                 ops.append((op.operator_name, None, ()))
             else:
-                ops.append((op.operator_name, device_name(usage.preferred_compute_device),
-                            tuple(device_name(d) for d in usage.supported_compute_devices)))
+                ops.append(
+                    (
+                        op.operator_name,
+                        device_name(usage.preferred_compute_device),
+                        tuple(device_name(d) for d in usage.supported_compute_devices),
+                    )
+                )
         return summarise_placement(ops, compute_units)
     except Exception as e:  # macOS < 14.4, or a coremltools without the compute plan: the row stays, without it
         return {"compute_units": compute_units, "unavailable": f"{type(e).__name__}: {e}"[:200]}

@@ -6,6 +6,7 @@ partition), timed by XNNPACK itself as the intervals between consecutive operato
 read per operator, no other cost inside them); a kernel left outside any partition reports as
 "native_call_<kernel>", whose dispatch ("OPERATOR_CALL" around it) is not counted.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,7 +100,7 @@ def quantize_pt2e_xnnpack(job: ExportJob, log: Callable[[str], None] = lambda te
         starts = range(0, len(job.calibration) - b + 1, b)
         log(f"calibrating int8 activations on {len(starts) * b} images")
         for n, i in enumerate(starts, 1):
-            prepared(torch.from_numpy(job.calibration[i:i + b]))
+            prepared(torch.from_numpy(job.calibration[i : i + b]))
             if n == len(starts) // 2:
                 log(f"calibrated {n * b}/{len(starts) * b} images")
         return convert_pt2e(prepared)
@@ -127,14 +128,21 @@ def delegation_report(edge_program) -> dict:
     from executorch.devtools.backend_debug import get_delegation_info
 
     info = get_delegation_info(edge_program.graph_module)
-    outside = {op: b.non_delegated for op, b in info.delegation_by_operator.items()
-               if b.non_delegated and op not in _NOT_KERNELS}
-    return {"partitions": info.num_delegated_subgraphs, "non_delegated_kernels": sum(outside.values()),
-            "non_delegated_ops": dict(sorted(outside.items()))}
+    outside = {
+        op: b.non_delegated
+        for op, b in info.delegation_by_operator.items()
+        if b.non_delegated and op not in _NOT_KERNELS
+    }
+    return {
+        "partitions": info.num_delegated_subgraphs,
+        "non_delegated_kernels": sum(outside.values()),
+        "non_delegated_ops": dict(sorted(outside.items())),
+    }
 
 
 _XNNPACK_NUMBER = re.compile(r" #\d+$")  # XNNPACK numbers the operators of a type within one partition
 _ET_FRAMEWORK = {"Method::init", "Program::load_method", "Method::execute", "DELEGATE_CALL", "OPERATOR_CALL"}
+
 
 def profile_executorch(path: str, images: np.ndarray, threads: int, runs: int) -> list[OpTime]:
     """Per-operator times of a .pte run by the ExecuTorch runtime with ``threads`` threads, ``runs`` runs.
@@ -198,8 +206,9 @@ def _executorch_ops(blocks, warmup: int) -> list[OpTime]:
         times: dict[tuple[str, str], float] = defaultdict(float)
         for e, ms in run:
             if e.is_delegated_op:  # named by its delegate debug identifier: XNNPACK's "<type> #<n>"
-                times[(f"{e.name} in partition {partition.get(e._instruction_id, '?')}",
-                       _XNNPACK_NUMBER.sub("", e.name))] += ms
+                times[
+                    (f"{e.name} in partition {partition.get(e._instruction_id, '?')}", _XNNPACK_NUMBER.sub("", e.name))
+                ] += ms
             elif e.name not in _ET_FRAMEWORK:  # a kernel outside any delegate: native_call_<kernel>
                 kernel = e.name.removeprefix("native_call_")
                 times[(f"{kernel} (instruction {e._instruction_id})", f"{kernel} (not delegated)")] += ms
@@ -212,48 +221,83 @@ class ExecuTorchBackend(Backend):
     name = "executorch"
     suffix = ".pte"
     runtime = "ExecuTorch (XNNPACK)"
-    bench_runtimes = (BenchRuntime("executorch-xnnpack", "ET-XNNPACK", aliases=("executorch", "xnnpack"), peers=True),
-                      BenchRuntime("executorch-portable", "ET-portable", aliases=("portable",),
-                                   export_options={"backend": "portable"}, in_all=False, fixed_runs=3))
+    bench_runtimes = (
+        BenchRuntime("executorch-xnnpack", "ET-XNNPACK", aliases=("executorch", "xnnpack"), peers=True),
+        BenchRuntime(
+            "executorch-portable",
+            "ET-portable",
+            aliases=("portable",),
+            export_options={"backend": "portable"},
+            in_all=False,
+            fixed_runs=3,
+        ),
+    )
     device_packages = ("executorch", "torch")  # its Python runtime links libtorch
-    summary = 'a .pte program for the ExecuTorch runtime (Android, iOS)'
+    summary = "a .pte program for the ExecuTorch runtime (Android, iOS)"
     # what its export records in a manifest entry, as JSON Schema (assembled into the published schema)
-    manifest_facts = {'backend': {'enum': ['xnnpack', 'portable'],
-                 'description': 'ExecuTorch: `xnnpack`: lowered to the XNNPACK delegate (link it in the app); '
-                                "`portable`: ExecuTorch's portable kernels (about 100x slower)."},
-     'partitions': {'type': 'integer',
-                    'minimum': 0,
-                    'description': 'ExecuTorch: delegate partitions (1: the whole network runs in one XNNPACK '
-                                   'subgraph).'},
-     'non_delegated_kernels': {'type': 'integer',
-                               'minimum': 0,
-                               'description': 'ExecuTorch: operator calls outside any delegate, run by ExecuTorch '
-                                              'kernels the app must link (0 with XNNPACK).'},
-     'non_delegated_ops': {'type': 'object',
-                           'additionalProperties': {'type': 'integer', 'minimum': 0},
-                           'description': 'ExecuTorch: those operators, with their counts.',
-                           'propertyNames': {'description': 'operator name'}},
-     'constant_methods': {'type': 'array',
-                          'items': {'type': 'string'},
-                          'description': 'ExecuTorch: methods of the program that return constants an app can '
-                                         'read: batch, input_size, mean, num_classes, std.'},
-     'input_dtype': {'enum': ['float32', 'float16'],
-                     'description': 'ExecuTorch: element type of the input tensor; an fp16 program takes float16 '
-                                    'and outputs float16 logits.'},
-     'scaled_norms': {'type': 'object',
-                      'additionalProperties': {'type': 'integer'},
-                      'propertyNames': {'description': 'layer'},
-                      'description': 'ExecuTorch fp16: channel norms whose input is scaled by 2^-k inside the '
-                                     "program to stay in float16's range: layer -> k."}}
-    manifest_required = ('backend', 'partitions', 'non_delegated_kernels', 'non_delegated_ops', 'constant_methods', 'input_dtype')
-    runner_methods = ('executorch',)
+    manifest_facts = {
+        "backend": {
+            "enum": ["xnnpack", "portable"],
+            "description": "ExecuTorch: `xnnpack`: lowered to the XNNPACK delegate (link it in the app); "
+            "`portable`: ExecuTorch's portable kernels (about 100x slower).",
+        },
+        "partitions": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "ExecuTorch: delegate partitions (1: the whole network runs in one XNNPACK subgraph).",
+        },
+        "non_delegated_kernels": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "ExecuTorch: operator calls outside any delegate, run by ExecuTorch "
+            "kernels the app must link (0 with XNNPACK).",
+        },
+        "non_delegated_ops": {
+            "type": "object",
+            "additionalProperties": {"type": "integer", "minimum": 0},
+            "description": "ExecuTorch: those operators, with their counts.",
+            "propertyNames": {"description": "operator name"},
+        },
+        "constant_methods": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "ExecuTorch: methods of the program that return constants an app can "
+            "read: batch, input_size, mean, num_classes, std.",
+        },
+        "input_dtype": {
+            "enum": ["float32", "float16"],
+            "description": "ExecuTorch: element type of the input tensor; an fp16 program takes float16 "
+            "and outputs float16 logits.",
+        },
+        "scaled_norms": {
+            "type": "object",
+            "additionalProperties": {"type": "integer"},
+            "propertyNames": {"description": "layer"},
+            "description": "ExecuTorch fp16: channel norms whose input is scaled by 2^-k inside the "
+            "program to stay in float16's range: layer -> k.",
+        },
+    }
+    manifest_required = (
+        "backend",
+        "partitions",
+        "non_delegated_kernels",
+        "non_delegated_ops",
+        "constant_methods",
+        "input_dtype",
+    )
+    runner_methods = ("executorch",)
     # on a device it installs without its own requirements (they serve exporting); its runtime imports these
     device_runtime_imports = {"executorch": ("ruamel.yaml", "tabulate")}
     profiler = "ETDump and the Inspector"
     label = "ExecuTorch"
     position = 30
-    options = {"backend": option("xnnpack", "ExecuTorch backend: xnnpack (default) or portable (runs about 100x slower)",
-                                 check=lambda flag, v: choice(flag, v, ("xnnpack", "portable")))}
+    options = {
+        "backend": option(
+            "xnnpack",
+            "ExecuTorch backend: xnnpack (default) or portable (runs about 100x slower)",
+            check=lambda flag, v: choice(flag, v, ("xnnpack", "portable")),
+        )
+    }
     # fp16 runs the whole network in fp16 inside one XNNPACK partition, inputs and outputs included (a cast
     # would fall outside the delegate): the deploy form takes FP16_XNNPACK_STEPS and scaled norm inputs
     precisions = ("fp32", "fp16", "int8")
@@ -288,8 +332,11 @@ class ExecuTorchBackend(Backend):
             module, example, fp16 = _to_fp16(job, log)
         s = job.spec
         constants = {
-            "input_size": list(s.input_size), "batch": s.batch, "num_classes": s.num_classes,
-            "mean": [float(v) for v in s.mean], "std": [float(v) for v in s.std],
+            "input_size": list(s.input_size),
+            "batch": s.batch,
+            "num_classes": s.num_classes,
+            "mean": [float(v) for v in s.mean],
+            "std": [float(v) for v in s.std],
         }
         partitioner = []
         if backend == "xnnpack":
@@ -306,8 +353,13 @@ class ExecuTorchBackend(Backend):
         report = delegation_report(edge.exported_program())
         program = edge.to_executorch()
         path.write_bytes(program.buffer)
-        return {"backend": backend, **report, "constant_methods": sorted(constants),
-                "input_dtype": "float16" if job.precision == "fp16" else "float32", **fp16}
+        return {
+            "backend": backend,
+            **report,
+            "constant_methods": sorted(constants),
+            "input_dtype": "float16" if job.precision == "fp16" else "float32",
+            **fp16,
+        }
 
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
         return ExecuTorchRunner(path, threads)

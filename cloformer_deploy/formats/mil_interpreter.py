@@ -19,6 +19,7 @@ converted to their compute dtype, variables freed after their last reader), ops 
 constants only (weight decompression) are evaluated once at load, and ``run`` uses one
 intra-op thread: tiny ops gain nothing from threads and lose much on a busy machine.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -39,9 +40,17 @@ class UnsupportedOpError(NotImplementedError):
     pass
 
 
-_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64, "int8": torch.int8,
-           "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
-           "bool": torch.bool}
+_DTYPES = {
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
 
 
 # ---- reading the package: the MIL program straight from its protobuf, weights from the blob file --------
@@ -51,12 +60,35 @@ _DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64, 
 # by coremltools state every optional input; the kernels' fallbacks are MIL's defaults for those that don't.
 
 # MIL proto DataType names -> the dtype names of MIL (and of _DTYPES)
-_MIL_DTYPE_NAMES = {"FLOAT16": "fp16", "FLOAT32": "fp32", "FLOAT64": "fp64", "INT8": "int8", "UINT8": "uint8",
-                    "INT16": "int16", "UINT16": "uint16", "INT32": "int32", "UINT32": "uint32", "INT64": "int64",
-                    "UINT64": "uint64", "BOOL": "bool", "STRING": "string"}
-_NUMPY_DTYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int8": np.int8, "uint8": np.uint8,
-                 "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32,
-                 "int64": np.int64, "uint64": np.uint64, "bool": np.bool_}
+_MIL_DTYPE_NAMES = {
+    "FLOAT16": "fp16",
+    "FLOAT32": "fp32",
+    "FLOAT64": "fp64",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "INT16": "int16",
+    "UINT16": "uint16",
+    "INT32": "int32",
+    "UINT32": "uint32",
+    "INT64": "int64",
+    "UINT64": "uint64",
+    "BOOL": "bool",
+    "STRING": "string",
+}
+_NUMPY_DTYPES = {
+    "fp16": np.float16,
+    "fp32": np.float32,
+    "fp64": np.float64,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "int16": np.int16,
+    "uint16": np.uint16,
+    "int32": np.int32,
+    "uint32": np.uint32,
+    "int64": np.int64,
+    "uint64": np.uint64,
+    "bool": np.bool_,
+}
 _BLOB_SENTINEL = 0xDEADBEEF
 _BLOB_RECORD = struct.Struct("<IIQQ")  # sentinel, blob dtype, size in bytes, offset of the data
 
@@ -64,12 +96,14 @@ _BLOB_RECORD = struct.Struct("<IIQQ")  # sentinel, blob dtype, size in bytes, of
 @dataclass(frozen=True)
 class InlineValue:
     """A value written into an op's argument (classify's class names) rather than bound to a variable."""
+
     value: Any
 
 
 @dataclass
 class Operation:
     """One operation of the program as the package states it."""
+
     name: str
     op_type: str
     inputs: dict[str, tuple]  # argument -> its bindings: variable names (str) or InlineValues
@@ -140,8 +174,10 @@ def _decode_value(value, blobs: _BlobFiles) -> Any:
 def _read_operation(op_spec, blobs: _BlobFiles) -> Operation:
     inputs: dict[str, tuple] = {}
     for key, argument in op_spec.inputs.items():
-        inputs[key] = tuple(b.name if b.WhichOneof("binding") == "name"
-                            else InlineValue(_decode_value(b.value, blobs)) for b in argument.arguments)
+        inputs[key] = tuple(
+            b.name if b.WhichOneof("binding") == "name" else InlineValue(_decode_value(b.value, blobs))
+            for b in argument.arguments
+        )
     for key, value in op_spec.attributes.items():  # iOS16 constexpr ops carry their data as attributes
         if key != "name":
             inputs[key] = (InlineValue(_decode_value(value, blobs)),)
@@ -171,6 +207,7 @@ def _intra_op_threads(count: int | None) -> Iterator[None]:
 
 
 # ---- kernels: each takes the op's resolved inputs (a dict) and returns a tuple of outputs -----------
+
 
 def _f(x: torch.Tensor) -> torch.Tensor:
     """Compute dtype: floats in fp32 (accumulation in fp32), ints as they are."""
@@ -348,19 +385,37 @@ def _binary(fn):
 
 
 KERNELS: dict[str, Callable[[dict], tuple]] = {
-    "conv": k_conv, "avg_pool": k_avg_pool, "reduce_mean": k_reduce_mean, "slice_by_index": k_slice_by_index,
-    "gelu": k_gelu, "concat": k_concat, "split": k_split, "matmul": k_matmul, "linear": k_linear,
-    "batch_norm": k_batch_norm, "cast": k_cast, "classify": k_classify,
+    "conv": k_conv,
+    "avg_pool": k_avg_pool,
+    "reduce_mean": k_reduce_mean,
+    "slice_by_index": k_slice_by_index,
+    "gelu": k_gelu,
+    "concat": k_concat,
+    "split": k_split,
+    "matmul": k_matmul,
+    "linear": k_linear,
+    "batch_norm": k_batch_norm,
+    "cast": k_cast,
+    "classify": k_classify,
     "reshape": lambda a: (a["x"].reshape(_ints(a["shape"])),),
     "transpose": lambda a: (a["x"].permute(_ints(a["perm"])),),
     "squeeze": lambda a: (a["x"].squeeze(tuple(_ints(a["axes"]))) if a.get("axes") is not None else a["x"].squeeze(),),
     "expand_dims": lambda a: (a["x"].reshape(_expand_shape(a["x"], _ints(a["axes"]))),),
     "softmax": lambda a: (torch.softmax(_f(a["x"]), dim=int(_scalar(a.get("axis"), -1))),),
-    "add": _binary(torch.add), "sub": _binary(torch.sub), "mul": _binary(torch.mul),
-    "real_div": _binary(torch.div), "maximum": _binary(torch.maximum), "minimum": _binary(torch.minimum),
+    "add": _binary(torch.add),
+    "sub": _binary(torch.sub),
+    "mul": _binary(torch.mul),
+    "real_div": _binary(torch.div),
+    "maximum": _binary(torch.maximum),
+    "minimum": _binary(torch.minimum),
     "pow": _binary(torch.pow),
-    "relu": _unary(torch.relu), "sigmoid": _unary(torch.sigmoid), "tanh": _unary(torch.tanh),
-    "silu": _unary(F.silu), "sqrt": _unary(torch.sqrt), "square": _unary(torch.square), "exp": _unary(torch.exp),
+    "relu": _unary(torch.relu),
+    "sigmoid": _unary(torch.sigmoid),
+    "tanh": _unary(torch.tanh),
+    "silu": _unary(F.silu),
+    "sqrt": _unary(torch.sqrt),
+    "square": _unary(torch.square),
+    "exp": _unary(torch.exp),
     "abs": _unary(torch.abs),
     "rsqrt": lambda a: (torch.rsqrt(_f(a["x"]) + float(_scalar(a.get("epsilon"), 1e-12))),),
     "identity": lambda a: (a["x"],),
@@ -393,12 +448,17 @@ class Fp16Report:
     worst: list[OpDrift] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"first_nonfinite_op": self.first_nonfinite, "nonfinite_ops": self.nonfinite_ops,
-                "largest_fp16_departures": [{"op": d.name, "type": d.op_type, "rel_error": float(f"{d.rel_error:.3g}")}
-                                            for d in self.worst]}
+        return {
+            "first_nonfinite_op": self.first_nonfinite,
+            "nonfinite_ops": self.nonfinite_ops,
+            "largest_fp16_departures": [
+                {"op": d.name, "type": d.op_type, "rel_error": float(f"{d.rel_error:.3g}")} for d in self.worst
+            ],
+        }
 
 
 # ---- compiled execution ---------------------------------------------------------------------------------
+
 
 def _cast(value, dtype: torch.dtype | None):
     if dtype is not None and isinstance(value, torch.Tensor) and value.dtype != dtype:
@@ -447,6 +507,7 @@ class _Output:
 @dataclass(frozen=True)
 class _Step:
     """A compute op, compiled: what it reads, its kernel, where its outputs go and what it frees."""
+
     index: int  # position among the program's compute ops
     op: Operation
     kernel: Callable[[dict], tuple]
@@ -511,12 +572,15 @@ class MILInterpreter:
         steps: list[_Step] = []
         for index, op in enumerate(self.compute_ops):
             args, shadow_args, var_args, list_args, reads = self._bind(op, constants, shadow_constants, defined)
-            outputs = tuple(_Output(name, _DTYPES.get(dtype), _DTYPES.get("fp32" if dtype == "fp16" else dtype),
-                                    dtype == "fp16") for name, dtype in op.outputs)
+            outputs = tuple(
+                _Output(name, _DTYPES.get(dtype), _DTYPES.get("fp32" if dtype == "fp16" else dtype), dtype == "fp16")
+                for name, dtype in op.outputs
+            )
             shadow_from_main = all(name in same_in_shadow for name in reads)
             same_in_shadow.update(o.name for o in outputs if shadow_from_main and not o.compared)
-            step = _Step(index, op, KERNELS[op.op_type], args, shadow_args, var_args, list_args, outputs, (),
-                         shadow_from_main)
+            step = _Step(
+                index, op, KERNELS[op.op_type], args, shadow_args, var_args, list_args, outputs, (), shadow_from_main
+            )
             if not var_args and not list_args:
                 self._fold(step, constants, shadow_constants)
             else:
@@ -652,6 +716,9 @@ class MILInterpreter:
             return outputs, None
         nonfinite += self._folded_nonfinite
         in_op_order = [drift for _, drift in heapq.merge(self._folded_drifts, drifts, key=lambda entry: entry[0])]
-        report = Fp16Report(first_nonfinite=min(nonfinite)[1] if nonfinite else None, nonfinite_ops=len(nonfinite),
-                            worst=sorted(in_op_order, key=lambda d: -d.rel_error)[:top])
+        report = Fp16Report(
+            first_nonfinite=min(nonfinite)[1] if nonfinite else None,
+            nonfinite_ops=len(nonfinite),
+            worst=sorted(in_op_order, key=lambda d: -d.rel_error)[:top],
+        )
         return outputs, report

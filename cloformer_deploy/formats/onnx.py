@@ -6,6 +6,7 @@ and output shape as text), as much as a small Add or Reshape takes. That cost is
 of trivial nodes in a session opened the same way and taken off every node, so that kinds with
 many cheap nodes are not overstated.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -63,15 +64,22 @@ def _metadata(job: ExportJob) -> dict[str, str]:
 
     s = job.spec
     return {
-        "model": s.name, "num_classes": str(s.num_classes), "input_size": f"{s.input_size[0]}x{s.input_size[1]}",
-        "batch": str(s.batch), "mean": json.dumps(list(s.mean)), "std": json.dumps(list(s.std)),
-        "layout": "NCHW float32, RGB, (x/255 - mean) / std", "labels": json.dumps(s.labels or []),
-        "weights_sha256": s.weights_sha256 or "random-init", "precision": job.precision,
+        "model": s.name,
+        "num_classes": str(s.num_classes),
+        "input_size": f"{s.input_size[0]}x{s.input_size[1]}",
+        "batch": str(s.batch),
+        "mean": json.dumps(list(s.mean)),
+        "std": json.dumps(list(s.std)),
+        "layout": "NCHW float32, RGB, (x/255 - mean) / std",
+        "labels": json.dumps(s.labels or []),
+        "weights_sha256": s.weights_sha256 or "random-init",
+        "precision": job.precision,
         "versions": json.dumps({"torch": torch.__version__, **OnnxBackend().versions()}),
     }
 
 
 CALIBRATION_NODES = 64  # trivial nodes whose profiled time is ONNX Runtime's profiler cost per node
+
 
 def profile_onnxruntime(path: str, images: np.ndarray, threads: int, runs: int) -> list[OpTime]:
     """Per-node times of an .onnx run by ONNX Runtime's CPU provider with ``threads`` threads, ``runs`` runs.
@@ -80,10 +88,20 @@ def profile_onnxruntime(path: str, images: np.ndarray, threads: int, runs: int) 
     """
     check_counts(threads, runs)
     with quiet_libraries(), tempfile.TemporaryDirectory(prefix="cloformer-ortprof-") as tmp:
-        events = _ort_profile(str(path), threads, os.path.join(tmp, "model"), WARMUP_RUNS + runs,
-                              lambda s: batches(images, _input_batch(s, len(images))))
-        calibration = _ort_profile(_trivial_chain(CALIBRATION_NODES), threads, os.path.join(tmp, "calibration"),
-                                   WARMUP_RUNS + 5, lambda s: [np.zeros((1, 1, 1, 1), np.float32)])
+        events = _ort_profile(
+            str(path),
+            threads,
+            os.path.join(tmp, "model"),
+            WARMUP_RUNS + runs,
+            lambda s: batches(images, _input_batch(s, len(images))),
+        )
+        calibration = _ort_profile(
+            _trivial_chain(CALIBRATION_NODES),
+            threads,
+            os.path.join(tmp, "calibration"),
+            WARMUP_RUNS + 5,
+            lambda s: [np.zeros((1, 1, 1, 1), np.float32)],
+        )
     per_node = statistics.median(e["dur"] for e in _kernel_events(calibration, WARMUP_RUNS)) / 1e3
     return _onnxruntime_ops(events, WARMUP_RUNS, per_node)
 
@@ -118,20 +136,26 @@ def _trivial_chain(n: int) -> bytes:
     """An ONNX model of ``n`` Adds of one-element tensors: its node times are the profiler's cost alone."""
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes = [helper.make_node("Add", ["x" if i == 0 else f"t{i - 1}", "c"], [f"t{i}"], name=f"add{i}")
-             for i in range(n)]
+    nodes = [
+        helper.make_node("Add", ["x" if i == 0 else f"t{i - 1}", "c"], [f"t{i}"], name=f"add{i}") for i in range(n)
+    ]
     shape = [1, 1, 1, 1]  # rank 4 like the image models' tensors: the profiler formats every shape as text
-    graph = helper.make_graph(nodes, "profiler_cost", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info(f"t{n - 1}", TensorProto.FLOAT, shape)],
-                              [numpy_helper.from_array(np.zeros(shape, np.float32), "c")])
+    graph = helper.make_graph(
+        nodes,
+        "profiler_cost",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(f"t{n - 1}", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(np.zeros(shape, np.float32), "c")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     return model.SerializeToString()
 
 
 def _kernel_events(events: list[dict], warmup: int) -> list[dict]:
     """The node events of the runs after the first ``warmup``, each with the index of its run."""
-    model_runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                        key=lambda e: e["ts"])[warmup:]
+    model_runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
+    )[warmup:]
     if not model_runs:
         raise ValueError("the ONNX Runtime profile holds no run after the warm-up")
     starts = [e["ts"] for e in model_runs]
@@ -165,48 +189,62 @@ class OnnxBackend(Backend):
     runtime = "ONNX Runtime"
     bench_runtimes = (BenchRuntime("onnxruntime", "ORT", aliases=("onnx",), peers=True),)
     device_packages = ("onnxruntime",)
-    summary = 'a .onnx file for ONNX Runtime (Android, iOS, desktop)'
+    summary = "a .onnx file for ONNX Runtime (Android, iOS, desktop)"
     # what its export records in a manifest entry, as JSON Schema (assembled into the published schema)
-    manifest_facts = {'opset': {'type': 'integer',
-               'minimum': 1,
-               'description': 'ONNX: opset of the graph; the ONNX Runtime an app ships must support it.'},
-     'simplified': {'type': 'boolean', 'description': 'ONNX: true when onnxsim simplified the graph.'},
-     'simplify_error': {'type': 'string',
-                        'description': 'ONNX: why onnxsim failed (the unsimplified graph was kept).'},
-     'fp32_nodes_in_fp16_graph': {'type': 'integer',
-                                  'minimum': 0,
-                                  'description': "ONNX fp16: nodes kept float32 (the norms' statistics, which "
-                                                 'overflow fp16). Input and output stay float32.'},
-     'quantization': {'type': 'object',
-                      'additionalProperties': True,
-                      'description': 'ONNX int8: how the graph was quantised.',
-                      'properties': {'format': {'type': 'string',
-                                                'description': '`QDQ`: QuantizeLinear/DequantizeLinear pairs '
-                                                               'around float ops.'},
-                                     'weights': {'type': 'string',
-                                                 'description': 'How weights are quantised, e.g. int8 per-channel '
-                                                                'symmetric.'},
-                                     'activations': {'type': 'string',
-                                                     'description': 'How activations are quantised and '
-                                                                    'calibrated.'},
-                                     'excluded_nodes': {'type': 'integer',
-                                                        'minimum': 0,
-                                                        'description': 'Nodes left float (--keep-float).'}}},
-     'nodes': {'type': 'integer', 'minimum': 0, 'description': 'ONNX: number of nodes in the graph.'},
-     'op_types': {'type': 'object',
-                  'additionalProperties': {'type': 'integer', 'minimum': 0},
-                  'description': 'ONNX: nodes per operator type: the kernels a reduced-operator ONNX Runtime build '
-                                 'needs.',
-                  'propertyNames': {'description': 'operator name'}}}
-    manifest_required = ('opset', 'simplified', 'nodes', 'op_types')
-    runner_methods = ('onnxruntime',)
+    manifest_facts = {
+        "opset": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "ONNX: opset of the graph; the ONNX Runtime an app ships must support it.",
+        },
+        "simplified": {"type": "boolean", "description": "ONNX: true when onnxsim simplified the graph."},
+        "simplify_error": {
+            "type": "string",
+            "description": "ONNX: why onnxsim failed (the unsimplified graph was kept).",
+        },
+        "fp32_nodes_in_fp16_graph": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "ONNX fp16: nodes kept float32 (the norms' statistics, which "
+            "overflow fp16). Input and output stay float32.",
+        },
+        "quantization": {
+            "type": "object",
+            "additionalProperties": True,
+            "description": "ONNX int8: how the graph was quantised.",
+            "properties": {
+                "format": {
+                    "type": "string",
+                    "description": "`QDQ`: QuantizeLinear/DequantizeLinear pairs around float ops.",
+                },
+                "weights": {
+                    "type": "string",
+                    "description": "How weights are quantised, e.g. int8 per-channel symmetric.",
+                },
+                "activations": {"type": "string", "description": "How activations are quantised and calibrated."},
+                "excluded_nodes": {"type": "integer", "minimum": 0, "description": "Nodes left float (--keep-float)."},
+            },
+        },
+        "nodes": {"type": "integer", "minimum": 0, "description": "ONNX: number of nodes in the graph."},
+        "op_types": {
+            "type": "object",
+            "additionalProperties": {"type": "integer", "minimum": 0},
+            "description": "ONNX: nodes per operator type: the kernels a reduced-operator ONNX Runtime build needs.",
+            "propertyNames": {"description": "operator name"},
+        },
+    }
+    manifest_required = ("opset", "simplified", "nodes", "op_types")
+    runner_methods = ("onnxruntime",)
     profiler = "ONNX Runtime's session profiler, net of its own cost per node"
     label = "ONNX"
     position = 10
     options = {
-        "opset": option(None, f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET}, native GELU; 17 uses "
-                              "the TorchScript exporter)",
-                        check=lambda flag, v: whole_number(flag, v, MIN_OPSET, MAX_OPSET)),
+        "opset": option(
+            None,
+            f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET}, native GELU; 17 uses "
+            "the TorchScript exporter)",
+            check=lambda flag, v: whole_number(flag, v, MIN_OPSET, MAX_OPSET),
+        ),
         "no_simplify": option(False, "skip onnxsim"),
     }
     precisions = ("fp32", "fp16", "int8")
@@ -324,8 +362,9 @@ def to_fp16(model):
 
     keep = norm_statistics_nodes(model)
     # keep_io_types: the app still feeds and reads float32
-    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS_IN_FP16])
+    converted = convert_float_to_float16(
+        model, keep_io_types=True, node_block_list=keep, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS_IN_FP16]
+    )
     drop_fp16_round_trips(converted.graph)
     # the converter appends the casts it inserts at the end of the node list; ONNX wants topological order
     topological_sort(converted.graph)
@@ -350,8 +389,12 @@ def drop_fp16_round_trips(graph) -> None:
     rename: dict[str, str] = {}  # output of a cast back to fp32 -> the fp32 value before the round trip
     for n in list(graph.node):
         first = producer.get(n.input[0]) if n.input else None
-        if (cast_to(n, TensorProto.FLOAT) and first is not None and cast_to(first, TensorProto.FLOAT16)
-                and n.output[0] not in outputs):
+        if (
+            cast_to(n, TensorProto.FLOAT)
+            and first is not None
+            and cast_to(first, TensorProto.FLOAT16)
+            and n.output[0] not in outputs
+        ):
             rename[n.output[0]] = first.input[0]
             graph.node.remove(n)
     for n in graph.node:
@@ -398,7 +441,7 @@ def quantize_static_qdq(model, job: ExportJob, log: Callable[[str], None] = lamb
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([job.calibration[i:i + b] for i in range(0, len(job.calibration) - b + 1, b)])
+            self.batches = iter([job.calibration[i : i + b] for i in range(0, len(job.calibration) - b + 1, b)])
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -411,12 +454,24 @@ def quantize_static_qdq(model, job: ExportJob, log: Callable[[str], None] = lamb
         log("quantisation pre-processing")
         quant_pre_process(src, pre, skip_symbolic_shape=True)
         log(f"calibrating int8 activations on {len(job.calibration) // b * b} images and quantising")
-        quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=excluded, extra_options={"WeightSymmetric": True})
+        quantize_static(
+            pre,
+            dst,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
+            extra_options={"WeightSymmetric": True},
+        )
         quantized = onnx.load(dst)
-    return quantized, {"format": "QDQ", "weights": "int8 per-channel symmetric",
-                       "activations": "uint8 per-tensor, min/max calibration", "excluded_nodes": len(excluded)}
+    return quantized, {
+        "format": "QDQ",
+        "weights": "int8 per-channel symmetric",
+        "activations": "uint8 per-tensor, min/max calibration",
+        "excluded_nodes": len(excluded),
+    }
 
 
 def _nodes_reading(model, initializer_names: list[str]) -> list[str]:

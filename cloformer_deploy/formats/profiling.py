@@ -5,6 +5,7 @@ the profilers' event recording) is in no row, and XNNPACK and ONNX Runtime count
 (rounded down) per operator, so an operator under 1 µs shows as 0: the sum of the rows is a little
 below the end-to-end latency.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -37,8 +38,9 @@ def batches(images: np.ndarray, batch: int) -> list[np.ndarray]:
     """The images as consecutive batches of the artifact's fixed batch size, each C-contiguous float32."""
     if images.ndim != 4 or len(images) < batch:
         raise ValueError(f"images must be (N, C, H, W) with N >= {batch} (the artifact's batch); got {images.shape}")
-    return [np.ascontiguousarray(images[i:i + batch], dtype=np.float32)
-            for i in range(0, len(images) - batch + 1, batch)]
+    return [
+        np.ascontiguousarray(images[i : i + batch], dtype=np.float32) for i in range(0, len(images) - batch + 1, batch)
+    ]
 
 
 def check_counts(threads: int, runs: int) -> None:

@@ -6,14 +6,24 @@ options object (:class:`ExportOptions`, :class:`ValidateOptions`) or its fields 
 Importing the package imports neither torch nor a converter (the CLI parses its flags from
 :mod:`.options` first); the functions are imported on first use.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
 
-_WHERE = {"ArtifactResult": "exporter", "ExportResult": "exporter", "export": "exporter",
-          "PreparedModel": "model", "prepare_model": "model",
-          "ExportInputError": "options", "ExportOptions": "options", "ValidateOptions": "options",
-          "OpenedBundle": "revalidate", "open_bundle": "revalidate", "validate_bundle": "revalidate"}
+_WHERE = {
+    "ArtifactResult": "exporter",
+    "ExportResult": "exporter",
+    "export": "exporter",
+    "PreparedModel": "model",
+    "prepare_model": "model",
+    "ExportInputError": "options",
+    "ExportOptions": "options",
+    "ValidateOptions": "options",
+    "OpenedBundle": "revalidate",
+    "open_bundle": "revalidate",
+    "validate_bundle": "revalidate",
+}
 
 
 def __getattr__(name: str):

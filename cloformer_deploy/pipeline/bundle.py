@@ -4,6 +4,7 @@ Layout: ``<out>/<variant>-<H>x<W>/`` holds one model at one input size, batch, c
 set of weights; each export adds its artifacts (``<variant>-<H>x<W>-<precision>.<suffix>``) beside
 those already there, so formats and precisions exported in separate runs never remove each other.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,11 +55,15 @@ def check_manifest(manifest, path: Path | str = MANIFEST) -> None:
     version = manifest.get("schema_version")
     if version is None or (type(version) is int and version < SCHEMA_VERSION):
         written = "no schema_version" if version is None else f"schema {version}"
-        raise BundleError(f"{path} was written by an older version of cloformer-deploy ({written}; this one reads "
-                          f"schema {SCHEMA_VERSION}); export it again")
+        raise BundleError(
+            f"{path} was written by an older version of cloformer-deploy ({written}; this one reads "
+            f"schema {SCHEMA_VERSION}); export it again"
+        )
     if type(version) is int and version > SCHEMA_VERSION:
-        raise BundleError(f"{path} was written by a newer version of cloformer-deploy (schema {version}; this one "
-                          f"reads schema {SCHEMA_VERSION}); upgrade cloformer-deploy or export it again with this one")
+        raise BundleError(
+            f"{path} was written by a newer version of cloformer-deploy (schema {version}; this one "
+            f"reads schema {SCHEMA_VERSION}); upgrade cloformer-deploy or export it again with this one"
+        )
     artifacts = manifest.get("artifacts")
     if not isinstance(artifacts, list) or not artifacts:
         raise BundleError(f"{path} lists no artifacts; export the bundle again")
@@ -72,11 +77,13 @@ def check_files(folder: Path, manifest: dict) -> None:
     for entry in manifest["artifacts"]:
         path = Path(folder) / entry["path"]
         if not path.exists() or Path(entry["path"]).name != entry["path"]:
-            raise BundleError(f"{entry['path']} is listed in {MANIFEST} but missing from {folder}; "
-                              "export that artifact again")
+            raise BundleError(
+                f"{entry['path']} is listed in {MANIFEST} but missing from {folder}; export that artifact again"
+            )
         if sha256_path(path) != entry["sha256"]:
-            raise BundleError(f"{entry['path']} changed since export (sha256 differs from {MANIFEST}); "
-                              "export that artifact again")
+            raise BundleError(
+                f"{entry['path']} changed since export (sha256 differs from {MANIFEST}); export that artifact again"
+            )
     if not (Path(folder) / LABELS).is_file():
         raise BundleError(f"{folder} has no {LABELS}; export the bundle again")
 
@@ -84,9 +91,14 @@ def check_files(folder: Path, manifest: dict) -> None:
 def identity(manifest: dict, labels: list[str]) -> dict:
     """What every artifact of one bundle shares: model, input, batch, classes, weights, labels."""
     m = manifest["model"]
-    return {"model": m["name"], "input size": list(m["input_size"]), "batch": m["batch"],
-            "classes": m["num_classes"], "weights": m.get("weights_sha256") or m.get("state_sha256"),
-            "labels": hashlib.sha256("\n".join(labels).encode()).hexdigest()}
+    return {
+        "model": m["name"],
+        "input size": list(m["input_size"]),
+        "batch": m["batch"],
+        "classes": m["num_classes"],
+        "weights": m.get("weights_sha256") or m.get("state_sha256"),
+        "labels": hashlib.sha256("\n".join(labels).encode()).hexdigest(),
+    }
 
 
 def state_sha256(state_dict) -> str:
@@ -103,11 +115,13 @@ def state_sha256(state_dict) -> str:
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """A hard link where the file system allows (kept artifacts cost no space), else a copy."""
+
     def one(a, b):
         try:
             os.link(a, b)
         except OSError:
             shutil.copy2(a, b)
+
     if Path(src).is_dir():
         shutil.copytree(src, dst, copy_function=one)
     else:

@@ -3,6 +3,7 @@
 Every option and file argument is checked before a model is built or converted; bad input raises
 :class:`ExportInputError` (one line naming the fix) and writes nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,8 +88,14 @@ class _Run:
     sensitivities: dict = field(default_factory=dict)  # per exported module: formats may take different forms
 
 
-def export(options: ExportOptions | str | None = None, /, *, progress: Progress | None = None,
-           argv: list[str] | None = None, **kwargs) -> ExportResult:
+def export(
+    options: ExportOptions | str | None = None,
+    /,
+    *,
+    progress: Progress | None = None,
+    argv: list[str] | None = None,
+    **kwargs,
+) -> ExportResult:
     """Export one model to the given formats, validate every artifact, and add them to the bundle.
 
     Takes an :class:`ExportOptions` or its fields as keyword arguments (``export(model="cloformer-xxs",
@@ -124,36 +131,62 @@ def _prepare(opts, precisions, calibrated: bool, calibration_size: int, target, 
         prepared = prepare_model(opts.model, opts.weights, opts.num_classes)
     authors, variant = prepared.module, prepared.variant
     if opts.keep_float > quantisable_layers(authors):
-        raise ExportInputError(f"--keep-float {opts.keep_float} is more than the model's "
-                               f"{quantisable_layers(authors)} quantisable layers; give fewer")
+        raise ExportInputError(
+            f"--keep-float {opts.keep_float} is more than the model's "
+            f"{quantisable_layers(authors)} quantisable layers; give fewer"
+        )
     labels = labels_for(opts.labels, authors.num_classes)
     size = opts.img_size
-    spec = ModelSpec(name=variant.name, num_classes=authors.num_classes, input_size=size, batch=opts.batch,
-                     mean=variant.mean, std=variant.std, labels=labels,
-                     params=sum(p.numel() for p in authors.parameters()),
-                     weights=str(opts.weights) if opts.weights else None, weights_sha256=prepared.weights_sha256)
+    spec = ModelSpec(
+        name=variant.name,
+        num_classes=authors.num_classes,
+        input_size=size,
+        batch=opts.batch,
+        mean=variant.mean,
+        std=variant.std,
+        labels=labels,
+        params=sum(p.numel() for p in authors.parameters()),
+        weights=str(opts.weights) if opts.weights else None,
+        weights_sha256=prepared.weights_sha256,
+    )
     images = reference = calibration = None
     if not opts.no_validate:
         images = load_images(size, variant.mean, variant.std, folder=opts.data)
         if len(images) < opts.batch:  # a static batch needs at least one full batch
             reps = -(-opts.batch // len(images))
-            images = ImageBatch(images.names * reps, np.concatenate([images.images] * reps),
-                                np.concatenate([images.tensor] * reps))
+            images = ImageBatch(
+                images.names * reps, np.concatenate([images.images] * reps), np.concatenate([images.tensor] * reps)
+            )
     if calibrated:
         calibration = load_calibration(size, variant.mean, variant.std, folder=opts.data, count=calibration_size)
         if len(calibration) < calibration_size:
-            progress.warn(f"--calibration-size {calibration_size}: the images give only {len(calibration)} "
-                          "distinct views; calibrating with those (pass --data with more photographs)")
+            progress.warn(
+                f"--calibration-size {calibration_size}: the images give only {len(calibration)} "
+                "distinct views; calibrating with those (pass --data with more photographs)"
+            )
     if opts.weights is None:
-        progress.warn(f"no --weights: exporting RANDOMLY INITIALISED weights (seed {RANDOM_SEED}; "
-                      "for testing the pipeline only)")
+        progress.warn(
+            f"no --weights: exporting RANDOMLY INITIALISED weights (seed {RANDOM_SEED}; for testing the pipeline only)"
+        )
     if images is not None:
         with progress.stage(f"reference (PyTorch fp32, authors' form, {len(images)} images)"), torch.no_grad():
             reference = authors(torch.from_numpy(images.tensor)).numpy()
-    example = torch.from_numpy(images.tensor[:opts.batch]) if images is not None else torch.randn(opts.batch, 3, *size)
-    return _Run(opts, precisions, prepared, spec, images, reference, calibration, calibration_size, example, target,
-                datetime.now(timezone.utc).isoformat(timespec="seconds"), argv if argv is not None else sys.argv,
-                versions())
+    example = torch.from_numpy(images.tensor[: opts.batch]) if images is not None else torch.randn(opts.batch, 3, *size)
+    return _Run(
+        opts,
+        precisions,
+        prepared,
+        spec,
+        images,
+        reference,
+        calibration,
+        calibration_size,
+        example,
+        target,
+        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        argv if argv is not None else sys.argv,
+        versions(),
+    )
 
 
 def _write_bundle(run: _Run, progress: Progress, t0: float) -> ExportResult:
@@ -164,7 +197,9 @@ def _write_bundle(run: _Run, progress: Progress, t0: float) -> ExportResult:
     try:
         staging = bundle_io.StagingDir(final)
     except OSError as e:
-        raise ExportInputError(f"--out {str(opts.out)!r} is not writable ({e.strerror}); choose another folder") from None
+        raise ExportInputError(
+            f"--out {str(opts.out)!r} is not writable ({e.strerror}); choose another folder"
+        ) from None
     results: list[ArtifactResult] = []
     try:
         for entry in kept:
@@ -175,8 +210,17 @@ def _write_bundle(run: _Run, progress: Progress, t0: float) -> ExportResult:
             entry = _export_artifact(run, fmt, staging.path, progress)
             passed = entry["validation"]["passed"] if "validation" in entry else None
             results.append(ArtifactResult(fmt, final / entry["path"], entry["precision"], passed, entry))
-        manifest = build_manifest(run.spec, run.prepared.variant, run.prepared, results, run.images, opts.data,
-                                  run.command, run.created, run.versions)
+        manifest = build_manifest(
+            run.spec,
+            run.prepared.variant,
+            run.prepared,
+            results,
+            run.images,
+            opts.data,
+            run.command,
+            run.created,
+            run.versions,
+        )
         (staging.path / bundle_io.LABELS).write_text("\n".join(run.spec.labels) + "\n")
         bundle_io.write_manifest(staging.path, manifest)
         ok = all(r.passed is not False for r in results)
@@ -211,7 +255,7 @@ def _kept_float(run: _Run, module, precision: str, progress: Progress) -> tuple[
         with progress.stage(f"per-layer int8 sensitivity on {min(len(run.calibration), 8)} calibration images") as st:
             run.sensitivities[id(module)] = layer_sensitivity(module, run.calibration, on_progress=st.update)
     sensitivity = run.sensitivities[id(module)]
-    return [d["layer"] for d in sensitivity[:run.opts.keep_float]], sensitivity
+    return [d["layer"] for d in sensitivity[: run.opts.keep_float]], sensitivity
 
 
 def _export_artifact(run: _Run, fmt: str, folder: Path, progress: Progress) -> dict:
@@ -220,24 +264,53 @@ def _export_artifact(run: _Run, fmt: str, folder: Path, progress: Progress) -> d
     path = folder / backend.filename(run.spec, precision)
     module = _deploy_form(run, fmt, precision, progress)
     kept_float, sensitivity = _kept_float(run, module, precision, progress)
-    job = ExportJob(module, run.example, run.spec, precision, backend.check_options(format_options(opts)),
-                    run.images.tensor if run.images is not None else None, run.calibration, kept_float)
+    job = ExportJob(
+        module,
+        run.example,
+        run.spec,
+        precision,
+        backend.check_options(format_options(opts)),
+        run.images.tensor if run.images is not None else None,
+        run.calibration,
+        kept_float,
+    )
     t = time.perf_counter()
     with progress.stage(f"{fmt}: export ({precision})"):
         info = backend.export(job, path, lambda text: progress.log(f"{fmt}: {text}"))
-    entry = {"format": fmt, "path": path.name, "precision": precision, "size_bytes": size_bytes(path),
-             "sha256": sha256_path(path), "export_seconds": round(time.perf_counter() - t, 2),
-             "deploy_steps": list(module.deploy_steps), **info}
+    entry = {
+        "format": fmt,
+        "path": path.name,
+        "precision": precision,
+        "size_bytes": size_bytes(path),
+        "sha256": sha256_path(path),
+        "export_seconds": round(time.perf_counter() - t, 2),
+        "deploy_steps": list(module.deploy_steps),
+        **info,
+    }
     if precision == "int8" and run.calibration is not None:
-        entry["calibration"] = {"images": int(len(run.calibration)), "requested": run.calibration_size,
-                                "source": str(opts.data) if opts.data else
-                                "scikit-image bundled photographs, mirrored / wider / tighter crops",
-                                "sha256": hashlib.sha256(run.calibration.tobytes()).hexdigest(),
-                                "kept_float": kept_float if backend.keeps_float_layers else [],
-                                "sensitivity_top": (sensitivity or [])[:10]}
+        entry["calibration"] = {
+            "images": int(len(run.calibration)),
+            "requested": run.calibration_size,
+            "source": str(opts.data)
+            if opts.data
+            else "scikit-image bundled photographs, mirrored / wider / tighter crops",
+            "sha256": hashlib.sha256(run.calibration.tobytes()).hexdigest(),
+            "kept_float": kept_float if backend.keeps_float_layers else [],
+            "sensitivity_top": (sensitivity or [])[:10],
+        }
     if run.reference is not None:
-        entry["validation"] = validate_artifact(LOCAL, run.target, fmt, path, run.spec, info, run.images,
-                                                run.reference, bounds_for(precision, opts.min_top1_agreement),
-                                                progress, fmt)
+        entry["validation"] = validate_artifact(
+            LOCAL,
+            run.target,
+            fmt,
+            path,
+            run.spec,
+            info,
+            run.images,
+            run.reference,
+            bounds_for(precision, opts.min_top1_agreement),
+            progress,
+            fmt,
+        )
     entry.update(created=run.created, command=run.command, versions=run.versions)
     return entry

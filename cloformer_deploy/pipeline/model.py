@@ -1,4 +1,5 @@
 """The model an export starts from: the authors' form with its weights, its labels, and what identifies them."""
+
 from __future__ import annotations
 
 import platform
@@ -63,11 +64,14 @@ def read_labels(path: str | Path, num_classes: int) -> list[str]:
     try:
         text = p.read_text()
     except UnicodeDecodeError:
-        raise ExportInputError(f"--labels {str(p)!r} is not text; pass a text file with one class name per line") from None
+        raise ExportInputError(
+            f"--labels {str(p)!r} is not text; pass a text file with one class name per line"
+        ) from None
     labels = [line.strip() for line in text.splitlines() if line.strip()]
     if len(labels) != num_classes:
-        raise ExportInputError(f"--labels has {len(labels)} names but the model has {num_classes} classes; "
-                               "give one name per class")
+        raise ExportInputError(
+            f"--labels has {len(labels)} names but the model has {num_classes} classes; give one name per class"
+        )
     return unique_labels(labels)
 
 
@@ -122,8 +126,11 @@ def quantisable_layers(module: torch.nn.Module) -> int:
 
 
 def versions() -> dict[str, str | None]:
-    v: dict[str, str | None] = {"cloformer_deploy": __version__, "torch": torch.__version__,
-                                "python": platform.python_version()}
+    v: dict[str, str | None] = {
+        "cloformer_deploy": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     for backend in BACKENDS.values():
         try:
             v.update(backend.versions())

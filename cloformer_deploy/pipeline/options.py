@@ -3,6 +3,7 @@
 A format's own options (``--opset``, ``--coreml-input``, ``--backend``, ...) are declared in its module
 (``Backend.options``) and become fields here, so a new format brings its flags with it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,42 +59,72 @@ def _format_fields() -> list[tuple]:
 class ModelChoice(TargetOptions):
     """Which model, with which weights, at which input size: export and bench share these."""
 
-    model: str = option("cloformer-xxs", f"one of: {', '.join(list_models())} (default cloformer-xxs)",
-                        check=check_model)
-    weights: str | None = option(None, "checkpoint (.pth/.pt/.safetensors); without it the model is randomly "
-                                       "initialised (seed 0)", check=check_weights)
+    model: str = option(
+        "cloformer-xxs", f"one of: {', '.join(list_models())} (default cloformer-xxs)", check=check_model
+    )
+    weights: str | None = option(
+        None,
+        "checkpoint (.pth/.pt/.safetensors); without it the model is randomly initialised (seed 0)",
+        check=check_weights,
+    )
     img_size: object = option(224, "224 or HxW such as 256x320; multiples of 32 (default 224)", check=check_size)
 
 
 @dataclass
 class _ExportFields(ModelChoice):
-    format: object = option("all", "all, or a comma list of: " + ", ".join(
-        f"{n} ({b.suffix}, {b.runtime}; {'/'.join(b.precisions)}, default {b.default_precision})"
-        for n, b in BACKENDS.items()), check=lambda flag, v: parse_formats(v))
-    num_classes: int | None = option(None, "classes of the head (default: the checkpoint's, else 1000)",
-                                     check=lambda flag, v: whole_number(flag, v, 1, MAX_CLASSES))
+    format: object = option(
+        "all",
+        "all, or a comma list of: "
+        + ", ".join(
+            f"{n} ({b.suffix}, {b.runtime}; {'/'.join(b.precisions)}, default {b.default_precision})"
+            for n, b in BACKENDS.items()
+        ),
+        check=lambda flag, v: parse_formats(v),
+    )
+    num_classes: int | None = option(
+        None,
+        "classes of the head (default: the checkpoint's, else 1000)",
+        check=lambda flag, v: whole_number(flag, v, 1, MAX_CLASSES),
+    )
     batch: int = option(1, "static batch size (default 1)", check=lambda flag, v: whole_number(flag, v, 1, 1024))
-    precision: str | None = option(None, "fp32, fp16, int8 or w4; default: " + ", ".join(
-        f"{b.default_precision} for {n}" for n, b in BACKENDS.items()) + "; int8: static int8 (ONNX, ExecuTorch) or "
-        "8-bit weights (Core ML); w4: 4-bit palettised weights (Core ML)")
-    calibration_size: int | None = option(None, f"int8: images to calibrate with (default {DEFAULT_CALIBRATION_SIZE})",
-                                          check=lambda flag, v: whole_number(flag, v, 1, 10_000))
-    keep_float: int = option(0, "int8: leave the N layers whose quantisation moves the logits most in float",
-                             check=lambda flag, v: whole_number(flag, v, 0))
-    out: str = option("export", "output folder (default export/); the bundle is <out>/<model>-<H>x<W>/ and keeps "
-                                "artifacts exported earlier")
-    labels: str | None = option(None, "class names, one per line (default: ImageNet-1k names for 1000 classes)",
-                                check=lambda flag, v: existing_file(flag, v, "a text file with one class name per line"))
+    precision: str | None = option(
+        None,
+        "fp32, fp16, int8 or w4; default: "
+        + ", ".join(f"{b.default_precision} for {n}" for n, b in BACKENDS.items())
+        + "; int8: static int8 (ONNX, ExecuTorch) or "
+        "8-bit weights (Core ML); w4: 4-bit palettised weights (Core ML)",
+    )
+    calibration_size: int | None = option(
+        None,
+        f"int8: images to calibrate with (default {DEFAULT_CALIBRATION_SIZE})",
+        check=lambda flag, v: whole_number(flag, v, 1, 10_000),
+    )
+    keep_float: int = option(
+        0,
+        "int8: leave the N layers whose quantisation moves the logits most in float",
+        check=lambda flag, v: whole_number(flag, v, 0),
+    )
+    out: str = option(
+        "export",
+        "output folder (default export/); the bundle is <out>/<model>-<H>x<W>/ and keeps artifacts exported earlier",
+    )
+    labels: str | None = option(
+        None,
+        "class names, one per line (default: ImageNet-1k names for 1000 classes)",
+        check=lambda flag, v: existing_file(flag, v, "a text file with one class name per line"),
+    )
     no_validate: bool = option(False, "skip running the artifacts against PyTorch")
     force: bool = option(False, "replace an artifact of the same format and precision, or a bundle of other weights")
     zip: bool = option(False, "also write <bundle>.zip for an app")
-    data: str | None = option(None, "folder of images for validation (default: photographs bundled with "
-                                    "scikit-image)", check=check_data)
+    data: str | None = option(
+        None, "folder of images for validation (default: photographs bundled with scikit-image)", check=check_data
+    )
     min_top1_agreement: float | None = option(None, "also require this top-1 agreement (0..1)", check=fraction)
 
 
 ExportOptions = dataclasses.make_dataclass(
-    "ExportOptions", [(name, kind, spec) for name, kind, spec in _format_fields()], bases=(_ExportFields,))
+    "ExportOptions", [(name, kind, spec) for name, kind, spec in _format_fields()], bases=(_ExportFields,)
+)
 ExportOptions.__doc__ = "The options of an export: the model, the formats and precisions, where the bundle goes."
 ExportOptions.__module__ = __name__
 
@@ -111,20 +142,24 @@ def export_checked(opts) -> tuple:
         backend = BACKENDS[f]
         p = (opts.precision or backend.default_precision).lower()
         if p not in backend.precisions:
-            raise ExportInputError(f"--precision {p} is not offered for {f}; choose from {', '.join(backend.precisions)}")
+            raise ExportInputError(
+                f"--precision {p} is not offered for {f}; choose from {', '.join(backend.precisions)}"
+            )
         precisions[f] = p
     calibrated = any(p in BACKENDS[f].calibrated_precisions for f, p in precisions.items())
     if opts.calibration_size is not None and not calibrated:
-        raise ExportInputError("--calibration-size applies to --precision int8 (and fp16 ExecuTorch) only; "
-                               "drop it or add --precision int8")
+        raise ExportInputError(
+            "--calibration-size applies to --precision int8 (and fp16 ExecuTorch) only; drop it or add --precision int8"
+        )
     if opts.keep_float and not any(p == "int8" and BACKENDS[f].keeps_float_layers for f, p in precisions.items()):
         names = " and ".join(b.label for b in BACKENDS.values() if b.keeps_float_layers)
         raise ExportInputError(f"--keep-float applies to int8 {names} exports only; drop it or add --precision int8")
     for name in _given_format_options(opts):
         owners = [n for n, b in BACKENDS.items() if name in b.options]
         if not set(owners) & set(precisions):
-            raise ExportInputError(f"--{name.replace('_', '-')} applies to {' and '.join(owners)}; drop it or add "
-                                   f"--format {owners[0]}")
+            raise ExportInputError(
+                f"--{name.replace('_', '-')} applies to {' and '.join(owners)}; drop it or add --format {owners[0]}"
+            )
     for backend in BACKENDS.values():  # every format's options, chosen or not: a bad value is a bad value
         backend.check_options(format_options(opts))
     if opts.target != "local" and opts.no_validate:
@@ -147,17 +182,24 @@ def check_memory(opts, num_classes: int, calibration_images: int) -> None:
     from ..models.memory import check_fits
 
     h, w = opts.img_size
-    check_fits(opts.model, opts.img_size, opts.batch, num_classes,
-               extra_bytes=calibration_images * h * w * IMAGE_BYTES,
-               what=f"--img-size {h}x{w} at --batch {opts.batch}"
-                    + (f" with --calibration-size {calibration_images}" if calibration_images else ""))
+    check_fits(
+        opts.model,
+        opts.img_size,
+        opts.batch,
+        num_classes,
+        extra_bytes=calibration_images * h * w * IMAGE_BYTES,
+        what=f"--img-size {h}x{w} at --batch {opts.batch}"
+        + (f" with --calibration-size {calibration_images}" if calibration_images else ""),
+    )
 
 
 @dataclass
 class ValidateOptions(TargetOptions):
     bundle: str = option(None, "a folder written by cloformer-export", positional=True)
-    weights: str | None = option(None, "the checkpoint the bundle was exported from (not needed for random weights)",
-                                 check=check_weights)
-    data: str | None = option(None, "folder of images (default: photographs bundled with scikit-image)",
-                              check=check_data)
+    weights: str | None = option(
+        None, "the checkpoint the bundle was exported from (not needed for random weights)", check=check_weights
+    )
+    data: str | None = option(
+        None, "folder of images (default: photographs bundled with scikit-image)", check=check_data
+    )
     min_top1_agreement: float | None = option(None, "also require this top-1 agreement (0..1)", check=fraction)

@@ -1,4 +1,5 @@
 """A bundle opened again: its manifest and files checked, its model rebuilt; validated again here and on a target."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,36 +46,47 @@ def open_bundle(folder, weights=None) -> OpenedBundle:
     get_variant(m["name"])
     for entry in manifest["artifacts"]:
         if entry["format"] not in BACKENDS:
-            raise BundleError(f"{entry['path']} has format {entry['format']!r}, which this version "
-                              f"does not know ({', '.join(BACKENDS)}); export the bundle again")
+            raise BundleError(
+                f"{entry['path']} has format {entry['format']!r}, which this version "
+                f"does not know ({', '.join(BACKENDS)}); export the bundle again"
+            )
     check_files(folder, manifest)
     if m.get("random_init"):
         if weights is not None:
-            raise ExportInputError(f"the bundle holds random weights (seed {m.get('random_seed', RANDOM_SEED)}), "
-                                   "not a checkpoint's; drop --weights, or export again with --weights")
+            raise ExportInputError(
+                f"the bundle holds random weights (seed {m.get('random_seed', RANDOM_SEED)}), "
+                "not a checkpoint's; drop --weights, or export again with --weights"
+            )
         if not m.get("state_sha256"):
-            raise ExportInputError("the bundle holds random weights from a version that did not record them; "
-                                   "export it again")
+            raise ExportInputError(
+                "the bundle holds random weights from a version that did not record them; export it again"
+            )
     else:
         if weights is None:
-            raise ExportInputError(f"the bundle was exported from {m.get('weights')}; pass --weights with that "
-                                   "checkpoint")
+            raise ExportInputError(
+                f"the bundle was exported from {m.get('weights')}; pass --weights with that checkpoint"
+            )
         existing_file("--weights", weights, "a .pth/.pt/.safetensors checkpoint")
         if m.get("weights_sha256") and sha256_file(Path(weights)) != m["weights_sha256"]:
-            raise ExportInputError(f"{Path(weights).name} is not the checkpoint this bundle was exported from "
-                                   f"(sha256 differs); pass {m.get('weights')}")
+            raise ExportInputError(
+                f"{Path(weights).name} is not the checkpoint this bundle was exported from "
+                f"(sha256 differs); pass {m.get('weights')}"
+            )
     prepared = prepare_model(m["name"], weights, m["num_classes"])
     if m.get("random_init") and prepared.state_sha256 != m["state_sha256"]:
-        raise ExportInputError("this torch draws other random weights than the one that exported the bundle "
-                               f"(torch {manifest.get('versions', {}).get('torch')}); export it again here")
+        raise ExportInputError(
+            "this torch draws other random weights than the one that exported the bundle "
+            f"(torch {manifest.get('versions', {}).get('torch')}); export it again here"
+        )
     variant = prepared.variant
     labels = (folder / LABELS).read_text().splitlines()
     spec = ModelSpec.from_manifest(m, variant.mean, variant.std, labels, str(weights) if weights else None)
     return OpenedBundle(folder, manifest, prepared, spec)
 
 
-def validate_bundle(options: ValidateOptions | None = None, /, *, progress: Progress | None = None,
-                    **kwargs) -> tuple[bool, list[dict]]:
+def validate_bundle(
+    options: ValidateOptions | None = None, /, *, progress: Progress | None = None, **kwargs
+) -> tuple[bool, list[dict]]:
     """Re-run validation of every artifact of an existing bundle; True when all pass.
 
     Takes a :class:`ValidateOptions` or its fields as keyword arguments (``validate_bundle(bundle="export/...",
@@ -99,9 +111,19 @@ def validate_bundle(options: ValidateOptions | None = None, /, *, progress: Prog
             reports = []
             for entry in opened.manifest["artifacts"]:
                 fmt, path = entry["format"], opened.folder / entry["path"]
-                report = validate_artifact(LOCAL, on, fmt, path, spec, entry, images, reference,
-                                           bounds_for(entry["precision"], opts.min_top1_agreement), progress,
-                                           f"{fmt} {entry['precision']}")
+                report = validate_artifact(
+                    LOCAL,
+                    on,
+                    fmt,
+                    path,
+                    spec,
+                    entry,
+                    images,
+                    reference,
+                    bounds_for(entry["precision"], opts.min_top1_agreement),
+                    progress,
+                    f"{fmt} {entry['precision']}",
+                )
                 if on.kind != "local":
                     validation = entry.setdefault("validation", {})
                     validation.setdefault("targets", {})[on.name] = report["targets"][on.name]

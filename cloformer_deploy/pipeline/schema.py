@@ -11,6 +11,7 @@ schema into the Markdown page app developers read (docs/manifest.md, docs/result
 
 A shared base module, like :mod:`cloformer_deploy.files`: every layer may use it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,19 +72,35 @@ def _with_formats(schema: dict) -> dict:
     for name, backend in BACKENDS.items():
         props.update(backend.manifest_facts)
         when = {"properties": {"format": {"const": name}}, "required": ["format"]}
-        conditions.append({"if": when, "then": {"required": list(backend.manifest_required),
-                                                "properties": {"precision": {"enum": list(backend.precisions)}}}})
+        conditions.append(
+            {
+                "if": when,
+                "then": {
+                    "required": list(backend.manifest_required),
+                    "properties": {"precision": {"enum": list(backend.precisions)}},
+                },
+            }
+        )
         for precision in backend.calibration_recorded:
-            conditions.append({"if": {"properties": {"format": {"const": name}, "precision": {"const": precision}},
-                                      "required": ["format", "precision"]}, "then": {"required": ["calibration"]}})
+            conditions.append(
+                {
+                    "if": {
+                        "properties": {"format": {"const": name}, "precision": {"const": precision}},
+                        "required": ["format", "precision"],
+                    },
+                    "then": {"required": ["calibration"]},
+                }
+            )
     artifact["allOf"] = conditions
     method = defs["validation"]["properties"]["method"]
     method["enum"] = list(dict.fromkeys(m for b in BACKENDS.values() for m in b.runner_methods))
     preprocessing = defs["preprocessing"]
     for name, backend in BACKENDS.items():
         if backend.input_note:
-            preprocessing["properties"][name] = {"type": "string", "description": f"What a {backend.label} "
-                                                 "artifact takes instead of the normalised tensor."}
+            preprocessing["properties"][name] = {
+                "type": "string",
+                "description": f"What a {backend.label} artifact takes instead of the normalised tensor.",
+            }
             preprocessing["required"].append(name)
     return schema
 
@@ -152,6 +169,7 @@ def check_results(results: dict) -> None:
 
 # ---- one line per error ---------------------------------------------------------------------------------------
 
+
 def where(path) -> str:
     """A JSON path as the docs write it: ``artifacts[0].validation.figures``."""
     out = ""
@@ -175,8 +193,15 @@ def _shown(value) -> str:
     return f"{text} ({kind})" if kind else text
 
 
-_ARTICLE = {"integer": "an integer", "object": "an object", "array": "an array", "null": "null",
-            "string": "a string", "number": "a number", "boolean": "a boolean"}
+_ARTICLE = {
+    "integer": "an integer",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+    "string": "a string",
+    "number": "a number",
+    "boolean": "a boolean",
+}
 
 
 def _missing(error) -> str:
@@ -190,15 +215,17 @@ def _condition(error, root: dict | None) -> str | None:
         return None
     node = root
     try:
-        for part in parts[:len(parts) - 1 - parts[::-1].index("then")]:
+        for part in parts[: len(parts) - 1 - parts[::-1].index("then")]:
             while isinstance(node, dict) and part not in node and "$ref" in node:  # paths step through $ref
                 node = root["$defs"][node["$ref"].split("/")[-1]]
             node = node[part]
         tests = (node.get("if") or {}).get("properties", {})
     except (KeyError, IndexError, TypeError, AttributeError):
         return None
-    words = [f"{k} is {v['const']}" if "const" in v else f"{k} is {' or '.join(map(str, v.get('enum', [])))}"
-             for k, v in tests.items()]
+    words = [
+        f"{k} is {v['const']}" if "const" in v else f"{k} is {' or '.join(map(str, v.get('enum', [])))}"
+        for k, v in tests.items()
+    ]
     return " and ".join(words) or None
 
 
@@ -248,8 +275,12 @@ def describe(error, root: dict | None = None) -> str:
         return f"{here} is {_shown(value)}, not {error.schema.get('title') or f'text matching {rule}'}"
     if kind == "format":
         return f"{here} is {_shown(value)}, not a {rule}"
-    limit = {"minimum": "below the minimum", "exclusiveMinimum": "not above", "maximum": "above the maximum",
-             "exclusiveMaximum": "not below"}.get(kind)
+    limit = {
+        "minimum": "below the minimum",
+        "exclusiveMinimum": "not above",
+        "maximum": "above the maximum",
+        "exclusiveMaximum": "not below",
+    }.get(kind)
     if limit:
         return f"{here} is {value}, {limit} {rule}"
     message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
@@ -257,6 +288,7 @@ def describe(error, root: dict | None = None) -> str:
 
 
 # ---- Markdown ---------------------------------------------------------------------------------------------------
+
 
 def _slug(heading: str) -> str:
     """The anchor GitHub gives a heading."""
@@ -338,10 +370,15 @@ class _Page:
 
     def plural(self, items: dict, path: str) -> str:
         text = self.type_text(items, path)
-        for word, many in (("integer", "integers"), ("string", "strings"), ("number", "numbers"),
-                           ("object", "objects"), ("boolean", "booleans")):
+        for word, many in (
+            ("integer", "integers"),
+            ("string", "strings"),
+            ("number", "numbers"),
+            ("object", "objects"),
+            ("boolean", "booleans"),
+        ):
             if text.startswith(word):
-                return many + text[len(word):]
+                return many + text[len(word) :]
         return text
 
     def conditions(self, node: dict) -> tuple[dict[str, list[str]], list[str]]:
@@ -381,8 +418,10 @@ class _Page:
         for key, sub in n.get("properties", {}).items():
             r = self.resolve(sub)
             need = "yes" if key in required else ("if " + "; if ".join(when[key]) if key in when else "no")
-            lines.append(f"| `{key}` | {_cell(self.type_text(sub, f'{heading}.{key}' if not top else key))} | "
-                         f"{_cell(need)} | {_cell(r.get('description', ''))} |")
+            lines.append(
+                f"| `{key}` | {_cell(self.type_text(sub, f'{heading}.{key}' if not top else key))} | "
+                f"{_cell(need)} | {_cell(r.get('description', ''))} |"
+            )
         if notes:
             lines += [""] + [f"- {_cell(note)}" for note in notes]
         return "\n".join(lines)
@@ -410,10 +449,14 @@ def render(name: str) -> str:
         _cell(schema["description"]),
         "",
         f"The JSON Schema (draft 2020-12) ships in the package as `cloformer_deploy/{package_path}`"
-        + (" with the parts every format shares; each format's module adds what its export records, and "
-           f"`python -m cloformer_deploy.pipeline.schema {name} --json` prints the whole schema" if name == "manifest"
-           else "") + f". Any JSON Schema 2020-12 validator checks a {document} against it, and in Python "
-        f"`cloformer_deploy.pipeline.schema.check(\"{name}\", data)` raises one line naming the first field that "
+        + (
+            " with the parts every format shares; each format's module adds what its export records, and "
+            f"`python -m cloformer_deploy.pipeline.schema {name} --json` prints the whole schema"
+            if name == "manifest"
+            else ""
+        )
+        + f". Any JSON Schema 2020-12 validator checks a {document} against it, and in Python "
+        f'`cloformer_deploy.pipeline.schema.check("{name}", data)` raises one line naming the first field that '
         "breaks it.",
         "",
         "Required: `yes`, always present (a type that includes null: present, possibly null); `no`, may be absent; "
@@ -429,8 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in args
     args = [a for a in args if a != "--json"]
     if len(args) != 1 or args[0] not in SCHEMAS:
-        print(f"usage: python -m cloformer_deploy.pipeline.schema {{{','.join(SCHEMAS)}}} [--json] > docs/<name>.md",
-              file=sys.stderr)
+        print(
+            f"usage: python -m cloformer_deploy.pipeline.schema {{{','.join(SCHEMAS)}}} [--json] > docs/<name>.md",
+            file=sys.stderr,
+        )
         return 2
     sys.stdout.write(json.dumps(_schema(args[0]), indent=2, ensure_ascii=False) + "\n" if as_json else render(args[0]))
     return 0

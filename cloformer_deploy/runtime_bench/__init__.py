@@ -3,12 +3,18 @@
 ``bench`` and ``ablation`` take a :class:`BenchOptions` or its fields as keyword arguments; they are
 imported on first use, so that importing the package imports no runtime.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
 
-_WHERE = {"bench": "harness", "BenchResult": "harness", "ablation": "ablation", "BenchOptions": "options",
-          "BenchInputError": "options"}
+_WHERE = {
+    "bench": "harness",
+    "BenchResult": "harness",
+    "ablation": "ablation",
+    "BenchOptions": "options",
+    "BenchInputError": "options",
+}
 
 
 def __getattr__(name: str):

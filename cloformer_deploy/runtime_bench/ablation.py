@@ -1,4 +1,5 @@
 """What each deploy rewrite buys: the deploy form built step by step, each prefix exported and timed in one run."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,16 @@ def ablation(options: BenchOptions | str | None = None, /, *, progress: Progress
             raise BenchInputError("--ablation times on this machine; drop --target and its options")
         writable_folder("--out", opts.out)
         check_fits(opts.model, opts.img_size, 1, what=f"--img-size {opts.img_size[0]}x{opts.img_size[1]}")
-        return _ablation(opts.model, opts.weights, opts.img_size, opts.threads[0], opts.runs, opts.warmup,
-                         Path(opts.out), progress or Progress(quiet=True))
+        return _ablation(
+            opts.model,
+            opts.weights,
+            opts.img_size,
+            opts.threads[0],
+            opts.runs,
+            opts.warmup,
+            Path(opts.out),
+            progress or Progress(quiet=True),
+        )
 
 
 def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: Progress) -> dict:
@@ -60,7 +69,8 @@ def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: 
         reference = authors(torch.from_numpy(images.tensor)).numpy()
     names = list(DEFAULT_STEPS)
     stages = [("authors' form", authors)] + [
-        (f"+ {n}", to_deploy(authors, size, steps=names[: i + 1])) for i, n in enumerate(names)]
+        (f"+ {n}", to_deploy(authors, size, steps=names[: i + 1])) for i, n in enumerate(names)
+    ]
     # what each runtime's fp32 export really takes: the default form, or the default plus format-only steps
     shipped = {}
     for fmt, rt in RUNTIMES:
@@ -86,8 +96,9 @@ def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: 
                     fact["kernels_outside"] = info["non_delegated_kernels"]
                 else:
                     fact["onnx_nodes"] = info["nodes"]
-                combos.append(Combo(variant.name, label, rt, "fp32", threads, str(path),
-                                    round(size_bytes(path) / 1e6, 2)))
+                combos.append(
+                    Combo(variant.name, label, rt, "fp32", threads, str(path), round(size_bytes(path) / 1e6, 2))
+                )
             facts.append(fact)
         _measure(combos, work, variant, authors.num_classes, size, images, runs, warmup, 900.0, progress)
     finally:
@@ -106,9 +117,15 @@ def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: 
             row[f"{key}_max_abs"] = compare(c.outputs, reference)["max_abs"] if c.outputs is not None else None
             row[f"{key}_error"] = c.error
         rows.append(row)
-    result = {"model": variant.name, "input_size": list(size), "threads": threads, "runs": runs,
-              "machine": machine_info([threads]), "rows": rows,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = {
+        "model": variant.name,
+        "input_size": list(size),
+        "threads": threads,
+        "runs": runs,
+        "machine": machine_info([threads]),
+        "rows": rows,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{variant.name}-{size[0]}x{size[1]}-ablation"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -120,7 +137,7 @@ def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: 
 def form_label(names: list[str], steps: list[str], extra: list[str]) -> str:
     """The ablation row of a deploy form: a prefix of the default steps is its last step's row."""
     steps = list(steps)
-    if steps == names[:len(steps)] and not extra:
+    if steps == names[: len(steps)] and not extra:
         return f"+ {steps[-1]}" if steps else "authors' form"
     base = "" if steps == names else "default without " + ", ".join(n for n in names if n not in steps) + " "
     return f"{base}+ " + " + ".join(extra) if extra else base.strip()
@@ -128,24 +145,37 @@ def form_label(names: list[str], steps: list[str], extra: list[str]) -> str:
 
 def ablation_markdown(result: dict) -> str:
     base = result["rows"][0]
-    lines = [f"# What each deploy rewrite buys: {result['model']} at {result['input_size'][0]}x{result['input_size'][1]}",
-             "", f"{result['created']}, {result['machine']['cpu']}, {result['threads']} thread, median of "
-             f"{result['runs']} interleaved runs. Each row adds one rewrite step to the row above; the first is "
-             "a naive export of the authors' form. Speed-up is against that first row, measured in the same run. "
-             "Rows after the last default step are format-only steps, added to the default form; "
-             "'shipped by' names the runtime whose fp32 export takes that row's form.",
-             "", "| stage | ONNX Runtime ms | speed-up | XNNPACK ms | speed-up | XNNPACK partitions | kernels outside "
-             "| ONNX nodes | max abs vs authors | shipped by |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# What each deploy rewrite buys: {result['model']} at {result['input_size'][0]}x{result['input_size'][1]}",
+        "",
+        f"{result['created']}, {result['machine']['cpu']}, {result['threads']} thread, median of "
+        f"{result['runs']} interleaved runs. Each row adds one rewrite step to the row above; the first is "
+        "a naive export of the authors' form. Speed-up is against that first row, measured in the same run. "
+        "Rows after the last default step are format-only steps, added to the default form; "
+        "'shipped by' names the runtime whose fp32 export takes that row's form.",
+        "",
+        "| stage | ONNX Runtime ms | speed-up | XNNPACK ms | speed-up | XNNPACK partitions | kernels outside "
+        "| ONNX nodes | max abs vs authors | shipped by |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
+
         def sp(key, r=r):
             a, b = base.get(key), r.get(key)
             return f"{a / b:.2f}x" if a and b else "-"
+
         shipped = ", ".join(NAMES.get(rt, rt) for rt in r.get("shipped_by", [])) or "-"
-        drift = max(v for v in (r.get("ort_max_abs"), r.get("xnnpack_max_abs")) if v is not None) \
-            if r.get("ort_max_abs") is not None or r.get("xnnpack_max_abs") is not None else None
-        lines.append(f"| {r['stage']} | {r.get('ort_median_ms') or '-'} | {sp('ort_median_ms')} | "
-                     f"{r.get('xnnpack_median_ms') or '-'} | {sp('xnnpack_median_ms')} | {r['partitions']} | "
-                     f"{r['kernels_outside']} | {r['onnx_nodes']} | {drift:.1e} | {shipped} |" if drift is not None else
-                     f"| {r['stage']} | - | - | - | - | {r['partitions']} | {r['kernels_outside']} | {r['onnx_nodes']} | - "
-                     f"| {shipped} |")
+        drift = (
+            max(v for v in (r.get("ort_max_abs"), r.get("xnnpack_max_abs")) if v is not None)
+            if r.get("ort_max_abs") is not None or r.get("xnnpack_max_abs") is not None
+            else None
+        )
+        lines.append(
+            f"| {r['stage']} | {r.get('ort_median_ms') or '-'} | {sp('ort_median_ms')} | "
+            f"{r.get('xnnpack_median_ms') or '-'} | {sp('xnnpack_median_ms')} | {r['partitions']} | "
+            f"{r['kernels_outside']} | {r['onnx_nodes']} | {drift:.1e} | {shipped} |"
+            if drift is not None
+            else f"| {r['stage']} | - | - | - | - | {r['partitions']} | {r['kernels_outside']} | {r['onnx_nodes']} | - "
+            f"| {shipped} |"
+        )
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ Every runtime runs in its own process (its own thread pool and memory accounting
 The processes stay loaded and are timed in turns, a slice of runs each per round, so
 that a noisy neighbour affects all rows alike; medians and p90 come from all rounds.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,12 +105,21 @@ def _labelled(images: ImageBatch, data: str | Path | None) -> list[int] | None:
 def _accuracy(outputs: np.ndarray, labels: list[int]) -> dict:
     y = np.asarray(labels[: len(outputs)])
     top5 = np.argsort(-outputs, axis=1)[:, :5]
-    return {"top1": float((top5[:, 0] == y).mean()), "top5": float((top5 == y[:, None]).any(1).mean()),
-            "images": int(len(y))}
+    return {
+        "top1": float((top5[:, 0] == y).mean()),
+        "top5": float((top5 == y[:, None]).any(1).mean()),
+        "images": int(len(y)),
+    }
 
 
-def bench(options: BenchOptions | str | None = None, /, *, progress: Progress | None = None,
-          argv: list[str] | None = None, **kwargs) -> BenchResult:
+def bench(
+    options: BenchOptions | str | None = None,
+    /,
+    *,
+    progress: Progress | None = None,
+    argv: list[str] | None = None,
+    **kwargs,
+) -> BenchResult:
     """Time every runtime (own process each) on the deploy form, optionally beside the authors' form.
 
     Takes a :class:`BenchOptions` or its fields as keyword arguments (``bench(model="cloformer-xxs",
@@ -131,8 +141,9 @@ def bench(options: BenchOptions | str | None = None, /, *, progress: Progress | 
         progress = progress or Progress(quiet=True)
         if opts.ablation:
             raise BenchInputError("--ablation is a run of its own: call ablation() with these options")
-        runtimes = opts.formats + [r for r in RUNTIMES if opts.portable and "portable" in bench_runtime_aliases(r)
-                                   and r not in opts.formats]
+        runtimes = opts.formats + [
+            r for r in RUNTIMES if opts.portable and "portable" in bench_runtime_aliases(r) and r not in opts.formats
+        ]
         runtimes = [r for r in RUNTIMES if r in runtimes]
         writable_folder("--out", opts.out)
         size, model = opts.img_size, opts.model
@@ -142,17 +153,21 @@ def bench(options: BenchOptions | str | None = None, /, *, progress: Progress | 
             if opts.was_given("model") and model != m["name"]:
                 raise BenchInputError(f"--bundle holds {m['name']}, not {model}; drop --model or pass another bundle")
             if opts.was_given("img_size") and size != tuple(m["input_size"]):
-                raise BenchInputError(f"--bundle is for {m['input_size'][0]}x{m['input_size'][1]} images, "
-                                      f"not {size[0]}x{size[1]}; drop --img-size or pass another bundle")
+                raise BenchInputError(
+                    f"--bundle is for {m['input_size'][0]}x{m['input_size'][1]} images, "
+                    f"not {size[0]}x{size[1]}; drop --img-size or pass another bundle"
+                )
             size, model = tuple(m["input_size"]), m["name"]
         peer_list = resolve_peers(opts.baselines, opts.peers, model)
         if peer_list and not set(runtimes) & set(PEER_RUNTIMES):
-            raise BenchInputError(f"--baselines/--peers are timed on {' and '.join(PEER_RUNTIMES)}; add one of "
-                                  "them to --formats")
+            raise BenchInputError(
+                f"--baselines/--peers are timed on {' and '.join(PEER_RUNTIMES)}; add one of them to --formats"
+            )
         if opts.profile and not any(profiler_of(r) for r in runtimes):
             names = [r for r in RUNTIMES if profiler_of(r)]
-            raise BenchInputError(f"--profile reads the profilers of {' and '.join(names)}; add one of them "
-                                  "to --formats")
+            raise BenchInputError(
+                f"--profile reads the profilers of {' and '.join(names)}; add one of them to --formats"
+            )
         check_fits(model, size, 1, what=f"--img-size {size[0]}x{size[1]}")
         prepared = opened.prepared if opts.bundle is not None else prepare_model(model, opts.weights, None)
         remote = opts.open_target()
@@ -160,8 +175,7 @@ def bench(options: BenchOptions | str | None = None, /, *, progress: Progress | 
             remote = None
         elif not any(remote.can_run(BACKENDS[FORMAT_OF[r]]) for r in runtimes if r in FORMAT_OF):
             there = [r for r in RUNTIMES if r in FORMAT_OF and remote.can_run(BACKENDS[FORMAT_OF[r]])]
-            raise BenchInputError(f"--target {opts.target}: none of --formats runs there; add "
-                                  f"{' or '.join(there)}")
+            raise BenchInputError(f"--target {opts.target}: none of --formats runs there; add {' or '.join(there)}")
         try:
             return _bench(opts, prepared, runtimes, size, peer_list, remote, progress, argv)
         finally:
@@ -169,8 +183,9 @@ def bench(options: BenchOptions | str | None = None, /, *, progress: Progress | 
                 remote.close()
 
 
-def _bench(opts: BenchOptions, prepared, runtimes, size, peer_list, remote: Target | None, progress: Progress,
-           argv) -> BenchResult:
+def _bench(
+    opts: BenchOptions, prepared, runtimes, size, peer_list, remote: Target | None, progress: Progress, argv
+) -> BenchResult:
     threads, runs, warmup, data, bundle = opts.threads, opts.runs, opts.warmup, opts.data, opts.bundle
     compare_authors, timeout, precisions, profile = opts.compare_authors, opts.timeout, opts.precisions, opts.profile
     cooldown, out = opts.cooldown, Path(opts.out)
@@ -188,14 +203,17 @@ def _bench(opts: BenchOptions, prepared, runtimes, size, peer_list, remote: Targ
         with progress.stage("machine (matmul peak per thread count)"):
             machine = machine_info(threads)
         prof = profile_model(variant.name, size, authors.num_classes)
-        artifacts = _artifacts(variant.name, work, size, authors, runtimes, compare_authors, bundle,
-                               progress, list(precisions), data)
+        artifacts = _artifacts(
+            variant.name, work, size, authors, runtimes, compare_authors, bundle, progress, list(precisions), data
+        )
         forms = ["deploy", "authors"] if compare_authors else ["deploy"]
         for form in forms:
             for rt in runtimes:
                 if rt == EAGER:
-                    combos += [Combo(variant.name, form, rt, "fp32", t,
-                                     size_mb=size_bytes(work / "weights.pth") / 1e6) for t in threads]
+                    combos += [
+                        Combo(variant.name, form, rt, "fp32", t, size_mb=size_bytes(work / "weights.pth") / 1e6)
+                        for t in threads
+                    ]
                     continue
                 for (f, r, _), art in artifacts.items():
                     if (f, r) == (form, rt):
@@ -203,10 +221,12 @@ def _bench(opts: BenchOptions, prepared, runtimes, size, peer_list, remote: Targ
         for c in combos:
             c.extra = {"params": prof.params, "macs": prof.macs, **c.extra}
         references = {variant.name: reference}
-        combos += _peer_combos(peer_list, runtimes, threads, work, size, images, authors.num_classes,
-                               references, progress)
-        thermal = _measure(combos, work, variant, authors.num_classes, size, images, runs, warmup, timeout, progress,
-                           cooldown)
+        combos += _peer_combos(
+            peer_list, runtimes, threads, work, size, images, authors.num_classes, references, progress
+        )
+        thermal = _measure(
+            combos, work, variant, authors.num_classes, size, images, runs, warmup, timeout, progress, cooldown
+        )
         rows = [_row(c, references.get(c.model), machine, labels) for c in combos]
         _versus_local(combos, rows)
         profiles = _profiles(combos, images, threads[0], min(runs, 20), progress) if profile else None
@@ -216,15 +236,29 @@ def _bench(opts: BenchOptions, prepared, runtimes, size, peer_list, remote: Targ
                 c.worker.close()
         shutil.rmtree(work, ignore_errors=True)
     results = {
-        "schema_version": RESULTS_SCHEMA_VERSION, "machine": machine, "versions": versions(),
-        "config": {"model": variant.name, "input_size": list(size), "threads": threads, "runs": runs,
-                   "warmup": warmup, "cooldown_s": cooldown, "weights_sha256": weights_sha, "random_init": prepared.random_init,
-                   "images": len(images), "data": str(data) if data else "scikit-image bundled photographs",
-                   "macs": prof.macs, "params": prof.params, "compare_authors": compare_authors,
-                   "peers": [p.name for p in peer_list]},
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "machine": machine,
+        "versions": versions(),
+        "config": {
+            "model": variant.name,
+            "input_size": list(size),
+            "threads": threads,
+            "runs": runs,
+            "warmup": warmup,
+            "cooldown_s": cooldown,
+            "weights_sha256": weights_sha,
+            "random_init": prepared.random_init,
+            "images": len(images),
+            "data": str(data) if data else "scikit-image bundled photographs",
+            "macs": prof.macs,
+            "params": prof.params,
+            "compare_authors": compare_authors,
+            "peers": [p.name for p in peer_list],
+        },
         "targets": {"local": LOCAL.describe(), **({remote.name: remote.describe()} if remote else {})},
         "thermal": thermal,
-        "rows": rows, "command": argv if argv is not None else sys.argv,
+        "rows": rows,
+        "command": argv if argv is not None else sys.argv,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,9 +290,11 @@ def _profiles(combos, images: ImageBatch, threads: int, runs: int, progress: Pro
                 tables = f"profiling failed: {_one_line(e)}"
         parts.append(f"## {c.model}, {c.form} form, {c.runtime}, {c.precision}, {threads} thread(s)\n\n{tables}")
     profilers = "; ".join(f"{b.label}: {b.profiler}" for b in BACKENDS.values() if b.profiler)
-    head = (f"# Where the time goes: per-operator profiles\n\nEach artifact run {runs} times after warm-up, "
-            f"{threads} thread(s), batch 1, by the runtime's own profiler ({profilers}). Kinds are the runtime's "
-            "kernel names.\n")
+    head = (
+        f"# Where the time goes: per-operator profiles\n\nEach artifact run {runs} times after warm-up, "
+        f"{threads} thread(s), batch 1, by the runtime's own profiler ({profilers}). Kinds are the runtime's "
+        "kernel names.\n"
+    )
     return "\n\n".join([head, *parts]) + "\n"
 
 
@@ -272,8 +308,17 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _peer_combos(peer_list: list[Peer], runtimes, threads, work: Path, size, images: ImageBatch, num_classes,
-                 references: dict, progress: Progress) -> list[Combo]:
+def _peer_combos(
+    peer_list: list[Peer],
+    runtimes,
+    threads,
+    work: Path,
+    size,
+    images: ImageBatch,
+    num_classes,
+    references: dict,
+    progress: Progress,
+) -> list[Combo]:
     """Each peer exported (fp32) for ONNX Runtime and XNNPACK, with its own PyTorch output as the drift reference.
 
     A peer that fails to build, export or run becomes an error row; the others still run.
@@ -299,11 +344,22 @@ def _peer_combos(peer_list: list[Peer], runtimes, threads, work: Path, size, ima
                     prof = profile_model(peer.name, size, num_classes)
                     extra["params"], extra["macs"] = prof.params, prof.macs
                 with torch.no_grad():
-                    references[peer.name] = np.concatenate([module(x[j:j + 1]).numpy() for j in range(len(x))])
+                    references[peer.name] = np.concatenate([module(x[j : j + 1]).numpy() for j in range(len(x))])
             except Exception as e:  # a peer that cannot even be built is one error row per runtime
-                combos += [Combo(peer.name, "timm" if peer.source == "timm" else "deploy", rt, "fp32", t,
-                                 extra=extra, error=f"build failed: {_one_line(e)}", role="peer")
-                           for rt in chosen for t in threads]
+                combos += [
+                    Combo(
+                        peer.name,
+                        "timm" if peer.source == "timm" else "deploy",
+                        rt,
+                        "fp32",
+                        t,
+                        extra=extra,
+                        error=f"build failed: {_one_line(e)}",
+                        role="peer",
+                    )
+                    for rt in chosen
+                    for t in threads
+                ]
                 continue
             for rt in chosen:
                 backend = BACKENDS[FORMAT_OF[rt]]
@@ -316,21 +372,52 @@ def _peer_combos(peer_list: list[Peer], runtimes, threads, work: Path, size, ima
                         job = ExportJob(module, torch.from_numpy(images.tensor[:1]), spec, "fp32", options)
                         art = _art(path, {"precision": "fp32", **backend.export(job, path, lambda text: None)})
                     else:  # exactly as the benchmarked model: each format's own deploy form
-                        result = export(peer.name, format=[backend.name], img_size=size, num_classes=num_classes,
-                                        out=work / f"peer-{peer.name}", no_validate=True, precision="fp32")
+                        result = export(
+                            peer.name,
+                            format=[backend.name],
+                            img_size=size,
+                            num_classes=num_classes,
+                            out=work / f"peer-{peer.name}",
+                            no_validate=True,
+                            precision="fp32",
+                        )
                         entry = next(e for e in result.manifest["artifacts"] if e["format"] == backend.name)
                         art = _art(result.bundle / entry["path"], entry)
                 except Exception as e:
-                    combos += [Combo(peer.name, form, rt, "fp32", t, extra=extra,
-                                     error=f"export failed: {_one_line(e)}", role="peer") for t in threads]
+                    combos += [
+                        Combo(
+                            peer.name,
+                            form,
+                            rt,
+                            "fp32",
+                            t,
+                            extra=extra,
+                            error=f"export failed: {_one_line(e)}",
+                            role="peer",
+                        )
+                        for t in threads
+                    ]
                     continue
-                combos += [Combo(peer.name, form, rt, "fp32", t, art["path"], art["size_mb"],
-                                 {**extra, **art["extra"]}, role="peer") for t in threads]
+                combos += [
+                    Combo(
+                        peer.name,
+                        form,
+                        rt,
+                        "fp32",
+                        t,
+                        art["path"],
+                        art["size_mb"],
+                        {**extra, **art["extra"]},
+                        role="peer",
+                    )
+                    for t in threads
+                ]
     return combos
 
 
-def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundle, progress,
-               precisions: list[str], data) -> dict:
+def _artifacts(
+    name, work: Path, size, authors, runtimes, compare_authors, bundle, progress, precisions: list[str], data
+) -> dict:
     """(form, runtime, precision) -> {path, precision, size_mb, extra}: exported now, or taken from --bundle."""
     out: dict = {}
     # formats whose own artifacts (the bundle's) some chosen runtime runs; other runtimes export their own below
@@ -344,14 +431,29 @@ def _artifacts(name, work: Path, size, authors, runtimes, compare_authors, bundl
         ckpt = work / "weights.pth"
         for prec in precisions:
             # a format whose default precision is this one was exported with "default" already
-            fmts = [f for f in formats if prec == "default" or (prec in BACKENDS[f].precisions and not (
-                "default" in precisions and BACKENDS[f].default_precision == prec))]
+            fmts = [
+                f
+                for f in formats
+                if prec == "default"
+                or (
+                    prec in BACKENDS[f].precisions
+                    and not ("default" in precisions and BACKENDS[f].default_precision == prec)
+                )
+            ]
             if not fmts:
                 continue
             with progress.stage(f"export deploy form ({', '.join(fmts)}; {prec} precision)"):
-                result = export(name, weights=ckpt, format=fmts, img_size=size, num_classes=authors.num_classes,
-                                out=work / f"export-{prec}", no_validate=True, data=data,
-                                **({} if prec == "default" else {"precision": prec}))
+                result = export(
+                    name,
+                    weights=ckpt,
+                    format=fmts,
+                    img_size=size,
+                    num_classes=authors.num_classes,
+                    out=work / f"export-{prec}",
+                    no_validate=True,
+                    data=data,
+                    **({} if prec == "default" else {"precision": prec}),
+                )
             entries += [(result.bundle, e) for e in result.manifest["artifacts"]]
     for root, e in entries:
         rt = RUNTIME_OF_FORMAT[e["format"]]
@@ -394,19 +496,49 @@ def _artifact_combos(model: str, form: str, rt: str, art: dict, threads, remote:
         counts = threads if timed and backend.uses_threads else [None]
         error = where.missing(backend) if where is not None else None
         for way in backend.row_variants(on.platform):
-            out += [Combo(model, form, rt, art["precision"], t, art["path"], art["size_mb"], art["extra"],
-                          target=where, variant=way, timed=timed, error=error) for t in counts]
+            out += [
+                Combo(
+                    model,
+                    form,
+                    rt,
+                    art["precision"],
+                    t,
+                    art["path"],
+                    art["size_mb"],
+                    art["extra"],
+                    target=where,
+                    variant=way,
+                    timed=timed,
+                    error=error,
+                )
+                for t in counts
+            ]
     return out
 
 
 def _art(path: Path, entry: dict) -> dict:
     keys = ("partitions", "non_delegated_kernels", "non_delegated_ops", "nodes", "op_types", "ops")
-    return {"path": str(path), "precision": entry["precision"], "size_mb": round(size_bytes(path) / 1e6, 3),
-            "extra": {k: entry[k] for k in keys if k in entry}}
+    return {
+        "path": str(path),
+        "precision": entry["precision"],
+        "size_mb": round(size_bytes(path) / 1e6, 3),
+        "extra": {k: entry[k] for k in keys if k in entry},
+    }
 
 
-def _measure(combos, work: Path, variant, num_classes, size, images: ImageBatch, runs, warmup, timeout,
-             progress, cooldown: float = 0.0) -> dict:
+def _measure(
+    combos,
+    work: Path,
+    variant,
+    num_classes,
+    size,
+    images: ImageBatch,
+    runs,
+    warmup,
+    timeout,
+    progress,
+    cooldown: float = 0.0,
+) -> dict:
     """Load, time (interleaved rounds) and read outputs, one thread count at a time: every row of a thread
     count shares its rounds, and only those processes (120-770 MB each) are loaded at once. A device's rows
     share the rounds of this machine's at the same thread count. Rows of a target that measures no latency
@@ -414,8 +546,14 @@ def _measure(combos, work: Path, variant, num_classes, size, images: ImageBatch,
 
     Returns the thermal zones' temperatures per target before and after each thread count's rounds.
     """
-    eager = {"model": variant.name, "family": variant.family, "architecture": dataclasses.asdict(variant.config),
-             "num_classes": num_classes, "input_size": list(size), "weights": str(work / "weights.pth")}
+    eager = {
+        "model": variant.name,
+        "family": variant.family,
+        "architecture": dataclasses.asdict(variant.config),
+        "num_classes": num_classes,
+        "input_size": list(size),
+        "weights": str(work / "weights.pth"),
+    }
     spec = _bare_spec(variant.name, num_classes, size).to_dict()
     done: dict = {}  # one artifact's outputs do not depend on its thread count: run them once
     groups: dict = {}
@@ -442,8 +580,9 @@ def _measure(combos, work: Path, variant, num_classes, size, images: ImageBatch,
         _time(group, runs, warmup, progress, what, cooldown)
         after = _thermal(group)
         for name in before:
-            thermal.setdefault(name, []).append({"threads": threads, "before_c": before[name],
-                                                 "after_c": after.get(name)})
+            thermal.setdefault(name, []).append(
+                {"threads": threads, "before_c": before[name], "after_c": after.get(name)}
+            )
         _outputs(group, images, done, progress, what)
     return thermal
 
@@ -468,12 +607,18 @@ def _open_message(c: Combo, eager: dict, spec: dict) -> dict:
     if c.runtime == EAGER:
         return {"cmd": "open", "format": "eager", "threads": c.threads or 1, "eager": {**eager, "form": c.form}}
     where = c.target or LOCAL
-    return {"cmd": "open", "format": FORMAT_OF[c.runtime], "path": where.ship(c.path),
-            "spec": {**spec, "name": c.model}, "info": c.variant, "threads": c.threads or 1}
+    return {
+        "cmd": "open",
+        "format": FORMAT_OF[c.runtime],
+        "path": where.ship(c.path),
+        "spec": {**spec, "name": c.model},
+        "info": c.variant,
+        "threads": c.threads or 1,
+    }
 
 
 def _run(worker: WorkerProcess, images: ImageBatch, i: int) -> dict:
-    return worker.run_batch(images.names[i:i + 1], images.images[i:i + 1], images.tensor[i:i + 1])
+    return worker.run_batch(images.names[i : i + 1], images.images[i : i + 1], images.tensor[i : i + 1])
 
 
 def _load_workers(group, eager, spec, images: ImageBatch, timeout, progress, what) -> None:
@@ -501,8 +646,9 @@ def _time(group, runs, warmup, progress, what, cooldown: float = 0.0) -> None:
     if not timed:
         return
     rounds = max(1, min(5, runs))
-    with progress.stage(f"{what}: time {len(timed)} rows: {warmup} warm-up + {runs} runs each, "
-                        f"in {rounds} interleaved rounds") as stage:
+    with progress.stage(
+        f"{what}: time {len(timed)} rows: {warmup} warm-up + {runs} runs each, in {rounds} interleaved rounds"
+    ) as stage:
         for r in range(rounds):
             stage.update(f"round {r + 1}/{rounds}")
             for c in timed:
@@ -534,8 +680,15 @@ def _outputs(group, images: ImageBatch, done: dict, progress, what) -> None:
             if c.worker is None:
                 continue
             # a compute unit is its own way of computing (the Neural Engine's fp16 is not the CPU's)
-            key = (c.model, c.form, c.runtime, c.precision, c.path, c.target.name if c.target else "local",
-                   tuple(sorted(c.variant.items())))
+            key = (
+                c.model,
+                c.form,
+                c.runtime,
+                c.precision,
+                c.path,
+                c.target.name if c.target else "local",
+                tuple(sorted(c.variant.items())),
+            )
             try:
                 if key not in done:
                     outs = []
@@ -554,6 +707,7 @@ def _outputs(group, images: ImageBatch, done: dict, progress, what) -> None:
 
 def _versus_local(combos: list[Combo], rows: list[dict]) -> None:
     """A target's row gets its outputs' difference from this machine's run of the same artifact."""
+
     def key(c):
         return c.model, c.form, c.runtime, c.precision, c.path, tuple(sorted(c.variant.items()))
 
@@ -568,8 +722,12 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
     gflops = eff = None
     if c.times:
         t = np.asarray(c.times)
-        lat = {"median": round(float(np.median(t)), 3), "p90": round(float(np.percentile(t, 90)), 3),
-               "min": round(float(t.min()), 3), "runs": int(len(t))}
+        lat = {
+            "median": round(float(np.median(t)), 3),
+            "p90": round(float(np.percentile(t, 90)), 3),
+            "min": round(float(t.min()), 3),
+            "runs": int(len(t)),
+        }
     if c.times and c.extra.get("macs"):
         gflops = round(2 * c.extra["macs"] / (lat["median"] / 1e3) / 1e9, 2)
         # the peak is this machine's: a device's row has no efficiency against it
@@ -588,8 +746,10 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
     on = c.target or LOCAL
     if not c.timed and on.measures_latency and c.runtime in FORMAT_OF:
         backend = BACKENDS[FORMAT_OF[c.runtime]]
-        note = (f"latency not measurable on {on.platform}: {backend.runtime} runs on "
-                f"{', '.join(backend.platforms)}; drift by its reference interpreter")
+        note = (
+            f"latency not measurable on {on.platform}: {backend.runtime} runs on "
+            f"{', '.join(backend.platforms)}; drift by its reference interpreter"
+        )
     if c.target is not None and not c.target.measures_latency:
         note = f"{c.target.name} is emulated: the drift of its kernels, no latency"
         lat = gflops = eff = None
@@ -597,13 +757,28 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
     keys = ("partitions", "non_delegated_kernels", "non_delegated_ops", "nodes", "op_types", "ops")
     delegation = {k: c.extra[k] for k in keys if k in c.extra}
     placement = c.described.get("placement")
-    return {"model": c.model, "role": c.role, "target": c.target.name if c.target else "local", "form": c.form,
-            "runtime": c.runtime, "precision": c.precision,
-            **({"compute_units": c.variant["compute_units"]} if c.variant.get("compute_units") else {}),
-            **({"placement": placement} if placement else {}),
-            "threads": c.threads, "params": c.extra.get("params"), "macs": c.extra.get("macs"),
-            **({"source": c.extra["source"], "published": c.extra.get("published")} if c.role == "peer" else {}),
-            "latency_ms": lat, "load_ms": round(c.load_ms, 1) if c.load_ms is not None else None,
-            "peak_rss_mb": c.peak_rss_mb, "size_mb": c.size_mb, "drift": drift, "accuracy": accuracy,
-            "gflops_per_s": gflops, "efficiency": eff, **({"delegation": delegation} if delegation else {}),
-            "note": note, "error": c.error}
+    return {
+        "model": c.model,
+        "role": c.role,
+        "target": c.target.name if c.target else "local",
+        "form": c.form,
+        "runtime": c.runtime,
+        "precision": c.precision,
+        **({"compute_units": c.variant["compute_units"]} if c.variant.get("compute_units") else {}),
+        **({"placement": placement} if placement else {}),
+        "threads": c.threads,
+        "params": c.extra.get("params"),
+        "macs": c.extra.get("macs"),
+        **({"source": c.extra["source"], "published": c.extra.get("published")} if c.role == "peer" else {}),
+        "latency_ms": lat,
+        "load_ms": round(c.load_ms, 1) if c.load_ms is not None else None,
+        "peak_rss_mb": c.peak_rss_mb,
+        "size_mb": c.size_mb,
+        "drift": drift,
+        "accuracy": accuracy,
+        "gflops_per_s": gflops,
+        "efficiency": eff,
+        **({"delegation": delegation} if delegation else {}),
+        "note": note,
+        "error": c.error,
+    }

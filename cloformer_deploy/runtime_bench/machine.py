@@ -1,4 +1,5 @@
 """The machine a benchmark ran on, with its measured fp32 matmul throughput per thread count."""
+
 from __future__ import annotations
 
 import json
@@ -59,14 +60,23 @@ def cpu_model() -> str:
 
 def matmul_probe(threads: int) -> dict[str, float]:
     """Best-of-7 fp32 1024x1024 GEMM throughput per library at this thread count, in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", _MATMUL_PROBE, str(threads)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    out = subprocess.run(
+        [sys.executable, "-c", _MATMUL_PROBE, str(threads)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
     return {k: round(v, 1) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
 def machine_info(thread_counts: list[int]) -> dict:
     probes = {str(t): matmul_probe(t) for t in thread_counts}
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(),
-            "matmul_gflops": {t: max(p.values()) for t, p in probes.items()},
-            "matmul_gflops_by_library": probes}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "matmul_gflops": {t: max(p.values()) for t, p in probes.items()},
+        "matmul_gflops_by_library": probes,
+    }

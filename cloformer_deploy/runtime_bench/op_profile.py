@@ -1,4 +1,5 @@
 """Where one inference's time goes: per-operator profiles, from each format's own profiler, as Markdown tables."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -22,13 +23,22 @@ def op_tables(ops: list[OpTime], top: int = 15) -> str:
         ms = sum(o.median_ms for o in members)
         lines.append(f"| {_cell(kind)} | {ms:.3f} | {share(ms)} | {len(members)} |")
     slowest = sorted(ops, key=lambda o: (-o.median_ms, o.name))[:top]
-    lines += ["", f"Slowest {len(slowest)} of {len(ops)} ops:", "",
-              "| op | kind | ms per run | share | calls per run |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {_cell(o.name)} | {_cell(o.kind)} | {o.median_ms:.3f} | {share(o.median_ms)} | {o.calls} |"
-              for o in slowest]
-    lines += ["", f"The op times add up to {total:.3f} ms per run (each op's median over the profiled runs). "
-                  f"Time the runtime spends between and around ops is in no row, so the end-to-end latency "
-                  f"is somewhat higher."]
+    lines += [
+        "",
+        f"Slowest {len(slowest)} of {len(ops)} ops:",
+        "",
+        "| op | kind | ms per run | share | calls per run |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {_cell(o.name)} | {_cell(o.kind)} | {o.median_ms:.3f} | {share(o.median_ms)} | {o.calls} |" for o in slowest
+    ]
+    lines += [
+        "",
+        f"The op times add up to {total:.3f} ms per run (each op's median over the profiled runs). "
+        f"Time the runtime spends between and around ops is in no row, so the end-to-end latency "
+        f"is somewhat higher.",
+    ]
     return "\n".join(lines) + "\n"
 
 

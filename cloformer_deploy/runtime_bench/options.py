@@ -1,4 +1,5 @@
 """The options of ``cloformer-bench`` / :func:`~cloformer_deploy.runtime_bench.bench`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,29 +39,48 @@ def check_runtimes(flag: str, value) -> list[str]:
 @dataclass
 class BenchOptions(ModelChoice):
     formats: object = option("all", f"all, or a comma list of runtimes: {', '.join(RUNTIMES)}", check=check_runtimes)
-    threads: object = option("1,2", "thread counts, comma separated (default 1,2)",
-                             check=lambda flag, v: thread_counts(flag, v))
-    precisions: object = option("default", "comma list: default (each format's), fp32, fp16, int8, w4 (default: "
-                                           "default)", check=check_precisions)
+    threads: object = option(
+        "1,2", "thread counts, comma separated (default 1,2)", check=lambda flag, v: thread_counts(flag, v)
+    )
+    precisions: object = option(
+        "default",
+        "comma list: default (each format's), fp32, fp16, int8, w4 (default: default)",
+        check=check_precisions,
+    )
     runs: int = option(50, "timed runs per row (default 50)", check=lambda flag, v: whole_number(flag, v, 1, MAX_RUNS))
-    warmup: int = option(10, "untimed runs first (default 10)",
-                         check=lambda flag, v: whole_number(flag, v, 0, MAX_WARMUP))
+    warmup: int = option(
+        10, "untimed runs first (default 10)", check=lambda flag, v: whole_number(flag, v, 0, MAX_WARMUP)
+    )
     compare_authors: bool = option(False, "also run a naive export of the authors' form in the same runtimes")
-    baselines: bool = option(False, "also time, in the same rounds, 8 mobile backbones from timm (MobileNetV3/V4, "
-                                    "EfficientFormerV2, FastViT, RepViT, MobileOne, EfficientViT, MobileViTv2) and "
-                                    "the other CloFormer/FAT sizes; writes peers.md and pareto.png")
+    baselines: bool = option(
+        False,
+        "also time, in the same rounds, 8 mobile backbones from timm (MobileNetV3/V4, "
+        "EfficientFormerV2, FastViT, RepViT, MobileOne, EfficientViT, MobileViTv2) and "
+        "the other CloFormer/FAT sizes; writes peers.md and pareto.png",
+    )
     peers: str | None = option(None, "comma list of timm model names (or of this project's models) to time beside it")
     portable: bool = option(False, "also run ExecuTorch's portable kernels (slow)")
-    profile: bool = option(False, "also write profile.md: time per operator and per operator kind, by each "
-                                  "runtime's own profiler")
-    data: str | None = option(None, "image folder: drift on it; top-1/top-5 if it has one subfolder per class",
-                              check=check_data)
-    bundle: str | None = option(None, "use the artifacts of an existing export bundle instead of exporting (with "
-                                      "--weights of its checkpoint, as cloformer-validate)")
+    profile: bool = option(
+        False, "also write profile.md: time per operator and per operator kind, by each runtime's own profiler"
+    )
+    data: str | None = option(
+        None, "image folder: drift on it; top-1/top-5 if it has one subfolder per class", check=check_data
+    )
+    bundle: str | None = option(
+        None,
+        "use the artifacts of an existing export bundle instead of exporting (with "
+        "--weights of its checkpoint, as cloformer-validate)",
+    )
     out: str = option("runtime_bench", "output folder (default runtime_bench/)")
     ablation: bool = option(False, "instead: time the deploy form step by step (the first thread count)")
-    cooldown: float = option(0.0, "seconds of rest between timing rounds (a phone's clocks drop as it heats; "
-                                  "default 0)", check=lambda flag, v: seconds(flag, v))
-    timeout: float = option(900.0, "seconds a runtime process may take to load or answer", cli=False,
-                            check=lambda flag, v: seconds(flag, v, 86_400.0))
-
+    cooldown: float = option(
+        0.0,
+        "seconds of rest between timing rounds (a phone's clocks drop as it heats; default 0)",
+        check=lambda flag, v: seconds(flag, v),
+    )
+    timeout: float = option(
+        900.0,
+        "seconds a runtime process may take to load or answer",
+        cli=False,
+        check=lambda flag, v: seconds(flag, v, 86_400.0),
+    )

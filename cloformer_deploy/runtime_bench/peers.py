@@ -4,6 +4,7 @@ A peer is a timm model (random weights: latency does not depend on them) exporte
 backends as CloFormer, or another size of this project's own family, exported in its deploy form.
 Accuracy is never measured here: it comes from ``data/published_top1.json``, each number with its source.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,16 @@ from importlib import resources
 from ..inputs import InputError, comma_list
 
 # mobile backbones a user weighs against CloFormer; all export to ONNX and lower to XNNPACK on the pinned stack
-DEFAULT_PEERS = ("mobilenetv3_large_100", "mobilenetv4_conv_small", "efficientformerv2_s0", "fastvit_t8",
-                 "repvit_m0_9", "mobileone_s0", "efficientvit_b0", "mobilevitv2_050")
+DEFAULT_PEERS = (
+    "mobilenetv3_large_100",
+    "mobilenetv4_conv_small",
+    "efficientformerv2_s0",
+    "fastvit_t8",
+    "repvit_m0_9",
+    "mobileone_s0",
+    "efficientvit_b0",
+    "mobilevitv2_050",
+)
 # the project's own sizes shown beside the peers (the benchmarked model itself is left out of its own list)
 FAMILY = ("cloformer_xxs", "cloformer_xs", "cloformer_s", "fat_b0", "fat_b1")
 

@@ -2,6 +2,7 @@
 
 Accuracy here is always the *published* ImageNet-1k top-1 (with its source); latency is this run's.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,10 +32,21 @@ def summary(results: dict) -> list[dict]:
             continue
         if r["runtime"] not in PEER_RUNTIMES:
             continue
-        m = models.setdefault(r["model"], {
-            "model": r["model"], "subject": subject, "family": _family(r["model"], r.get("source")),
-            "params": r.get("params"), "macs": r.get("macs"), "partitions": None, "latency": {}, "gmacs_per_s": {},
-            "published": r.get("published") if not subject else _published(r["model"]), "errors": []})
+        m = models.setdefault(
+            r["model"],
+            {
+                "model": r["model"],
+                "subject": subject,
+                "family": _family(r["model"], r.get("source")),
+                "params": r.get("params"),
+                "macs": r.get("macs"),
+                "partitions": None,
+                "latency": {},
+                "gmacs_per_s": {},
+                "published": r.get("published") if not subject else _published(r["model"]),
+                "errors": [],
+            },
+        )
         if (r.get("delegation") or {}).get("partitions") is not None:  # a delegating runtime's row
             m["partitions"] = r["delegation"]["partitions"]
         key = (r["runtime"], r["threads"])
@@ -61,8 +73,11 @@ def _top1(m: dict) -> str:
     if not p:
         return "-"
     size = p.get("eval_size")
-    return (f"{p['top1']:.1f}" + (f" (at {size})" if size and size != 224 else "")
-            + (" distilled" if p.get("distilled") else ""))
+    return (
+        f"{p['top1']:.1f}"
+        + (f" (at {size})" if size and size != 224 else "")
+        + (" distilled" if p.get("distilled") else "")
+    )
 
 
 def markdown(results: dict) -> str:
@@ -74,17 +89,26 @@ def markdown(results: dict) -> str:
     cols += [f"{SHORT_RUNTIME[rt]} {t}t ms" for t in threads for rt in runtimes]
     cols += [f"{SHORT_RUNTIME[rt]} {threads[0]}t GMAC/s" for rt in runtimes]
     cols += ["published top-1 %", "source", "error"]
-    lines = [f"# {c['model']} beside its peers at {c['input_size'][0]}x{c['input_size'][1]}", "",
-             "Latency: median of this run, batch 1, fp32, the same interleaved rounds for every row (random weights: "
-             "latency does not depend on them). Params and MACs counted the same way for every model (PyTorch's "
-             "FLOP counter; timm models after `reparameterize_model`). **Top-1 is published, not measured here**: "
-             "the figure its authors or timm's results file give, with the source; figures at another eval size "
-             "say so.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = [
+        f"# {c['model']} beside its peers at {c['input_size'][0]}x{c['input_size'][1]}",
+        "",
+        "Latency: median of this run, batch 1, fp32, the same interleaved rounds for every row (random weights: "
+        "latency does not depend on them). Params and MACs counted the same way for every model (PyTorch's "
+        "FLOP counter; timm models after `reparameterize_model`). **Top-1 is published, not measured here**: "
+        "the figure its authors or timm's results file give, with the source; figures at another eval size "
+        "say so.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     for m in models:
         name = f"**{m['model']}**" if m["subject"] else m["model"]
-        cells = [name, fmt(m["params"] and m["params"] / 1e6, ".2f"), fmt(m["macs"] and m["macs"] / 1e9, ".3f"),
-                 fmt(m["partitions"])]
+        cells = [
+            name,
+            fmt(m["params"] and m["params"] / 1e6, ".2f"),
+            fmt(m["macs"] and m["macs"] / 1e9, ".3f"),
+            fmt(m["partitions"]),
+        ]
         cells += [fmt(m["latency"].get((rt, t)), ".2f") for t in threads for rt in runtimes]
         cells += [fmt(m["gmacs_per_s"].get((rt, threads[0])), ".1f") for rt in runtimes]
         p = m.get("published") or {}
@@ -108,12 +132,20 @@ def _verdicts(models: list[dict], runtimes: list[str], threads: int) -> list[str
         if mine is None:
             continue
         top1 = subject["published"]["top1"]
-        better = [m["model"] for m in models if not m["subject"] and m.get("published")
-                  and (lat := m["latency"].get((rt, threads))) is not None and lat < mine
-                  and m["published"]["top1"] > top1]
+        better = [
+            m["model"]
+            for m in models
+            if not m["subject"]
+            and m.get("published")
+            and (lat := m["latency"].get((rt, threads))) is not None
+            and lat < mine
+            and m["published"]["top1"] > top1
+        ]
         what = ", ".join(better) if better else "none"
-        out.append(f"- {SHORT_RUNTIME[rt]}, {threads} thread{'s' if threads != 1 else ''}: faster than "
-                   f"{subject['model']} ({mine:.2f} ms) *and* more accurate (published) than its {top1:.1f}%: {what}.")
+        out.append(
+            f"- {SHORT_RUNTIME[rt]}, {threads} thread{'s' if threads != 1 else ''}: faster than "
+            f"{subject['model']} ({mine:.2f} ms) *and* more accurate (published) than its {top1:.1f}%: {what}."
+        )
     return out
 
 
@@ -129,9 +161,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 # where a label may go, in points from its marker: beside it first, then further above and below
-_LABEL_SPOTS = [(5, 3, "left"), (5, -10, "left"), (-5, 3, "right"), (-5, -10, "right"), (5, 11, "left"),
-                (5, -18, "left"), (-5, 11, "right"), (-5, -18, "right"), (5, 19, "left"), (5, -26, "left"),
-                (-5, 19, "right"), (-5, -26, "right")]
+_LABEL_SPOTS = [
+    (5, 3, "left"),
+    (5, -10, "left"),
+    (-5, 3, "right"),
+    (-5, -10, "right"),
+    (5, 11, "left"),
+    (5, -18, "left"),
+    (-5, 11, "right"),
+    (-5, -18, "right"),
+    (5, 19, "left"),
+    (5, -26, "left"),
+    (-5, 19, "right"),
+    (-5, -26, "right"),
+]
 
 
 def _place_labels(fig, ax, labels: list[tuple[str, float, float, bool]]) -> None:
@@ -141,15 +184,25 @@ def _place_labels(fig, ax, labels: list[tuple[str, float, float, bool]]) -> None
 
     renderer = fig.canvas.get_renderer()
     # the markers are obstacles too: a label must not cover another model's point
-    placed = [Bbox.from_extents(px - 5, py - 5, px + 5, py + 5)
-              for px, py in (ax.transData.transform((x, y)) for _, x, y, _ in labels)]
+    placed = [
+        Bbox.from_extents(px - 5, py - 5, px + 5, py + 5)
+        for px, py in (ax.transData.transform((x, y)) for _, x, y, _ in labels)
+    ]
     for text, x, y, bold in labels:
         best = None
         for dx, dy, ha in _LABEL_SPOTS:
             far = abs(dy) > 10  # a label moved away gets a thin leader line to its marker
-            t = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=ha,
-                            fontweight="bold" if bold else "normal", color="black" if bold else "0.2",
-                            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5, "shrinkB": 4} if far else None)
+            t = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=7,
+                ha=ha,
+                fontweight="bold" if bold else "normal",
+                color="black" if bold else "0.2",
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5, "shrinkB": 4} if far else None,
+            )
             box = t.get_window_extent(renderer).expanded(1.1, 1.5)
             covered = sum(box.overlaps(other) for other in placed)
             if best is None or covered < best[0]:
@@ -172,8 +225,7 @@ def plot_pareto(path: Path, results: dict) -> Plot:
     c = results["config"]
     threads = c["threads"][0]
     models = summary(results)
-    runtimes = [rt for rt in PEER_RUNTIMES
-                if any(m.get("published") and (rt, threads) in m["latency"] for m in models)]
+    runtimes = [rt for rt in PEER_RUNTIMES if any(m.get("published") and (rt, threads) in m["latency"] for m in models)]
     left_out = []
     no_top1 = [m["model"] for m in models if not m.get("published")]
     if no_top1:
@@ -200,10 +252,20 @@ def plot_pareto(path: Path, results: dict) -> Plot:
         for i, (m, (x, y)) in enumerate(zip(shown, pts)):
             colour = FAMILY_COLOURS[m["family"]]
             on_front = i in front
-            ax.scatter(x, y, s=110 if m["subject"] else 45, color=colour, edgecolors="black" if on_front else colour,
-                       linewidths=1.2 if on_front else 0.5, zorder=3, marker="*" if m["subject"] else "o")
+            ax.scatter(
+                x,
+                y,
+                s=110 if m["subject"] else 45,
+                color=colour,
+                edgecolors="black" if on_front else colour,
+                linewidths=1.2 if on_front else 0.5,
+                zorder=3,
+                marker="*" if m["subject"] else "o",
+            )
             size = m["published"].get("eval_size")
-            label = m["model"] + ("†" if size and size != 224 else "") + ("‡" if m["published"].get("distilled") else "")
+            label = (
+                m["model"] + ("†" if size and size != 224 else "") + ("‡" if m["published"].get("distilled") else "")
+            )
             labels.append((label, x, y, m["subject"]))
             drawn.append((f"{m['model']} ({SHORT_RUNTIME[rt]})", float(x), float(y)))
         lat = [p[0] for p in pts]
@@ -216,24 +278,42 @@ def plot_pareto(path: Path, results: dict) -> Plot:
         _place_labels(fig, ax, labels)
         ax.grid(color="0.92")
         ax.set_axisbelow(True)
-        ax.set_xlabel(f"median latency, ms ({SHORT_RUNTIME[rt]} fp32, {threads} thread{'s' if threads != 1 else ''}, "
-                      f"batch 1, this machine){' (log scale)' if ax.get_xscale() == 'log' else ''}", fontsize=9)
+        ax.set_xlabel(
+            f"median latency, ms ({SHORT_RUNTIME[rt]} fp32, {threads} thread{'s' if threads != 1 else ''}, "
+            f"batch 1, this machine){' (log scale)' if ax.get_xscale() == 'log' else ''}",
+            fontsize=9,
+        )
         ax.set_ylabel("published ImageNet-1k top-1, % (not measured here)", fontsize=9)
         ax.set_title(f"{SHORT_RUNTIME[rt]}: upper left is better", fontsize=10)
-    handles = [Line2D([], [], linestyle="none", marker="o", color=FAMILY_COLOURS[f], label=n)
-               for f, n in (("cloformer", "CloFormer"), ("fat", "FAT"), ("timm", "timm peers"))]
-    handles += [Line2D([], [], linestyle="none", marker="*", markersize=10, color="0.4",
-                       label=f"{c['model']} (benchmarked)"),
-                Line2D([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
-                       label="on the Pareto front (black edge)"),
-                Line2D([], [], color="black", linestyle="--", linewidth=1, label="Pareto front")]
+    handles = [
+        Line2D([], [], linestyle="none", marker="o", color=FAMILY_COLOURS[f], label=n)
+        for f, n in (("cloformer", "CloFormer"), ("fat", "FAT"), ("timm", "timm peers"))
+    ]
+    handles += [
+        Line2D([], [], linestyle="none", marker="*", markersize=10, color="0.4", label=f"{c['model']} (benchmarked)"),
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            markerfacecolor="white",
+            markeredgecolor="black",
+            label="on the Pareto front (black edge)",
+        ),
+        Line2D([], [], color="black", linestyle="--", linewidth=1, label="Pareto front"),
+    ]
     axes[0][-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    notes = ["† published at 256x256 (timed here at "
-             f"{c['input_size'][0]}x{c['input_size'][1]}, as every model). ‡ trained with knowledge distillation "
-             "(CloFormer and FAT were not). Sources: peers.md."] + left_out
+    notes = [
+        "† published at 256x256 (timed here at "
+        f"{c['input_size'][0]}x{c['input_size'][1]}, as every model). ‡ trained with knowledge distillation "
+        "(CloFormer and FAT were not). Sources: peers.md."
+    ] + left_out
     note_below(axes[0][0], "\n".join(textwrap.fill(n, 120) for n in notes))
-    fig.suptitle(f"{c['model']} {c['input_size'][0]}x{c['input_size'][1]} beside its peers: published accuracy "
-                 "against measured latency", fontsize=11)
+    fig.suptitle(
+        f"{c['model']} {c['input_size'][0]}x{c['input_size'][1]} beside its peers: published accuracy "
+        "against measured latency",
+        fontsize=11,
+    )
     fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return Plot(path, drawn, left_out)

@@ -1,4 +1,5 @@
 """Benchmark results as JSON, CSV, a Markdown table, plots and a console table."""
+
 from __future__ import annotations
 
 import csv
@@ -10,9 +11,26 @@ from pathlib import Path
 from .report_parts import SHORT_RUNTIME, Plot, fmt, md_cell, ms_axis, nice_ceil, nice_floor, note_below
 from .runtimes import PEER_RUNTIMES
 
-COLUMNS = ["model", "form", "runtime", "precision", "threads", "median ms", "p90 ms", "min ms", "load ms",
-           "peak RSS MB", "size MB", "max abs", "cosine", "top-1 agr.", "GFLOP/s", "efficiency", "partitions",
-           "error"]
+COLUMNS = [
+    "model",
+    "form",
+    "runtime",
+    "precision",
+    "threads",
+    "median ms",
+    "p90 ms",
+    "min ms",
+    "load ms",
+    "peak RSS MB",
+    "size MB",
+    "max abs",
+    "cosine",
+    "top-1 agr.",
+    "GFLOP/s",
+    "efficiency",
+    "partitions",
+    "error",
+]
 CONSOLE_TEXT_WIDTH = 60  # the error/note column in the console table; files keep the whole text
 FORM_COLOURS = {"deploy": "tab:blue", "authors": "tab:orange"}
 FORM_NAMES = {"deploy": "deploy form", "authors": "authors' form"}
@@ -29,7 +47,7 @@ def shorten(text: str, width: int) -> str:
         cut = max(cut, max(head.rfind(c) for c in "/\\,;:") + 1)
     if cut <= 0:
         cut = width - 1
-    return text[:min(cut, width - 1)].rstrip(" ,;:") + "…"
+    return text[: min(cut, width - 1)].rstrip(" ,;:") + "…"
 
 
 def table_rows(rows: list[dict]) -> list[list[str]]:
@@ -37,14 +55,28 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     for r in rows:
         lat, d = r.get("latency_ms") or {}, r.get("drift") or {}
         deleg = r.get("delegation") or {}
-        out.append([
-            r["model"], fmt(r["form"]), _runtime_cell(r), r["precision"], fmt(r["threads"]),
-            fmt(lat.get("median"), ".2f"), fmt(lat.get("p90"), ".2f"), fmt(lat.get("min"), ".2f"),
-            fmt(r.get("load_ms"), ".0f"), fmt(r.get("peak_rss_mb"), ".0f"), fmt(r.get("size_mb"), ".1f"),
-            fmt(d.get("max_abs"), ".1e"), fmt(d.get("cosine"), ".6f"), fmt(d.get("top1_agreement"), ".0%"),
-            fmt(r.get("gflops_per_s"), ".1f"), fmt(r.get("efficiency"), ".0%"),
-            fmt(deleg.get("partitions")), r.get("error") or r.get("note") or "",
-        ])
+        out.append(
+            [
+                r["model"],
+                fmt(r["form"]),
+                _runtime_cell(r),
+                r["precision"],
+                fmt(r["threads"]),
+                fmt(lat.get("median"), ".2f"),
+                fmt(lat.get("p90"), ".2f"),
+                fmt(lat.get("min"), ".2f"),
+                fmt(r.get("load_ms"), ".0f"),
+                fmt(r.get("peak_rss_mb"), ".0f"),
+                fmt(r.get("size_mb"), ".1f"),
+                fmt(d.get("max_abs"), ".1e"),
+                fmt(d.get("cosine"), ".6f"),
+                fmt(d.get("top1_agreement"), ".0%"),
+                fmt(r.get("gflops_per_s"), ".1f"),
+                fmt(r.get("efficiency"), ".0%"),
+                fmt(deleg.get("partitions")),
+                r.get("error") or r.get("note") or "",
+            ]
+        )
     return out
 
 
@@ -60,30 +92,54 @@ def target_markdown(results: dict) -> list[str]:
     rows = [r for r in subject_rows(results) if r.get("target", "local") != "local"]
     if not rows:
         return []
-    local = {(r["form"], r["runtime"], r["precision"]): r for r in subject_rows(results)
-             if r.get("target", "local") == "local" and r.get("drift")}
-    timed_here = {(r["form"], r["runtime"], r["precision"], r["threads"]): r for r in subject_rows(results)
-                  if r.get("target", "local") == "local" and r.get("latency_ms")}
+    local = {
+        (r["form"], r["runtime"], r["precision"]): r
+        for r in subject_rows(results)
+        if r.get("target", "local") == "local" and r.get("drift")
+    }
+    timed_here = {
+        (r["form"], r["runtime"], r["precision"], r["threads"]): r
+        for r in subject_rows(results)
+        if r.get("target", "local") == "local" and r.get("latency_ms")
+    }
     out = []
     for name in dict.fromkeys(r["target"] for r in rows):
         about = results.get("targets", {}).get(name, {})
         if about.get("measures_latency"):
-            out += ["", f"## On {name}", "", f"{about.get('label', '')}. Timed in the same interleaved rounds as "
-                    "this machine's rows; drift is against PyTorch fp32 (authors' form), as above."]
+            out += [
+                "",
+                f"## On {name}",
+                "",
+                f"{about.get('label', '')}. Timed in the same interleaved rounds as "
+                "this machine's rows; drift is against PyTorch fp32 (authors' form), as above.",
+            ]
             thermal = (results.get("thermal") or {}).get(name, [])
             out += [""] if thermal else []
             for t in thermal:
-                out.append(f"- thermal zones, {t['threads']} thread(s): before "
-                           + ", ".join(f"{k} {v:.1f} C" for k, v in t["before_c"].items()) + "; after "
-                           + ", ".join(f"{k} {v:.1f} C" for k, v in (t["after_c"] or {}).items()))
-            out += ["", "| form | runtime | precision | threads | median ms here | median ms there | there / here "
-                    "| load ms there | max abs there | there vs here |", "|---|---|---|---|---|---|---|---|---|---|"]
+                out.append(
+                    f"- thermal zones, {t['threads']} thread(s): before "
+                    + ", ".join(f"{k} {v:.1f} C" for k, v in t["before_c"].items())
+                    + "; after "
+                    + ", ".join(f"{k} {v:.1f} C" for k, v in (t["after_c"] or {}).items())
+                )
+            out += [
+                "",
+                "| form | runtime | precision | threads | median ms here | median ms there | there / here "
+                "| load ms there | max abs there | there vs here |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
         else:
-            out += ["", f"## Drift on {name}", "",
-                    f"{about.get('cpu', '')}. Emulated by {about.get('emulator')}: figures are the numerics of that "
-                    "CPU's kernels, not a latency. Drift is against PyTorch fp32 (authors' form), as above.", "",
-                    "| form | runtime | precision | max abs here | max abs on target | cosine on target | top-1 agr. "
-                    "on target | target vs here |", "|---|---|---|---|---|---|---|---|"]
+            out += [
+                "",
+                f"## Drift on {name}",
+                "",
+                f"{about.get('cpu', '')}. Emulated by {about.get('emulator')}: figures are the numerics of that "
+                "CPU's kernels, not a latency. Drift is against PyTorch fp32 (authors' form), as above.",
+                "",
+                "| form | runtime | precision | max abs here | max abs on target | cosine on target | top-1 agr. "
+                "on target | target vs here |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
         for r in rows:
             if r["target"] != name:
                 continue
@@ -97,16 +153,22 @@ def target_markdown(results: dict) -> list[str]:
                 versus = "bit-exact" if vs["bit_exact"] else f"max abs {vs['max_abs']:.1e}, cosine {vs['cosine']:.6f}"
             if about.get("measures_latency"):
                 lat = (r.get("latency_ms") or {}).get("median")
-                mine = ((timed_here.get((r["form"], r["runtime"], r["precision"], r["threads"])) or {})
-                        .get("latency_ms") or {}).get("median")
+                mine = (
+                    (timed_here.get((r["form"], r["runtime"], r["precision"], r["threads"])) or {}).get("latency_ms")
+                    or {}
+                ).get("median")
                 runtime = r["runtime"] + (f" {r['compute_units']}" if r.get("compute_units") else "")
-                out.append(f"| {r['form']} | {runtime} | {r['precision']} | {r['threads'] or '-'} | {fmt(mine, '.2f')} | "
-                           f"{fmt(lat, '.2f')} | {fmt(lat / mine if lat and mine else None, '.3f')} | "
-                           f"{fmt(r.get('load_ms'), '.0f')} | {fmt(d.get('max_abs'), '.1e')} | {versus} |")
+                out.append(
+                    f"| {r['form']} | {runtime} | {r['precision']} | {r['threads'] or '-'} | {fmt(mine, '.2f')} | "
+                    f"{fmt(lat, '.2f')} | {fmt(lat / mine if lat and mine else None, '.3f')} | "
+                    f"{fmt(r.get('load_ms'), '.0f')} | {fmt(d.get('max_abs'), '.1e')} | {versus} |"
+                )
                 continue
-            out.append(f"| {r['form']} | {r['runtime']} | {r['precision']} | {fmt(here.get('max_abs'), '.1e')} | "
-                       f"{fmt(d.get('max_abs'), '.1e')} | {fmt(d.get('cosine'), '.6f')} | "
-                       f"{fmt(d.get('top1_agreement'), '.0%')} | {versus} |")
+            out.append(
+                f"| {r['form']} | {r['runtime']} | {r['precision']} | {fmt(here.get('max_abs'), '.1e')} | "
+                f"{fmt(d.get('max_abs'), '.1e')} | {fmt(d.get('cosine'), '.6f')} | "
+                f"{fmt(d.get('top1_agreement'), '.0%')} | {versus} |"
+            )
     return out
 
 
@@ -150,7 +212,9 @@ def speedups(rows: list[dict]) -> dict[str, float]:
     for (form, rt, prec, th), r in by.items():
         other = by.get(("authors", rt, prec, th))
         if form == "deploy" and other:
-            out[f"{rt} {prec} {th} thread{'s' if th != 1 else ''}"] = other["latency_ms"]["median"] / r["latency_ms"]["median"]
+            out[f"{rt} {prec} {th} thread{'s' if th != 1 else ''}"] = (
+                other["latency_ms"]["median"] / r["latency_ms"]["median"]
+            )
     return out
 
 
@@ -162,6 +226,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------- plots
+
 
 def _label(r: dict, threads: bool = True) -> str:
     s = f"{SHORT_RUNTIME.get(r['runtime'], r['runtime'])} {r['precision']}"
@@ -206,24 +271,36 @@ def plot_latency(path: Path, results: dict) -> Plot:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.62 * n), 4.6))
     med = [r["latency_ms"]["median"] for r in rows]
     # a missing or zero min/p90 must not break the log axis: the whisker then ends at the median
-    lo = [a if isinstance(a := r["latency_ms"].get("min"), (int, float)) and 0 < a <= m else m
-          for m, r in zip(med, rows)]
-    hi = [b if isinstance(b := r["latency_ms"].get("p90"), (int, float)) and b >= m else m
-          for m, r in zip(med, rows)]
+    lo = [
+        a if isinstance(a := r["latency_ms"].get("min"), (int, float)) and 0 < a <= m else m for m, r in zip(med, rows)
+    ]
+    hi = [b if isinstance(b := r["latency_ms"].get("p90"), (int, float)) and b >= m else m for m, r in zip(med, rows)]
     colours = [FORM_COLOURS.get(r["form"], "tab:gray") for r in rows]
-    bars = ax.bar(range(n), med, width=0.7, color=colours,
-                  yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
-                  capsize=3, error_kw={"elinewidth": 1, "ecolor": "black"})
+    bars = ax.bar(
+        range(n),
+        med,
+        width=0.7,
+        color=colours,
+        yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+        capsize=3,
+        error_kw={"elinewidth": 1, "ecolor": "black"},
+    )
     log = ms_axis(ax, "y", min(lo), max(hi))
     if log:
         ax.set_ylim(nice_floor(min(lo)), max(hi) * 1.6)  # headroom for the value labels
     else:
         ax.set_ylim(0, max(hi) * 1.12)
     for i, (m, b) in enumerate(zip(med, hi)):
-        ax.annotate(f"{m:.0f}" if m >= 100 else f"{m:.1f}" if m >= 10 else f"{m:.2f}", (i, b),
-                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(n), [_label(r) for r in rows], fontsize=8, rotation=40, ha="right",
-                  rotation_mode="anchor")
+        ax.annotate(
+            f"{m:.0f}" if m >= 100 else f"{m:.1f}" if m >= 10 else f"{m:.2f}",
+            (i, b),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_xticks(range(n), [_label(r) for r in rows], fontsize=8, rotation=40, ha="right", rotation_mode="anchor")
     pad = max(0, 4 - n) / 2  # a few rows: narrower bars rather than slabs
     ax.set_xlim(-0.6 - pad, n - 0.4 + pad)
     ax.set_ylabel(f"latency per image, ms{' (log scale)' if log else ''}")
@@ -231,16 +308,29 @@ def plot_latency(path: Path, results: dict) -> Plot:
     ax.set_axisbelow(True)
     forms = list(dict.fromkeys(r["form"] for r in rows))
     handles = [Patch(color=FORM_COLOURS.get(f, "tab:gray"), label=FORM_NAMES.get(f, f"{f} form")) for f in forms]
-    handles.append(Line2D([], [], color="black", marker="_", markersize=8, linestyle="-", linewidth=1,
-                          label="whiskers: min to p90"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-              title="bar: median", title_fontsize=8, alignment="left")
+    handles.append(
+        Line2D(
+            [], [], color="black", marker="_", markersize=8, linestyle="-", linewidth=1, label="whiskers: min to p90"
+        )
+    )
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        frameon=False,
+        title="bar: median",
+        title_fontsize=8,
+        alignment="left",
+    )
     width_in = fig.get_size_inches()[0]
     title = f"{c['model']} {c['input_size'][0]}x{c['input_size'][1]}: latency per runtime, precision, threads"
     ax.set_title(textwrap.fill(title, max(30, int(width_in * 11))), fontsize=10)
     note_below(ax, _left_out_note(left_out, max(50, int(width_in * 13))))
-    drawn = [(f"{_label(r)} ({r['form']})", float(p.get_x() + p.get_width() / 2), float(p.get_height()))
-             for p, r in zip(bars.patches, rows)]
+    drawn = [
+        (f"{_label(r)} ({r['form']})", float(p.get_x() + p.get_width() / 2), float(p.get_height()))
+        for p, r in zip(bars.patches, rows)
+    ]
     fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return Plot(path, drawn, left_out)
@@ -273,8 +363,18 @@ def plot_drift(path: Path, results: dict) -> Plot:
     if len(positive) < len(rows):
         left_out.append(f"A drift of exactly 0 is drawn at {floor:.0e}.")
     combos = list(dict.fromkeys(_label(r, threads=False) for r in rows))
-    palette = ["tab:green", "tab:red", "tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "black",
-               "tab:gray", "gold"]  # blue/orange mean forms in latency.png: not reused here
+    palette = [
+        "tab:green",
+        "tab:red",
+        "tab:purple",
+        "tab:cyan",
+        "tab:olive",
+        "tab:brown",
+        "tab:pink",
+        "black",
+        "tab:gray",
+        "gold",
+    ]  # blue/orange mean forms in latency.png: not reused here
     colour = {k: palette[i % len(palette)] for i, k in enumerate(combos)}
     threads = sorted({r["threads"] for r in rows}, key=lambda t: (t is None, t or 0))
     marker = {t: _THREAD_MARKERS[i % len(_THREAD_MARKERS)] for i, t in enumerate(threads)}
@@ -286,17 +386,30 @@ def plot_drift(path: Path, results: dict) -> Plot:
     for (k, form), g in groups.items():
         if len(g) > 1:
             g = sorted(g, key=lambda r: r["latency_ms"]["median"])
-            ax.plot([r["latency_ms"]["median"] for r in g], [max(drift(r), floor) for r in g], color=colour[k],
-                    linewidth=0.8, alpha=0.5, linestyle="-" if form == "deploy" else "--", zorder=2)
+            ax.plot(
+                [r["latency_ms"]["median"] for r in g],
+                [max(drift(r), floor) for r in g],
+                color=colour[k],
+                linewidth=0.8,
+                alpha=0.5,
+                linestyle="-" if form == "deploy" else "--",
+                zorder=2,
+            )
     # hollow (authors') markers drawn larger and on top, so a deploy point at the same place shows inside the ring
     for r in sorted(rows, key=lambda r: r["form"] != "deploy"):
         filled = r["form"] == "deploy"
         k = _label(r, threads=False)
         # translucent fill, solid edge: a point hidden under another of nearly the same figures still shows
-        coll = ax.scatter(r["latency_ms"]["median"], max(drift(r), floor), marker=marker[r["threads"]],
-                          s=50 if filled else 120, linewidths=1.3 if filled else 1.6,
-                          facecolors=to_rgba(colour[k], 0.45) if filled else "none", edgecolors=colour[k],
-                          zorder=3 if filled else 4)
+        coll = ax.scatter(
+            r["latency_ms"]["median"],
+            max(drift(r), floor),
+            marker=marker[r["threads"]],
+            s=50 if filled else 120,
+            linewidths=1.3 if filled else 1.6,
+            facecolors=to_rgba(colour[k], 0.45) if filled else "none",
+            edgecolors=colour[k],
+            zorder=3 if filled else 4,
+        )
         coll.set_gid(f"{_label(r)} ({r['form']})")
     lat = [r["latency_ms"]["median"] for r in rows]
     ys = [max(drift(r), floor) for r in rows]
@@ -309,7 +422,7 @@ def plot_drift(path: Path, results: dict) -> Plot:
     e_lo, e_hi = math.floor(math.log10(min(ys) / 1.3)), math.ceil(math.log10(max(ys) * 1.3))
     if e_hi - e_lo < 2:
         e_lo, e_hi = e_lo - 1, e_hi + 1
-    ax.set_ylim(10.0 ** e_lo, 10.0 ** e_hi)
+    ax.set_ylim(10.0**e_lo, 10.0**e_hi)
     ax.yaxis.set_major_locator(LogLocator(base=10, numticks=12))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"1e{round(math.log10(v))}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
@@ -317,26 +430,65 @@ def plot_drift(path: Path, results: dict) -> Plot:
     ax.set_axisbelow(True)
     ax.set_xlabel("median latency per image, ms" + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel("max abs difference of the logits\nvs PyTorch fp32 authors' form (log scale)")
-    ax.set_title(f"{c['model']} {c['input_size'][0]}x{c['input_size'][1]}: latency against drift "
-                 "(lower left is better)", fontsize=10)
+    ax.set_title(
+        f"{c['model']} {c['input_size'][0]}x{c['input_size'][1]}: latency against drift (lower left is better)",
+        fontsize=10,
+    )
 
     headings = [Line2D([], [], linestyle="none", label=t) for t in ("runtime, precision", "threads", "form")]
     handles = [headings[0]]
-    handles += [Line2D([], [], linestyle="none", marker="o", markersize=8, markerfacecolor=to_rgba(colour[k], 0.45),
-                       markeredgecolor=colour[k], markeredgewidth=1.3, label=k) for k in combos]
+    handles += [
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            markersize=8,
+            markerfacecolor=to_rgba(colour[k], 0.45),
+            markeredgecolor=colour[k],
+            markeredgewidth=1.3,
+            label=k,
+        )
+        for k in combos
+    ]
     handles.append(headings[1])
-    handles += [Line2D([], [], linestyle="none", marker=marker[t], markersize=7, color="0.3",
-                       label="runtime's default" if t is None else f"{t} thread{'s' if t != 1 else ''}")
-                for t in threads]
+    handles += [
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker=marker[t],
+            markersize=7,
+            color="0.3",
+            label="runtime's default" if t is None else f"{t} thread{'s' if t != 1 else ''}",
+        )
+        for t in threads
+    ]
     forms = list(dict.fromkeys(r["form"] for r in rows))
     handles.append(headings[2])
-    handles += [Line2D([], [], linestyle="none", marker="o", markersize=7 if f == "deploy" else 9,
-                       markerfacecolor=to_rgba("0.3", 0.45) if f == "deploy" else "none", markeredgecolor="0.3",
-                       markeredgewidth=1.6,
-                       label=f"{FORM_NAMES.get(f, f'{f} form')}: {'filled' if f == 'deploy' else 'hollow'}")
-                for f in forms]
-    leg = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-                    handletextpad=0.4, borderaxespad=0)
+    handles += [
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            markersize=7 if f == "deploy" else 9,
+            markerfacecolor=to_rgba("0.3", 0.45) if f == "deploy" else "none",
+            markeredgecolor="0.3",
+            markeredgewidth=1.6,
+            label=f"{FORM_NAMES.get(f, f'{f} form')}: {'filled' if f == 'deploy' else 'hollow'}",
+        )
+        for f in forms
+    ]
+    leg = ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        frameon=False,
+        handletextpad=0.4,
+        borderaxespad=0,
+    )
     for t, h in zip(leg.get_texts(), handles):
         if any(h is x for x in headings):
             t.set_fontweight("bold")
@@ -353,8 +505,10 @@ def plots(out: Path, results: dict) -> dict[str, Plot]:
 
     matplotlib.use("Agg")
     own = {**results, "rows": subject_rows(results)}
-    drawn = {"latency": plot_latency(out / "latency.png", own),
-             "latency_vs_drift": plot_drift(out / "latency_vs_drift.png", own)}
+    drawn = {
+        "latency": plot_latency(out / "latency.png", own),
+        "latency_vs_drift": plot_drift(out / "latency_vs_drift.png", own),
+    }
     if results["config"].get("peers"):
         from .peers_report import plot_pareto
 
@@ -395,12 +549,21 @@ def console_table(results: dict, stream=None, text_width: int = CONSOLE_TEXT_WID
         p = Table(title="beside its peers (median ms, fp32; top-1 published, not measured)")
         threads = results["config"]["threads"]
         rts = PEER_RUNTIMES
-        for col in ["model", "GMACs", *[f"{SHORT_RUNTIME[rt]} {th}t" for th in threads for rt in rts], "top-1 %",
-                    "error"]:
+        for col in [
+            "model",
+            "GMACs",
+            *[f"{SHORT_RUNTIME[rt]} {th}t" for th in threads for rt in rts],
+            "top-1 %",
+            "error",
+        ]:
             p.add_column(col, justify="left" if col in ("model", "error") else "right")
         for m in summary(results):
             pub = m.get("published") or {}
-            p.add_row(escape(m["model"]), fmt(m["macs"] and m["macs"] / 1e9, ".3f"),
-                      *[fmt(m["latency"].get((rt, th)), ".2f") for th in threads for rt in rts],
-                      fmt(pub.get("top1"), ".1f"), escape(shorten("; ".join(m["errors"]), text_width)))
+            p.add_row(
+                escape(m["model"]),
+                fmt(m["macs"] and m["macs"] / 1e9, ".3f"),
+                *[fmt(m["latency"].get((rt, th)), ".2f") for th in threads for rt in rts],
+                fmt(pub.get("top1"), ".1f"),
+                escape(shorten("; ".join(m["errors"]), text_width)),
+            )
         Console(file=stream, width=220).print(p)

@@ -3,6 +3,7 @@
 Every name here comes from a format's ``bench_runtimes``; "torch" (the eager model) is the only row kind
 that is not a format.
 """
+
 from __future__ import annotations
 
 from ..formats import BACKENDS

@@ -3,21 +3,30 @@
 
 Importing this package imports no runtime; a target is checked (:meth:`Target.check`) before any work.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from .base import Target, TargetError, WorkerError, WorkerProcess, WorkerRunner
 
-TARGETS = {"local": "this machine (latency and drift)",
-           "arm64": "ARM64 emulated by QEMU: the phone's kernels and arithmetic (drift only, no latency)",
-           "ssh://[user@]host[:port]": "a real device over SSH: a board, a phone (Termux), a Mac (latency and drift)"}
-DEVICE_OPTIONS = {"remote_python": "--remote-python", "cores": "--cores", "ssh_key": "--ssh-key",
-                  "ssh_config": "--ssh-config", "remote_dir": "--remote-dir"}
+TARGETS = {
+    "local": "this machine (latency and drift)",
+    "arm64": "ARM64 emulated by QEMU: the phone's kernels and arithmetic (drift only, no latency)",
+    "ssh://[user@]host[:port]": "a real device over SSH: a board, a phone (Termux), a Mac (latency and drift)",
+}
+DEVICE_OPTIONS = {
+    "remote_python": "--remote-python",
+    "cores": "--cores",
+    "ssh_key": "--ssh-key",
+    "ssh_config": "--ssh-config",
+    "remote_dir": "--remote-dir",
+}
 
 
-def get_target(name: str = "local", cpu: str | None = None, cache: str | Path | None = None,
-               device: dict | None = None) -> Target:
+def get_target(
+    name: str = "local", cpu: str | None = None, cache: str | Path | None = None, device: dict | None = None
+) -> Target:
     """The target called ``name``, checked ready; TargetError (one line naming the fix) otherwise.
 
     ``device``: the options of an ``ssh://`` target (keys of DEVICE_OPTIONS); None values are unset.
@@ -54,5 +63,13 @@ def get_target(name: str = "local", cpu: str | None = None, cache: str | Path | 
     return target
 
 
-__all__ = ["DEVICE_OPTIONS", "TARGETS", "Target", "TargetError", "WorkerError", "WorkerProcess", "WorkerRunner",
-           "get_target"]
+__all__ = [
+    "DEVICE_OPTIONS",
+    "TARGETS",
+    "Target",
+    "TargetError",
+    "WorkerError",
+    "WorkerProcess",
+    "WorkerRunner",
+    "get_target",
+]

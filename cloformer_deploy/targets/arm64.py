@@ -6,6 +6,7 @@ which kernels XNNPACK may pick) and the MIDR the root's /proc and /sys report (P
 reads it, and XNNPACK picks core-specific kernels by it). Figures are numerics only: an emulated
 run takes seconds per image and says nothing of a phone's speed.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,20 +40,48 @@ class CpuProfile:
 _ARMV80 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"
 _ARMV82 = _ARMV80 + " atomics fphp asimdhp asimdrdm lrcpc dcpop asimddp ssbs"
 
-CPU_PROFILES: dict[str, CpuProfile] = {p.name: p for p in (
-    CpuProfile("cortex-a76", "cortex-a76", 0x414FD0B1, _ARMV82,
-               "Armv8.2-A with fp16 arithmetic and int8 dot product: the big core of most phones in use", True),
-    CpuProfile("armv9-i8mm", "max,sme=off", 0x412FD480, _ARMV82 + " sve sve2 i8mm bf16 svei8mm svebf16",
-               "Armv9-A with int8 matrix multiply (i8mm), SVE2 and bf16, presented as a Cortex-X2 "
-               "(phones from 2022); QEMU's max CPU without SME", True),
-    CpuProfile("cortex-a72", "cortex-a72", 0x410FD083, _ARMV80,
-               "Armv8.0-A without fp16 arithmetic or dot product (phones of 2016-2018, Raspberry Pi 4): "
-               "XNNPACK runs fp16 programs with other kernels", False),
-    CpuProfile("max", "max", 0x412FD480, _ARMV82 + " sve sve2 i8mm bf16 sme",
-               "everything QEMU emulates, SME included", True, known_bad_before=(10,),
-               known_bad_why="computes XNNPACK's int8 kernels wrongly under SME (0 of 4 top-1 measured on "
-                             "QEMU 7.2; QEMU 10 is bit-exact)"),
-)}
+CPU_PROFILES: dict[str, CpuProfile] = {
+    p.name: p
+    for p in (
+        CpuProfile(
+            "cortex-a76",
+            "cortex-a76",
+            0x414FD0B1,
+            _ARMV82,
+            "Armv8.2-A with fp16 arithmetic and int8 dot product: the big core of most phones in use",
+            True,
+        ),
+        CpuProfile(
+            "armv9-i8mm",
+            "max,sme=off",
+            0x412FD480,
+            _ARMV82 + " sve sve2 i8mm bf16 svei8mm svebf16",
+            "Armv9-A with int8 matrix multiply (i8mm), SVE2 and bf16, presented as a Cortex-X2 "
+            "(phones from 2022); QEMU's max CPU without SME",
+            True,
+        ),
+        CpuProfile(
+            "cortex-a72",
+            "cortex-a72",
+            0x410FD083,
+            _ARMV80,
+            "Armv8.0-A without fp16 arithmetic or dot product (phones of 2016-2018, Raspberry Pi 4): "
+            "XNNPACK runs fp16 programs with other kernels",
+            False,
+        ),
+        CpuProfile(
+            "max",
+            "max",
+            0x412FD480,
+            _ARMV82 + " sve sve2 i8mm bf16 sme",
+            "everything QEMU emulates, SME included",
+            True,
+            known_bad_before=(10,),
+            known_bad_why="computes XNNPACK's int8 kernels wrongly under SME (0 of 4 top-1 measured on "
+            "QEMU 7.2; QEMU 10 is bit-exact)",
+        ),
+    )
+}
 DEFAULT_CPU = "cortex-a76"
 CORES = 1  # the root reports one core: emulated runs use one thread, and XNNPACK sees one core kind
 
@@ -85,32 +114,46 @@ def emulated_python(view: Path, cpu: str, pythonpath: str) -> tuple[list[str], d
 
     The environment is built, not inherited: nothing of the host's Python settings reaches the emulated one.
     """
-    env = {"QEMU_CPU": CPU_PROFILES[cpu].qemu_cpu, "PYTHONPATH": pythonpath, "PYTHONNOUSERSITE": "1",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONWARNINGS": "ignore", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        "QEMU_CPU": CPU_PROFILES[cpu].qemu_cpu,
+        "PYTHONPATH": pythonpath,
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "LANG": "C.UTF-8",
+        "PATH": "/usr/bin:/bin",
+        "OMP_NUM_THREADS": "1",
+    }
     return [qemu_binary(), "-L", str(view), str(view / "usr" / "bin" / "python3.11")], env
 
 
 def check_cpu(name: str, qemu: str | None) -> CpuProfile:
     """The CPU profile called ``name``; TargetError for an unknown one or one known to compute wrongly here."""
     if name not in CPU_PROFILES:
-        raise TargetError(f"--cpu {name!r} is not a profile; choose from {', '.join(CPU_PROFILES)} "
-                          "(cloformer-device list describes them)")
+        raise TargetError(
+            f"--cpu {name!r} is not a profile; choose from {', '.join(CPU_PROFILES)} "
+            "(cloformer-device list describes them)"
+        )
     profile = CPU_PROFILES[name]
     if qemu and profile.known_bad_before and qemu_version(qemu) < profile.known_bad_before:
         have = ".".join(map(str, qemu_version(qemu)))
         need = ".".join(map(str, profile.known_bad_before))
-        raise TargetError(f"--cpu {name}: QEMU {have} {profile.known_bad_why}; use --cpu armv9-i8mm, "
-                          f"or QEMU {need} or newer")
+        raise TargetError(
+            f"--cpu {name}: QEMU {have} {profile.known_bad_why}; use --cpu armv9-i8mm, or QEMU {need} or newer"
+        )
     return profile
 
 
 def cpuinfo_text(profile: CpuProfile, cores: int = CORES) -> str:
     m = profile.midr
-    block = ("processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {f}\nCPU implementer\t: 0x{imp:02x}\n"
-             "CPU architecture: 8\nCPU variant\t: 0x{var:x}\nCPU part\t: 0x{part:03x}\nCPU revision\t: {rev}\n\n")
-    return "".join(block.format(i=i, f=profile.features, imp=m >> 24, var=(m >> 20) & 0xF, part=(m >> 4) & 0xFFF,
-                                rev=m & 0xF) for i in range(cores))
+    block = (
+        "processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {f}\nCPU implementer\t: 0x{imp:02x}\n"
+        "CPU architecture: 8\nCPU variant\t: 0x{var:x}\nCPU part\t: 0x{part:03x}\nCPU revision\t: {rev}\n\n"
+    )
+    return "".join(
+        block.format(i=i, f=profile.features, imp=m >> 24, var=(m >> 20) & 0xF, part=(m >> 4) & 0xFFF, rev=m & 0xF)
+        for i in range(cores)
+    )
 
 
 def write_cpu_view(root: Path, view: Path, profile: CpuProfile, cores: int = CORES) -> None:
@@ -149,8 +192,10 @@ def host_versions() -> dict[str, str]:
     found = installed_versions(names)
     absent = [n for n in names if found[n] is None]
     if absent:
-        raise TargetError(f"{absent[0]} is not installed on this host, so the ARM64 root cannot match it; "
-                          "install the project as the README says")
+        raise TargetError(
+            f"{absent[0]} is not installed on this host, so the ARM64 root cannot match it; "
+            "install the project as the README says"
+        )
     return {n: public_version(v) for n, v in found.items()}
 
 
@@ -165,15 +210,19 @@ def check_ready(cache: Path) -> dict:
     """The ready root's record; TargetError naming the setup command when it is absent or for other versions."""
     state = ready_state(cache)
     if state is None:
-        raise TargetError(f"--target arm64: no ARM64 root in {cache}; build it once with: cloformer-device setup "
-                          f"arm64{'' if cache == default_cache() else f' --cache {cache}'} (downloads about 3 GB)")
+        raise TargetError(
+            f"--target arm64: no ARM64 root in {cache}; build it once with: cloformer-device setup "
+            f"arm64{'' if cache == default_cache() else f' --cache {cache}'} (downloads about 3 GB)"
+        )
     want = host_versions()
     have = {n: state["versions"].get(n) for n in RUNTIMES}
     differs = [n for n in RUNTIMES if not same_version(have[n], want[n])]
     if differs:
         diff = ", ".join(f"{n} {have[n]} (host {want[n]})" for n in differs)
-        raise TargetError(f"--target arm64: the ARM64 root in {cache} has {diff}; rebuild it with: "
-                          "cloformer-device setup arm64 --force")
+        raise TargetError(
+            f"--target arm64: the ARM64 root in {cache} has {diff}; rebuild it with: "
+            "cloformer-device setup arm64 --force"
+        )
     return state
 
 
@@ -198,8 +247,9 @@ class EmulatedArm64Target(Target):
     def check(self) -> None:
         qemu = qemu_binary()
         if qemu is None:
-            raise TargetError("--target arm64 needs QEMU's user-mode emulator; install it with: "
-                              "apt-get install qemu-user-static")
+            raise TargetError(
+                "--target arm64 needs QEMU's user-mode emulator; install it with: apt-get install qemu-user-static"
+            )
         check_cpu(self.cpu, qemu)
         check_ready(self.cache)
 
@@ -218,5 +268,10 @@ class EmulatedArm64Target(Target):
     def describe(self) -> dict:
         profile = CPU_PROFILES[self.cpu]
         qemu = qemu_binary()
-        return {**super().describe(), "emulator": qemu_label(qemu) if qemu else None, "qemu_cpu": profile.qemu_cpu,
-                "midr": f"0x{profile.midr:08x}", "cpu": profile.about}
+        return {
+            **super().describe(),
+            "emulator": qemu_label(qemu) if qemu else None,
+            "qemu_cpu": profile.qemu_cpu,
+            "midr": f"0x{profile.midr:08x}",
+            "cpu": profile.about,
+        }

@@ -10,6 +10,7 @@ Downloads are kept under ``<cache>/downloads`` until the root is ready, so an in
 resumes; the root is built in ``<cache>/arm64.partial`` and renamed to ``<cache>/arm64`` only when
 a smoke test under emulation has passed, so nothing half-built is ever mistaken for ready.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,12 +45,14 @@ from .base import RUNTIME_IMPORTS, TargetError, end_process_group, last_line, sa
 SUITE = "bookworm"  # Python 3.11, the minor version of the host's pins, and glibc 2.36
 DEBIAN_PACKAGES = ("python3.11", "libstdc++6", "libgomp1")
 WHEEL_PLATFORMS = ["manylinux2014_aarch64"] + [f"manylinux_2_{v}_aarch64" for v in range(17, 37)]  # glibc <= 2.36
-SMOKE = ("import json, platform, numpy, onnxruntime, torch\n"
-         "from executorch.runtime import Runtime\n"
-         "from importlib.metadata import version\n"
-         "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(),\n"
-         f"  'versions': {{n: version(n) for n in {RUNTIMES!r}}},\n"
-         "  'xnnpack': 'XnnpackBackend' in Runtime.get().backend_registry.registered_backend_names}))\n")
+SMOKE = (
+    "import json, platform, numpy, onnxruntime, torch\n"
+    "from executorch.runtime import Runtime\n"
+    "from importlib.metadata import version\n"
+    "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(),\n"
+    f"  'versions': {{n: version(n) for n in {RUNTIMES!r}}},\n"
+    "  'xnnpack': 'XnnpackBackend' in Runtime.get().backend_registry.registered_backend_names}))\n"
+)
 STEP_TIMEOUT = 3600  # seconds for one setup step (a download of gigabytes on a slow line)
 
 
@@ -62,8 +65,9 @@ def missing_tools(need_debian: bool) -> list[str]:
 
 def _run(argv: list[str], stage, what: str, timeout: float = STEP_TIMEOUT, env=None) -> None:
     """Run a setup step, its output shown as the stage's progress; it is killed on timeout or Ctrl-C."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     watchdog = threading.Timer(timeout, end_process_group, [proc])  # a step that hangs without output ends too
     watchdog.start()
     tail: list[str] = []
@@ -72,8 +76,9 @@ def _run(argv: list[str], stage, what: str, timeout: float = STEP_TIMEOUT, env=N
             line = line.strip()
             if line and not line.startswith("WARNING: Location"):
                 tail = (tail + [line])[-5:]
-                if line.startswith(("Downloading", "Saved", "File was already", "Collecting", "Processing",
-                                    "Installing", "I: ")):
+                if line.startswith(
+                    ("Downloading", "Saved", "File was already", "Collecting", "Processing", "Installing", "I: ")
+                ):
                     stage.update(line[:110])
         code = proc.wait()
     except BaseException:
@@ -82,8 +87,9 @@ def _run(argv: list[str], stage, what: str, timeout: float = STEP_TIMEOUT, env=N
     finally:
         watchdog.cancel()
     if code == -signal.SIGKILL:
-        raise TargetError(f"setup arm64: {what} gave no result within {timeout:.0f}s and was stopped; "
-                          "run setup again (it resumes)")
+        raise TargetError(
+            f"setup arm64: {what} gave no result within {timeout:.0f}s and was stopped; run setup again (it resumes)"
+        )
     if code != 0:
         raise TargetError(f"setup arm64: {what} failed (exit code {code}): {tail[-1] if tail else 'no output'}")
 
@@ -111,6 +117,7 @@ def _size(path: Path) -> int:
 
 def _extract(tar_path: Path, dest: Path) -> None:
     """The Debian tarball into ``dest``; device nodes are skipped (a user cannot make them, and nothing needs them)."""
+
     def keep(member: tarfile.TarInfo, path: str):
         return None if member.isdev() else member
 
@@ -118,8 +125,13 @@ def _extract(tar_path: Path, dest: Path) -> None:
         tar.extractall(dest, filter=keep)
 
 
-def setup_arm64(cache: str | Path | None = None, *, force: bool = False, keep_downloads: bool = False,
-                progress: Progress | None = None) -> dict:
+def setup_arm64(
+    cache: str | Path | None = None,
+    *,
+    force: bool = False,
+    keep_downloads: bool = False,
+    progress: Progress | None = None,
+) -> dict:
     """Build the ARM64 root in ``cache`` (see the module's docstring); return its ready record.
 
     An existing ready root for the host's versions is kept unless ``force``. Raises TargetError
@@ -140,8 +152,9 @@ def setup_arm64(cache: str | Path | None = None, *, force: bool = False, keep_do
     debian_tar = downloads / f"debian-{SUITE}-arm64.tar"
     missing = missing_tools(need_debian=not debian_tar.exists())
     if missing:
-        raise TargetError(f"setup arm64 needs {' and '.join(missing)}; install them with: "
-                          "apt-get install qemu-user-static mmdebstrap")
+        raise TargetError(
+            f"setup arm64 needs {' and '.join(missing)}; install them with: apt-get install qemu-user-static mmdebstrap"
+        )
     if cache.exists() and not cache.is_dir():
         raise TargetError(f"--cache {str(cache)!r} is a file; pass a folder")
     t0 = time.perf_counter()
@@ -152,37 +165,86 @@ def setup_arm64(cache: str | Path | None = None, *, force: bool = False, keep_do
     requirements = [f"{n}=={v}" for n, v in versions.items()]
     bare = [f"{n}=={versions[n]}" for n in RUNTIMES if n in RUNTIME_IMPORTS]  # without their own requirements
     others = [r for r in requirements if r not in bare]
-    progress.log(f"fetching: Debian {SUITE} arm64 Python 3.11 (about 80 MB, deb.debian.org); aarch64 wheels from "
-                 f"PyPI: {', '.join(requirements)} and torch's NVIDIA libraries (about 3 GB in all)")
+    progress.log(
+        f"fetching: Debian {SUITE} arm64 Python 3.11 (about 80 MB, deb.debian.org); aarch64 wheels from "
+        f"PyPI: {', '.join(requirements)} and torch's NVIDIA libraries (about 3 GB in all)"
+    )
     if not debian_tar.exists():
         with progress.stage(f"Debian {SUITE} arm64 base (mmdebstrap)") as st:
             tmp = debian_tar.with_suffix(".tar.partial")
-            _run(["mmdebstrap", "--arch=arm64", "--variant=extract", "--format=tar",
-                  f"--include={','.join(DEBIAN_PACKAGES)}", SUITE, str(tmp)], st, "mmdebstrap")
+            _run(
+                [
+                    "mmdebstrap",
+                    "--arch=arm64",
+                    "--variant=extract",
+                    "--format=tar",
+                    f"--include={','.join(DEBIAN_PACKAGES)}",
+                    SUITE,
+                    str(tmp),
+                ],
+                st,
+                "mmdebstrap",
+            )
             tmp.rename(debian_tar)
     with progress.stage("aarch64 wheels from PyPI (kept in the cache until the root is ready)") as st:
         if bare:
-            _run(_pip("download", "--no-deps", *_platform_args(), "-d", str(wheels), *bare), st,
-                 f"pip download {' '.join(bare)}")
+            _run(
+                _pip("download", "--no-deps", *_platform_args(), "-d", str(wheels), *bare),
+                st,
+                f"pip download {' '.join(bare)}",
+            )
         _run(_pip("download", *_platform_args(), "-d", str(wheels), *others), st, "pip download")
     with progress.stage("unpack the Debian root"):
         _extract(debian_tar, partial / "root")
     site = partial / "root" / "opt" / "site"
     with progress.stage("install the wheels into the root (offline, from the kept downloads)") as st:
         if bare:
-            _run(_pip("install", "--no-index", "--find-links", str(wheels), *_platform_args(), "--no-deps",
-                      "--target", str(site), *bare), st, f"pip install {' '.join(bare)}")
-        _run(_pip("install", "--no-index", "--find-links", str(wheels), *_platform_args(), "--upgrade",
-                  "--target", str(site), *others), st, "pip install")
+            _run(
+                _pip(
+                    "install",
+                    "--no-index",
+                    "--find-links",
+                    str(wheels),
+                    *_platform_args(),
+                    "--no-deps",
+                    "--target",
+                    str(site),
+                    *bare,
+                ),
+                st,
+                f"pip install {' '.join(bare)}",
+            )
+        _run(
+            _pip(
+                "install",
+                "--no-index",
+                "--find-links",
+                str(wheels),
+                *_platform_args(),
+                "--upgrade",
+                "--target",
+                str(site),
+                *others,
+            ),
+            st,
+            "pip install",
+        )
     for profile in CPU_PROFILES.values():
         write_cpu_view(partial / "root", partial / "cpus" / profile.name, profile)
     with progress.stage(f"smoke test under emulation ({DEFAULT_CPU}): import torch, executorch, onnxruntime"):
         smoke, seconds = _smoke(partial, versions)
-    record = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "suite": SUITE,
-              "debian_packages": list(DEBIAN_PACKAGES), "versions": smoke["versions"], "python": smoke["python"],
-              "emulator": qemu_label(qemu_binary()),
-              "import_seconds": round(seconds, 1), "bytes": _size(partial),
-              "setup_seconds": round(time.perf_counter() - t0, 1), "cpus": sorted(CPU_PROFILES)}
+    record = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "suite": SUITE,
+        "debian_packages": list(DEBIAN_PACKAGES),
+        "versions": smoke["versions"],
+        "python": smoke["python"],
+        "emulator": qemu_label(qemu_binary()),
+        "import_seconds": round(seconds, 1),
+        "bytes": _size(partial),
+        "setup_seconds": round(time.perf_counter() - t0, 1),
+        "cpus": sorted(CPU_PROFILES),
+    }
     (partial / "ready.json").write_text(json.dumps(record, indent=2) + "\n")
     old = cache / f"{ROOT_DIR}.old"
     if final.exists():
@@ -209,8 +271,13 @@ def _smoke(partial: Path, versions: dict) -> tuple[dict, float]:
     smoke = json.loads(lines[-1])
     want = {n: versions[n] for n in RUNTIMES}
     got = smoke["versions"]
-    if any(not same_version(got.get(n), want[n]) for n in RUNTIMES) or smoke["machine"] != "aarch64" \
-            or not smoke["xnnpack"]:
-        raise TargetError(f"setup arm64: the root runs {got} on {smoke['machine']} (XNNPACK "
-                          f"{'present' if smoke['xnnpack'] else 'absent'}), not {want}")
+    if (
+        any(not same_version(got.get(n), want[n]) for n in RUNTIMES)
+        or smoke["machine"] != "aarch64"
+        or not smoke["xnnpack"]
+    ):
+        raise TargetError(
+            f"setup arm64: the root runs {got} on {smoke['machine']} (XNNPACK "
+            f"{'present' if smoke['xnnpack'] else 'absent'}), not {want}"
+        )
     return smoke, seconds

@@ -5,6 +5,7 @@ will run, how to hand it files, and what its figures mean (a real latency or not
 and the benchmark speak only to this interface: which format or runtime an artifact has is the
 worker's business (it opens artifacts with the backends' own runners).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,8 +96,9 @@ class WorkerProcess:
         self.cleanup = list(cleanup or [])
         self.stderr = tempfile.TemporaryFile()
         self.sent: dict[str, None] = {}  # keys of the batches the worker holds, oldest first (as it keeps them)
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env, start_new_session=True
+        )
         self._pending = b""  # read from the worker's stdout, not yet a whole line
         self.noise: list[str] = []  # lines that were not answers (a login banner a device's shell printed)
 
@@ -146,8 +148,9 @@ class WorkerProcess:
         key = hashlib.sha1(np.ascontiguousarray(tensor).tobytes()).hexdigest()
         if key in self.sent:
             return self.ask({"cmd": "run", "key": key})
-        answer = self.ask({"cmd": "run", "key": key, "names": list(names), "images": pack(images),
-                           "tensor": pack(tensor)})
+        answer = self.ask(
+            {"cmd": "run", "key": key, "names": list(names), "images": pack(images), "tensor": pack(tensor)}
+        )
         self.sent[key] = None
         while len(self.sent) > KEPT_BATCHES:  # the worker forgets the oldest the same way
             del self.sent[next(iter(self.sent))]
@@ -182,16 +185,30 @@ class WorkerProcess:
         self.cleanup = []
 
 
-
-
 class WorkerRunner(Runner):
     """An artifact opened by a worker on a target, used as any runner is (validation runs it unchanged)."""
 
-    def __init__(self, worker: WorkerProcess, target: Target, fmt: str, path: Path, spec: ModelSpec, info: dict,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        worker: WorkerProcess,
+        target: Target,
+        fmt: str,
+        path: Path,
+        spec: ModelSpec,
+        info: dict,
+        threads: int | None = None,
+    ):
         self.worker, self.target = worker, target
-        opened = worker.ask({"cmd": "open", "format": fmt, "path": target.ship(path), "spec": spec.to_dict(),
-                             "info": info, "threads": threads})
+        opened = worker.ask(
+            {
+                "cmd": "open",
+                "format": fmt,
+                "path": target.ship(path),
+                "spec": spec.to_dict(),
+                "info": info,
+                "threads": threads,
+            }
+        )
         self.load_ms = opened["load_ms"]
         self.description = opened["describe"]
         self.problems = opened["problems"]
@@ -208,7 +225,6 @@ class WorkerRunner(Runner):
 
     def describe(self) -> dict:
         return {**self.description, "target": self.target.name}
-
 
 
 class Target(ABC):
@@ -261,8 +277,9 @@ class Target(ABC):
             self._validation_worker = None
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "platform": self.platform,
-                "measures_latency": self.measures_latency}
-
-
-
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "platform": self.platform,
+            "measures_latency": self.measures_latency,
+        }

@@ -11,6 +11,7 @@ core lists), so it survives any wrapper that re-parses the command (``proot-dist
 
 Only the standard library is imported here, except by ``worker``.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """The local target: this machine, as before targets existed (the benchmark's worker is a subprocess here)."""
+
 from __future__ import annotations
 
 import platform

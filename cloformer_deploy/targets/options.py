@@ -1,4 +1,5 @@
 """The options that choose where artifacts also run: export, validate and bench share them."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,21 +12,29 @@ DEVICE_FIELDS = ("remote_python", "cores", "ssh_key", "ssh_config", "remote_dir"
 @dataclass
 class TargetOptions(Options):
     fields_last = True  # in help, after the command's own options
-    target: str = option("local", "local (default); arm64: also on emulated ARM64 (the phone's XNNPACK and ONNX "
-                                  "Runtime kernels under QEMU; numerics only, no latency; build it once with "
-                                  "cloformer-device setup arm64); or ssh://[user@]host[:port]: on a real device "
-                                  "(a board, a phone with Termux, a Mac; see cloformer-device check)")
-    cpu: str | None = option(None, "ARM64 CPU profile for --target arm64 (default cortex-a76; see cloformer-device "
-                                   "list)")
+    target: str = option(
+        "local",
+        "local (default); arm64: also on emulated ARM64 (the phone's XNNPACK and ONNX "
+        "Runtime kernels under QEMU; numerics only, no latency; build it once with "
+        "cloformer-device setup arm64); or ssh://[user@]host[:port]: on a real device "
+        "(a board, a phone with Termux, a Mac; see cloformer-device check)",
+    )
+    cpu: str | None = option(
+        None, "ARM64 CPU profile for --target arm64 (default cortex-a76; see cloformer-device list)"
+    )
     target_cache: str | None = option(None, "folder of the ARM64 root (default: as cloformer-device setup)")
-    remote_python: str | None = option(None, "ssh:// device: its Python command, prefix included (default python3; "
-                                             "a phone: 'proot-distro login debian -- python3')")
-    cores: str | None = option(None, "ssh:// device: pin its worker to these cores, e.g. 4-7 (the big cluster; "
-                                     "cloformer-device check lists them)")
+    remote_python: str | None = option(
+        None,
+        "ssh:// device: its Python command, prefix included (default python3; "
+        "a phone: 'proot-distro login debian -- python3')",
+    )
+    cores: str | None = option(
+        None,
+        "ssh:// device: pin its worker to these cores, e.g. 4-7 (the big cluster; cloformer-device check lists them)",
+    )
     ssh_key: str | None = option(None, "ssh:// device: private key (default: ssh's own choice)")
     ssh_config: str | None = option(None, "ssh:// device: an ssh client config file (ssh -F)")
-    remote_dir: str | None = option(None, "ssh:// device: work folder on it (default "
-                                          "~/.cache/cloformer-deploy/device)")
+    remote_dir: str | None = option(None, "ssh:// device: work folder on it (default ~/.cache/cloformer-deploy/device)")
 
     def device(self) -> dict:
         """The ssh:// device's options that were set."""
@@ -46,8 +55,9 @@ class SetupOptions(Options):
     """``cloformer-device setup``: build a target once."""
 
     target: str = option(None, "arm64", positional=True)
-    cache: str | None = option(None, "folder for the root (default: $CLOFORMER_DEPLOY_CACHE or "
-                                     "~/.cache/cloformer-deploy)")
+    cache: str | None = option(
+        None, "folder for the root (default: $CLOFORMER_DEPLOY_CACHE or ~/.cache/cloformer-deploy)"
+    )
     force: bool = option(False, "rebuild a root that is already ready")
     keep_downloads: bool = option(False, "keep the downloaded wheels (about 3 GB) after the root is ready")
 

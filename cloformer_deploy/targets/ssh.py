@@ -9,6 +9,7 @@ runtimes and speaks the same JSON lines as everywhere (:mod:`.worker`).
 Every remote step has a timeout; a step that times out ends the local ``ssh`` and with it the
 remote side (the worker exits when its input closes; a transfer that stops short keeps nothing).
 """
+
 from __future__ import annotations
 
 import base64
@@ -48,8 +49,10 @@ MIN_PYTHON = (3, 10)
 PIP_INDEX = {"torch": "https://download.pytorch.org/whl/cpu"}
 PROBE_MARK = "cloformer-deploy-probe:"
 SAFE_WORD = re.compile(r"^[A-Za-z0-9_./,:=+%@~-]+$")  # survives any re-parsing of the command by a wrapper
-_ADDRESS = re.compile(r"^ssh://(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)"
-                      r"(?::(?P<port>\d{1,5}))?/?$")
+_ADDRESS = re.compile(
+    r"^ssh://(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)"
+    r"(?::(?P<port>\d{1,5}))?/?$"
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,10 @@ class SshAddress:
 def parse_address(text: str) -> SshAddress:
     m = _ADDRESS.match(str(text).strip())
     if not m or (m["port"] and not 0 < int(m["port"]) < 65536):
-        raise TargetError(f"--target {text!r} is not an SSH address; write ssh://[user@]host[:port], "
-                          "e.g. ssh://pi@raspberrypi.local or ssh://localhost:8022")
+        raise TargetError(
+            f"--target {text!r} is not an SSH address; write ssh://[user@]host[:port], "
+            "e.g. ssh://pi@raspberrypi.local or ssh://localhost:8022"
+        )
     return SshAddress(m["host"], m["user"], int(m["port"]) if m["port"] else None)
 
 
@@ -80,13 +85,17 @@ def code_archive() -> tuple[bytes, str]:
     package = Path(__file__).resolve().parents[1]
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
 
-        files = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                       and p.suffix in (".py", ".txt", ".json"))
+        files = sorted(
+            p
+            for p in package.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".txt", ".json")
+        )
         for path in files:
             add(f"{package.name}/{path.relative_to(package).as_posix()}", path.read_bytes())
         add("run.py", RUN_PY.encode())
@@ -95,7 +104,7 @@ def code_archive() -> tuple[bytes, str]:
     return gzip.compress(data, mtime=0), hashlib.sha256(data).hexdigest()[:16]
 
 
-RUN_PY = '''import sys
+RUN_PY = """import sys
 from pathlib import Path
 
 here = Path(__file__).resolve().parent
@@ -103,10 +112,10 @@ sys.path.insert(0, str(here))
 from cloformer_deploy.targets.device import main
 
 main(sys.argv[1:], here.parents[1])
-'''
+"""
 
 # Sent on the device Python's stdin (python3 -): unpack the code once, then say what the device is.
-PROBE = r'''
+PROBE = r"""
 import base64, io, json, os, platform, shutil, sys, tarfile
 out = {"python": platform.python_version(), "platform": sys.platform + "-" + platform.machine().lower()}
 def say(extra):
@@ -139,7 +148,7 @@ if out["versions"]["numpy"] is None:  # the worker (and about) imports numpy
     say({})
 from cloformer_deploy.targets.worker import about
 say({"about": about()})
-'''
+"""
 
 
 def shell_words(words: list[str]) -> str:
@@ -176,9 +185,15 @@ class SshTarget(Target):
     connect_timeout = 20  # seconds for ssh to connect; a host that does not answer fails in this time
     probe_timeout = 180.0  # a first probe under proot on a phone: starting the userland and Python
 
-    def __init__(self, address: str | SshAddress, remote_python: str = "python3", cores: str | None = None,
-                 ssh_key: str | Path | None = None, ssh_config: str | Path | None = None,
-                 remote_dir: str | None = None):
+    def __init__(
+        self,
+        address: str | SshAddress,
+        remote_python: str = "python3",
+        cores: str | None = None,
+        ssh_key: str | Path | None = None,
+        ssh_config: str | Path | None = None,
+        remote_dir: str | None = None,
+    ):
         self.address = parse_address(address) if isinstance(address, str) else address
         self.name = str(self.address)
         try:
@@ -201,8 +216,20 @@ class SshTarget(Target):
 
     # ---- transport
     def ssh_argv(self) -> list[str]:
-        argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}",
-                "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3", "-o", "LogLevel=ERROR"]
+        argv = [
+            "ssh",
+            "-T",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={self.connect_timeout}",
+            "-o",
+            "ServerAliveInterval=10",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "LogLevel=ERROR",
+        ]
         if self.ssh_config:
             argv += ["-F", str(self.ssh_config)]
         if self.ssh_key:
@@ -220,9 +247,13 @@ class SshTarget(Target):
         ``stdin``: bytes, or an open file streamed to it. The local ssh runs in its own process group,
         ended on a timeout; the remote side ends when its input closes.
         """
-        proc = subprocess.Popen([*self.ssh_argv(), self.remote_command(words)], start_new_session=True,
-                                stdin=stdin if hasattr(stdin, "fileno") else subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [*self.ssh_argv(), self.remote_command(words)],
+            start_new_session=True,
+            stdin=stdin if hasattr(stdin, "fileno") else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             out, err = proc.communicate(None if hasattr(stdin, "fileno") else (stdin or b""), timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -237,9 +268,11 @@ class SshTarget(Target):
             line = last_line(err).rstrip(".")
             raise TargetError(f"cannot reach {self.name}: {line or 'ssh failed'}; {connection_fix(line)}")
         if proc.returncode in (126, 127):
-            raise TargetError(f"{self.name}: the device has no {shlex.join(self.remote_python)!r} "
-                              f"({last_line(err) or 'command not found'}); install Python 3.10 or newer there, "
-                              "or pass --remote-python with its command")
+            raise TargetError(
+                f"{self.name}: the device has no {shlex.join(self.remote_python)!r} "
+                f"({last_line(err) or 'command not found'}); install Python 3.10 or newer there, "
+                "or pass --remote-python with its command"
+            )
         if proc.returncode != 0:
             raise WorkerError(f"{self.name}: {what} failed: {last_line(err) or f'exit code {proc.returncode}'}")
         return text
@@ -251,22 +284,30 @@ class SshTarget(Target):
         TargetError (one line naming the fix) when the device cannot be reached or has no Python.
         """
         if shutil.which("ssh") is None:
-            raise TargetError("--target ssh:// uses this machine's OpenSSH client, which is not installed; install it "
-                              "with: apt-get install openssh-client (macOS has it)")
+            raise TargetError(
+                "--target ssh:// uses this machine's OpenSSH client, which is not installed; install it "
+                "with: apt-get install openssh-client (macOS has it)"
+            )
         data, code_hash = code_archive()
-        script = (PROBE.replace("__MARK__", repr(PROBE_MARK)).replace("__MIN_PYTHON__", repr(MIN_PYTHON))
-                  .replace("__WORK__", repr(self.remote_dir)).replace("__CODE_HASH__", repr(code_hash))
-                  .replace("__PACKAGES__", repr(PACKAGES))
-                  .replace("__CODE__", repr(base64.b64encode(data).decode())))
+        script = (
+            PROBE.replace("__MARK__", repr(PROBE_MARK))
+            .replace("__MIN_PYTHON__", repr(MIN_PYTHON))
+            .replace("__WORK__", repr(self.remote_dir))
+            .replace("__CODE_HASH__", repr(code_hash))
+            .replace("__PACKAGES__", repr(PACKAGES))
+            .replace("__CODE__", repr(base64.b64encode(data).decode()))
+        )
         try:
             out = self.call(["-"], "the first contact", self.probe_timeout, stdin=script.encode())
         except WorkerError as e:
             raise TargetError(str(e)) from None
         lines = [ln for ln in out.splitlines() if ln.startswith(PROBE_MARK)]
         if not lines:
-            raise TargetError(f"{self.name}: {shlex.join(self.remote_python)!r} did not run the probe (it printed "
-                              f"{last_line(out)!r}); pass --remote-python with the device's Python 3 command")
-        info = self.probe_info = json.loads(lines[-1][len(PROBE_MARK):])
+            raise TargetError(
+                f"{self.name}: {shlex.join(self.remote_python)!r} did not run the probe (it printed "
+                f"{last_line(out)!r}); pass --remote-python with the device's Python 3 command"
+            )
+        info = self.probe_info = json.loads(lines[-1][len(PROBE_MARK) :])
         self.versions = info.get("versions") or {}
         self.platform = info.get("platform", "unknown")
         self.about = info.get("about") or {}
@@ -277,17 +318,25 @@ class SshTarget(Target):
         """Probe the device; TargetError (one line naming the fix) if no worker can run there."""
         info = self.probe()
         if info.get("too_old"):
-            raise TargetError(f"{self.name}: its Python is {info['python']}; the worker needs "
-                              f"{'.'.join(map(str, MIN_PYTHON))} or newer (--remote-python chooses another)")
+            raise TargetError(
+                f"{self.name}: its Python is {info['python']}; the worker needs "
+                f"{'.'.join(map(str, MIN_PYTHON))} or newer (--remote-python chooses another)"
+            )
         if info.get("write_error"):
-            raise TargetError(f"{self.name}: cannot write the work folder: {info['write_error']}; free space "
-                              "there or pass --remote-dir")
+            raise TargetError(
+                f"{self.name}: cannot write the work folder: {info['write_error']}; free space "
+                "there or pass --remote-dir"
+            )
         if not self.versions.get("numpy"):
-            raise TargetError(f"{self.name}: its Python has no numpy, which the worker needs; install it with: "
-                              f"{install_command(self, ['numpy'])}")
+            raise TargetError(
+                f"{self.name}: its Python has no numpy, which the worker needs; install it with: "
+                f"{install_command(self, ['numpy'])}"
+            )
         if not SAFE_WORD.match(self.work):
-            raise TargetError(f"{self.name}: the work folder {self.work!r} has spaces or shell characters; "
-                              "pass --remote-dir with a plain path")
+            raise TargetError(
+                f"{self.name}: the work folder {self.work!r} has spaces or shell characters; "
+                "pass --remote-dir with a plain path"
+            )
         if self.cores is not None:
             self.check_cores()
 
@@ -299,12 +348,16 @@ class SshTarget(Target):
         except ValueError as e:
             raise TargetError(f"--cores {e}") from None
         if not self.about.get("can_pin"):
-            raise TargetError(f"--cores: {self.name} runs {self.about.get('system')}, where a process cannot "
-                              "choose its cores; drop --cores")
+            raise TargetError(
+                f"--cores: {self.name} runs {self.about.get('system')}, where a process cannot "
+                "choose its cores; drop --cores"
+            )
         have = set(self.about.get("affinity") or range(self.about.get("cores") or 0))
         if not wanted <= have:
-            raise TargetError(f"--cores {self.cores}: {self.name} offers cores {_ranges(have)}; "
-                              f"choose among them ({clusters_text(self.about)})")
+            raise TargetError(
+                f"--cores {self.cores}: {self.name} offers cores {_ranges(have)}; "
+                f"choose among them ({clusters_text(self.about)})"
+            )
 
     def lacking(self, backend: Backend) -> list[str]:
         """The packages a format's runner imports that the device's Python does not have."""
@@ -341,9 +394,12 @@ class SshTarget(Target):
             if present[-1:] != ["yes"]:
                 size = payload.stat().st_size
                 with open(payload, "rb") as f:
-                    self.call([f"{self.code}/run.py", "receive", rel, sha, str(size),
-                               *(["--tar"] if path.is_dir() else [])],
-                              f"copying {path.name} ({size / 1e6:.1f} MB)", 120 + size / 1e6, stdin=f)
+                    self.call(
+                        [f"{self.code}/run.py", "receive", rel, sha, str(size), *(["--tar"] if path.is_dir() else [])],
+                        f"copying {path.name} ({size / 1e6:.1f} MB)",
+                        120 + size / 1e6,
+                        stdin=f,
+                    )
         return f"{self.work}/{rel}"
 
     def worker_command(self):
@@ -352,11 +408,20 @@ class SshTarget(Target):
 
     def describe(self) -> dict:
         a = self.about
-        return {**super().describe(), "address": self.name, "remote_python": shlex.join(self.remote_python),
-                "cores_pinned": self.cores, "machine": a.get("machine"), "system": a.get("system"),
-                "python": a.get("python"), "cpu": (a.get("cpu") or {}).get("model name") or clusters_text(a),
-                "clusters": a.get("clusters"), "cores": a.get("cores"),
-                "versions": {k: v for k, v in self.versions.items() if v}, "label": device_label(a, self.versions)}
+        return {
+            **super().describe(),
+            "address": self.name,
+            "remote_python": shlex.join(self.remote_python),
+            "cores_pinned": self.cores,
+            "machine": a.get("machine"),
+            "system": a.get("system"),
+            "python": a.get("python"),
+            "cpu": (a.get("cpu") or {}).get("model name") or clusters_text(a),
+            "clusters": a.get("clusters"),
+            "cores": a.get("cores"),
+            "versions": {k: v for k, v in self.versions.items() if v},
+            "label": device_label(a, self.versions),
+        }
 
 
 def _deterministic_tar(folder: Path, dest: Path, top: str) -> None:
@@ -398,8 +463,9 @@ def device_label(about: dict, versions: dict) -> str:
     """One line that names the device in reports: machine, CPU, Python and runtime versions read on it."""
     cpu = (about.get("cpu") or {}).get("model name") if about.get("system") == "Darwin" else clusters_text(about)
     runtimes = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k not in ("numpy", "pillow"))
-    return f"{about.get('machine')} {about.get('system')}, {cpu}, Python {about.get('python')}" + \
-        (f", {runtimes}" if runtimes else "")
+    return f"{about.get('machine')} {about.get('system')}, {cpu}, Python {about.get('python')}" + (
+        f", {runtimes}" if runtimes else ""
+    )
 
 
 def install_command(target: SshTarget, packages: list[str]) -> str:
@@ -435,8 +501,14 @@ def device_needs(target: SshTarget) -> dict:
 
     rows, fix = [], []
     probe = target.probe_info
-    rows.append({"package": "python", "device": probe.get("python"), "host": platform.python_version(),
-                 "status": "too old (needs 3.10+)" if probe.get("too_old") else "ok"})
+    rows.append(
+        {
+            "package": "python",
+            "device": probe.get("python"),
+            "host": platform.python_version(),
+            "status": "too old (needs 3.10+)" if probe.get("too_old") else "ok",
+        }
+    )
     wanted = device_packages(target.platform)
     for package, host in installed_versions(PACKAGES).items():
         have = target.versions.get(package)
@@ -458,5 +530,9 @@ def device_needs(target: SshTarget) -> dict:
         else:
             lacking = target.lacking(b)
             formats[b.name] = f"error rows until {_are_missing(lacking)} installed" if lacking else "runs"
-    return {"rows": rows, "formats": formats, "command": install_command(target, fix) if fix else None,
-            "ok": not fix and not probe.get("too_old")}
+    return {
+        "rows": rows,
+        "formats": formats,
+        "command": install_command(target, fix) if fix else None,
+        "ok": not fix and not probe.get("too_old"),
+    }

@@ -20,6 +20,7 @@ runtime is imported when an artifact needs it, so a target without (say) onnxrun
 ExecuTorch. It exits when its input closes, even in the middle of a step: a caller that is gone
 (an SSH connection dropped, a timeout) leaves nothing running on the device.
 """
+
 from __future__ import annotations
 
 import base64
@@ -78,13 +79,34 @@ def device_packages(platform: str | None = None) -> tuple[str, ...]:
 PACKAGES = device_packages()  # what a target's Python may have that the worker uses
 
 # MIDR part numbers of Arm's own cores (implementer 0x41), as the kernel reports them in /proc/cpuinfo
-ARM_PARTS = {0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd07: "Cortex-A57",
-             0xd08: "Cortex-A72", 0xd09: "Cortex-A73", 0xd0a: "Cortex-A75", 0xd0b: "Cortex-A76",
-             0xd0c: "Neoverse-N1", 0xd0d: "Cortex-A77", 0xd40: "Neoverse-V1", 0xd41: "Cortex-A78",
-             0xd44: "Cortex-X1", 0xd46: "Cortex-A510", 0xd47: "Cortex-A710", 0xd48: "Cortex-X2",
-             0xd49: "Neoverse-N2", 0xd4b: "Cortex-A78C", 0xd4d: "Cortex-A715", 0xd4e: "Cortex-X3",
-             0xd4f: "Neoverse-V2", 0xd80: "Cortex-A520", 0xd81: "Cortex-A720", 0xd82: "Cortex-X4",
-             0xd85: "Cortex-X925", 0xd87: "Cortex-A725"}
+ARM_PARTS = {
+    0xD03: "Cortex-A53",
+    0xD04: "Cortex-A35",
+    0xD05: "Cortex-A55",
+    0xD07: "Cortex-A57",
+    0xD08: "Cortex-A72",
+    0xD09: "Cortex-A73",
+    0xD0A: "Cortex-A75",
+    0xD0B: "Cortex-A76",
+    0xD0C: "Neoverse-N1",
+    0xD0D: "Cortex-A77",
+    0xD40: "Neoverse-V1",
+    0xD41: "Cortex-A78",
+    0xD44: "Cortex-X1",
+    0xD46: "Cortex-A510",
+    0xD47: "Cortex-A710",
+    0xD48: "Cortex-X2",
+    0xD49: "Neoverse-N2",
+    0xD4B: "Cortex-A78C",
+    0xD4D: "Cortex-A715",
+    0xD4E: "Cortex-X3",
+    0xD4F: "Neoverse-V2",
+    0xD80: "Cortex-A520",
+    0xD81: "Cortex-A720",
+    0xD82: "Cortex-X4",
+    0xD85: "Cortex-X925",
+    0xD87: "Cortex-A725",
+}
 
 
 def cpu_clusters(cpuinfo: str) -> list[dict]:
@@ -102,8 +124,11 @@ def cpu_clusters(cpuinfo: str) -> list[dict]:
             continue
         if "CPU part" in fields:
             implementer, part = int(fields.get("CPU implementer", "0"), 16), int(fields["CPU part"], 16)
-            name = ARM_PARTS.get(part, f"part 0x{part:03x}") if implementer == 0x41 else \
-                f"implementer 0x{implementer:02x} part 0x{part:03x}"
+            name = (
+                ARM_PARTS.get(part, f"part 0x{part:03x}")
+                if implementer == 0x41
+                else f"implementer 0x{implementer:02x} part 0x{part:03x}"
+            )
             key = (name, f"0x{part:03x}")
         else:
             key = (fields.get("model name", "unknown"), None)
@@ -139,16 +164,25 @@ def about() -> dict:
         import subprocess
 
         try:
-            brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                   timeout=10).stdout.strip()
+            brand = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
             cpu["model name"] = brand or None
         except (OSError, subprocess.SubprocessError):
             pass
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-            "platform": f"{sys.platform}-{platform.machine().lower()}", "cores": os.cpu_count(), "cpu": cpu,
-            "clusters": clusters, "affinity": affinity, "can_pin": hasattr(os, "sched_setaffinity"),
-            "versions": installed_versions(PACKAGES)}
+    return {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine().lower()}",
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "clusters": clusters,
+        "affinity": affinity,
+        "can_pin": hasattr(os, "sched_setaffinity"),
+        "versions": installed_versions(PACKAGES),
+    }
 
 
 def thermal(root: str = "/sys/class/thermal") -> dict:
@@ -295,8 +329,13 @@ def main(argv: list[str] | None = None) -> None:
             if op == "open":
                 t = time.perf_counter()
                 runner, prepared = _open(cmd), None
-                reply({"load_ms": (time.perf_counter() - t) * 1e3, "describe": runner.describe(),
-                       "problems": runner.check_structure()})
+                reply(
+                    {
+                        "load_ms": (time.perf_counter() - t) * 1e3,
+                        "describe": runner.describe(),
+                        "problems": runner.check_structure(),
+                    }
+                )
             elif op == "run":
                 if "tensor" in cmd:
                     batch = ImageBatch(cmd["names"], unpack(cmd["images"]), unpack(cmd["tensor"]))

@@ -1,4 +1,5 @@
 """Comparison of an artifact's outputs with the PyTorch fp32 authors' form, with bounds per precision."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -24,8 +25,12 @@ class Bounds:
 
 # fp32 artifacts must compute the same function; fp16 ones the same ranking and direction
 # int8 and 4-bit weights change the numbers by design; they must keep the direction of the logits
-DEFAULT_BOUNDS = {"fp32": Bounds(max_abs=1e-4), "fp16": Bounds(min_cosine=0.999), "int8": Bounds(min_cosine=0.99),
-                  "w4": Bounds(min_cosine=0.95)}
+DEFAULT_BOUNDS = {
+    "fp32": Bounds(max_abs=1e-4),
+    "fp16": Bounds(min_cosine=0.999),
+    "int8": Bounds(min_cosine=0.99),
+    "w4": Bounds(min_cosine=0.95),
+}
 
 
 def bounds_for(precision: str, min_top1_agreement: float | None = None) -> Bounds:
@@ -80,27 +85,44 @@ def run_all(runner: Runner, images: ImageBatch, batch: int, on_progress=None) ->
     return np.concatenate(outs)
 
 
-def validate(runner: Runner, images: ImageBatch, reference: np.ndarray, batch: int, bounds: Bounds,
-             on_progress=None) -> dict:
+def validate(
+    runner: Runner, images: ImageBatch, reference: np.ndarray, batch: int, bounds: Bounds, on_progress=None
+) -> dict:
     """Check the artifact's structure, run it on every image and judge its outputs against the bounds."""
     return validate_outputs(runner, images, reference, batch, bounds, on_progress)[0]
 
 
-def validate_outputs(runner: Runner, images: ImageBatch, reference: np.ndarray, batch: int, bounds: Bounds,
-                     on_progress=None) -> tuple[dict, np.ndarray]:
+def validate_outputs(
+    runner: Runner, images: ImageBatch, reference: np.ndarray, batch: int, bounds: Bounds, on_progress=None
+) -> tuple[dict, np.ndarray]:
     """:func:`validate`'s report, and the outputs it judged (to compare one target's with another's)."""
     problems = runner.check_structure()
     out = run_all(runner, images, batch, on_progress)
     figures = compare(out, reference[: len(out)])
     failures = problems + check(figures, bounds)
     # described after running: e.g. the fp16 report of the Core ML interpreter
-    report = {**runner.describe(), "bounds": bounds.as_dict(), "passed": not failures, "problems": failures,
-              "figures": figures}
+    report = {
+        **runner.describe(),
+        "bounds": bounds.as_dict(),
+        "passed": not failures,
+        "problems": failures,
+        "figures": figures,
+    }
     return report, out
 
 
-def validate_on_target(target, fmt: str, path: Path, spec: ModelSpec, info: dict, images: ImageBatch,
-                       reference: np.ndarray, bounds, local_outputs: np.ndarray | None, stage) -> dict:
+def validate_on_target(
+    target,
+    fmt: str,
+    path: Path,
+    spec: ModelSpec,
+    info: dict,
+    images: ImageBatch,
+    reference: np.ndarray,
+    bounds,
+    local_outputs: np.ndarray | None,
+    stage,
+) -> dict:
     """One artifact validated on a target other than this machine, with its difference from this machine's run.
 
     An artifact the target cannot run, cannot open or loses mid-run gets a report that says so
@@ -118,8 +140,14 @@ def validate_on_target(target, fmt: str, path: Path, spec: ModelSpec, info: dict
     except WorkerError as e:
         return {"ran": True, "passed": False, "problems": [f"could not open it on {target.name}: {e}"]}
     try:
-        report, out = validate_outputs(runner, images, reference, spec.batch, bounds,
-                                       on_progress=lambda text: stage.update(f"{text} on {target.name}"))
+        report, out = validate_outputs(
+            runner,
+            images,
+            reference,
+            spec.batch,
+            bounds,
+            on_progress=lambda text: stage.update(f"{text} on {target.name}"),
+        )
     except WorkerError as e:
         return {"ran": True, "passed": False, "problems": [f"stopped on {target.name}: {e}"]}
     report["load_seconds"] = round(runner.load_ms / 1e3, 2)
@@ -133,12 +161,25 @@ def validate_on_target(target, fmt: str, path: Path, spec: ModelSpec, info: dict
 def versus_local(out: np.ndarray, local: np.ndarray) -> dict:
     """How a target's outputs differ from this machine's run of the same artifact on the same images."""
     vs = compare(out, local[: len(out)])
-    return {**{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},
-            "bit_exact": bool(np.array_equal(out, local[: len(out)]))}
+    return {
+        **{k: vs[k] for k in ("max_abs", "mean_abs", "cosine", "top1_agreement")},
+        "bit_exact": bool(np.array_equal(out, local[: len(out)])),
+    }
 
 
-def validate_artifact(local, target, fmt: str, path: Path, spec: ModelSpec, info: dict, images: ImageBatch,
-                      reference: np.ndarray, bounds: Bounds, progress, label: str) -> dict:
+def validate_artifact(
+    local,
+    target,
+    fmt: str,
+    path: Path,
+    spec: ModelSpec,
+    info: dict,
+    images: ImageBatch,
+    reference: np.ndarray,
+    bounds: Bounds,
+    progress,
+    label: str,
+) -> dict:
     """One artifact validated on this machine (``local``) and, for another ``target``, there too.
 
     The report is this machine's, with the target's under ``targets.<name>``; it passes when both do
@@ -146,13 +187,11 @@ def validate_artifact(local, target, fmt: str, path: Path, spec: ModelSpec, info
     """
     with progress.stage(f"{label}: validate") as stage:
         runner = local.runner(fmt, path, spec, info)
-        report, local_out = validate_outputs(runner, images, reference, spec.batch, bounds,
-                                             on_progress=stage.update)
+        report, local_out = validate_outputs(runner, images, reference, spec.batch, bounds, on_progress=stage.update)
     progress.report(fmt, report)
     if target.kind != "local":
         with progress.stage(f"{label}: validate on {target.name}") as stage:
-            on_target = validate_on_target(target, fmt, path, spec, info, images, reference, bounds, local_out,
-                                           stage)
+            on_target = validate_on_target(target, fmt, path, spec, info, images, reference, bounds, local_out, stage)
         progress.report_target(fmt, target.name, on_target)
         report["targets"] = {target.name: on_target}
         report["passed"] = report["passed"] and on_target["passed"] is not False
