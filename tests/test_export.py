@@ -191,6 +191,7 @@ def test_interrupted_export_leaves_nothing(tiny_variant, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_force_replaces_atomically(tiny_variant, tmp_path):
     first = export(tiny_variant, format="onnx", img_size=64, out=tmp_path, num_classes=10, no_validate=True)
     second = export(
@@ -203,6 +204,7 @@ def test_force_replaces_atomically(tiny_variant, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [second.bundle.name]
 
 
+@pytest.mark.e2e
 def test_batch_and_tensor_input_and_opset17(tiny_variant, tmp_path):
     r = export(
         tiny_variant,
@@ -270,6 +272,7 @@ def test_random_weights_are_the_same_in_every_run():
     assert all(torch.equal(a[k], b[k]) for k in a) and first.state_sha256 == second.state_sha256
 
 
+@pytest.mark.e2e
 def test_bundle_of_random_weights_validates_from_its_seed(tiny_variant, tmp_path, capsys):
     """Random weights are drawn from a recorded seed, so their bundle validates without a checkpoint;
     a checkpoint given for it is refused, as the wrong checkpoint is."""
@@ -349,6 +352,7 @@ def test_onnx_fp16_norm_statistics_stay_finite_where_naive_fp16_overflows(tiny_v
     assert kept > 0 and np.isfinite(out).all() and cos.min() >= 0.999
 
 
+@pytest.mark.e2e
 def test_precisions_and_formats_exported_separately_share_one_bundle(tiny_variant, tmp_path, capsys):
     """fp16 then fp32 Core ML, then ONNX: each run adds to the bundle; --force replaces only its own artifact."""
     common = dict(img_size=64, out=tmp_path, num_classes=10, no_validate=True)

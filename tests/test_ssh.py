@@ -77,6 +77,7 @@ def test_probe_labels_the_device_and_copies_the_code_once(sshd, device):
     assert list((Path(device["remote_dir"]) / "code").iterdir()) == codes
 
 
+@pytest.mark.e2e
 def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(
     sshd, device, tiny_bundle, tiny_checkpoint, tmp_path
 ):
@@ -109,6 +110,7 @@ def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(
     assert f"on {sshd.address}" in (res.out / "results.md").read_text()
 
 
+@pytest.mark.e2e
 def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, tiny_bundle, tiny_checkpoint, tmp_path):
     from cloformer_deploy.pipeline import validate_bundle
 
@@ -186,6 +188,7 @@ def onnx_only_device(device, tmp_path):
     return {**device, "remote_python": f"env PYTHONPATH={site} {BASE_PYTHON} -S"}
 
 
+@pytest.mark.e2e
 def test_a_missing_runtime_is_an_error_row_and_the_others_run(
     sshd, onnx_only_device, tiny_bundle, tiny_checkpoint, tmp_path, capsys
 ):

@@ -404,6 +404,7 @@ def test_export_on_another_target_records_its_figures_beside_these(
     assert getattr(target, "_validation_worker", None) is None  # closed: nothing left running
 
 
+@pytest.mark.e2e
 def test_an_artifact_the_target_refuses_fails_validation_with_the_reason(
     tiny_bundle, tiny_checkpoint, tmp_path, monkeypatch
 ):
