@@ -112,10 +112,12 @@ def export_main(p: _Parser, argv) -> int:
     ExportOptions.add_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
     args = p.parse_args(argv)
+    from .pipeline.options import export_checked
+
+    opts, _ = export_checked(ExportOptions.from_args(args))  # bad input answered before torch is imported
     from .pipeline.exporter import export
     from .progress import Progress
 
-    opts = ExportOptions.from_args(args)
     result = export(opts, progress=Progress(quiet=args.quiet), argv=_argv(p.prog, argv))
     rows = []
     for a in result.artifacts:
@@ -178,10 +180,11 @@ def validate_main(p: _Parser, argv) -> int:
     ValidateOptions.add_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
+    opts = ValidateOptions.from_args(args).checked()  # bad input answered before torch is imported
     from .pipeline.revalidate import validate_bundle
     from .progress import Progress
 
-    ok, reports = validate_bundle(ValidateOptions.from_args(args), progress=Progress(quiet=args.quiet))
+    ok, reports = validate_bundle(opts, progress=Progress(quiet=args.quiet))
     for r in reports:
         for name, t in (r.get("targets") or {}).items():
             print(f"{r['path']} on {name}: {_target_verdict(t)}")
@@ -202,11 +205,15 @@ def bench_main(p: _Parser, argv) -> int:
 
     opts = BenchOptions.from_args(args)
     if opts.ablation:
+        from .runtime_bench.options import ablation_checked
+
+        opts = ablation_checked(opts)  # bad input answered before torch is imported
         from .runtime_bench.ablation import ablation
 
         res = ablation(opts, progress=Progress(quiet=args.quiet))
         print(open(res["path"]).read())
         return 0
+    opts = opts.checked()  # bad input answered before torch is imported
     from .runtime_bench.harness import bench
     from .runtime_bench.report import console_table
 

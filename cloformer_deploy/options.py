@@ -63,8 +63,10 @@ class Options:
                 SWITCHES.add(flag_of(name))
 
     def __post_init__(self):
+        # built directly (Options(...), dataclasses.replace): what differs from its default was given
         if not hasattr(self, _GIVEN):
-            object.__setattr__(self, _GIVEN, frozenset())
+            changed = frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default)
+            object.__setattr__(self, _GIVEN, changed)
 
     # ---- construction
     @classmethod
@@ -72,6 +74,9 @@ class Options:
         """From the API's keyword arguments (the fields given), or an options object with some fields replaced."""
         names = cls.names()
         unknown = [k for k in kwargs if k not in names]
+        # None for an option that has a value by default means "not given" (the API's old defaults were None)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in kwargs.items() if not (v is None and defaults.get(k) is not None)}
         if unknown:
             raise InputError(
                 f"{flag_of(unknown[0])} is not an option of this command; choose from "

@@ -375,6 +375,28 @@ def test_help_and_listing_import_no_torch():
     assert "HEAVY []" in out and "cloformer_xxs" in out and "4,166,728" in out and "--coreml-target" in out
 
 
+@pytest.mark.parametrize(
+    "command, args",
+    [
+        ("export", ["--img-size", "230"]),
+        ("export", ["--format", "coreml", "--opset", "18"]),
+        ("validate", ["/no/such/bundle"]),
+        ("bench", ["--runs", "x"]),
+        ("bench", ["--bundle", "/no/such/bundle"]),
+        ("bench", ["--ablation", "--baselines"]),
+    ],
+)
+def test_bad_input_imports_no_torch(command, args):
+    """A bad option is answered before the pipeline (and torch with it) is imported."""
+    code = (
+        f"import sys\nfrom cloformer_deploy.cli import {command}_main\nrc = {command}_main({args!r})\n"
+        "heavy = [m for m in ('torch', 'coremltools', 'onnx', 'executorch') if m in sys.modules]\n"
+        "print('RC', rc, 'HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "RC 2 HEAVY []" in out, out
+
+
 def test_listed_profiles_are_the_counted_ones():
     from cloformer_deploy.models import list_models, profile_model
     from cloformer_deploy.models.registry import PROFILE_224

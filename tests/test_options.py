@@ -76,3 +76,22 @@ def test_target_options_are_shared_and_last_in_help():
         assert issubclass(cls, TargetOptions)
     help_text = _parser(ExportOptions).format_help()
     assert help_text.index("--model") < help_text.index("--format") < help_text.index("--target")
+
+
+def test_built_directly_what_differs_from_the_default_is_given():
+    assert BenchOptions(bundle="b", model="fat_b0").given() == {"bundle", "model"}
+    assert dataclasses.replace(BenchOptions(), runs=3).given() == {"runs"}
+
+
+def test_none_for_an_option_with_a_default_is_not_given():
+    opts = BenchOptions.of(model=None, img_size=None, runs=5)
+    assert opts.given() == {"runs"} and opts.model == "cloformer-xxs" and opts.img_size == 224
+
+
+def test_a_format_option_at_its_default_is_no_choice():
+    opts, precisions = export_checked(
+        ExportOptions.of(format="coreml", opset=None, no_simplify=False, backend="xnnpack")
+    )
+    assert list(precisions) == ["coreml"]
+    with pytest.raises(InputError, match="opset applies to onnx"):
+        export_checked(ExportOptions.of(format="coreml", opset=18))

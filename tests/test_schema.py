@@ -151,9 +151,9 @@ DAMAGE = {
         "manifest.json: model.batch is '1' (a string), not an integer; export the bundle again",
     ),
     "old schema": (
-        lambda m: m.update(schema_version=1),
-        "manifest.json was written by an older version of cloformer-deploy (schema 1; this one reads "
-        "schema 2); export it again",
+        lambda m: m.update(schema_version=0),
+        "manifest.json was written by an older version of cloformer-deploy (schema 0; this one reads "
+        "schema 1); export it again",
     ),
     "wrong enum": (
         lambda m: m["artifacts"][1].update(precision="fp8"),
@@ -220,14 +220,14 @@ def test_an_old_bundle_is_refused_by_the_installed_command_without_traceback(exp
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"cloformer-validate: error: {folder / 'manifest.json'} was written by "
-        "an older version of cloformer-deploy (schema 1; this one reads "
-        "schema 2); export it again"
+        "an older version of cloformer-deploy (schema 0; this one reads "
+        "schema 1); export it again"
     ]
 
 
 @pytest.mark.e2e
 def test_newer_and_missing_schema_versions_say_which(exported):
-    for version, words in ((3, "a newer version of cloformer-deploy (schema 3;"), (None, "(no schema_version;")):
+    for version, words in ((2, "a newer version of cloformer-deploy (schema 2;"), (None, "(no schema_version;")):
         manifest = copy.deepcopy(exported["final"])
         manifest.pop("schema_version") if version is None else manifest.update(schema_version=version)
         with pytest.raises(bundle_io.BundleError, match=r"^manifest.json was written by .*") as e:

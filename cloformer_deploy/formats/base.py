@@ -119,6 +119,8 @@ class BenchRuntime:
     in_all: bool = True  # part of --formats all
     peers: bool = False  # the peers (timm models) are exported for it and timed in it
     fixed_runs: int | None = None  # timed runs whatever --runs says (slow kernels); None: --runs
+    position: int = 50  # where its rows stand in the benchmark's order
+    switch: str | None = None  # the bench option that adds it (portable: --portable), when it is not in --formats
 
 
 class Backend(ABC):

@@ -222,7 +222,7 @@ class ExecuTorchBackend(Backend):
     suffix = ".pte"
     runtime = "ExecuTorch (XNNPACK)"
     bench_runtimes = (
-        BenchRuntime("executorch-xnnpack", "ET-XNNPACK", aliases=("executorch", "xnnpack"), peers=True),
+        BenchRuntime("executorch-xnnpack", "ET-XNNPACK", aliases=("executorch", "xnnpack"), peers=True, position=20),
         BenchRuntime(
             "executorch-portable",
             "ET-portable",
@@ -230,6 +230,8 @@ class ExecuTorchBackend(Backend):
             export_options={"backend": "portable"},
             in_all=False,
             fixed_runs=3,
+            position=30,
+            switch="portable",
         ),
     )
     device_packages = ("executorch", "torch")  # its Python runtime links libtorch

@@ -2,6 +2,7 @@
 
 Names are imported on first use, so that listing variants or printing help does not import torch.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -14,9 +15,16 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 _LAZY = {
-    "CheckpointError": "checkpoint", "apply_state_dict": "checkpoint", "guess_variant": "checkpoint",
-    "load_checkpoint": "checkpoint", "DEPLOY_STEPS": "deploy", "InputSizeError": "deploy",
-    "check_input_size": "deploy", "to_deploy": "deploy", "ModelProfile": "profile", "count_macs": "profile",
+    "CheckpointError": "checkpoint",
+    "apply_state_dict": "checkpoint",
+    "guess_variant": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "DEPLOY_STEPS": "deploy",
+    "InputSizeError": "registry",
+    "check_input_size": "registry",
+    "to_deploy": "deploy",
+    "ModelProfile": "profile",
+    "count_macs": "profile",
     "profile_model": "profile",
 }
 
@@ -27,8 +35,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def create_model(name: str, *, num_classes: int = 1000, checkpoint: str | Path | None = None,
-                 features_only: bool = False) -> nn.Module:
+def create_model(
+    name: str, *, num_classes: int = 1000, checkpoint: str | Path | None = None, features_only: bool = False
+) -> nn.Module:
     """A CloFormer or FAT variant in the authors' form, in eval mode.
 
     ``name`` accepts ``cloformer_xxs`` and ``cloformer-xxs`` alike. ``checkpoint``
@@ -46,7 +55,22 @@ def create_model(name: str, *, num_classes: int = 1000, checkpoint: str | Path |
 
 
 __all__ = [
-    "CheckpointError", "DEPLOY_STEPS", "InputSizeError", "ModelProfile", "UnknownModelError", "VARIANTS",
-    "Variant", "apply_state_dict", "canonical_name", "check_input_size", "count_macs", "create_model",
-    "get_variant", "guess_variant", "list_models", "load_checkpoint", "profile_model", "to_deploy",
+    "CheckpointError",
+    "DEPLOY_STEPS",
+    "InputSizeError",
+    "ModelProfile",
+    "UnknownModelError",
+    "VARIANTS",
+    "Variant",
+    "apply_state_dict",
+    "canonical_name",
+    "check_input_size",
+    "count_macs",
+    "create_model",
+    "get_variant",
+    "guess_variant",
+    "list_models",
+    "load_checkpoint",
+    "profile_model",
+    "to_deploy",
 ]

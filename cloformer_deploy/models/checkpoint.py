@@ -8,6 +8,7 @@ restricted unpickler and allow-list an inert stand-in under yacs' class name: th
 config comes back as a plain dict, nothing from the file runs, and any other
 global the pickle asks for is refused.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -38,10 +39,18 @@ class _InertConfig(dict):
 # dtypes, scalars); none can run code chosen by the file. Typed storages
 # (``torch.FloatStorage`` ...) are resolved by torch.load itself before this list.
 _ALLOWED_GLOBALS = {
-    "collections.OrderedDict", "collections.defaultdict", "builtins.set", "builtins.frozenset",
-    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
-    "torch._utils._rebuild_parameter_with_state", "torch.Size", "torch.device",
-    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
+    "collections.OrderedDict",
+    "collections.defaultdict",
+    "builtins.set",
+    "builtins.frozenset",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "torch._utils._rebuild_parameter_with_state",
+    "torch.Size",
+    "torch.device",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
 }
 _INERT_GLOBALS = {"yacs.config.CfgNode": _InertConfig}
 
@@ -107,8 +116,10 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path.name} is not a readable safetensors file ({_first_line(e)}); "
-                              "it may be truncated: download or copy it again") from None
+        raise CheckpointError(
+            f"{path.name} is not a readable safetensors file ({_first_line(e)}); "
+            "it may be truncated: download or copy it again"
+        ) from None
 
 
 def _load_pickle(path: Path):
@@ -122,12 +133,17 @@ def _load_pickle(path: Path):
             raise CheckpointError(
                 f"{path.name} asks to run {refused!r}, which is not on the allow-list of a weights file; "
                 "nothing was executed. Re-save the weights with torch.save(model.state_dict(), ...) "
-                "or convert them to .safetensors") from None
-        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({_first_line(e)}); "
-                              "it may be truncated or corrupt: download or copy it again") from None
+                "or convert them to .safetensors"
+            ) from None
+        raise CheckpointError(
+            f"{path.name} is not a readable PyTorch checkpoint ({_first_line(e)}); "
+            "it may be truncated or corrupt: download or copy it again"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({_first_line(e)}); "
-                              "it may be truncated or corrupt: download or copy it again") from None
+        raise CheckpointError(
+            f"{path.name} is not a readable PyTorch checkpoint ({_first_line(e)}); "
+            "it may be truncated or corrupt: download or copy it again"
+        ) from None
 
 
 def _refused_global(message: str) -> str | None:
@@ -151,22 +167,28 @@ def _extract_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
                 break
             obj = inner
     if not isinstance(obj, Mapping) or not _is_tensor_dict(obj):
-        raise CheckpointError(f"{path.name} holds no state dict (found {type(obj).__name__} with keys "
-                              f"{list(obj)[:5] if isinstance(obj, Mapping) else '-'}); "
-                              "pass a file saved from model.state_dict() or the authors' training script")
+        raise CheckpointError(
+            f"{path.name} holds no state dict (found {type(obj).__name__} with keys "
+            f"{list(obj)[:5] if isinstance(obj, Mapping) else '-'}); "
+            "pass a file saved from model.state_dict() or the authors' training script"
+        )
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     for prefix in _PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
 def _is_tensor_dict(obj: Mapping) -> bool:
-    return bool(obj) and all(isinstance(k, str) for k in obj) and \
-        sum(isinstance(v, torch.Tensor) for v in obj.values()) >= max(1, len(obj) // 2)
+    return (
+        bool(obj)
+        and all(isinstance(k, str) for k in obj)
+        and sum(isinstance(v, torch.Tensor) for v in obj.values()) >= max(1, len(obj) // 2)
+    )
 
 
 # --- fitting a state dict to a model -------------------------------------------------------------
+
 
 def _shape_signature(variant: Variant) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
@@ -188,8 +210,9 @@ def num_classes_of(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     return int(w.shape[0]) if w is not None else None
 
 
-def apply_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], variant: str,
-                     source: str = "checkpoint") -> None:
+def apply_state_dict(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], variant: str, source: str = "checkpoint"
+) -> None:
     """``load_state_dict(strict=True)`` with errors that say what does not fit and what to do."""
     expected = model.state_dict()
     if getattr(model, "features_only", False):
@@ -206,8 +229,10 @@ def apply_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     head_only = set(missing + unexpected + mismatched) <= {"head.weight", "head.bias"}
     if head_only and "head.weight" in state_dict:
         n = num_classes_of(state_dict)
-        raise CheckpointError(f"{source} has a {n}-class head but the model was built with "
-                              f"{expected['head.weight'].shape[0]} classes; pass --num-classes {n}")
+        raise CheckpointError(
+            f"{source} has a {n}-class head but the model was built with "
+            f"{expected['head.weight'].shape[0]} classes; pass --num-classes {n}"
+        )
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
@@ -215,7 +240,11 @@ def apply_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
         parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
     if mismatched:
         k = mismatched[0]
-        parts.append(f"{len(mismatched)} keys of another shape (e.g. {k}: {tuple(state_dict[k].shape)} "
-                     f"vs {tuple(expected[k].shape)})")
-    raise CheckpointError(f"{source} does not fit {variant}: {'; '.join(parts)}. "
-                          "It was not saved from this architecture; check --model and the file")
+        parts.append(
+            f"{len(mismatched)} keys of another shape (e.g. {k}: {tuple(state_dict[k].shape)} "
+            f"vs {tuple(expected[k].shape)})"
+        )
+    raise CheckpointError(
+        f"{source} does not fit {variant}: {'; '.join(parts)}. "
+        "It was not saved from this architecture; check --model and the file"
+    )

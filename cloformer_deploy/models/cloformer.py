@@ -5,6 +5,7 @@ reference implementation, so their checkpoints load with ``strict=True``.
 Shapes are derived from the input at run time here; the deploy form
 (:mod:`cloformer_deploy.models.deploy`) fixes them at construction.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,16 +31,27 @@ class AttnMap(nn.Module):
 class EfficientAttention(nn.Module):
     """Local branches (shared-weight conv + context-aware weights) beside global attention on pooled keys."""
 
-    def __init__(self, dim: int, num_heads: int, group_split: tuple[int, ...], kernel_sizes: tuple[int, ...],
-                 window_size: int, attn_drop: float = 0.0, proj_drop: float = 0.0, qkv_bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        group_split: tuple[int, ...],
+        kernel_sizes: tuple[int, ...],
+        window_size: int,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        qkv_bias: bool = True,
+    ):
         super().__init__()
         if sum(group_split) != num_heads or len(kernel_sizes) + 1 != len(group_split):
-            raise ValueError("group_split must list one head count per kernel size plus the global heads, "
-                             f"summing to num_heads={num_heads}")
+            raise ValueError(
+                "group_split must list one head count per kernel size plus the global heads, "
+                f"summing to num_heads={num_heads}"
+            )
         self.dim = dim
         self.num_heads = num_heads
         self.dim_head = dim // num_heads
-        self.scale = self.dim_head ** -0.5
+        self.scale = self.dim_head**-0.5
         self.window_size = window_size
         self.group_split = tuple(group_split)
         self.kernel_sizes = tuple(kernel_sizes)
@@ -90,13 +102,21 @@ class EfficientAttention(nn.Module):
 
 
 class ConvFFN(nn.Module):
-    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int, stride: int,
-                 out_channels: int, drop: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        kernel_size: int,
+        stride: int,
+        out_channels: int,
+        drop: float = 0.0,
+    ):
         super().__init__()
         self.fc1 = nn.Conv2d(in_channels, hidden_channels, 1)
         self.act = nn.GELU()
-        self.dwconv = nn.Conv2d(hidden_channels, hidden_channels, kernel_size, stride, kernel_size // 2,
-                                groups=hidden_channels)
+        self.dwconv = nn.Conv2d(
+            hidden_channels, hidden_channels, kernel_size, stride, kernel_size // 2, groups=hidden_channels
+        )
         self.fc2 = nn.Conv2d(hidden_channels, out_channels, 1)
         self.drop = nn.Dropout(drop)
 
@@ -112,8 +132,20 @@ class ConvFFN(nn.Module):
 class CloBlock(Block):
     feed_forward_name = "mlp"
 
-    def __init__(self, dim: int, out_dim: int, num_heads: int, group_split, kernel_sizes, window_size: int,
-                 mlp_kernel_size: int, mlp_ratio: float, stride: int, qkv_bias: bool = True, drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        num_heads: int,
+        group_split,
+        kernel_sizes,
+        window_size: int,
+        mlp_kernel_size: int,
+        mlp_ratio: float,
+        stride: int,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.norm1 = nn.GroupNorm(1, dim)
         self.attn = EfficientAttention(dim, num_heads, group_split, kernel_sizes, window_size, qkv_bias=qkv_bias)
@@ -128,5 +160,16 @@ class CloFormer(Backbone):
 
     def make_block(self, stage: int, dim: int, out_dim: int, stride: int, drop_path: float) -> CloBlock:
         c, i = self.config, stage
-        return CloBlock(dim, out_dim, c.num_heads[i], c.group_splits[i], c.kernel_sizes[i], c.window_sizes[i],
-                        c.mlp_kernel_sizes[i], c.mlp_ratios[i], stride, c.qkv_bias, drop_path)
+        return CloBlock(
+            dim,
+            out_dim,
+            c.num_heads[i],
+            c.group_splits[i],
+            c.kernel_sizes[i],
+            c.window_sizes[i],
+            c.mlp_kernel_sizes[i],
+            c.mlp_ratios[i],
+            stride,
+            c.qkv_bias,
+            drop_path,
+        )

@@ -1,4 +1,5 @@
 """Architecture hyperparameters of both families, as plain data: importing them costs no torch import."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

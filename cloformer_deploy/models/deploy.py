@@ -10,6 +10,7 @@ takes part by defining ``deploy_<step name>()``, which rewrites it in place or r
 replacement. PyTorch's own modules, which cannot carry such methods, are rewritten by
 rules the step names. The folds are computed in float64 and stored in the model's dtype.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,16 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..inputs import InputError
 from .deploy_modules import ChannelNorm, ErfcGELU, RingDepthwise, SigmoidSiLU, constant_buffer
 from .folds import fuse_conv_bn
 from .layers import Backbone
-
-STRIDE = 32  # the stem (4) times three stride-2 stages; the pooling windows 8/4/2/1 tile exactly
-
-
-class InputSizeError(InputError):
-    pass
+from .registry import STRIDE, InputSizeError, check_input_size  # noqa: F401  (the deploy form's size rule)
 
 
 @dataclass(frozen=True)
@@ -40,28 +35,6 @@ class DeployStep:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-def check_input_size(input_size) -> tuple[int, int]:
-    """(H, W) as ints, each a positive multiple of 32, or an error naming the nearest valid sizes."""
-    if isinstance(input_size, int):
-        input_size = (input_size, input_size)
-    h, w = (int(v) for v in input_size)
-    if h <= 0 or w <= 0:
-        raise InputSizeError(f"input size {h}x{w}: sizes must be positive multiples of {STRIDE}, "
-                             "such as 224 or 256x320")
-    if h % STRIDE == 0 and w % STRIDE == 0:
-        return h, w
-
-    def near(v):
-        lo = max(STRIDE, v // STRIDE * STRIDE)
-        return sorted({lo, lo + STRIDE}) if v % STRIDE else [v]
-
-    hs, ws = near(h), near(w)
-    options = sorted({(a, b) for a in hs for b in ws}, key=lambda s: abs(s[0] - h) + abs(s[1] - w))
-    nearest = " or ".join(f"{a}x{b}" for a, b in options[:2])
-    raise InputSizeError(f"input size {h}x{w} is not a multiple of {STRIDE} in each dimension "
-                         f"(the attention pooling windows 8/4/2/1 need it); use {nearest}")
-
 
 TorchRules = dict[type, Callable[[nn.Module], "nn.Module | None"]]
 
@@ -115,10 +88,14 @@ def _batchnorm_from_sync(sync: nn.SyncBatchNorm) -> nn.BatchNorm2d:
 
 # --- the steps ---------------------------------------------------------------------------------
 
+
 def drop_training_only(model: nn.Module, input_size) -> None:
     """Drop-path and dropout become identities; SyncBatchNorm becomes BatchNorm2d."""
-    ask_modules(model, "drop_training_only",
-                torch_rules={nn.Dropout: lambda m: nn.Identity(), nn.SyncBatchNorm: _batchnorm_from_sync})
+    ask_modules(
+        model,
+        "drop_training_only",
+        torch_rules={nn.Dropout: lambda m: nn.Identity(), nn.SyncBatchNorm: _batchnorm_from_sync},
+    )
 
 
 def static_shapes(model: Backbone, input_size) -> None:
@@ -164,8 +141,13 @@ def split_wide_depthwise(model: nn.Module, input_size) -> None:
     Not a default step: it is for XNNPACK, whose depthwise kernels stop at 25 taps (wider ones run
     as a slow grouped GEMM); ONNX Runtime runs the single wide convolution faster than the pieces.
     """
-    ask_modules(model, None, torch_rules={
-        nn.Conv2d: lambda c: RingDepthwise(c) if c.kernel_size[0] > 5 and RingDepthwise.splits(c) else None})
+    ask_modules(
+        model,
+        None,
+        torch_rules={
+            nn.Conv2d: lambda c: RingDepthwise(c) if c.kernel_size[0] > 5 and RingDepthwise.splits(c) else None
+        },
+    )
 
 
 def single_reduce_norm(model: nn.Module, input_size) -> None:
@@ -211,14 +193,16 @@ def scale_norm_inputs(model: nn.Module, images: torch.Tensor, limit: float = NOR
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, ChannelNorm):
+
             def record(mod, args, out, name=name):
                 x = args[0] * mod.input_scale if mod.input_scale is not None else args[0]
                 deviation = (x - x.mean(dim=(1, 2, 3), keepdim=True)).abs().max().item()
                 peaks[name] = max(peaks.get(name, 0.0), deviation)
+
             hooks.append(mod.register_forward_hook(record))
     try:
         for i in range(0, len(images), 8):
-            model(images[i:i + 8])
+            model(images[i : i + 8])
     finally:
         for h in hooks:
             h.remove()
@@ -228,22 +212,37 @@ def scale_norm_inputs(model: nn.Module, images: torch.Tensor, limit: float = NOR
             shift = math.ceil(math.log2(peaks[name] / limit))
             if mod.eps_tensor is None:
                 raise ValueError("scale_norm_inputs needs norm_constants_as_buffers first")
-            constant_buffer(mod, "input_scale", 2.0 ** -shift)
-            mod.eps_tensor.mul_(4.0 ** -shift)
+            constant_buffer(mod, "input_scale", 2.0**-shift)
+            mod.eps_tensor.mul_(4.0**-shift)
             shifts[name] = shift
     return shifts
 
 
 DEPLOY_STEPS: list[DeployStep] = [
     DeployStep(f.__name__, f, (f.__doc__ or "").strip().splitlines()[0])
-    for f in (drop_training_only, static_shapes, fold_residuals, fold_batchnorm, fold_attention_scale,
-              fold_norm_affine, merge_parallel_convs)
+    for f in (
+        drop_training_only,
+        static_shapes,
+        fold_residuals,
+        fold_batchnorm,
+        fold_attention_scale,
+        fold_norm_affine,
+        merge_parallel_convs,
+    )
 ]
 
 
 # rewrites that are not part of the default form, applied after it on request
-EXTRA_STEPS = {f.__name__: f for f in (split_wide_depthwise, single_reduce_norm, silu_as_sigmoid_product,
-                                       gelu_as_erfc_polynomial, norm_constants_as_buffers)}
+EXTRA_STEPS = {
+    f.__name__: f
+    for f in (
+        split_wide_depthwise,
+        single_reduce_norm,
+        silu_as_sigmoid_product,
+        gelu_as_erfc_polynomial,
+        norm_constants_as_buffers,
+    )
+}
 # what fp16 XNNPACK needs to run the whole network in one partition
 FP16_XNNPACK_STEPS = ["silu_as_sigmoid_product", "gelu_as_erfc_polynomial", "norm_constants_as_buffers"]
 DEFAULT_STEPS = [s.name for s in DEPLOY_STEPS]
@@ -251,8 +250,12 @@ DEFAULT_STEPS = [s.name for s in DEPLOY_STEPS]
 UNMERGED_STEPS = [n for n in DEFAULT_STEPS if n != "merge_parallel_convs"]
 
 
-def to_deploy(model: nn.Module, input_size=(224, 224), steps: list[str] | None = None,
-              extra_steps: tuple[str, ...] | list[str] = ()) -> nn.Module:
+def to_deploy(
+    model: nn.Module,
+    input_size=(224, 224),
+    steps: list[str] | None = None,
+    extra_steps: tuple[str, ...] | list[str] = (),
+) -> nn.Module:
     """A new, export-ready module computing the same function as ``model`` for inputs of ``input_size``.
 
     ``model`` is left untouched. ``steps`` restricts the rewrites to a prefix or

@@ -6,6 +6,7 @@ as ``-1`` so the same module serves any static batch an exporter traces with.
 Methods named ``deploy_<step>`` are the modules' answers to the rewrite steps
 (:mod:`cloformer_deploy.models.deploy`).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -27,8 +28,9 @@ class ChannelNorm(nn.Module):
     After ``fold_norm_affine`` most instances carry no affine at all.
     """
 
-    def __init__(self, num_channels: int, eps: float, weight: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None):
+    def __init__(
+        self, num_channels: int, eps: float, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ):
         super().__init__()
         self.num_channels = num_channels
         self.eps = float(eps)
@@ -133,7 +135,7 @@ class ErfcGELU(nn.Module):
         super().__init__()
         constant_buffer(self, "one", 1.0)
         constant_buffer(self, "one_half", 0.5)
-        constant_buffer(self, "p", _ERFC_P / 2 ** 0.5)
+        constant_buffer(self, "p", _ERFC_P / 2**0.5)
         constant_buffer(self, "minus_one_half", -0.5)
         for i, a in enumerate(_ERFC_A, 1):
             constant_buffer(self, f"a{i}", a)
@@ -154,13 +156,14 @@ def _channel_slices(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
         return [t]
     out, start = [], 0
     for n in sizes:
-        out.append(t[:, start:start + n])
+        out.append(t[:, start : start + n])
         start += n
     return out
 
 
-def pooled_attention(q: torch.Tensor, kv: torch.Tensor, channels: int, dim_head: int, h: int, w: int,
-                     n_kv: int, scale: float | None) -> torch.Tensor:
+def pooled_attention(
+    q: torch.Tensor, kv: torch.Tensor, channels: int, dim_head: int, h: int, w: int, n_kv: int, scale: float | None
+) -> torch.Tensor:
     """Multi-head attention of every position over pooled keys and values, as 3-D batched matmuls.
 
     ``q``: (B, C, h, w); ``kv``: (B, 2C, h', w'), k channels first, C = heads * dim_head.
@@ -278,8 +281,11 @@ class StaticCloAttention(nn.Module):
             qkvs = _channel_slices(self.mixer(parts[0]), [3 * c for c in self.local_channels]) if parts else []
         out = [self._local(qkv, c, ab) for qkv, c, ab in zip(qkvs, self.local_channels, self.act_blocks)]
         if self.global_heads:
-            out.append(pooled_attention(gq, gkv, self.global_channels, self.dim_head, self.h, self.w,
-                                        self.n_kv, self.global_scale))
+            out.append(
+                pooled_attention(
+                    gq, gkv, self.global_channels, self.dim_head, self.h, self.w, self.n_kv, self.global_scale
+                )
+            )
         return self.proj(torch.cat(out, dim=1) if len(out) > 1 else out[0])
 
 
@@ -366,22 +372,38 @@ class RingDepthwise(nn.Module):
     def splits(conv: nn.Conv2d) -> bool:
         """Whether ``conv`` is a 'same'-padded odd square depthwise convolution that ring pieces cover."""
         k = conv.kernel_size[0]
-        return (conv.kernel_size == (k, k) and k % 2 == 1 and k <= 11 and conv.groups == conv.in_channels
-                == conv.out_channels and conv.padding == (k // 2, k // 2) and conv.dilation == (1, 1))
+        return (
+            conv.kernel_size == (k, k)
+            and k % 2 == 1
+            and k <= 11
+            and conv.groups == conv.in_channels == conv.out_channels
+            and conv.padding == (k // 2, k // 2)
+            and conv.dilation == (1, 1)
+        )
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         k = conv.kernel_size[0]
         c = conv.in_channels
         if not self.splits(conv):
-            raise ValueError(f"ring pieces cover a 'same'-padded odd square depthwise convolution up to 11x11, "
-                             f"not {conv}")
+            raise ValueError(
+                f"ring pieces cover a 'same'-padded odd square depthwise convolution up to 11x11, not {conv}"
+            )
         weight = conv.weight.detach()
         self.pieces = nn.ModuleList()
         for n, (size, dilation, taps) in enumerate(ring_taps(k)):
             padding = tuple(dl * (s - 1) // 2 for s, dl in zip(size, dilation))
-            piece = nn.Conv2d(c, c, size, conv.stride, padding, dilation, groups=c,
-                              bias=n == 0 and conv.bias is not None, dtype=weight.dtype)
+            piece = nn.Conv2d(
+                c,
+                c,
+                size,
+                conv.stride,
+                padding,
+                dilation,
+                groups=c,
+                bias=n == 0 and conv.bias is not None,
+                dtype=weight.dtype,
+            )
             w = torch.zeros_like(piece.weight)
             for i, j in taps:
                 # tap offset -> index inside the piece: offsets are spaced by the dilation, centred

@@ -4,6 +4,7 @@ The authors' form, key-compatible with their checkpoints. The optional
 implicit-GEMM large-kernel convolution of the reference code is a CUDA speed-up
 with the same parameters as ``nn.Conv2d``; plain convolutions are used here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,7 +48,7 @@ class FASA(nn.Module):
         self.dim_head = dim // num_heads
         self.pool = refined_downsample(dim, window_size, 5)
         self.window_size = window_size
-        self.scale = self.dim_head ** -0.5
+        self.scale = self.dim_head**-0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -104,8 +105,18 @@ class ConvFFN(nn.Module):
 class FATBlock(Block):
     feed_forward_name = "ffn"
 
-    def __init__(self, dim: int, out_dim: int, kernel_size: int, num_heads: int, window_size: int,
-                 mlp_kernel_size: int, mlp_ratio: float, stride: int, drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        kernel_size: int,
+        num_heads: int,
+        window_size: int,
+        mlp_kernel_size: int,
+        mlp_ratio: float,
+        stride: int,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.cpe = _dwconv(dim, kernel_size)
         self.cpe_residual = True  # x + cpe(x); folded into the kernel by the deploy form
@@ -131,5 +142,14 @@ class FAT(Backbone):
 
     def make_block(self, stage: int, dim: int, out_dim: int, stride: int, drop_path: float) -> FATBlock:
         c, i = self.config, stage
-        return FATBlock(dim, out_dim, c.kernel_sizes[i], c.num_heads[i], c.window_sizes[i], c.mlp_kernel_sizes[i],
-                        c.mlp_ratios[i], stride, drop_path)
+        return FATBlock(
+            dim,
+            out_dim,
+            c.kernel_sizes[i],
+            c.num_heads[i],
+            c.window_sizes[i],
+            c.mlp_kernel_sizes[i],
+            c.mlp_ratios[i],
+            stride,
+            drop_path,
+        )

@@ -3,6 +3,7 @@
 The blocks call these from their ``deploy_<step>`` methods (see :mod:`.deploy`); results are stored
 in the convolution's dtype and device.
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,16 @@ import torch.nn as nn
 
 
 def _fused_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    out = nn.Conv2d(conv.in_channels, weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias=True)
+    out = nn.Conv2d(
+        conv.in_channels,
+        weight.shape[0],
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+    )
     out.weight.data.copy_(weight.to(conv.weight.dtype))
     out.bias.data.copy_(bias.to(conv.weight.dtype))
     return out.to(conv.weight.device)

@@ -5,6 +5,7 @@ keys match their checkpoints exactly (``patch_embed.conv1.conv.1.running_var``).
 Methods named ``deploy_<step>`` are the modules' answers to the deploy rewrites
 (:mod:`cloformer_deploy.models.deploy`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -80,8 +81,11 @@ def downsample_shortcut(dim: int, out_dim: int, stride: int, kernel_size: int, d
     if stride == 1:
         return nn.Identity()
     groups = dim if depthwise else 1
-    return nn.Sequential(nn.Conv2d(dim, dim, kernel_size, stride, kernel_size // 2, groups=groups),
-                         nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
+    return nn.Sequential(
+        nn.Conv2d(dim, dim, kernel_size, stride, kernel_size // 2, groups=groups),
+        nn.BatchNorm2d(dim),
+        nn.Conv2d(dim, out_dim, 1),
+    )
 
 
 class Block(nn.Module):
@@ -132,8 +136,14 @@ class Backbone(nn.Module):
     stage) and holds no norm or head, as detection and segmentation necks expect.
     """
 
-    def __init__(self, cfg: CloFormerConfig | FATConfig, num_classes: int = 1000, in_chans: int = 3,
-                 features_only: bool = False, drop_path_rate: float | None = None):
+    def __init__(
+        self,
+        cfg: CloFormerConfig | FATConfig,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        features_only: bool = False,
+        drop_path_rate: float | None = None,
+    ):
         super().__init__()
         self.config = cfg
         self.num_classes = num_classes
@@ -151,8 +161,11 @@ class Backbone(nn.Module):
         for i, depth in enumerate(cfg.depths):
             last_stage = i == len(cfg.depths) - 1
             blocks = [self.make_block(i, dims[i], dims[i], 1, rates[i][j]) for j in range(depth - 1)]
-            blocks.append(self.make_block(i, dims[i], dims[i] if last_stage else dims[i + 1], 1 if last_stage else 2,
-                                          rates[i][-1]))
+            blocks.append(
+                self.make_block(
+                    i, dims[i], dims[i] if last_stage else dims[i + 1], 1 if last_stage else 2, rates[i][-1]
+                )
+            )
             self.layers.append(Stage(blocks))
 
     def make_block(self, stage: int, dim: int, out_dim: int, stride: int, drop_path: float) -> Block:
@@ -194,8 +207,12 @@ class Backbone(nn.Module):
 
     def deploy_fold_norm_affine(self) -> None:
         # global average pooling commutes with a per-channel affine, so the final norm's moves into the head
-        if not self.features_only and isinstance(self.norm, ChannelNorm) and self.norm.affine \
-                and isinstance(self.head, nn.Linear):
+        if (
+            not self.features_only
+            and isinstance(self.norm, ChannelNorm)
+            and self.norm.affine
+            and isinstance(self.head, nn.Linear)
+        ):
             gamma, beta = self.norm.drop_affine()
             self.head = fold_affine_into_linear(self.head, gamma, beta)
 
@@ -205,6 +222,6 @@ def stochastic_depth_rates(depths: list[int], drop_path_rate: float) -> list[lis
     rates = [r.item() for r in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
     out, start = [], 0
     for d in depths:
-        out.append(rates[start:start + d])
+        out.append(rates[start : start + d])
         start += d
     return out

@@ -3,6 +3,7 @@
 An absurd input size (100000x100000) would otherwise start building and tracing the model and grow
 until the machine runs out of memory; a shape-only forward pass tells the largest activation at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,9 @@ from ..inputs import InputError
 ACTIVATIONS_HELD = 8
 
 
-def largest_activation_bytes(name: str, size: tuple[int, int], batch: int = 1, num_classes: int = 1000) -> tuple[int, int]:
+def largest_activation_bytes(
+    name: str, size: tuple[int, int], batch: int = 1, num_classes: int = 1000
+) -> tuple[int, int]:
     """(bytes of the largest float32 tensor a forward pass makes, bytes of the weights), from shapes alone."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -56,8 +59,14 @@ def available_bytes() -> int | None:
         return None
 
 
-def check_fits(name: str, size: tuple[int, int], batch: int = 1, num_classes: int = 1000,
-               extra_bytes: int = 0, what: str | None = None) -> int:
+def check_fits(
+    name: str,
+    size: tuple[int, int],
+    batch: int = 1,
+    num_classes: int = 1000,
+    extra_bytes: int = 0,
+    what: str | None = None,
+) -> int:
     """The bytes the work will need; InputError (one line naming the fix) when the machine cannot hold them."""
     largest, weights = largest_activation_bytes(name, size, batch, num_classes)
     need = ACTIVATIONS_HELD * largest + 4 * weights + extra_bytes
@@ -65,8 +74,10 @@ def check_fits(name: str, size: tuple[int, int], batch: int = 1, num_classes: in
     if have is not None and need > have:
         h, w = size
         what = what or f"--img-size {h}x{w} at --batch {batch}"
-        raise InputError(f"{what} needs about {_gb(need)} of memory (one activation alone is {_gb(largest)}) but "
-                         f"this machine has {_gb(have)} available; give a smaller size or batch, such as 224 at 1")
+        raise InputError(
+            f"{what} needs about {_gb(need)} of memory (one activation alone is {_gb(largest)}) but "
+            f"this machine has {_gb(have)} available; give a smaller size or batch, such as 224 at 1"
+        )
     return need
 
 

@@ -1,4 +1,5 @@
 """Parameters and multiply-accumulates per variant, counted by PyTorch's FLOP counter."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -22,7 +22,7 @@ MANIFEST = "manifest.json"
 LABELS = "labels.txt"
 # the manifest's published schema (pipeline/schemas/manifest.schema.json, rendered in docs/manifest.md) and the
 # version it describes: any change to the manifest's fields changes both
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1  # the manifests written before the schema was published follow it too
 
 
 class BundleError(InputError):
@@ -164,14 +164,20 @@ class StagingDir:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """Checked against the published schema (a failure is this project's bug, not the user's), then written to
-    a temporary name and renamed: a manifest is never half-written (validation rewrites it)."""
-    problem = schema.problem("manifest", manifest)
-    if problem is not None:
-        raise RuntimeError(f"the manifest this version wrote breaks its own schema: {problem}")
+    """Written to a temporary name and renamed: a manifest is never half-written (validation rewrites it)."""
     tmp = folder / f".{MANIFEST}.partial"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, folder / MANIFEST)
+
+
+def schema_bug(manifest: dict, where: Path) -> None:
+    """After the work is written: a manifest this version made that breaks its own schema is this project's bug
+    (RuntimeError naming it), never the user's, and it must not cost the artifacts."""
+    problem = schema.problem("manifest", manifest)
+    if problem is not None:
+        raise RuntimeError(
+            f"the manifest written at {where} breaks its own schema (a bug; please report it): {problem}"
+        )
 
 
 def zip_bundle(folder: Path) -> Path:

@@ -34,6 +34,7 @@ from .model import (
     layer_sensitivity,
     prepare_model,
     quantisable_layers,
+    reference_outputs,
     versions,
 )
 from .options import (
@@ -71,6 +72,8 @@ class ExportResult:
 class _Run:
     """What every artifact of one export shares: the model, its inputs, the reference outputs, the record."""
 
+    final: Path  # the bundle's folder
+    kept: list[dict]  # the entries of an existing bundle there that this export keeps
     opts: ExportOptions
     precisions: dict[str, str]
     prepared: PreparedModel
@@ -118,6 +121,9 @@ def export(
         calibration_size = opts.calibration_size or DEFAULT_CALIBRATION_SIZE
         check_memory(opts, opts.num_classes or 1000, calibration_size if calibrated else 0)
         target = opts.open_target()
+        if target.kind != "local" and opts.no_validate:
+            target.close()
+            raise ExportInputError(f"--target {opts.target} validates the artifacts there; drop --no-validate")
         try:
             run = _prepare(opts, precisions, calibrated, calibration_size, target, progress, argv)
             return _write_bundle(run, progress, t0)
@@ -149,6 +155,8 @@ def _prepare(opts, precisions, calibrated: bool, calibration_size: int, target, 
         weights=str(opts.weights) if opts.weights else None,
         weights_sha256=prepared.weights_sha256,
     )
+    final = Path(opts.out) / f"{spec.name}-{size[0]}x{size[1]}"
+    kept = kept_artifacts(final, opts.force, spec, prepared, labels, precisions)  # a clash refused before the work
     images = reference = calibration = None
     if not opts.no_validate:
         images = load_images(size, variant.mean, variant.std, folder=opts.data)
@@ -170,9 +178,11 @@ def _prepare(opts, precisions, calibrated: bool, calibration_size: int, target, 
         )
     if images is not None:
         with progress.stage(f"reference (PyTorch fp32, authors' form, {len(images)} images)"), torch.no_grad():
-            reference = authors(torch.from_numpy(images.tensor)).numpy()
+            reference = reference_outputs(authors, images.tensor)
     example = torch.from_numpy(images.tensor[: opts.batch]) if images is not None else torch.randn(opts.batch, 3, *size)
     return _Run(
+        final,
+        kept,
         opts,
         precisions,
         prepared,
@@ -191,9 +201,7 @@ def _prepare(opts, precisions, calibrated: bool, calibration_size: int, target, 
 
 def _write_bundle(run: _Run, progress: Progress, t0: float) -> ExportResult:
     """Every artifact exported and validated in a staging folder beside the bundle, then moved into place."""
-    opts = run.opts
-    final = Path(opts.out) / f"{run.spec.name}-{run.spec.input_size[0]}x{run.spec.input_size[1]}"
-    kept = kept_artifacts(final, opts.force, run.spec, run.prepared, run.spec.labels, run.precisions)
+    opts, final, kept = run.opts, run.final, run.kept
     try:
         staging = bundle_io.StagingDir(final)
     except OSError as e:
@@ -207,8 +215,7 @@ def _write_bundle(run: _Run, progress: Progress, t0: float) -> ExportResult:
             passed = (entry.get("validation") or {}).get("passed")
             results.append(ArtifactResult(entry["format"], final / entry["path"], entry["precision"], passed, entry))
         for fmt in opts.format:
-            entry = _export_artifact(run, fmt, staging.path, progress)
-            passed = entry["validation"]["passed"] if "validation" in entry else None
+            entry, passed = _export_artifact(run, fmt, staging.path, progress)
             results.append(ArtifactResult(fmt, final / entry["path"], entry["precision"], passed, entry))
         manifest = build_manifest(
             run.spec,
@@ -231,6 +238,7 @@ def _write_bundle(run: _Run, progress: Progress, t0: float) -> ExportResult:
     for r in results:
         r.path = bundle_path / r.path.name
     zip_path = bundle_io.zip_bundle(bundle_path) if opts.zip and ok else None
+    bundle_io.schema_bug(manifest, bundle_path / bundle_io.MANIFEST)
     new = [r for r in results if r.entry.get("created") == run.created]
     return ExportResult(bundle_path, manifest, new, ok, time.perf_counter() - t0, zip_path)
 
@@ -258,8 +266,9 @@ def _kept_float(run: _Run, module, precision: str, progress: Progress) -> tuple[
     return [d["layer"] for d in sensitivity[: run.opts.keep_float]], sensitivity
 
 
-def _export_artifact(run: _Run, fmt: str, folder: Path, progress: Progress) -> dict:
-    """One format's artifact written into ``folder`` and validated; its manifest entry."""
+def _export_artifact(run: _Run, fmt: str, folder: Path, progress: Progress) -> tuple[dict, bool | None]:
+    """One format's artifact written into ``folder`` and validated: its manifest entry and its verdict (here and
+    on the target; None when not validated)."""
     backend, precision, opts = BACKENDS[fmt], run.precisions[fmt], run.opts
     path = folder / backend.filename(run.spec, precision)
     module = _deploy_form(run, fmt, precision, progress)
@@ -298,8 +307,9 @@ def _export_artifact(run: _Run, fmt: str, folder: Path, progress: Progress) -> d
             "kept_float": kept_float if backend.keeps_float_layers else [],
             "sensitivity_top": (sensitivity or [])[:10],
         }
+    passed = None
     if run.reference is not None:
-        entry["validation"] = validate_artifact(
+        entry["validation"], passed = validate_artifact(
             LOCAL,
             run.target,
             fmt,
@@ -313,4 +323,4 @@ def _export_artifact(run: _Run, fmt: str, folder: Path, progress: Progress) -> d
             fmt,
         )
     entry.update(created=run.created, command=run.command, versions=run.versions)
-    return entry
+    return entry, passed

@@ -27,11 +27,12 @@ def kept_artifacts(
         old = read_manifest(final)
         check_files(final, old)
         old_labels = (final / LABELS).read_text().splitlines()
-    except (BundleError, OSError):
+    except (BundleError, OSError) as e:
         if force:
             return []
+        why = e.cli_message.split("; ")[0] if isinstance(e, BundleError) else (e.strerror or str(e))
         raise ExportInputError(
-            f"{final} exists but is not a sound bundle; pass --force to replace it or --out another folder"
+            f"{final} exists but is not a sound bundle ({why}); pass --force to replace it or --out another folder"
         ) from None
     new_manifest = {
         "model": {

@@ -138,3 +138,10 @@ def versions() -> dict[str, str | None]:
             pass
     v["git_commit"] = git_commit()
     return v
+
+
+def reference_outputs(module: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """PyTorch fp32 outputs of ``module`` on ``images``, one image per forward pass: the memory it takes is
+    one image's, which is what the size check before any work measured, however many images there are."""
+    with torch.no_grad():
+        return np.concatenate([module(torch.from_numpy(images[i : i + 1])).numpy() for i in range(len(images))])

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..formats import BACKENDS
 from ..formats.base import parse_formats
 from ..inputs import InputError, existing_file, existing_folder, fraction, image_size, whole_number, writable_folder
-from ..models.registry import get_variant, list_models
+from ..models.registry import check_input_size, get_variant, list_models
 from ..options import option
 from ..targets.options import TargetOptions
 
@@ -35,9 +36,15 @@ def check_weights(flag: str, value):
 
 
 def check_size(flag: str, value) -> tuple[int, int]:
-    from ..models.deploy import check_input_size
-
     return check_input_size(image_size(flag, value))
+
+
+def check_bundle(flag: str, value) -> str:
+    """A bundle folder whose manifest follows the published schema (its files and weights are checked later)."""
+    from .bundle import read_manifest
+
+    read_manifest(Path(value))
+    return str(value)
 
 
 def check_data(flag: str, value):
@@ -91,8 +98,15 @@ class _ExportFields(ModelChoice):
         None,
         "fp32, fp16, int8 or w4; default: "
         + ", ".join(f"{b.default_precision} for {n}" for n, b in BACKENDS.items())
-        + "; int8: static int8 (ONNX, ExecuTorch) or "
-        "8-bit weights (Core ML); w4: 4-bit palettised weights (Core ML)",
+        + "; int8: static int8, activations calibrated on real images ("
+        + ", ".join(b.label for b in BACKENDS.values() if "int8" in b.calibration_recorded)
+        + ") or 8-bit weights ("
+        + ", ".join(
+            b.label for b in BACKENDS.values() if "int8" in b.precisions and "int8" not in b.calibration_recorded
+        )
+        + "); w4: 4-bit palettised weights ("
+        + ", ".join(b.label for b in BACKENDS.values() if "w4" in b.precisions)
+        + ")",
     )
     calibration_size: int | None = option(
         None,
@@ -148,8 +162,10 @@ def export_checked(opts) -> tuple:
         precisions[f] = p
     calibrated = any(p in BACKENDS[f].calibrated_precisions for f, p in precisions.items())
     if opts.calibration_size is not None and not calibrated:
+        others = [f"{p} {b.label}" for b in BACKENDS.values() for p in b.calibrated_precisions if p != "int8"]
+        also = f" (and {', '.join(others)})" if others else ""
         raise ExportInputError(
-            "--calibration-size applies to --precision int8 (and fp16 ExecuTorch) only; drop it or add --precision int8"
+            f"--calibration-size applies to --precision int8{also} only; drop it or add --precision int8"
         )
     if opts.keep_float and not any(p == "int8" and BACKENDS[f].keeps_float_layers for f, p in precisions.items()):
         names = " and ".join(b.label for b in BACKENDS.values() if b.keeps_float_layers)
@@ -162,14 +178,18 @@ def export_checked(opts) -> tuple:
             )
     for backend in BACKENDS.values():  # every format's options, chosen or not: a bad value is a bad value
         backend.check_options(format_options(opts))
-    if opts.target != "local" and opts.no_validate:
-        raise ExportInputError(f"--target {opts.target} validates the artifacts there; drop --no-validate")
     writable_folder("--out", opts.out)
     return opts, precisions
 
 
 def _given_format_options(opts) -> list[str]:
-    return [name for b in BACKENDS.values() for name in b.options if opts.was_given(name)]
+    """The formats' own options set to something other than their defaults (a default passed on is no choice)."""
+    return [
+        name
+        for b in BACKENDS.values()
+        for name, spec in b.options.items()
+        if opts.was_given(name) and getattr(opts, name) != spec.default
+    ]
 
 
 def format_options(opts) -> dict:
@@ -182,10 +202,12 @@ def check_memory(opts, num_classes: int, calibration_images: int) -> None:
     from ..models.memory import check_fits
 
     h, w = opts.img_size
+    # the int8 sensitivity of --keep-float runs 8 calibration images in one pass; everything else one batch
+    at_once = max(opts.batch, 8 if opts.keep_float else 1)
     check_fits(
         opts.model,
         opts.img_size,
-        opts.batch,
+        at_once,
         num_classes,
         extra_bytes=calibration_images * h * w * IMAGE_BYTES,
         what=f"--img-size {h}x{w} at --batch {opts.batch}"
@@ -195,7 +217,7 @@ def check_memory(opts, num_classes: int, calibration_images: int) -> None:
 
 @dataclass
 class ValidateOptions(TargetOptions):
-    bundle: str = option(None, "a folder written by cloformer-export", positional=True)
+    bundle: str = option(None, "a folder written by cloformer-export", positional=True, check=check_bundle)
     weights: str | None = option(
         None, "the checkpoint the bundle was exported from (not needed for random weights)", check=check_weights
     )

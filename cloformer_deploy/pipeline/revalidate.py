@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..files import sha256_file
 from ..formats import BACKENDS
 from ..formats.base import ModelSpec
@@ -17,8 +15,8 @@ from ..progress import Progress
 from ..quiet import quiet_libraries
 from ..targets.local import LocalTarget
 from ..validation import bounds_for, validate_artifact
-from .bundle import LABELS, BundleError, check_files, read_manifest, write_manifest
-from .model import RANDOM_SEED, PreparedModel, prepare_model
+from .bundle import LABELS, MANIFEST, BundleError, check_files, read_manifest, schema_bug, write_manifest
+from .model import RANDOM_SEED, PreparedModel, prepare_model, reference_outputs
 from .options import ExportInputError, ValidateOptions
 
 LOCAL = LocalTarget()
@@ -106,12 +104,11 @@ def validate_bundle(
             opened = open_bundle(opts.bundle, opts.weights)
             spec = opened.spec
             images = load_images(spec.input_size, spec.mean, spec.std, folder=opts.data)
-            with torch.no_grad():
-                reference = opened.prepared.module(torch.from_numpy(images.tensor)).numpy()
+            reference = reference_outputs(opened.prepared.module, images.tensor)
             reports = []
             for entry in opened.manifest["artifacts"]:
                 fmt, path = entry["format"], opened.folder / entry["path"]
-                report = validate_artifact(
+                report, passed = validate_artifact(
                     LOCAL,
                     on,
                     fmt,
@@ -127,9 +124,13 @@ def validate_bundle(
                 if on.kind != "local":
                     validation = entry.setdefault("validation", {})
                     validation.setdefault("targets", {})[on.name] = report["targets"][on.name]
-                reports.append({"format": fmt, "path": entry["path"], "precision": entry["precision"], **report})
+                # this machine's and the target's verdict together, as the command's exit code tells
+                reports.append(
+                    {"format": fmt, "path": entry["path"], "precision": entry["precision"], **report, "passed": passed}
+                )
         finally:
             on.close()  # its validation worker: nothing left running
         if on.kind != "local":
             write_manifest(opened.folder, opened.manifest)
+            schema_bug(opened.manifest, opened.folder / MANIFEST)
         return all(r["passed"] for r in reports), reports

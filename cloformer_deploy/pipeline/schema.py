@@ -52,7 +52,8 @@ def _with_runtimes(schema: dict) -> dict:
 
     row = schema["$defs"]["row"]["properties"]
     # "torch": the eager model, the one row kind that is not a format's
-    row["runtime"]["enum"] = ["torch", *(r.name for b in BACKENDS.values() for r in b.bench_runtimes)]
+    ways = sorted((r for b in BACKENDS.values() for r in b.bench_runtimes), key=lambda r: r.position)
+    row["runtime"]["enum"] = ["torch", *(r.name for r in ways)]
     row["precision"]["enum"] = list(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
     return schema
 

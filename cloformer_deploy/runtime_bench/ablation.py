@@ -20,12 +20,13 @@ from ..models import to_deploy
 from ..models.deploy import DEFAULT_STEPS
 from ..models.memory import check_fits
 from ..pipeline import prepare_model
+from ..pipeline.model import reference_outputs
 from ..progress import Progress
 from ..quiet import quiet_libraries
 from ..validation import compare
 from .harness import Combo, _measure
 from .machine import machine_info
-from .options import BenchInputError, BenchOptions
+from .options import BenchOptions, ablation_checked
 from .runtimes import FORMAT_OF, PEER_RUNTIMES, SHORT_RUNTIME
 
 # the runtimes that take any PyTorch model, with the prefix of their columns ("ort_median_ms", "xnnpack_...")
@@ -42,11 +43,7 @@ def ablation(options: BenchOptions | str | None = None, /, *, progress: Progress
     with quiet_libraries():
         if isinstance(options, str):  # ablation("cloformer-xxs", ...)
             options, kwargs = None, {"model": options, **kwargs}
-        opts = BenchOptions.of(options, **kwargs).checked()
-        if opts.baselines or opts.peers or opts.profile:
-            raise BenchInputError("--ablation times the deploy steps of one model; drop --baselines/--peers/--profile")
-        if opts.target_given():
-            raise BenchInputError("--ablation times on this machine; drop --target and its options")
+        opts = ablation_checked(BenchOptions.of(options, **kwargs))
         writable_folder("--out", opts.out)
         check_fits(opts.model, opts.img_size, 1, what=f"--img-size {opts.img_size[0]}x{opts.img_size[1]}")
         return _ablation(
@@ -65,8 +62,7 @@ def _ablation(model, weights, size, threads, runs, warmup, out: Path, progress: 
     prepared = prepare_model(model, weights, None)
     variant, authors = prepared.variant, prepared.module
     images = load_images(size, variant.mean, variant.std)
-    with torch.no_grad():
-        reference = authors(torch.from_numpy(images.tensor)).numpy()
+    reference = reference_outputs(authors, images.tensor)
     names = list(DEFAULT_STEPS)
     stages = [("authors' form", authors)] + [
         (f"+ {n}", to_deploy(authors, size, steps=names[: i + 1])) for i, n in enumerate(names)

@@ -27,7 +27,7 @@ from ..inputs import writable_folder
 from ..models import profile_model
 from ..models.memory import check_fits
 from ..pipeline import export, open_bundle, prepare_model, schema
-from ..pipeline.model import versions
+from ..pipeline.model import reference_outputs, versions
 from ..pipeline.schema import RESULTS_SCHEMA_VERSION
 from ..progress import Progress
 from ..quiet import quiet_libraries
@@ -76,10 +76,6 @@ class BenchResult:
     out: Path
     results: dict
     rows: list[dict]
-
-
-def bench_runtime_aliases(runtime: str) -> tuple[str, ...]:
-    return bench_runtime(runtime).aliases if runtime in FORMAT_OF else ()
 
 
 def profiler_of(runtime: str) -> str | None:
@@ -141,10 +137,9 @@ def bench(
         progress = progress or Progress(quiet=True)
         if opts.ablation:
             raise BenchInputError("--ablation is a run of its own: call ablation() with these options")
-        runtimes = opts.formats + [
-            r for r in RUNTIMES if opts.portable and "portable" in bench_runtime_aliases(r) and r not in opts.formats
-        ]
-        runtimes = [r for r in RUNTIMES if r in runtimes]
+        # a runtime that a switch adds (--portable) joins the ones --formats names
+        switched = [r for r in FORMAT_OF if bench_runtime(r).switch and getattr(opts, bench_runtime(r).switch)]
+        runtimes = [r for r in RUNTIMES if r in opts.formats or r in switched]
         writable_folder("--out", opts.out)
         size, model = opts.img_size, opts.model
         if opts.bundle is not None:
@@ -198,8 +193,7 @@ def _bench(
     combos: list[Combo] = []
     try:
         torch.save(authors.state_dict(), work / "weights.pth")
-        with torch.no_grad():
-            reference = authors(torch.from_numpy(images.tensor)).numpy()
+        reference = reference_outputs(authors, images.tensor)
         with progress.stage("machine (matmul peak per thread count)"):
             machine = machine_info(threads)
         prof = profile_model(variant.name, size, authors.num_classes)
@@ -265,11 +259,11 @@ def _bench(
     for stale in ("profile.md", "peers.md", "pareto.png"):  # an earlier run's, which this run would not replace
         (out_dir / stale).unlink(missing_ok=True)
     write_reports(out_dir, results)
+    if profiles is not None:
+        (out_dir / "profile.md").write_text(profiles)
     problem = schema.problem("results", results)  # after writing: a schema bug must not cost the measurements
     if problem is not None:
         raise RuntimeError(f"results.json breaks its own schema (written all the same): {problem}")
-    if profiles is not None:
-        (out_dir / "profile.md").write_text(profiles)
     return BenchResult(out_dir, results, rows)
 
 

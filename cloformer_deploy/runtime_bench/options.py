@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..inputs import InputError, comma_list, seconds, thread_counts, whole_number
 from ..options import option
-from ..pipeline.options import PRECISIONS, ModelChoice, check_data
+from ..pipeline.options import PRECISIONS, ModelChoice, check_bundle, check_data
 from .runtimes import ALIASES, IN_ALL, RUNTIMES
 
 MAX_RUNS = 100_000
@@ -70,6 +70,7 @@ class BenchOptions(ModelChoice):
         None,
         "use the artifacts of an existing export bundle instead of exporting (with "
         "--weights of its checkpoint, as cloformer-validate)",
+        check=check_bundle,
     )
     out: str = option("runtime_bench", "output folder (default runtime_bench/)")
     ablation: bool = option(False, "instead: time the deploy form step by step (the first thread count)")
@@ -84,3 +85,14 @@ class BenchOptions(ModelChoice):
         cli=False,
         check=lambda flag, v: seconds(flag, v, 86_400.0),
     )
+
+
+def ablation_checked(opts: BenchOptions) -> BenchOptions:
+    """The options of an ablation run checked (they import no runtime): it times one model's deploy steps,
+    here."""
+    opts = opts.checked()
+    if opts.baselines or opts.peers or opts.profile:
+        raise BenchInputError("--ablation times the deploy steps of one model; drop --baselines/--peers/--profile")
+    if str(opts.target).strip().lower() != "local" or opts.cpu or opts.target_cache or opts.device():
+        raise BenchInputError("--ablation times on this machine; drop --target and its options")
+    return opts

@@ -9,7 +9,10 @@ from __future__ import annotations
 from ..formats import BACKENDS
 
 EAGER = "torch"
-_WAYS = {r.name: (b, r) for b in BACKENDS.values() for r in b.bench_runtimes}
+_WAYS = {
+    r.name: (b, r)
+    for b, r in sorted(((b, r) for b in BACKENDS.values() for r in b.bench_runtimes), key=lambda br: br[1].position)
+}
 RUNTIMES = (EAGER, *_WAYS)
 FORMAT_OF = {name: b.name for name, (b, _) in _WAYS.items()}
 RUNTIME_OF_FORMAT = {b.name: b.bench_runtimes[0].name for b in BACKENDS.values() if b.bench_runtimes}

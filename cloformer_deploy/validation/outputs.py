@@ -179,11 +179,12 @@ def validate_artifact(
     bounds: Bounds,
     progress,
     label: str,
-) -> dict:
+) -> tuple[dict, bool]:
     """One artifact validated on this machine (``local``) and, for another ``target``, there too.
 
-    The report is this machine's, with the target's under ``targets.<name>``; it passes when both do
-    (a target that cannot run the format does not fail it).
+    Returns this machine's report (its ``passed`` is this machine's verdict), with the target's under
+    ``targets.<name>``, and the artifact's verdict: it passes when both do (a target that cannot run the
+    format does not fail it).
     """
     with progress.stage(f"{label}: validate") as stage:
         runner = local.runner(fmt, path, spec, info)
@@ -194,5 +195,5 @@ def validate_artifact(
             on_target = validate_on_target(target, fmt, path, spec, info, images, reference, bounds, local_out, stage)
         progress.report_target(fmt, target.name, on_target)
         report["targets"] = {target.name: on_target}
-        report["passed"] = report["passed"] and on_target["passed"] is not False
-    return report
+        return report, report["passed"] and on_target["passed"] is not False
+    return report, report["passed"]
