@@ -280,7 +280,7 @@ def test_schema_versions_agree_with_the_code():
 
 
 def test_closed_lists_in_the_schemas_match_the_registries():
-    """A format, precision, runtime or model family added to the code must be added to the schema (and the docs)."""
+    """The schemas' closed lists are the registries' (formats, precisions and runtimes are assembled from them)."""
     from cloformer_deploy.formats import BACKENDS
     from cloformer_deploy.formats.coreml import TARGETS
     from cloformer_deploy.formats.coreml_placement import COMPUTE_UNITS

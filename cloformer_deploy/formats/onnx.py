@@ -327,6 +327,9 @@ class OnnxBackend(Backend):
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
         return OnnxRunner(path, threads)
 
+    def profile(self, path: Path, images: np.ndarray, threads: int, runs: int) -> list[OpTime]:
+        return profile_onnxruntime(str(path), images, threads, runs)
+
 
 def norm_statistics_nodes(model) -> list[str]:
     """Nodes that compute channel-norm statistics, to keep in fp32 inside an fp16 graph.
@@ -484,6 +487,3 @@ def _count_ops(model) -> dict[str, int]:
     for n in model.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
-
-    def profile(self, path: Path, images: np.ndarray, threads: int, runs: int) -> list[OpTime]:
-        return profile_onnxruntime(str(path), images, threads, runs)
