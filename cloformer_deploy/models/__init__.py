@@ -5,10 +5,10 @@ Names are imported on first use, so that listing variants or printing help does 
 
 from __future__ import annotations
 
-from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..lazy import lazy_names
 from .registry import VARIANTS, UnknownModelError, Variant, canonical_name, get_variant, list_models
 
 if TYPE_CHECKING:
@@ -29,10 +29,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 def create_model(

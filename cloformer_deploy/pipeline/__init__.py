@@ -9,7 +9,7 @@ Importing the package imports neither torch nor a converter (the CLI parses its 
 
 from __future__ import annotations
 
-from importlib import import_module
+from ..lazy import lazy_names
 
 _WHERE = {
     "ArtifactResult": "exporter",
@@ -26,10 +26,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _WHERE)
 
 
 __all__ = sorted(_WHERE)

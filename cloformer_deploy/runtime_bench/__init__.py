@@ -6,7 +6,7 @@ imported on first use, so that importing the package imports no runtime.
 
 from __future__ import annotations
 
-from importlib import import_module
+from ..lazy import lazy_names
 
 _WHERE = {
     "bench": "harness",
@@ -17,10 +17,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _WHERE)
 
 
 __all__ = sorted(_WHERE)
