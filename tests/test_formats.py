@@ -26,6 +26,7 @@ def test_a_format_declares_what_the_others_ask_of_it(backend):
     assert set(backend.calibrated_precisions) <= set(backend.precisions)
     assert set(backend.calibration_recorded) <= set(backend.precisions)
     assert backend.bench_runtimes and backend.bench_runtimes[0].in_all  # its own artifacts run in --formats all
+    assert all(r.label and r.short for r in backend.bench_runtimes)
     assert backend.runner_methods and backend.device_packages
     assert set(backend.manifest_required) <= set(backend.manifest_facts)
     for name, fact in backend.manifest_facts.items():

@@ -114,6 +114,7 @@ class BenchRuntime:
 
     name: str  # "executorch-xnnpack"
     short: str  # "ET-XNNPACK", in plots
+    label: str = ""  # "XNNPACK", in prose and tables
     aliases: tuple[str, ...] = ()  # other words --formats takes for it
     export_options: dict = field(default_factory=dict)  # options its artifact is exported with; {}: the bundle's
     in_all: bool = True  # part of --formats all

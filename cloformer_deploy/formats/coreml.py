@@ -194,7 +194,7 @@ class CoreMLBackend(Backend):
     name = "coreml"
     suffix = ".mlpackage"
     runtime = "Core ML (macOS/iOS)"
-    bench_runtimes = (BenchRuntime("coreml", "Core ML", position=40),)
+    bench_runtimes = (BenchRuntime("coreml", "Core ML", "Core ML", position=40),)
     device_packages = ("coremltools", "pillow")  # the runner hands MLModel.predict PIL images
     summary = "a .mlpackage folder for Core ML (iOS 16+, macOS 13+)"
     # what its export records in a manifest entry, as JSON Schema (assembled into the published schema)

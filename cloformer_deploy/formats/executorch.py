@@ -222,10 +222,13 @@ class ExecuTorchBackend(Backend):
     suffix = ".pte"
     runtime = "ExecuTorch (XNNPACK)"
     bench_runtimes = (
-        BenchRuntime("executorch-xnnpack", "ET-XNNPACK", aliases=("executorch", "xnnpack"), peers=True, position=20),
+        BenchRuntime(
+            "executorch-xnnpack", "ET-XNNPACK", "XNNPACK", aliases=("executorch", "xnnpack"), peers=True, position=20
+        ),
         BenchRuntime(
             "executorch-portable",
             "ET-portable",
+            "ExecuTorch portable kernels",
             aliases=("portable",),
             export_options={"backend": "portable"},
             in_all=False,

@@ -187,7 +187,7 @@ class OnnxBackend(Backend):
     name = "onnx"
     suffix = ".onnx"
     runtime = "ONNX Runtime"
-    bench_runtimes = (BenchRuntime("onnxruntime", "ORT", aliases=("onnx",), peers=True, position=10),)
+    bench_runtimes = (BenchRuntime("onnxruntime", "ORT", "ONNX Runtime", aliases=("onnx",), peers=True, position=10),)
     device_packages = ("onnxruntime",)
     summary = "a .onnx file for ONNX Runtime (Android, iOS, desktop)"
     # what its export records in a manifest entry, as JSON Schema (assembled into the published schema)

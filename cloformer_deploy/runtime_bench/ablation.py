@@ -27,12 +27,12 @@ from ..validation import compare
 from .harness import Combo, _measure
 from .machine import machine_info
 from .options import BenchOptions, ablation_checked
-from .runtimes import FORMAT_OF, PEER_RUNTIMES, SHORT_RUNTIME
+from .runtimes import FORMAT_OF, PEER_RUNTIMES, SHORT_RUNTIME, bench_runtime
 
 # the runtimes that take any PyTorch model, with the prefix of their columns ("ort_median_ms", "xnnpack_...")
 RUNTIMES = tuple((FORMAT_OF[rt], rt) for rt in PEER_RUNTIMES)
 COLUMN = {rt: SHORT_RUNTIME[rt].lower().removeprefix("et-") for rt in PEER_RUNTIMES}
-NAMES = {rt: BACKENDS[FORMAT_OF[rt]].runtime for rt in PEER_RUNTIMES}
+NAMES = {rt: bench_runtime(rt).label for rt in PEER_RUNTIMES}
 
 
 def ablation(options: BenchOptions | str | None = None, /, *, progress: Progress | None = None, **kwargs) -> dict:
