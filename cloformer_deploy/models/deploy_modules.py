@@ -9,16 +9,10 @@ Methods named ``deploy_<step>`` are the modules' answers to the rewrite steps
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 
 from .folds import cat_convs, cat_depthwise, fold_affine_into_conv1x1, scale_conv_rows
-
-if TYPE_CHECKING:
-    from .cloformer import EfficientAttention
-    from .fat import FASA
 
 
 class ChannelNorm(nn.Module):
@@ -190,7 +184,7 @@ class StaticCloAttention(nn.Module):
     (``in_proj``) and depthwise mixers (``mixer``).
     """
 
-    def __init__(self, attn: EfficientAttention, h: int, w: int):
+    def __init__(self, attn: nn.Module, h: int, w: int):  # the authors' EfficientAttention
         super().__init__()
         self.h, self.w = h, w
         self.dim = attn.dim
@@ -292,7 +286,7 @@ class StaticCloAttention(nn.Module):
 class StaticFASA(nn.Module):
     """FAT's fully adaptive self-attention for one fixed spatial size."""
 
-    def __init__(self, attn: FASA, h: int, w: int):
+    def __init__(self, attn: nn.Module, h: int, w: int):  # the authors' FASA
         super().__init__()
         self.h, self.w = h, w
         self.dim = attn.q.in_channels
