@@ -18,6 +18,7 @@ from typing import Any
 from .inputs import SWITCHES, InputError
 
 _GIVEN = "_given"
+_CHECKED = "_checked"
 
 
 def option(
@@ -82,6 +83,8 @@ class Options:
                 f"{flag_of(unknown[0])} is not an option of this command; choose from "
                 f"{', '.join(flag_of(n) for n in sorted(names))}"
             )
+        if options is not None and not kwargs and isinstance(options, cls):
+            return options  # as it is, checked or not
         if options is not None:
             if not isinstance(options, cls):
                 raise InputError(
@@ -146,7 +149,10 @@ class Options:
 
     # ---- checks
     def checked(self):
-        """A copy with every field's value checked and normalised (InputError, one line, otherwise)."""
+        """A copy with every field's value checked and normalised (InputError, one line, otherwise); an object
+        this returned is not checked again (the CLI checks before importing the pipeline, the API after)."""
+        if getattr(self, _CHECKED, False):
+            return self
         values = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -154,6 +160,7 @@ class Options:
             values[f.name] = check(flag_of(f.name), value) if check is not None and value is not None else value
         out = dataclasses.replace(self, **values)
         object.__setattr__(out, _GIVEN, self.given())
+        object.__setattr__(out, _CHECKED, True)
         return out
 
     def as_dict(self) -> dict:

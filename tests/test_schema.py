@@ -241,7 +241,7 @@ def test_newer_and_missing_schema_versions_say_which(exported):
 def test_reference_results_conform():
     assert REFERENCE_RESULTS, "runtime_bench/reference/*/results.json: no reference runs found"
     for path in REFERENCE_RESULTS:
-        schema.check_results(json.loads(path.read_text()))  # raises SchemaError with one line otherwise
+        schema.check("results", json.loads(path.read_text()))  # raises SchemaError with one line otherwise
 
 
 def test_results_that_break_the_schema_are_refused_in_one_line():
@@ -259,7 +259,7 @@ def test_results_that_break_the_schema_are_refused_in_one_line():
         broken = copy.deepcopy(results)
         damage(broken)
         with pytest.raises(schema.SchemaError) as e:
-            schema.check_results(broken)
+            schema.check("results", broken)
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 

@@ -162,12 +162,6 @@ def check(name: str, document) -> None:
         raise SchemaError(f"{SCHEMAS[name][1]}: {why}")
 
 
-def check_results(results: dict) -> None:
-    """A benchmark's results (what ``results.json`` will hold), against the published schema; the bench calls it
-    before writing. :class:`SchemaError` (one line) otherwise."""
-    check("results", results)
-
-
 # ---- one line per error ---------------------------------------------------------------------------------------
 
 

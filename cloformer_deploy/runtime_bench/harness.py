@@ -39,7 +39,7 @@ from .machine import machine_info
 from .options import BenchInputError, BenchOptions
 from .peers import Peer, resolve_peers
 from .report import write_reports
-from .runtimes import EAGER, FORMAT_OF, PEER_RUNTIMES, RUNTIME_OF_FORMAT, RUNTIMES, bench_runtime
+from .runtimes import EAGER, FORMAT_OF, PEER_RUNTIMES, RUNTIME_OF_FORMAT, RUNTIMES, bench_runtime, export_options
 
 LOCAL = LocalTarget()  # this machine: every timed row runs here
 
@@ -362,7 +362,7 @@ def _peer_combos(
                     if peer.source == "timm":
                         path = work / f"peer-{peer.name}{backend.suffix}"
                         spec = _bare_spec(peer.name, num_classes, size)
-                        options = backend.check_options(dict(bench_runtime(rt).export_options))
+                        options = export_options(rt)
                         job = ExportJob(module, torch.from_numpy(images.tensor[:1]), spec, "fp32", options)
                         art = _art(path, {"precision": "fp32", **backend.export(job, path, lambda text: None)})
                     else:  # exactly as the benchmarked model: each format's own deploy form
@@ -465,7 +465,7 @@ def _artifacts(
         jobs += [("authors", rt, authors) for rt in PEER_RUNTIMES if rt in runtimes]
     for form, rt, module in jobs:
         backend = BACKENDS[FORMAT_OF[rt]]
-        options = backend.check_options(dict(bench_runtime(rt).export_options))
+        options = export_options(rt)
         path = work / f"{form}-{rt}{backend.suffix}"
         with progress.stage(f"export {form} form for {rt}"):
             info = backend.export(ExportJob(module, example, spec, "fp32", options), path, progress.log)

@@ -25,3 +25,9 @@ SHORT_RUNTIME = {name: r.short for name, (_, r) in _WAYS.items()}
 def bench_runtime(name: str):
     """The :class:`~cloformer_deploy.formats.base.BenchRuntime` called ``name``."""
     return _WAYS[name][1]
+
+
+def export_options(name: str) -> dict:
+    """The format's options, checked, with those the runtime called ``name`` exports its own artifacts with."""
+    backend, way = _WAYS[name]
+    return backend.check_options(dict(way.export_options))

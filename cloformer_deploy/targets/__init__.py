@@ -8,20 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..options import flag_of
 from .base import Target, TargetError, WorkerError, WorkerProcess, WorkerRunner
+from .options import DEVICE_FIELDS
 
 TARGETS = {
     "local": "this machine (latency and drift)",
     "arm64": "ARM64 emulated by QEMU: the phone's kernels and arithmetic (drift only, no latency)",
     "ssh://[user@]host[:port]": "a real device over SSH: a board, a phone (Termux), a Mac (latency and drift)",
 }
-DEVICE_OPTIONS = {
-    "remote_python": "--remote-python",
-    "cores": "--cores",
-    "ssh_key": "--ssh-key",
-    "ssh_config": "--ssh-config",
-    "remote_dir": "--remote-dir",
-}
+DEVICE_OPTIONS = {name: flag_of(name) for name in DEVICE_FIELDS}  # an ssh:// device's options, by their flags
 
 
 def get_target(

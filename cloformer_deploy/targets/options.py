@@ -46,9 +46,6 @@ class TargetOptions(Options):
 
         return get_target(self.target, self.cpu, self.target_cache, self.device())
 
-    def target_given(self) -> bool:
-        return any(self.was_given(k) for k in ("target", "cpu", "target_cache", *DEVICE_FIELDS))
-
 
 @dataclass
 class SetupOptions(Options):
