@@ -124,6 +124,25 @@ class BenchRuntime:
     switch: str | None = None  # the bench option that adds it (portable: --portable), when it is not in --formats
 
 
+@dataclass(frozen=True)
+class NativeRunner:
+    """A format's runner in C++ (``cloformer_deploy/native/<source>``, speaking the worker protocol), built by
+    ``cloformer-device setup`` against the libraries of the pinned wheel this host runs, so that a device needs no
+    Python. Paths are relative to the installed package's folder (or the same folder of its wheel for another CPU).
+    """
+
+    source: str  # "executorch_runner.cpp"
+    package: str  # the distribution whose libraries it links and whose version it is: "executorch"
+    libraries: tuple[str, ...]  # glob patterns of the libraries it links: "lib/libexecutorch.so"
+    registering: tuple[str, ...] = ()  # of those, the ones that register themselves when loaded (--no-as-needed)
+    include_dirs: tuple[str, ...] = ()
+    defines: tuple[str, ...] = ()
+    # headers the wheel lacks, from a Debian package at set-up time: (package, suite, include folder inside it)
+    debian_headers: tuple[str, str, str] | None = None
+    # what the program states of its own memory, by the key its runner describes it under -> the row's key
+    memory_facts: tuple[tuple[str, str], ...] = ()
+
+
 class Backend(ABC):
     name: str  # "onnx", "coreml", "executorch"
     suffix: str  # ".onnx", ".mlpackage", ".pte"
@@ -141,6 +160,7 @@ class Backend(ABC):
     calibration_recorded: tuple[str, ...] = ("int8",)  # precisions whose entry records the calibration images
     runner_methods: tuple[str, ...] = ()  # how a validation report says its runner ran it ("onnxruntime", ...)
     device_packages: tuple[str, ...] = ()  # Python distributions a device's worker imports to run it
+    native_runner: NativeRunner | None = None  # its runner without Python, where the project builds one
     # a device package installed without its requirements -> what its runtime imports besides
     device_runtime_imports: dict[str, tuple[str, ...]] = {}
     precisions: tuple[str, ...] = ("fp32", "fp16")

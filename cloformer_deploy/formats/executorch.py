@@ -24,7 +24,7 @@ from ..images import ImageBatch
 from ..inputs import choice
 from ..options import option
 from ..quiet import native_noise_held, quiet_libraries
-from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register
+from .base import Backend, BenchRuntime, ExportJob, ModelSpec, NativeRunner, Runner, register
 from .profiling import WARMUP_RUNS, OpTime, batches, check_counts, medians
 
 if TYPE_CHECKING:
@@ -238,6 +238,27 @@ class ExecuTorchBackend(Backend):
         ),
     )
     device_packages = ("executorch", "torch")  # its Python runtime links libtorch
+    native_runner = NativeRunner(
+        "executorch_runner.cpp",
+        "executorch",
+        libraries=(
+            "lib/libexecutorch.so",
+            "lib/libexecutorch_threadpool.so",
+            "lib/libexecutorch_backend_xnnpack.so",
+            "lib/libexecutorch_kernels_optimized.so",
+            "lib/libexecutorch_kernels_quantized.so",
+        ),
+        # the XNNPACK backend and the kernels register themselves when their library loads: nothing calls them
+        registering=(
+            "lib/libexecutorch_backend_xnnpack.so",
+            "lib/libexecutorch_kernels_optimized.so",
+            "lib/libexecutorch_kernels_quantized.so",
+        ),
+        include_dirs=("include", "include/executorch/runtime/core/portable_type/c10"),
+        # as the wheel's share/cmake/executorch-config.cmake asks of a consumer
+        defines=("C10_USING_CUSTOM_GENERATED_MACROS", "ET_EVENT_TRACER_ENABLED"),
+        memory_facts=(("planned_arena_bytes", "planned_arena_mb"),),
+    )
     summary = "a .pte program for the ExecuTorch runtime (Android, iOS)"
     # what its export records in a manifest entry, as JSON Schema (assembled into the published schema)
     manifest_facts = {

@@ -26,7 +26,7 @@ from ..images import ImageBatch
 from ..inputs import whole_number
 from ..options import option
 from ..quiet import quiet_libraries
-from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register
+from .base import Backend, BenchRuntime, ExportJob, ModelSpec, NativeRunner, Runner, register
 from .profiling import WARMUP_RUNS, OpTime, batches, check_counts, medians
 
 # opset 20 has a native Gelu: ONNX Runtime runs CloFormer-XXS 16% faster than with opset 18's
@@ -189,6 +189,14 @@ class OnnxBackend(Backend):
     runtime = "ONNX Runtime"
     bench_runtimes = (BenchRuntime("onnxruntime", "ORT", "ONNX Runtime", aliases=("onnx",), peers=True, position=10),)
     device_packages = ("onnxruntime",)
+    native_runner = NativeRunner(
+        "onnxruntime_runner.cpp",
+        "onnxruntime",
+        libraries=("capi/libonnxruntime.so.*",),
+        # the wheel has the C API's library but not its header; Debian's package of an older release has it, and
+        # the library serves every older API version
+        debian_headers=("libonnxruntime-dev", "trixie", "usr/include/onnxruntime"),
+    )
     summary = "a .onnx file for ONNX Runtime (Android, iOS, desktop)"
     # what its export records in a manifest entry, as JSON Schema (assembled into the published schema)
     manifest_facts = {

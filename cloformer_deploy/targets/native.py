@@ -1,0 +1,471 @@
+"""The native runners: each format's C++ runner (``cloformer_deploy/native/``), built against the libraries of the
+pinned wheel this host runs and bundled with a glibc loader, so that a device needs nothing but a POSIX shell.
+
+A bundle is a folder: ``bin/<format>-runner``, ``lib/`` (the wheel's libraries under their sonames, glibc,
+libstdc++ and the loader of the compiler that built it) and ``build.json``. It starts as
+``lib/<loader> --library-path lib bin/<format>-runner``: the device's own libraries are never used.
+
+For this machine's CPU the libraries are the installed wheel's; for another (aarch64 on an x86 host) they come
+from that CPU's wheel of the same version, fetched from PyPI by ``cloformer-device setup``, which also fetches
+headers a wheel lacks (ONNX Runtime's C API) from Debian. Nothing is fetched at any other time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..formats import BACKENDS
+from ..formats.base import Backend, NativeRunner
+from ..progress import Progress
+from ..versions import installed_versions
+from .base import TargetError, end_process_group, last_line, public_version
+
+SOURCES = Path(__file__).resolve().parents[1] / "native"
+NATIVE_DIR = "native"
+TRIPLES = {"linux-x86_64": "x86_64-linux-gnu", "linux-aarch64": "aarch64-linux-gnu"}
+CROSS_PACKAGES = {"linux-x86_64": "g++-x86-64-linux-gnu", "linux-aarch64": "g++-aarch64-linux-gnu"}
+WHEEL_TAGS = {  # the wheels a bundle's glibc (Debian bookworm's 2.36) can load
+    "linux-aarch64": ["manylinux2014_aarch64"] + [f"manylinux_2_{v}_aarch64" for v in range(17, 37)],
+    "linux-x86_64": ["manylinux2014_x86_64"] + [f"manylinux_2_{v}_x86_64" for v in range(17, 37)],
+}
+COMPILE_TIMEOUT = 600.0
+FETCH_TIMEOUT = 1800.0
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def default_cache() -> Path:
+    """Where built runners live: $CLOFORMER_DEPLOY_CACHE, else the user's cache folder."""
+    if os.environ.get("CLOFORMER_DEPLOY_CACHE"):
+        return Path(os.environ["CLOFORMER_DEPLOY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cloformer-deploy"
+
+
+def host_platform() -> str:
+    return f"{sys.platform}-{platform.machine().lower()}"
+
+
+def native_backends() -> list[Backend]:
+    """The formats that have a native runner, in the registry's order."""
+    return [b for b in BACKENDS.values() if b.native_runner is not None]
+
+
+def compiler(plat: str) -> str | None:
+    """The C++ compiler that builds for ``plat``: the host's g++ for this machine, Debian's cross compiler else."""
+    if plat == host_platform():
+        return shutil.which("g++")
+    return shutil.which(f"{TRIPLES[plat]}-g++")
+
+
+def compiler_fix(plat: str) -> str:
+    if plat == host_platform():
+        return "apt-get install g++"
+    return f"apt-get install {CROSS_PACKAGES[plat]}"
+
+
+def host_version(package: str) -> str:
+    found = installed_versions([package])[package]
+    if not found:
+        raise TargetError(f"{package} is not installed on this host; install the project as the README says")
+    return public_version(found)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A built runner for one format on one platform."""
+
+    folder: Path
+    record: dict
+
+    @property
+    def format(self) -> str:
+        return self.record["format"]
+
+    @property
+    def key(self) -> str:
+        return self.record["key"]
+
+    def words(self, root: str | None = None, *args: str) -> list[str]:
+        """The command that starts the runner from the bundle at ``root`` (default: where it was built)."""
+        root = str(self.folder) if root is None else root
+        return [
+            f"{root}/lib/{self.record['loader']}",
+            "--library-path",
+            f"{root}/lib",
+            f"{root}/bin/{self.record['runner']}",
+            *args,
+        ]
+
+
+def bundle_folder(cache: Path, plat: str, fmt: str) -> Path:
+    return cache / NATIVE_DIR / plat / fmt
+
+
+def ready_bundle(cache: Path, plat: str, backend: Backend) -> Bundle | None:
+    """The built bundle of ``backend``'s runner for ``plat``, if one was built for this host's version of its wheel."""
+    folder = bundle_folder(cache, plat, backend.name)
+    try:
+        record = json.loads((folder / "build.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("version") != host_version(backend.native_runner.package):
+        return None
+    return Bundle(folder, record)
+
+
+def setup_hint(target: str, cache: Path, default: Path) -> str:
+    return f"cloformer-device setup {target}" + ("" if cache == default else f" --cache {cache}")
+
+
+def check_bundle(cache: Path, plat: str, backend: Backend, target: str, default: Path) -> Bundle:
+    bundle = ready_bundle(cache, plat, backend)
+    if bundle is None:
+        raise TargetError(
+            f"the native {backend.label} runner for {plat} is not built (or was built for another "
+            f"{backend.native_runner.package}); build it with: {setup_hint(target, cache, default)}"
+        )
+    return bundle
+
+
+# ---------------------------------------------------------------- building
+def _run(argv: list[str], what: str, timeout: float, cwd: str | None = None) -> str:
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        end_process_group(proc)
+        raise TargetError(f"setup: {what} gave no result within {timeout:.0f}s and was stopped") from None
+    except BaseException:
+        end_process_group(proc)
+        raise
+    if proc.returncode != 0:
+        errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
+        raise TargetError(f"setup: {what} failed: {(errors[0] if errors else last_line(out)) or proc.returncode}")
+    return out
+
+
+def package_folder(package: str) -> Path:
+    """The installed package's folder, found without importing it (importing executorch imports torch)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TargetError(f"{package} is not installed on this host; install the project as the README says")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def wheel_folder(runner: NativeRunner, plat: str, version: str, downloads: Path, stage) -> Path:
+    """The runner's libraries and headers from ``plat``'s wheel of ``version`` (fetched from PyPI once, kept)."""
+    out = downloads / plat / f"{runner.package}-{version}"
+    if (out / ".complete").exists():
+        return out
+    wheels = downloads / plat / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{runner.package}-{version}-")]
+    if not found:
+        stage.update(f"pip download {runner.package}=={version} for {plat}")
+        tags = [a for t in WHEEL_TAGS[plat] for a in ("--platform", t)]
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--disable-pip-version-check",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                f"{sys.version_info.major}.{sys.version_info.minor}",
+                "--implementation",
+                "cp",
+                *tags,
+                "-d",
+                str(wheels),
+                f"{runner.package}=={version}",
+            ],
+            f"pip download {runner.package}=={version} for {plat}",
+            FETCH_TIMEOUT,
+        )
+        found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{runner.package}-{version}-")]
+    if not found:
+        raise TargetError(f"setup: PyPI has no {plat} wheel of {runner.package}=={version}")
+    shutil.rmtree(out, ignore_errors=True)
+    wanted = [f"{runner.package}/{p}" for p in runner.libraries] + [
+        f"{runner.package}/{d}/*" for d in runner.include_dirs
+    ]
+    with zipfile.ZipFile(found[0]) as whl:
+        for name in whl.namelist():
+            if any(fnmatch.fnmatch(name, w) for w in wanted):
+                whl.extract(name, out.parent / f".{out.name}")
+    (out.parent / f".{out.name}" / runner.package).rename(out)
+    shutil.rmtree(out.parent / f".{out.name}", ignore_errors=True)
+    (out / ".complete").touch()
+    return out
+
+
+def debian_headers(runner: NativeRunner, downloads: Path, stage) -> Path:
+    """The include folder of a Debian package (headers a wheel lacks), fetched with apt-get into a private state."""
+    package, suite, inside = runner.debian_headers
+    out = downloads / "debian" / f"{package}-{suite}"
+    if (out / ".complete").exists():
+        return out / inside
+    if shutil.which("apt-get") is None:
+        raise TargetError(f"setup: the {package} headers come from Debian with apt-get, which this machine lacks")
+    stage.update(f"apt-get download {package} ({suite})")
+    state = downloads / "debian" / f"apt-{suite}"
+    (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (state / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    signed = f"[signed-by={keyring}] " if os.path.exists(keyring) else ""
+    (state / "sources.list").write_text(f"deb {signed}{DEBIAN_MIRROR} {suite} main\n")
+    opts = [
+        "-o",
+        f"Dir::Etc::SourceList={state / 'sources.list'}",
+        "-o",
+        "Dir::Etc::SourceParts=/dev/null",
+        "-o",
+        f"Dir::State::Lists={state / 'lists'}",
+        "-o",
+        f"Dir::Cache={state / 'cache'}",
+        "-o",
+        "Debug::NoLocking=1",
+        "-q",
+    ]
+    _run(["apt-get", *opts, "update"], f"apt-get update ({suite})", FETCH_TIMEOUT)
+    debs = state / "debs"
+    debs.mkdir(exist_ok=True)
+    _run(["apt-get", *opts, "download", package], f"apt-get download {package}", FETCH_TIMEOUT, cwd=str(debs))
+    deb = sorted(debs.glob(f"{package}_*.deb"))
+    if not deb:
+        raise TargetError(f"setup: apt-get download {package} left no package")
+    shutil.rmtree(out, ignore_errors=True)
+    _run(["dpkg-deb", "-x", str(deb[-1]), str(out)], f"unpacking {deb[-1].name}", 120)
+    (out / ".complete").touch()
+    return out / inside
+
+
+def _dynamic(path: Path) -> tuple[list[str], str | None, str | None]:
+    """(NEEDED libraries, soname, interpreter) of an ELF file, as readelf reads them (any CPU)."""
+    out = subprocess.run(["readelf", "-d", "-l", "-W", str(path)], capture_output=True, text=True, timeout=60).stdout
+    needed, soname, interp = [], None, None
+    for line in out.splitlines():
+        if "(NEEDED)" in line:
+            needed.append(line.split("[", 1)[1].rstrip("]"))
+        elif "(SONAME)" in line:
+            soname = line.split("[", 1)[1].rstrip("]")
+        elif "Requesting program interpreter:" in line:
+            interp = line.split(":", 1)[1].strip().rstrip("]")
+    return needed, soname, interp
+
+
+def _system_library(cxx: str, name: str) -> Path | None:
+    """Where the compiler's own target libraries keep ``name`` (glibc, libstdc++): the ones it linked against."""
+    found = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True, timeout=60).stdout.strip()
+    return Path(found).resolve() if os.path.isabs(found) and os.path.exists(found) else None
+
+
+def source_key(runner: NativeRunner, plat: str, version: str, cxx_version: str) -> str:
+    h = hashlib.sha256()
+    for name in ("runner.h", runner.source):
+        h.update((SOURCES / name).read_bytes())
+    h.update(json.dumps([plat, version, cxx_version, runner.libraries, runner.defines]).encode())
+    return h.hexdigest()[:16]
+
+
+def build_bundle(
+    backend: Backend, plat: str, cache: Path, *, force: bool = False, progress: Progress | None = None
+) -> Bundle:
+    """Build (or keep, when built from the same sources, wheel version and compiler) ``backend``'s runner for
+    ``plat`` in ``cache``; TargetError (one line naming the package to install) when no compiler is there."""
+    progress = progress or Progress(quiet=True)
+    runner = backend.native_runner
+    cxx = compiler(plat)
+    if cxx is None:
+        raise TargetError(
+            f"building the native runners for {plat} needs a C++ compiler; install it with: {compiler_fix(plat)}"
+        )
+    if shutil.which("readelf") is None:
+        raise TargetError("building the native runners needs readelf; install it with: apt-get install binutils")
+    version = host_version(runner.package)
+    cxx_version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
+    key = source_key(runner, plat, version, cxx_version)
+    final = bundle_folder(cache, plat, backend.name)
+    current = ready_bundle(cache, plat, backend)
+    if current is not None and current.key == key and not force:
+        progress.log(f"the native {backend.label} runner for {plat} is built ({final})")
+        return current
+    downloads = cache / "downloads"
+    t0 = time.perf_counter()
+    with progress.stage(f"native {backend.label} runner for {plat}") as stage:
+        if plat == host_platform():
+            package = package_folder(runner.package)
+        else:
+            package = wheel_folder(runner, plat, version, downloads, stage)
+        includes = [package / d for d in runner.include_dirs]
+        if runner.debian_headers:
+            includes.append(debian_headers(runner, downloads, stage))
+        libraries = sorted({Path(p) for pattern in runner.libraries for p in glob.glob(str(package / pattern))})
+        if not libraries:
+            raise TargetError(f"setup: the {runner.package} wheel for {plat} has none of {runner.libraries}")
+        registering = {Path(p) for pattern in runner.registering for p in glob.glob(str(package / pattern))}
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "bin").mkdir(parents=True)
+        (partial / "lib").mkdir()
+        exe = partial / "bin" / f"{backend.name}-runner"
+        link = []
+        for lib in libraries:  # the self-registering ones first and kept though nothing calls them
+            link += [
+                "-Wl,--no-as-needed" if lib in registering else "-Wl,--as-needed",
+                f"-L{lib.parent}",
+                f"-l:{lib.name}",
+            ]
+        stage.update(f"compile {runner.source} with {Path(cxx).name}")
+        tc = time.perf_counter()
+        _run(
+            [
+                cxx,
+                "-std=c++17",
+                "-O2",
+                *(f"-D{d}" for d in runner.defines),
+                f'-DCFD_RUNTIME_VERSION="{version}"',
+                *(f"-I{d}" for d in includes),
+                f"-I{SOURCES}",
+                str(SOURCES / runner.source),
+                "-o",
+                str(exe),
+                *link,
+                "-Wl,--as-needed",
+                "-pthread",
+                "-Wl,-rpath,$ORIGIN/../lib",
+            ],
+            f"compiling the {backend.label} runner for {plat}",
+            COMPILE_TIMEOUT,
+        )
+        compile_s = time.perf_counter() - tc
+        stage.update("collect its libraries and a glibc loader")
+        loader = _collect(exe, libraries, cxx, partial / "lib")
+        tar = partial.with_name(final.name + ".tar.gz")
+        record = {
+            "format": backend.name,
+            "platform": plat,
+            "package": runner.package,
+            "version": version,
+            "key": key,
+            "runner": exe.name,
+            "loader": loader,
+            "compiler": cxx_version,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "compile_seconds": round(compile_s, 1),
+            "libraries": sorted(p.name for p in (partial / "lib").iterdir()),
+        }
+        record["bytes"] = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
+        (partial / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+        deterministic_tar(partial, tar, gzip_it=True)
+        # beside the archive only: the copy inside it cannot state the archive's own size
+        record["archive_bytes"] = tar.stat().st_size
+        record["build_seconds"] = round(time.perf_counter() - t0, 1)
+        (partial / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        partial.rename(final)  # the moment the bundle becomes ready: one rename
+        tar.replace(final.with_name(final.name + ".tar.gz"))
+        shutil.rmtree(old, ignore_errors=True)
+    return Bundle(final, record)
+
+
+def archive(bundle: Bundle) -> Path:
+    """The bundle as a gzip tar whose bytes depend only on its files (what a device receives)."""
+    return bundle.folder.with_name(bundle.folder.name + ".tar.gz")
+
+
+def _collect(exe: Path, libraries: list[Path], cxx: str, dest: Path) -> str:
+    """Copy into ``dest`` every library ``exe`` needs, under its soname: the wheel's, then the compiler's own
+    (glibc, libstdc++, libgcc) and the loader. Returns the loader's file name."""
+    wheel = {}
+    for lib in libraries:
+        _, soname, _ = _dynamic(lib)
+        wheel[soname or lib.name] = lib
+    _, _, interp = _dynamic(exe)
+    if not interp:
+        raise TargetError(f"setup: {exe.name} has no program interpreter")
+    todo, seen = [exe], set()
+    loader = Path(interp).name
+    while todo:
+        needed, _, _ = _dynamic(todo.pop())
+        for name in needed:
+            if name in seen:
+                continue
+            seen.add(name)
+            source = wheel.get(name) or _system_library(cxx, name)
+            if source is None:
+                raise TargetError(f"setup: cannot find {name}, which the runner needs, for {exe.name}")
+            shutil.copy2(source, dest / name)
+            todo.append(dest / name)
+    ld = _system_library(cxx, loader)
+    if ld is None:
+        raise TargetError(f"setup: cannot find the loader {loader}")
+    shutil.copy2(ld, dest / loader)
+    return loader
+
+
+def deterministic_tar(folder: Path, dest: Path, top: str | None = None, gzip_it: bool = False) -> None:
+    """A folder as a tar (``top``: the name of its top folder; None: its files at the top) whose bytes depend only
+    on its files."""
+    import gzip
+
+    raw = dest.with_suffix(dest.suffix + ".tmp")
+    with open(raw, "wb") as out:
+        stream = gzip.GzipFile(fileobj=out, mode="wb", mtime=0) if gzip_it else out
+        with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path in sorted([folder, *folder.rglob("*")]):
+                rel = path.relative_to(folder).as_posix()
+                name = (top if rel == "." else f"{top}/{rel}") if top else rel
+                if name == ".":
+                    continue
+                info = tar.gettarinfo(str(path), name)
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                if path.is_file():
+                    with open(path, "rb") as f:
+                        tar.addfile(info, f)
+                else:
+                    tar.addfile(info)
+        if gzip_it:
+            stream.close()
+    raw.replace(dest)
+
+
+def smoke(bundle: Bundle, prefix: list[str] | None = None, env: dict | None = None) -> dict:
+    """The runner's ``about`` answer (started as a device starts it, under ``prefix``: QEMU for another CPU)."""
+    argv = [*(prefix or []), *bundle.words()]
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.run(
+                argv, input=b'{"cmd": "about"}\n', stdout=subprocess.PIPE, stderr=err, timeout=300, env=env
+            )
+        except subprocess.TimeoutExpired:
+            raise TargetError(f"setup: the {bundle.format} runner gave no answer in 300 s") from None
+        err.seek(0)
+        why = last_line(err.read().decode(errors="replace"))
+    lines = [ln for ln in proc.stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise TargetError(f"setup: the {bundle.format} runner does not start: {why or proc.returncode}")
+    return json.loads(lines[-1])
