@@ -226,67 +226,83 @@ def bench_main(p: _Parser, argv) -> int:
 
 @_command("cloformer-device")
 def device_main(p: _Parser, argv) -> int:
-    """Targets the artifacts can run on: list them, build the emulated ARM64 one (once), or check an ssh:// device."""
+    """Targets the artifacts can run on: build their native runners (once), list them, or check a device."""
     from .targets import TARGETS
     from .targets.options import CheckOptions, ListOptions, SetupOptions
 
     sub = p.add_subparsers(dest="action", metavar="{setup,list,check}", parser_class=_Parser)
     setup = sub.add_parser(
         "setup",
-        help="build a target once (arm64: a Debian arm64 root with the host's runtimes, "
-        "run by QEMU; downloads about 3 GB, 5.8 GB on disk)",
+        help="build the native runners a target runs, once: local (this machine), arm64 (aarch64 runners for "
+        "QEMU; fetches about 80 MB of wheels), or a device (built for its CPU and copied to it)",
     )
-    SetupOptions.add_arguments(setup)
+    SetupOptions.add_arguments(setup, skip=("cpu", "target_cache"))
     setup.add_argument("-q", "--quiet", action="store_true")
-    listing = sub.add_parser("list", help="targets, whether they are ready, and the ARM64 CPU profiles")
+    listing = sub.add_parser("list", help="targets, whether their runners are built, and the ARM64 CPU profiles")
     ListOptions.add_arguments(listing)
     check = sub.add_parser(
         "check",
-        help="what an ssh:// device has and lacks (Python, numpy, runtimes against "
-        "this machine's versions), its CPU cores, and the command that installs "
-        "what is missing; installs nothing. Exit 1 if something is missing",
+        help="what a device (ssh:// or adb://) is and has: its CPU cores, the native runners for it, and (a Mac) "
+        "its Python's runtimes against this machine's versions; installs nothing. Exit 1 if something is missing",
     )
     CheckOptions.add_arguments(check, skip=("cpu", "target_cache"))
     args = p.parse_args(argv)
     if args.action is None:
-        p.error("choose an action: setup arm64, list, or check ssh://[user@]host")
+        p.error("choose an action: setup local|arm64|DEVICE, list, or check DEVICE")
     if args.action == "check":
         return _check_device(CheckOptions.from_args(args))
     from pathlib import Path
 
     from .progress import Progress
-    from .targets.arm64 import CPU_PROFILES, DEFAULT_CPU, check_cpu, default_cache, qemu_binary
-    from .targets.arm64_root import ROOT_DIR, ready_state, setup_arm64
+    from .targets.arm64 import CPU_PROFILES, DEFAULT_CPU, PLATFORM, check_cpu, qemu_binary
+    from .targets.native import default_cache, host_platform, native_backends, ready_bundle
 
-    opts = (SetupOptions if args.action == "setup" else ListOptions).from_args(args)
-    cache = Path(opts.cache) if opts.cache else default_cache()
     if args.action == "setup":
-        if opts.target != "arm64":
-            raise InputError(
-                f"setup {opts.target!r}: only arm64 is built by setup ({', '.join(TARGETS)} exist; local needs none)"
-            )
-        record = setup_arm64(
-            cache, force=opts.force, keep_downloads=opts.keep_downloads, progress=Progress(quiet=args.quiet)
+        from .targets.setup import setup_target
+
+        opts = SetupOptions.from_args(args)
+        record = setup_target(
+            opts.target, opts.cache, force=opts.force, device=opts.device(), progress=Progress(quiet=args.quiet)
         )
+        _table(
+            ["runner", "platform", "version", "size", "gzipped", "built in"],
+            [
+                [
+                    f"{b['runner']}",
+                    b["platform"],
+                    f"{b['package']} {b['version']}",
+                    f"{b['bytes'] / 1e6:.1f} MB",
+                    f"{b['archive_bytes'] / 1e6:.1f} MB",
+                    f"{b['build_seconds']} s",
+                ]
+                for b in record["bundles"].values()
+            ],
+        )
+        if record.get("removed_bytes"):
+            print(f"removed the old ARM64 Python root ({record['removed_bytes'] / 1e9:.1f} GB)")
         print(
-            f"arm64 root ready: {cache / ROOT_DIR} ({record['bytes'] / 1e9:.1f} GB; torch "
-            f"{record['versions']['torch']}, executorch {record['versions']['executorch']}, onnxruntime "
-            f"{record['versions']['onnxruntime']}; importing them under emulation took {record['import_seconds']}s)"
+            f"{record['target']}: ready in {record['seconds']} s (runners in {record['cache']}/native/{record['platform']})"
         )
-        print("next:   cloformer-validate BUNDLE --target arm64")
+        print(f"next:   cloformer-bench --bundle BUNDLE --target {record['target']}")
         return 0
-    state = ready_state(cache)
-    status = (
-        f"ready in {cache / ROOT_DIR} ({state['bytes'] / 1e9:.1f} GB)"
-        if state
-        else "not set up: cloformer-device setup arm64"
-    )
+    opts = ListOptions.from_args(args)
+    cache = Path(opts.cache) if opts.cache else default_cache()
+
+    def status(plat: str, name: str) -> str:
+        built = [b.label for b in native_backends() if ready_bundle(cache, plat, b) is not None]
+        missing = [b.label for b in native_backends() if b.label not in built]
+        if not missing:
+            return f"runners built ({', '.join(built)})"
+        return f"{'only ' + ', '.join(built) + '; ' if built else ''}cloformer-device setup {name}"
+
+    views = (cache / "arm64" / "cpus" / DEFAULT_CPU / "proc" / "cpuinfo").exists()
     _table(
         ["target", "status", "runs"],
         [
-            ["local", "ready", TARGETS["local"]],
-            ["arm64", status, TARGETS["arm64"]],
+            ["local", "ready; " + status(host_platform(), "local"), TARGETS["local"]],
+            ["arm64", status(PLATFORM, "arm64") if views else "cloformer-device setup arm64", TARGETS["arm64"]],
             ["ssh://", "cloformer-device check ssh://[user@]host[:port]", TARGETS["ssh://[user@]host[:port]"]],
+            ["adb://", "cloformer-device check adb://[SERIAL]", TARGETS["adb://[SERIAL]"]],
         ],
     )
     qemu = qemu_binary()
@@ -302,52 +318,61 @@ def device_main(p: _Parser, argv) -> int:
 
 
 def _check_device(opts) -> int:
-    from .targets import TargetError
-    from .targets.ssh import SshTarget, clusters_text, device_needs
+    from .targets import TargetError, get_target
+    from .targets.native import TRIPLES, native_backends
+    from .targets.shell import clusters_text
 
-    if not str(opts.target).lower().startswith("ssh://"):
+    if not str(opts.target).lower().startswith(("ssh://", "adb://")):
         raise TargetError(
-            f"check {opts.target!r}: give a device as ssh://[user@]host[:port] "
+            f"check {opts.target!r}: give a device as ssh://[user@]host[:port] or adb://[SERIAL] "
             "(cloformer-device list shows local and arm64)"
         )
-    target = SshTarget(opts.target, **opts.device())
-    info = target.probe()
-    if info.get("too_old"):  # no pip command would help: another Python is the fix
-        print(
-            f"device   {target.name}: {info.get('platform')}, Python {info['python']}: too old, the worker needs "
-            "3.10 or newer; pass --remote-python with a newer one"
-        )
-        return 1
-    if info.get("write_error"):
-        print(
-            f"device   {target.name}: cannot write the work folder: {info['write_error']}; free space there or "
-            "pass --remote-dir"
-        )
-        return 1
-    if target.cores is not None and target.about:
-        target.check_cores()
-    needs = device_needs(target)
+    target = get_target(opts.target, cache=opts.target_cache, device=opts.device(), for_setup=True)
     about = target.about
-    print(f"device   {target.name}: {info.get('platform')}" + (f", {clusters_text(about)}" if about else ""))
-    if info.get("work"):
-        free = info.get("free_bytes")
-        print(f"work     {info['work']}" + (f" ({free / 1e9:.1f} GB free)" if free else ""))
+    print(f"device   {target.name}: {target.platform}" + (f", {clusters_text(about)}" if about.get("clusters") else ""))
+    if target.work:
+        free = about.get("free_bytes")
+        print(f"work     {target.work}" + (f" ({free / 1e9:.1f} GB free)" if free else ""))
     if about.get("affinity") is not None and about.get("clusters"):
         print(
             "cores    --cores chooses among: "
             + "; ".join(f"{c['core']} {','.join(map(str, c['cpus']))}" for c in about["clusters"])
         )
-    print()
-    _table(
-        ["package", "on the device", "this machine", "status"],
-        [[r["package"], r["device"], r["host"], r["status"]] for r in needs["rows"]],
-    )
-    print("\nformats: " + "; ".join(f"{k}: {v}" for k, v in needs["formats"].items()))
-    if needs["command"]:
-        print(f"\ninstall on the device (nothing was installed):\n  {needs['command']}")
-        return 1
-    print("\nready: every runtime this machine has is there, at the same versions")
-    return 0
+    ok = True
+    if target.platform in TRIPLES:
+        target.find_bundles(required=False)
+        print()
+        rows = []
+        for b in native_backends():
+            bundle = target.bundles.get(b.name)
+            rows.append(
+                [
+                    b.label,
+                    f"{bundle.record['package']} {bundle.record['version']}" if bundle else "not built",
+                    "ready" if bundle else f"cloformer-device setup {target.name}",
+                ]
+            )
+            ok = ok and bundle is not None
+        _table(["format", "native runner built here", "status"], rows)
+        print("\nno Python is needed on the device: the runners carry their libraries")
+    else:
+        from .targets.ssh import device_needs
+
+        target.check_python()
+        needs = device_needs(target)
+        print()
+        _table(
+            ["package", "on the device", "this machine", "status"],
+            [[r["package"], r["device"], r["host"], r["status"]] for r in needs["rows"]],
+        )
+        print("\nformats: " + "; ".join(f"{k}: {v}" for k, v in needs["formats"].items()))
+        if needs["command"]:
+            print(f"\ninstall on the device (nothing was installed):\n  {needs['command']}")
+        ok = needs["ok"]
+    target.close()
+    if ok:
+        print("\nready")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -48,3 +48,23 @@ def tiny_bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
         out=tmp_path_factory.mktemp("export"),
         zip=True,
     )
+
+
+@pytest.fixture(scope="session")
+def native_runners():
+    """This machine's native runners, built once by ``cloformer-device setup local`` into the user's cache (kept
+    there, as a user's would be). Skipped without a C++ compiler; a failure under CI, which installs one."""
+    import os
+    import shutil
+
+    from cloformer_deploy.targets.native import host_platform
+    from cloformer_deploy.targets.setup import setup_target
+
+    if shutil.which("g++") is None or shutil.which("readelf") is None:
+        msg = "the native runners need g++ and readelf (apt-get install g++ binutils)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + "; .ci/run installs them")
+        pytest.skip(msg)
+    record = setup_target("local")
+    assert record["platform"] == host_platform()
+    return record

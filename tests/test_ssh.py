@@ -1,8 +1,10 @@
 """The ssh:// target against a real OpenSSH server on 127.0.0.1 (the device is this machine, the transport real).
 
-Every test starts from keys it makes; nothing outside tmp folders is touched except sshd's
-privilege separation folder when run as root. Where sshd is not installed the tests skip with
-the command that installs it, and fail under CI (which installs it).
+A Linux device runs the native runners (built here by ``cloformer-device setup local``, the
+``native_runners`` fixture); its Python worker is tested where a device would use it (a Mac, or
+``--runner python``). Every test starts from keys it makes; nothing outside tmp folders is touched
+except sshd's privilege separation folder when run as root. Where sshd is not installed the tests
+skip with the command that installs it, and fail under CI (which installs it).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def sshd(tmp_path_factory):
 
 
 @pytest.fixture
-def device(sshd, tmp_path):
+def device(sshd, tmp_path, native_runners):
     """The options of the loopback device: its client config, this venv's Python, a fresh work folder."""
     return {"ssh_config": str(sshd.config), "remote_python": sys.executable, "remote_dir": str(tmp_path / "device")}
 
@@ -65,15 +67,23 @@ def _remote_processes(marker: str, seconds: float = 8.0) -> list[str]:
         time.sleep(0.2)
 
 
-def test_probe_labels_the_device_and_copies_the_code_once(sshd, device):
+def test_a_linux_device_is_probed_by_its_shell_and_needs_no_python(sshd, device):
     target = get_target(sshd.address, device=device)
     d = target.describe()
     assert d["kind"] == "ssh" and d["measures_latency"] and d["platform"] == f"linux-{os.uname().machine}"
-    assert d["cores"] == os.cpu_count() and d["python"] == ".".join(map(str, sys.version_info[:3]))
-    assert d["versions"]["onnxruntime"] and d["label"].startswith(os.uname().machine)
+    assert d["cores"] == os.cpu_count() and d["clusters"] and d["label"].startswith(os.uname().machine)
+    assert set(d["runners"]) == {"onnx", "executorch"} and "python" not in d
+    assert not (Path(device["remote_dir"]) / "code").exists()  # its Python was never asked for
+
+
+def test_the_python_worker_copies_the_code_once(sshd, device):
+    target = get_target(sshd.address, device=device)
+    target.check_python()
+    d = target.describe()
+    assert d["python"] == ".".join(map(str, sys.version_info[:3])) and d["versions"]["onnxruntime"]
     codes = list((Path(device["remote_dir"]) / "code").iterdir())
     assert len(codes) == 1 and (codes[0] / "run.py").is_file()
-    get_target(sshd.address, device=device)  # a second contact: the same code folder, nothing added
+    get_target(sshd.address, device=device).check_python()  # a second contact: the same code folder
     assert list((Path(device["remote_dir"]) / "code").iterdir()) == codes
 
 
@@ -99,9 +109,12 @@ def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(
     for rt in ("onnxruntime", "executorch-xnnpack"):
         here, there = rows[(rt, "local")], rows[(rt, sshd.address)]
         assert there["error"] is None, there["error"]
+        assert here["runner"] == there["runner"] == "native"
         assert there["latency_ms"]["runs"] == 4 and there["latency_ms"]["median"] > 0
-        assert there["load_ms"] > 0 and there["peak_rss_mb"] > 0 and there["efficiency"] is None
+        # the runner's own memory: no Python, no torch (a Python worker holds hundreds of MB)
+        assert there["load_ms"] > 0 and 0 < there["peak_rss_mb"] < 150 and there["efficiency"] is None
         assert there["vs_local"]["bit_exact"] and there["drift"] == here["drift"]  # same machine, same runtime
+    assert rows[("executorch-xnnpack", sshd.address)]["planned_arena_mb"] > 0
     about = res.results["targets"][sshd.address]
     assert about["kind"] == "ssh" and about["label"] and res.results["config"]["cooldown_s"] == 0.1
     # each artifact went over once, by its hash
@@ -169,12 +182,13 @@ def test_an_unknown_host_key_is_refused_not_accepted(sshd, device, tmp_path):
 
 
 def test_a_device_without_that_python_or_without_numpy(sshd, device):
+    """Where its Python worker is wanted (a Mac, --runner python)."""
     with pytest.raises(TargetError, match="has no 'python3.99' .*install Python 3.10 or newer there"):
-        get_target(sshd.address, device={**device, "remote_python": "python3.99"})
+        SshTarget(sshd.address, **{**device, "remote_python": "python3.99"}).check_python()
     if subprocess.run([BASE_PYTHON, "-S", "-c", "import numpy"], capture_output=True).returncode == 0:
         pytest.fail(f"{BASE_PYTHON} has numpy: this test needs a Python without it")
     with pytest.raises(TargetError, match=r"its Python has no numpy, .*install it with: .* -m pip install numpy=="):
-        get_target(sshd.address, device={**device, "remote_python": f"{BASE_PYTHON} -S"})
+        SshTarget(sshd.address, **{**device, "remote_python": f"{BASE_PYTHON} -S"}).check_python()
 
 
 @pytest.fixture
@@ -197,13 +211,14 @@ def test_a_missing_runtime_is_an_error_row_and_the_others_run(
 
     target = SshTarget(sshd.address, **onnx_only_device)
     target.check()
+    target.check_python()
     needs = device_needs(target)
     assert not needs["ok"] and "executorch" in needs["command"] and "download.pytorch.org/whl/cpu" in needs["command"]
     assert {r["package"]: r["status"] for r in needs["rows"]}["onnxruntime"] == "ok"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in onnx_only_device.items()]
-    assert device_main(["check", sshd.address, *flags]) == 1
+    assert device_main(["check", sshd.address, *flags]) == 0  # a Linux device: its native runners are built here
     out = capsys.readouterr().out
-    assert re.search(r"^executorch +- ", out, re.M) and "install on the device (nothing was installed)" in out
+    assert re.search(r"^ExecuTorch +executorch \S+ +ready", out, re.M) and "no Python is needed" in out
 
     res = bench(
         bundle=tiny_bundle.bundle,
@@ -214,6 +229,7 @@ def test_a_missing_runtime_is_an_error_row_and_the_others_run(
         warmup=0,
         out=tmp_path / "bench",
         target=sshd.address,
+        runner="python",
         **onnx_only_device,
     )
     rows = {(r["runtime"], r["target"]): r for r in res.rows}
@@ -230,10 +246,11 @@ def test_a_worker_that_hangs_is_stopped_and_nothing_is_left_on_the_device(sshd, 
     runner = target.runner("onnx", tiny_bundle.bundle / onnx["path"], _spec(tiny_bundle), onnx)
     worker = runner.worker
     worker.run_batch(["x"], *_images(tiny_bundle))
-    assert _remote_processes(target.code, seconds=0)  # the worker runs on the device
+    assert runner.description["runner"] == "native"
+    assert _remote_processes(device["remote_dir"], seconds=0)  # the runner runs on the device
     with pytest.raises(WorkerError, match="no answer to 'time' within 2s; the worker was stopped"):
         worker.ask({"cmd": "time", "n": 10**7}, timeout=2)  # busy for hours
-    assert not _remote_processes(target.code)  # its input closed: it ended mid-step
+    assert not _remote_processes(device["remote_dir"])  # its input closed: it ended mid-step
     target.close()
 
 
@@ -241,10 +258,10 @@ def test_a_worker_that_dies_mid_run_is_a_one_line_error(sshd, device, tiny_bundl
     target = get_target(sshd.address, device=device)
     onnx = next(e for e in tiny_bundle.manifest["artifacts"] if e["format"] == "onnx")
     worker = target.runner("onnx", tiny_bundle.bundle / onnx["path"], _spec(tiny_bundle), onnx).worker
-    pids = []  # the worker on the device: the Python running run.py, not the local ssh client that started it
+    pids = []  # the runner on the device, not the local ssh client that started it nor the shell between
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         words = cmdline.read_bytes().split(b"\0")
-        if words and not words[0].endswith(b"ssh") and f"{target.code}/run.py".encode() in words:
+        if words and words[0].endswith(b"ld-linux-x86-64.so.2") and device["remote_dir"].encode() in words[0]:
             pids.append(int(cmdline.parent.name))
     assert len(pids) == 1
     for pid in pids:
@@ -266,16 +283,16 @@ def test_a_full_disk_on_the_device_fails_the_copy_and_keeps_nothing(sshd, device
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(b"\0" * (free - 8192))  # the code is in; the artifact will not fit
         onnx = next(e for e in tiny_bundle.manifest["artifacts"] if e["format"] == "onnx")
-        with pytest.raises(WorkerError, match="could not store .* No space left on device"):
+        with pytest.raises(WorkerError, match="copying .* failed: .*No space left on device"):
             target.ship(tiny_bundle.bundle / onnx["path"])
-        assert not list((disk / "device" / "files").rglob("*.partial-*"))
+        assert not [p for p in (disk / "device" / "files").rglob("*") if p.is_file()]  # nothing half-written kept
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_cores_pin_the_worker_and_are_checked_against_the_device(sshd, device):
     target = get_target(sshd.address, device={**device, "cores": "0"})
-    worker = target.start()
+    worker = target.start(fmt="onnx", native=True)
     try:
         assert worker.ask({"cmd": "about"})["affinity"] == [0]
     finally:
@@ -410,17 +427,21 @@ def test_core_ml_is_a_row_per_compute_unit_on_a_mac_and_one_untimed_row_elsewher
         def __init__(self):
             super().__init__("ssh://me@mac.local")
             self.platform, self.versions = "darwin-arm64", {"numpy": "2", "coremltools": "9.0", "pillow": "11"}
+            self.has_python = True  # no native runners for macOS: its Python worker runs everything
 
+    from cloformer_deploy.targets.local import LocalTarget
+
+    here_ = LocalTarget()
     art = {"precision": "fp16", "path": "m.mlpackage", "size_mb": 1.0, "extra": {}}
-    combos = _artifact_combos("m", "deploy", "coreml", art, [1, 2], _Mac())
+    combos = _artifact_combos("m", "deploy", "coreml", art, [1, 2], here_, _Mac())
     here = [c for c in combos if c.target is None]
     there = [c for c in combos if c.target is not None]
     assert len(here) == 1 and not here[0].timed and here[0].threads is None  # the interpreter, on this Linux
     assert [c.variant["compute_units"] for c in there] == ["CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL"]
     assert all(c.timed and c.threads is None and c.error is None for c in there)
-    alone = _artifact_combos("m", "deploy", "onnxruntime", {**art, "path": "m.onnx"}, [1, 2], None)
+    alone = _artifact_combos("m", "deploy", "onnxruntime", {**art, "path": "m.onnx"}, [1, 2], here_, None)
     assert [(c.target, c.threads, c.timed) for c in alone] == [(None, 1, True), (None, 2, True)]  # no target: here only
-    onnx = _artifact_combos("m", "deploy", "onnxruntime", {**art, "path": "m.onnx"}, [1, 2], _Mac())
+    onnx = _artifact_combos("m", "deploy", "onnxruntime", {**art, "path": "m.onnx"}, [1, 2], here_, _Mac())
     missing = [c for c in onnx if c.target is not None]
     assert [c.threads for c in missing] == [1, 2] and all("onnxruntime is not installed on" in c.error for c in missing)
 
@@ -472,13 +493,14 @@ OLD_PYTHON = (
 @pytest.mark.skipif(OLD_PYTHON is None, reason="no Python older than 3.10 on this machine to play the old device")
 def test_a_device_python_too_old_is_named(sshd, device):
     with pytest.raises(TargetError, match=r"its Python is 3\.[89]\.\d+; the worker needs 3\.10 or newer"):
-        get_target(sshd.address, device={**device, "remote_python": OLD_PYTHON})
+        SshTarget(sshd.address, **{**device, "remote_python": OLD_PYTHON}).check_python()
 
 
 def test_a_banner_the_device_shell_prints_is_not_taken_for_an_answer(sshd, device):
     """A .bashrc or a proot login that writes to stdout before Python starts: its lines are set aside."""
     chatty = f'sh -c \'echo Welcome to Termux; exec "$0" "$@"\' {sys.executable}'
     target = get_target(sshd.address, device={**device, "remote_python": chatty})
+    target.check_python()
     worker = target.start()
     try:
         assert worker.ask({"cmd": "about"})["machine"] == os.uname().machine

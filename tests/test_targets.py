@@ -1,5 +1,5 @@
 """Targets: the worker protocol on the local target, its failures and clean-up, the emulated ARM64 target's
-checks, CPU views and its setup's atomicity (with the tools replaced: no network, no QEMU needed)."""
+checks and CPU views (no QEMU needed). The native runners' build and protocol are in test_native.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 import re
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from cloformer_deploy.formats import BACKENDS
 from cloformer_deploy.images import load_images
-from cloformer_deploy.targets import Target, TargetError, WorkerError, arm64, arm64_root, get_target
+from cloformer_deploy.targets import Target, TargetError, WorkerError, arm64, get_target
 from cloformer_deploy.targets.local import LocalTarget
 from cloformer_deploy.targets.worker import pack, unpack
 
@@ -185,12 +184,14 @@ def test_pack_round_trip():
 
 
 def test_target_names_and_cpu_choices_are_checked():
-    with _says("--target 'mars' is not a target; choose local, arm64 or ssh://"):
+    with _says("--target 'mars' is not a target; choose local, arm64, ssh://.* or adb://"):
         get_target("mars")
-    with _says("--remote-python applies to an ssh:// device"):
+    with _says("--remote-python applies to an ssh:// or adb:// device"):
         get_target("local", device={"remote_python": "python3"})
-    with _says("--cpu and --target-cache belong to --target arm64"):
+    with _says("--cpu belongs to --target arm64; drop it for a device"):
         get_target("ssh://pi@pi5", cpu="cortex-a76")
+    with _says("--ssh-key applies to an ssh:// device; drop it for adb://"):
+        get_target("adb://", device={"ssh_key": "k"})
     with _says("--cpu chooses the emulated CPU of --target arm64"):
         get_target("local", cpu="cortex-a76")
     assert get_target("local").measures_latency
@@ -205,7 +206,14 @@ def test_arm64_without_qemu_names_the_package(monkeypatch, tmp_path):
 def test_arm64_not_set_up_names_the_setup_command(monkeypatch, tmp_path):
     monkeypatch.setattr(arm64, "qemu_binary", lambda: "/usr/bin/qemu-aarch64-static")
     monkeypatch.setattr(arm64, "qemu_version", lambda b: (7, 2, 22))
-    with _says(f"no ARM64 root in {tmp_path}; build it once with: cloformer-device setup arm64 --cache {tmp_path}"):
+    with _says(
+        f"--target arm64 is not set up in {tmp_path}; set it up once with: cloformer-device setup arm64 --cache {tmp_path}"
+    ):
+        get_target("arm64", cache=tmp_path)
+    arm64.write_cpu_views(tmp_path)  # views but no runners: the runner is named
+    with _says(
+        f"the native .* runner for linux-aarch64 is not built .*cloformer-device setup arm64 --cache {tmp_path}"
+    ):
         get_target("arm64", cache=tmp_path)
     with _says("--cpu 'pentium' is not a profile; choose from cortex-a76"):
         get_target("arm64", cpu="pentium", cache=tmp_path)
@@ -219,32 +227,14 @@ def test_a_cpu_known_to_compute_wrongly_on_this_qemu_is_refused(monkeypatch):
     assert arm64.check_cpu("max", "/usr/bin/qemu-aarch64-static").qemu_cpu == "max"
 
 
-def test_a_root_for_other_runtime_versions_is_not_ready(monkeypatch, tmp_path):
-    root = tmp_path / arm64_root.ROOT_DIR
-    root.mkdir()
-    versions = {n: v for n, v in arm64_root.host_versions().items() if n in arm64_root.RUNTIMES}
-    (root / "ready.json").write_text(json.dumps({"versions": {**versions, "executorch": "1.4.1"}}))
-    with _says(
-        r"has executorch 1.4.1 \(host .*\); rebuild it with: cloformer-device "
-        "setup arm64 --force"
-    ):
-        arm64_root.check_ready(tmp_path)
-    (root / "ready.json").write_text(json.dumps({"versions": versions}))
-    assert arm64_root.check_ready(tmp_path)["versions"] == versions
-
-
 @pytest.mark.parametrize("name", list(arm64.CPU_PROFILES))
 def test_cpu_view_reports_the_profile_midr(name, tmp_path):
-    """/proc/cpuinfo and the sysfs MIDR say the same core; the view links every top-level folder of the root."""
+    """/proc/cpuinfo and the sysfs MIDR say the same core, and the view holds nothing else (QEMU finds every other
+    path on the host)."""
     profile = arm64.CPU_PROFILES[name]
-    root = tmp_path / "root"
-    for d in ("usr", "etc", "opt"):
-        (root / d).mkdir(parents=True)
-    (root / "lib").symlink_to("usr/lib")
     view = tmp_path / "view"
-    arm64.write_cpu_view(root, view, profile, cores=2)
-    assert sorted(p.name for p in view.iterdir()) == ["etc", "lib", "opt", "proc", "sys", "usr"]
-    assert (view / "usr").resolve() == (root / "usr").resolve() and not Path(os.readlink(view / "usr")).is_absolute()
+    arm64.write_cpu_view(view, profile, cores=2)
+    assert sorted(p.name for p in view.iterdir()) == ["proc", "sys"]
     fields = {}
     for line in (view / "proc" / "cpuinfo").read_text().split("\n\n")[1].splitlines():
         k, _, v = line.partition(":")
@@ -258,78 +248,6 @@ def test_cpu_view_reports_the_profile_midr(name, tmp_path):
     assert int((sysfs / "cpu1" / "regs" / "identification" / "midr_el1").read_text(), 16) == m
 
 
-# ------------------------------------------------------------------ setup: atomic and resumable
-
-
-class _FakeTools:
-    """mmdebstrap and pip replaced: a tiny tarball and nothing installed; counts what ran."""
-
-    def __init__(self):
-        self.calls: list[str] = []
-
-    def run(self, argv, stage, what, timeout=0, env=None):
-        self.calls.append(what)
-        if argv[0] == "mmdebstrap":
-            out = Path(argv[-1])
-            src = out.parent / "src"
-            (src / "usr" / "bin").mkdir(parents=True, exist_ok=True)
-            (src / "usr" / "bin" / "python3.11").write_text("")
-            with tarfile.open(out, "w") as tar:
-                tar.add(src, arcname=".")
-
-
-@pytest.fixture()
-def fake_setup(monkeypatch):
-    tools = _FakeTools()
-    monkeypatch.setattr(arm64_root, "_run", tools.run)
-    monkeypatch.setattr(arm64_root, "qemu_binary", lambda: "/usr/bin/qemu-aarch64-static")
-    monkeypatch.setattr(arm64_root, "qemu_label", lambda b: "qemu-user 7.2.22")
-    monkeypatch.setattr(arm64_root.shutil, "which", lambda name: f"/usr/bin/{name}")
-    return tools
-
-
-def test_interrupted_setup_leaves_nothing_ready_and_resumes(fake_setup, monkeypatch, tmp_path):
-    versions = arm64_root.host_versions()
-    smoke = {
-        "machine": "aarch64",
-        "python": "3.11.2",
-        "xnnpack": True,
-        "versions": {n: versions[n] for n in arm64_root.RUNTIMES},
-    }
-
-    def broken_smoke(partial, v):
-        raise TargetError("setup arm64: the emulated Python could not import the runtimes: boom")
-
-    monkeypatch.setattr(arm64_root, "_smoke", broken_smoke)
-    with _says("boom"):
-        arm64_root.setup_arm64(tmp_path)
-    assert not (tmp_path / "arm64").exists() and arm64_root.ready_state(tmp_path) is None
-    assert (tmp_path / "downloads" / "debian-bookworm-arm64.tar").exists()  # kept for the next attempt
-    assert fake_setup.calls.count("mmdebstrap") == 1
-
-    monkeypatch.setattr(arm64_root, "_smoke", lambda partial, v: (smoke, 1.0))
-    record = arm64_root.setup_arm64(tmp_path)
-    assert fake_setup.calls.count("mmdebstrap") == 1  # resumed from the kept tarball
-    assert record["versions"] == smoke["versions"] and arm64_root.check_ready(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["arm64"]  # partial gone, downloads removed
-    assert sorted(p.name for p in (tmp_path / "arm64" / "cpus").iterdir()) == sorted(arm64.CPU_PROFILES)
-    # ready: a second setup does nothing
-    calls = len(fake_setup.calls)
-    assert arm64_root.setup_arm64(tmp_path)["created"] == record["created"] and len(fake_setup.calls) == calls
-
-
-def test_setup_without_host_tools_names_them_and_writes_nothing(monkeypatch, tmp_path):
-    monkeypatch.setattr(arm64_root, "qemu_binary", lambda: None)
-    monkeypatch.setattr(arm64_root.shutil, "which", lambda name: None)
-    cache = tmp_path / "cache"
-    with _says(
-        "setup arm64 needs qemu-aarch64-static and mmdebstrap; install them "
-        "with: apt-get install qemu-user-static mmdebstrap"
-    ):
-        arm64_root.setup_arm64(cache)
-    assert not cache.exists()
-
-
 def test_device_list_shows_targets_and_profiles(monkeypatch, tmp_path, capsys):
     from cloformer_deploy.cli import device_main
 
@@ -337,7 +255,8 @@ def test_device_list_shows_targets_and_profiles(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(arm64, "qemu_version", lambda b: (7, 2, 22))
     assert device_main(["list", "--cache", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^arm64 +not set up: cloformer-device setup arm64 ", out, re.M), out
+    assert re.search(r"^arm64 +cloformer-device setup arm64 ", out, re.M), out
+    assert re.search(r"^adb:// +cloformer-device check adb://", out, re.M), out
     for name in arm64.CPU_PROFILES:
         assert f"  {name} " in out
     assert "[refused here: QEMU 7.2.22 computes" in out
@@ -373,12 +292,15 @@ class _OtherMachine(LocalTarget):
 
     runner = Target.runner  # through a worker, as a remote target does (LocalTarget's runs in this process)
 
+    def native_bundle(self, backend):  # a device with a Python worker only (a Mac's kind of target)
+        return None
+
 
 def _on_other_machine(monkeypatch, target):
     import cloformer_deploy.targets
 
-    def pick(name="local", cpu=None, cache=None, device=None):  # the bench's own exports still ask for "local"
-        return target if name == "fake" else get_target(name, cpu, cache, device)
+    def pick(name="local", cpu=None, cache=None, device=None, for_setup=False):  # exports still ask for "local"
+        return target if name == "fake" else get_target(name, cpu, cache, device, for_setup)
 
     monkeypatch.setattr(cloformer_deploy.targets, "get_target", pick)  # what every command's options open
 
@@ -453,15 +375,4 @@ def test_bench_on_another_target_adds_drift_rows_without_latency(tiny_variant, t
     assert "## Drift on fake-arm64" in md and "| deploy | onnxruntime | fp32 |" in md and "| bit-exact |" in md
     plot = plot_latency(tmp_path / "latency.png", res.results)
     assert all("fake-arm64" not in label for label, _, _ in plot.drawn)
-    assert any("ORT fp32 on fake-arm64" in line for line in plot.left_out)
-
-
-def test_a_setup_step_that_hangs_silently_is_stopped(tmp_path):
-    class _Stage:
-        def update(self, text):
-            pass
-
-    t = time.monotonic()
-    with _says("setup arm64: sleeping gave no result within 1s and was stopped; run setup again"):
-        arm64_root._run(["sh", "-c", "sleep 30 & sleep 30"], _Stage(), "sleeping", timeout=1)
-    assert time.monotonic() - t < 10
+    assert any("ORT (Python) fp32 on fake-arm64" in line for line in plot.left_out)  # a worker, not a native runner

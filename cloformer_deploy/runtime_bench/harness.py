@@ -62,6 +62,8 @@ class Combo:
     peak_rss_mb: float | None = None
     role: str = "subject"  # the benchmarked model, or a "peer" timed beside it
     target: Target | None = None  # where it runs; None: this machine
+    native: bool = False  # run by the format's native runner (as an app runs it), not its Python runtime
+    where: Target | None = None  # the target that starts its process (None: LOCAL); set with the runner chosen
     variant: dict = field(default_factory=dict)  # how the runtime runs it (Core ML: its compute unit)
     timed: bool | None = None  # None: timed when it has a thread count
     described: dict = field(default_factory=dict)  # the runner's own description, from the worker
@@ -166,20 +168,60 @@ def bench(
         check_fits(model, size, 1, what=f"--img-size {size[0]}x{size[1]}")
         prepared = opened.prepared if opts.bundle is not None else prepare_model(model, opts.weights, None)
         remote = opts.open_target()
+        local = LocalTarget(opts.target_cache)
+        _check_runner(opts.runner, runtimes, local, remote if remote.kind != "local" else None)
         if remote.kind == "local":
             remote = None
         elif not any(remote.can_run(BACKENDS[FORMAT_OF[r]]) for r in runtimes if r in FORMAT_OF):
             there = [r for r in RUNTIMES if r in FORMAT_OF and remote.can_run(BACKENDS[FORMAT_OF[r]])]
             raise BenchInputError(f"--target {opts.target}: none of --formats runs there; add {' or '.join(there)}")
         try:
-            return _bench(opts, prepared, runtimes, size, peer_list, remote, progress, argv)
+            return _bench(opts, prepared, runtimes, size, peer_list, local, remote, progress, argv)
         finally:
             if remote is not None:
                 remote.close()
 
 
+def _check_runner(runner: str, runtimes, local: Target, remote: Target | None) -> None:
+    """--runner against what is built and where Python runs; BenchInputError (one line naming the fix) before work."""
+    formats = [BACKENDS[FORMAT_OF[r]] for r in runtimes if r in FORMAT_OF]
+    natives = [b for b in formats if b.native_runner is not None]
+    if runner == "native":
+        unbuilt = [b for b in natives if local.native_bundle(b) is None]
+        if unbuilt:
+            raise BenchInputError(
+                f"--runner native: the native {unbuilt[0].label} runner is not built here; build it with: "
+                "cloformer-device setup local (or drop --runner)"
+            )
+        if not natives:
+            raise BenchInputError("--runner native: none of --formats has a native runner; drop --runner")
+    if runner in ("python", "both") and remote is not None and not remote.has_python:
+        if hasattr(remote, "check_python") and runner == "python":
+            remote.check_python()  # a device with Python (ssh): TargetError naming the fix when it has none
+        elif runner == "python":
+            raise BenchInputError(f"--runner python: {remote.name} runs the native runners only; drop --runner")
+
+
+def _runners(runner: str, backend, on: Target) -> list[bool]:
+    """Whether each row of ``backend`` on ``on`` is run natively: one row, or two with --runner both."""
+    native = backend.native_runner is not None and on.native_bundle(backend) is not None
+    if runner == "both":
+        return [k for k, ok in ((True, native), (False, on.has_python)) if ok] or [True]
+    if runner == "python" and on.has_python:
+        return [False]
+    return [native or not on.has_python]
+
+
 def _bench(
-    opts: BenchOptions, prepared, runtimes, size, peer_list, remote: Target | None, progress: Progress, argv
+    opts: BenchOptions,
+    prepared,
+    runtimes,
+    size,
+    peer_list,
+    local: Target,
+    remote: Target | None,
+    progress: Progress,
+    argv,
 ) -> BenchResult:
     threads, runs, warmup, data, bundle = opts.threads, opts.runs, opts.warmup, opts.data, opts.bundle
     compare_authors, timeout, precisions, profile = opts.compare_authors, opts.timeout, opts.precisions, opts.profile
@@ -211,13 +253,26 @@ def _bench(
                     continue
                 for (f, r, _), art in artifacts.items():
                     if (f, r) == (form, rt):
-                        combos += _artifact_combos(variant.name, form, rt, art, threads, remote)
+                        combos += _artifact_combos(variant.name, form, rt, art, threads, local, remote, opts.runner)
         for c in combos:
             c.extra = {"params": prof.params, "macs": prof.macs, **c.extra}
         references = {variant.name: reference}
-        combos += _peer_combos(
+        peers = _peer_combos(
             peer_list, runtimes, threads, work, size, images, authors.num_classes, references, progress
         )
+        for c in peers:  # timed the way the model is timed here, one row each
+            if c.path is not None:
+                c.where, c.native = local, _runners(opts.runner, BACKENDS[FORMAT_OF[c.runtime]], local)[0]
+        combos += peers
+        unbuilt = [
+            c for c in combos if c.where is local and not c.native and BACKENDS[FORMAT_OF[c.runtime]].native_runner
+        ]
+        if unbuilt and opts.runner == "auto":
+            progress.warn(
+                "the native runners are not built here: ExecuTorch and ONNX Runtime rows run in their Python "
+                "runtimes (latency as Python calls them, memory of a Python process); build them with: "
+                "cloformer-device setup local"
+            )
         thermal = _measure(
             combos, work, variant, authors.num_classes, size, images, runs, warmup, timeout, progress, cooldown
         )
@@ -249,7 +304,7 @@ def _bench(
             "compare_authors": compare_authors,
             "peers": [p.name for p in peer_list],
         },
-        "targets": {"local": LOCAL.describe(), **({remote.name: remote.describe()} if remote else {})},
+        "targets": {"local": local.describe(), **({remote.name: remote.describe()} if remote else {})},
         "thermal": thermal,
         "rows": rows,
         "command": argv if argv is not None else sys.argv,
@@ -473,40 +528,47 @@ def _artifacts(
     return out
 
 
-def _artifact_combos(model: str, form: str, rt: str, art: dict, threads, remote: Target | None) -> list[Combo]:
+def _artifact_combos(
+    model: str, form: str, rt: str, art: dict, threads, local: Target, remote: Target | None, runner: str = "auto"
+) -> list[Combo]:
     """The rows of one artifact: here, and on the target if it runs there.
 
     A row is timed where the runtime runs natively and the target measures latency (Core ML off
     Apple systems: drift by the interpreter, untimed). Each way the runtime runs the artifact on a
-    platform is a row (Core ML on a Mac: a compute unit each); thread counts only for runtimes that take one.
+    platform is a row (Core ML on a Mac: a compute unit each), and so is each runner (``runner``
+    ``both``: the native runner and the Python runtime); thread counts only for runtimes that take one.
     """
     backend = BACKENDS[FORMAT_OF[rt]]
     out = []
-    for where in (None, remote) if remote is not None else (None,):
-        if where is not None and not where.can_run(backend):
+    for where in (local, remote) if remote is not None else (local,):
+        if where is remote and not where.can_run(backend):
             continue
-        on = where or LOCAL
-        timed = on.platform in backend.platforms and on.measures_latency
+        timed = where.platform in backend.platforms and where.measures_latency
         counts = threads if timed and backend.uses_threads else [None]
-        error = where.missing(backend) if where is not None else None
-        for way in backend.row_variants(on.platform):
-            out += [
-                Combo(
-                    model,
-                    form,
-                    rt,
-                    art["precision"],
-                    t,
-                    art["path"],
-                    art["size_mb"],
-                    art["extra"],
-                    target=where,
-                    variant=way,
-                    timed=timed,
-                    error=error,
-                )
-                for t in counts
-            ]
+        for native in _runners(runner, backend, where):
+            error = None
+            if where is remote:
+                error = where.missing(backend, native)
+            for way in backend.row_variants(where.platform):
+                out += [
+                    Combo(
+                        model,
+                        form,
+                        rt,
+                        art["precision"],
+                        t,
+                        art["path"],
+                        art["size_mb"],
+                        art["extra"],
+                        target=where if where is remote else None,
+                        variant=way,
+                        timed=timed,
+                        error=error,
+                        native=native,
+                        where=where,
+                    )
+                    for t in counts
+                ]
     return out
 
 
@@ -600,7 +662,7 @@ def _thermal(group) -> dict:
 def _open_message(c: Combo, eager: dict, spec: dict) -> dict:
     if c.runtime == EAGER:
         return {"cmd": "open", "format": "eager", "threads": c.threads or 1, "eager": {**eager, "form": c.form}}
-    where = c.target or LOCAL
+    where = c.where or LOCAL
     return {
         "cmd": "open",
         "format": FORMAT_OF[c.runtime],
@@ -618,11 +680,15 @@ def _run(worker: WorkerProcess, images: ImageBatch, i: int) -> dict:
 def _load_workers(group, eager, spec, images: ImageBatch, timeout, progress, what) -> None:
     with progress.stage(f"{what}: load {len(group)} runtime process{'es' if len(group) > 1 else ''}") as stage:
         for i, c in enumerate(group, 1):
-            where = c.target or LOCAL
+            where = c.where or LOCAL
             stage.update(f"{i}/{len(group)}" + (f" on {where.name}" if c.target else ""))
             try:
                 message = _open_message(c, eager, spec)  # ships the artifact to a device: may fail there
-                c.worker = where.start(max(timeout, where.step_timeout) if c.target else timeout)
+                c.worker = where.start(
+                    max(timeout, where.step_timeout) if c.target else timeout,
+                    fmt=FORMAT_OF.get(c.runtime),
+                    native=c.native,
+                )
                 opened = c.worker.ask(message)
                 c.described = opened.get("describe") or {}
                 # the first run initialises lazily in several runtimes: part of loading
@@ -678,6 +744,7 @@ def _outputs(group, images: ImageBatch, done: dict, progress, what) -> None:
                 c.model,
                 c.form,
                 c.runtime,
+                c.native,
                 c.precision,
                 c.path,
                 c.target.name if c.target else "local",
@@ -705,7 +772,10 @@ def _versus_local(combos: list[Combo], rows: list[dict]) -> None:
     def key(c):
         return c.model, c.form, c.runtime, c.precision, c.path, tuple(sorted(c.variant.items()))
 
-    here = {key(c): c.outputs for c in combos if c.target is None and c.outputs is not None}
+    # the native runner's outputs here where it ran (what the target's runner is compared with), else Python's
+    here = {
+        key(c): c.outputs for c in sorted(combos, key=lambda c: c.native) if c.target is None and c.outputs is not None
+    }
     for c, row in zip(combos, rows):
         if c.target is not None and c.outputs is not None and key(c) in here:
             row["vs_local"] = versus_local(c.outputs, here[key(c)])
@@ -737,7 +807,7 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
         if labels and c.role == "subject":  # peers' random weights: accuracy on labels would mean nothing
             accuracy = _accuracy(c.outputs, labels)
     note = None
-    on = c.target or LOCAL
+    on = c.where or LOCAL
     if not c.timed and on.measures_latency and c.runtime in FORMAT_OF:
         backend = BACKENDS[FORMAT_OF[c.runtime]]
         note = (
@@ -751,12 +821,18 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
     keys = ("partitions", "non_delegated_kernels", "non_delegated_ops", "nodes", "op_types", "ops")
     delegation = {k: c.extra[k] for k in keys if k in c.extra}
     placement = c.described.get("placement")
+    memory = {}
+    if c.native and c.runtime in FORMAT_OF:
+        for said, key in BACKENDS[FORMAT_OF[c.runtime]].native_runner.memory_facts:
+            if c.described.get(said) is not None:
+                memory[key] = round(c.described[said] / 1e6, 3)
     return {
         "model": c.model,
         "role": c.role,
         "target": c.target.name if c.target else "local",
         "form": c.form,
         "runtime": c.runtime,
+        "runner": "native" if c.native else "python",
         "precision": c.precision,
         **({"compute_units": c.variant["compute_units"]} if c.variant.get("compute_units") else {}),
         **({"placement": placement} if placement else {}),
@@ -767,6 +843,7 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
         "latency_ms": lat,
         "load_ms": round(c.load_ms, 1) if c.load_ms is not None else None,
         "peak_rss_mb": c.peak_rss_mb,
+        **memory,
         "size_mb": c.size_mb,
         "drift": drift,
         "accuracy": accuracy,

@@ -36,6 +36,16 @@ def check_runtimes(flag: str, value) -> list[str]:
     return [r for r in RUNTIMES if r in chosen]
 
 
+RUNNERS = ("auto", "native", "python", "both")
+
+
+def check_runner(flag: str, value) -> str:
+    text = str(value).strip().lower()
+    if text not in RUNNERS:
+        raise BenchInputError(f"{flag} {value!r}: choose {', '.join(RUNNERS)}")
+    return text
+
+
 @dataclass
 class BenchOptions(ModelChoice):
     formats: object = option("all", f"all, or a comma list of runtimes: {', '.join(RUNTIMES)}", check=check_runtimes)
@@ -50,6 +60,13 @@ class BenchOptions(ModelChoice):
     runs: int = option(50, "timed runs per row (default 50)", check=lambda flag, v: whole_number(flag, v, 1, MAX_RUNS))
     warmup: int = option(
         10, "untimed runs first (default 10)", check=lambda flag, v: whole_number(flag, v, 0, MAX_WARMUP)
+    )
+    runner: str = option(
+        "auto",
+        "how ExecuTorch and ONNX Runtime rows run: native (the C++ runners cloformer-device setup builds: the "
+        "latency, load and memory an app sees), python (the runtimes' Python APIs), both (a row each, in the "
+        "same rounds), or auto (native where built, else python; default)",
+        check=lambda flag, v: check_runner(flag, v),
     )
     compare_authors: bool = option(False, "also run a naive export of the authors' form in the same runtimes")
     baselines: bool = option(

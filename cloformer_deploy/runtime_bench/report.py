@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 from .report_parts import SHORT_RUNTIME, Plot, fmt, md_cell, ms_axis, nice_ceil, nice_floor, note_below
-from .runtimes import PEER_RUNTIMES
+from .runtimes import PEER_RUNTIMES, runner_mark
 
 COLUMNS = [
     "model",
@@ -82,7 +82,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
 
 def _runtime_cell(r: dict) -> str:
     where = r.get("target", "local")
-    runtime = r["runtime"] + (f" {r['compute_units']}" if r.get("compute_units") else "")
+    runtime = r["runtime"] + runner_mark(r) + (f" {r['compute_units']}" if r.get("compute_units") else "")
     return runtime if where == "local" else f"{runtime} on {where}"
 
 
@@ -92,14 +92,16 @@ def target_markdown(results: dict) -> list[str]:
     rows = [r for r in subject_rows(results) if r.get("target", "local") != "local"]
     if not rows:
         return []
+    # this machine's row of the same runtime: its native runner's where both ran (what a device runs)
+    here_rows = sorted(subject_rows(results), key=lambda r: r.get("runner") == "native")
     local = {
         (r["form"], r["runtime"], r["precision"]): r
-        for r in subject_rows(results)
+        for r in here_rows
         if r.get("target", "local") == "local" and r.get("drift")
     }
     timed_here = {
         (r["form"], r["runtime"], r["precision"], r["threads"]): r
-        for r in subject_rows(results)
+        for r in here_rows
         if r.get("target", "local") == "local" and r.get("latency_ms")
     }
     out = []
@@ -207,7 +209,9 @@ def markdown(results: dict) -> str:
 
 def speedups(rows: list[dict]) -> dict[str, float]:
     """authors' median / deploy median per (runtime, precision, threads), from rows of one run."""
-    by = {(r["form"], r["runtime"], r["precision"], r["threads"]): r for r in rows if r.get("latency_ms")}
+    by = {
+        (r["form"], r["runtime"] + runner_mark(r), r["precision"], r["threads"]): r for r in rows if r.get("latency_ms")
+    }
     out = {}
     for (form, rt, prec, th), r in by.items():
         other = by.get(("authors", rt, prec, th))
@@ -229,7 +233,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _label(r: dict, threads: bool = True) -> str:
-    s = f"{SHORT_RUNTIME.get(r['runtime'], r['runtime'])} {r['precision']}"
+    s = f"{SHORT_RUNTIME.get(r['runtime'], r['runtime'])}{runner_mark(r)} {r['precision']}"
     if r.get("compute_units"):
         s += f" {r['compute_units']}"
     if r.get("target", "local") != "local":

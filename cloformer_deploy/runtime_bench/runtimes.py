@@ -20,6 +20,13 @@ ALIASES = {"pytorch": EAGER, **{a: name for name, (_, r) in _WAYS.items() for a 
 IN_ALL = (EAGER, *(name for name, (_, r) in _WAYS.items() if r.in_all))
 PEER_RUNTIMES = tuple(name for name, (_, r) in _WAYS.items() if r.peers)
 SHORT_RUNTIME = {name: r.short for name, (_, r) in _WAYS.items()}
+# runtimes whose format has a native runner: their rows say which runner ran them
+NATIVE_RUNTIMES = tuple(name for name, (b, _) in _WAYS.items() if b.native_runner is not None)
+
+
+def runner_mark(row: dict) -> str:
+    """' (Python)' for a row of a runtime that also runs natively but ran in its Python API; '' otherwise."""
+    return " (Python)" if row.get("runner") == "python" and row["runtime"] in NATIVE_RUNTIMES else ""
 
 
 def bench_runtime(name: str):

@@ -1,27 +1,24 @@
 """The emulated ARM64 target: the phone's arithmetic (XNNPACK's NEON/fp16/dot-product kernels) on any Linux x86 host.
 
-A Debian arm64 root with the host's pinned runtimes (built once by :mod:`.arm64_root`) runs under
-QEMU's user-mode emulator. The CPU profile chooses what QEMU emulates (the instruction set, hence
-which kernels XNNPACK may pick) and the MIDR the root's /proc and /sys report (PyTorch's cpuinfo
-reads it, and XNNPACK picks core-specific kernels by it). Figures are numerics only: an emulated
-run takes seconds per image and says nothing of a phone's speed.
+The aarch64 bundles of the native runners (built once by ``cloformer-device setup arm64``: the same programs a
+phone runs, against the same wheels' libraries as this host) run under QEMU's user-mode emulator. The CPU
+profile chooses what QEMU emulates (the instruction set, hence which kernels XNNPACK may pick) and the MIDR the
+view's /proc and /sys report (cpuinfo reads it, and XNNPACK picks core-specific kernels by it). Figures are
+numerics only: an emulated run takes seconds per image and says nothing of a phone's speed.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..versions import installed_versions
-from .base import RUNTIME_IMPORTS, Target, TargetError, public_version, same_version
-from .worker import device_packages
+from ..formats.base import Backend
+from .base import Target, TargetError
+from .native import Bundle, check_bundle, default_cache, native_backends, setup_hint
 
 
 @dataclass(frozen=True)
@@ -86,14 +83,6 @@ DEFAULT_CPU = "cortex-a76"
 CORES = 1  # the root reports one core: emulated runs use one thread, and XNNPACK sees one core kind
 
 
-def default_cache() -> Path:
-    """Where built roots live: $CLOFORMER_DEPLOY_CACHE, else the user's cache folder."""
-    if os.environ.get("CLOFORMER_DEPLOY_CACHE"):
-        return Path(os.environ["CLOFORMER_DEPLOY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cloformer-deploy"
-
-
 def qemu_binary() -> str | None:
     return shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
 
@@ -156,15 +145,14 @@ def cpuinfo_text(profile: CpuProfile, cores: int = CORES) -> str:
     )
 
 
-def write_cpu_view(root: Path, view: Path, profile: CpuProfile, cores: int = CORES) -> None:
-    """``view``: the root's top-level folders (links) plus a /proc/cpuinfo and /sys CPU tree of this profile.
+def write_cpu_view(view: Path, profile: CpuProfile, cores: int = CORES) -> None:
+    """``view``: a /proc/cpuinfo and /sys CPU tree of this profile, for QEMU's -L prefix.
 
-    QEMU's -L prefix looks every absolute path up in the view first, so the emulated PyTorch and
-    XNNPACK read this CPU's identity while the host's /proc and /sys stay out of sight.
+    QEMU looks every absolute path up in the view first, so the emulated runtimes (cpuinfo, which XNNPACK and ONNX
+    Runtime read, picking kernels by the core) see this CPU while the host's /proc and /sys stay out of sight; every
+    other path falls through to the host's. Without it ONNX Runtime's start-up crashes on the host's x86 cpuinfo.
     """
     view.mkdir(parents=True)
-    for entry in root.iterdir():
-        (view / entry.name).symlink_to(os.path.relpath(entry, view))
     (view / "proc").mkdir()
     (view / "proc" / "cpuinfo").write_text(cpuinfo_text(profile, cores))
     cpu = view / "sys" / "devices" / "system" / "cpu"
@@ -178,71 +166,50 @@ def write_cpu_view(root: Path, view: Path, profile: CpuProfile, cores: int = COR
         (ident / "revidr_el1").write_text("0x0000000000000000\n")
 
 
+def write_cpu_views(cache: Path) -> Path:
+    """Every profile's view under ``<cache>/arm64/cpus`` (made again each time: they are a few files)."""
+    views = cache / ROOT_DIR / "cpus"
+    shutil.rmtree(views, ignore_errors=True)
+    for profile in CPU_PROFILES.values():
+        write_cpu_view(views / profile.name, profile)
+    return views
+
+
 ROOT_DIR = "arm64"
 PLATFORM = "linux-aarch64"
-# the device packages of the formats that run there, at the host's versions: what runs on ARM64 is what was
-# validated here
-RUNTIMES = device_packages(PLATFORM)
 
 
-def host_versions() -> dict[str, str]:
-    """The versions the ARM64 root installs (RUNTIMES and their runtimes' imports): this host's, without a local
-    label (2.14.1+cu130 -> 2.14.1)."""
-    names = [*RUNTIMES, *(i for p in RUNTIMES for i in RUNTIME_IMPORTS.get(p, ()))]
-    found = installed_versions(names)
-    absent = [n for n in names if found[n] is None]
-    if absent:
-        raise TargetError(
-            f"{absent[0]} is not installed on this host, so the ARM64 root cannot match it; "
-            "install the project as the README says"
-        )
-    return {n: public_version(v) for n, v in found.items()}
+def emulated(view: Path, cpu: str) -> tuple[list[str], dict]:
+    """(argv prefix, environment) that run an aarch64 program under QEMU with a CPU profile's view.
 
-
-def ready_state(cache: Path) -> dict | None:
-    try:
-        return json.loads((cache / ROOT_DIR / "ready.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def check_ready(cache: Path) -> dict:
-    """The ready root's record; TargetError naming the setup command when it is absent or for other versions."""
-    state = ready_state(cache)
-    if state is None:
-        raise TargetError(
-            f"--target arm64: no ARM64 root in {cache}; build it once with: cloformer-device setup "
-            f"arm64{'' if cache == default_cache() else f' --cache {cache}'} (downloads about 3 GB)"
-        )
-    want = host_versions()
-    have = {n: state["versions"].get(n) for n in RUNTIMES}
-    differs = [n for n in RUNTIMES if not same_version(have[n], want[n])]
-    if differs:
-        diff = ", ".join(f"{n} {have[n]} (host {want[n]})" for n in differs)
-        raise TargetError(
-            f"--target arm64: the ARM64 root in {cache} has {diff}; rebuild it with: "
-            "cloformer-device setup arm64 --force"
-        )
-    return state
+    The environment is built, not inherited: nothing of the host's settings reaches the emulated program.
+    """
+    env = {"QEMU_CPU": CPU_PROFILES[cpu].qemu_cpu, "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"}
+    return [qemu_binary(), "-L", str(view)], env
 
 
 class EmulatedArm64Target(Target):
-    """ARM64 Linux under QEMU user-mode emulation, with one CPU profile; numerics only, no latency."""
+    """ARM64 Linux under QEMU user-mode emulation, with one CPU profile; numerics only, no latency.
+
+    What runs there is the aarch64 bundles of the native runners (:mod:`.native`), as on a phone: no Python.
+    """
 
     kind = "arm64"
     platform = PLATFORM
     measures_latency = False
-    step_timeout = 1800.0  # an emulated image of CloFormer-XXS in fp16 takes up to 20 s, starting Python 20-45 s
+    has_python = False
+    step_timeout = 1800.0  # an emulated image of CloFormer-XXS in fp16 takes up to 20 s
     validation_threads = 1
 
     def __init__(self, cpu: str = DEFAULT_CPU, cache: str | Path | None = None):
         self.cpu = cpu
         self.cache = Path(cache) if cache is not None else default_cache()
         self.name = f"arm64-{cpu}"
+        self.bundles: dict = {}
 
     @property
-    def home(self) -> Path:
-        return self.cache / ROOT_DIR
+    def view(self) -> Path:
+        return self.cache / ROOT_DIR / "cpus" / self.cpu
 
     def check(self) -> None:
         qemu = qemu_binary()
@@ -251,16 +218,25 @@ class EmulatedArm64Target(Target):
                 "--target arm64 needs QEMU's user-mode emulator; install it with: apt-get install qemu-user-static"
             )
         check_cpu(self.cpu, qemu)
-        check_ready(self.cache)
+        hint = setup_hint("arm64", self.cache, default_cache())
+        if not (self.view / "proc" / "cpuinfo").exists():
+            raise TargetError(f"--target arm64 is not set up in {self.cache}; set it up once with: {hint}")
+        self.bundles = {
+            b.name: check_bundle(self.cache, PLATFORM, b, "arm64", default_cache()) for b in native_backends()
+        }
+
+    def can_run(self, backend: Backend) -> bool:
+        return backend.native_runner is not None and PLATFORM in backend.platforms
+
+    def native_bundle(self, backend: Backend) -> Bundle | None:
+        return self.bundles.get(backend.name)
+
+    def native_command(self, fmt: str, cores: str | None = None):
+        prefix, env = emulated(self.view, self.cpu)
+        return [*prefix, *self.bundles[fmt].words(None, *self.native_args())], env, []
 
     def worker_command(self):
-        view = self.home / "cpus" / self.cpu
-        package = Path(__file__).resolve().parents[1]
-        # this package, seen by the emulated Python through a link: it is pure Python, so the host's copy runs
-        link_dir = Path(tempfile.mkdtemp(prefix="cloformer-arm64-"))
-        (link_dir / package.name).symlink_to(package)
-        argv, env = emulated_python(view, self.cpu, f"/opt/site:{link_dir}")
-        return [*argv, "-m", "cloformer_deploy.targets.worker"], {**env, "HOME": str(link_dir)}, [link_dir]
+        raise TargetError("--target arm64 runs the native runners only (no Python): .pte and .onnx")
 
     def runner(self, fmt, path, spec, info, threads=None):
         return super().runner(fmt, path, spec, info, threads or self.validation_threads)
@@ -274,4 +250,5 @@ class EmulatedArm64Target(Target):
             "qemu_cpu": profile.qemu_cpu,
             "midr": f"0x{profile.midr:08x}",
             "cpu": profile.about,
+            "runners": {k: b.record["version"] for k, b in self.bundles.items()},
         }

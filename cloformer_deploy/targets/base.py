@@ -210,7 +210,7 @@ class WorkerRunner(Runner):
             }
         )
         self.load_ms = opened["load_ms"]
-        self.description = opened["describe"]
+        self.description = opened["describe"]  # a native runner's says so: {"runner": "native", ...}
         self.problems = opened["problems"]
         self.method = self.description.get("method", fmt)
         self.run_ms: list[float] = []  # per batch, inside the worker: on an emulated target the emulator's cost
@@ -232,7 +232,9 @@ class Target(ABC):
     kind: str  # "local", "arm64" (emulated)
     platform: str  # "linux-x86_64", "linux-aarch64", ... as Backend.platforms names them
     measures_latency: bool = True  # False: its timings are not a latency (emulation), so none is reported
+    has_python: bool = True  # False: only the native runners run there (no Python worker)
     step_timeout: float = 900.0  # seconds for one worker step: load, one batch, one round of timed runs
+    cores: str | None = None  # the CPUs its processes are pinned to ("4-7"), where the target takes a choice
 
     def check(self) -> None:  # noqa: B027 (a target with nothing to check is ready)
         """Raise TargetError (one line naming the fix) when the target cannot run now; called before any work."""
@@ -240,9 +242,23 @@ class Target(ABC):
     def can_run(self, backend: Backend) -> bool:
         return self.platform in backend.platforms
 
-    def missing(self, backend: Backend) -> str | None:
-        """Why a format's runtime is absent here, with the command that installs it; None if it is present."""
+    def missing(self, backend: Backend, native: bool | None = None) -> str | None:
+        """Why a format's runtime is absent here, with the command that installs it; None if it is present.
+
+        ``native``: of its native runner (True), of its Python runtime (False), or of what the target would use."""
         return None
+
+    def native_bundle(self, backend: Backend):
+        """The built native runner of ``backend`` for this target (a :class:`~.native.Bundle`), or None."""
+        return None
+
+    def runs_natively(self, fmt: str) -> bool:
+        backend = BACKENDS.get(fmt)
+        return backend is not None and self.native_bundle(backend) is not None
+
+    def native_args(self) -> list[str]:
+        """Arguments of a native runner: its cores, and how many batches it keeps (as the host counts them)."""
+        return [*(["--cores", self.cores] if self.cores else []), "--keep", str(KEPT_BATCHES)]
 
     def ship(self, path: str | Path) -> str:
         """The path under which the worker reads a file of this machine (sent once; here: the same path)."""
@@ -250,18 +266,29 @@ class Target(ABC):
 
     @abstractmethod
     def worker_command(self) -> tuple[list[str], dict | None, list[Path]]:
-        """(argv, environment, folders to remove when the worker closes) of a worker on this target."""
+        """(argv, environment, folders to remove when the worker closes) of a Python worker on this target."""
 
-    def start(self, timeout: float | None = None) -> WorkerProcess:
-        argv, env, cleanup = self.worker_command()
+    def native_command(self, fmt: str) -> tuple[list[str], dict | None, list[Path]]:
+        """The same for the native runner of ``fmt`` (only where :meth:`native_bundle` has one)."""
+        bundle = self.native_bundle(BACKENDS[fmt])
+        return bundle.words(None, *self.native_args()), None, []
+
+    def start(self, timeout: float | None = None, fmt: str | None = None, native: bool = False) -> WorkerProcess:
+        """A worker process: the native runner of ``fmt`` when ``native``, else the Python worker."""
+        argv, env, cleanup = self.native_command(fmt) if native else self.worker_command()
         return WorkerProcess(argv, env, timeout or self.step_timeout, cleanup)
 
     def runner(self, fmt: str, path: str | Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
-        """The artifact opened for validation on this target, in the target's one validation worker.
+        """The artifact opened for validation on this target: by its native runner where the target has one (a
+        process per artifact: it starts in milliseconds), else in the target's one Python validation worker.
 
-        Artifacts are validated one after another in the same worker: starting one can take a
-        minute (an emulated Python importing torch). A worker that died is replaced.
+        Artifacts are validated one after another in the same Python worker: starting one can take a
+        minute (a Python importing torch on a board). A worker that died is replaced.
         """
+        if self.runs_natively(fmt):
+            worker = self.start(fmt=fmt, native=True)
+            self._native_workers = [*getattr(self, "_native_workers", []), worker]
+            return WorkerRunner(worker, self, fmt, Path(path), spec, info, threads)
         worker = getattr(self, "_validation_worker", None)
         if worker is None or worker.proc.poll() is not None:
             if worker is not None:
@@ -270,11 +297,14 @@ class Target(ABC):
         return WorkerRunner(worker, self, fmt, Path(path), spec, info, threads)
 
     def close(self) -> None:
-        """End the validation worker, if one was started; nothing of this target is left running."""
+        """End the workers validation started; nothing of this target is left running."""
         worker = getattr(self, "_validation_worker", None)
         if worker is not None:
             worker.close()
             self._validation_worker = None
+        for worker in getattr(self, "_native_workers", []):
+            worker.close()
+        self._native_workers = []
 
     def describe(self) -> dict:
         return {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..formats.base import BACKENDS, Backend, ModelSpec, Runner
 from .base import Target
+from .native import TRIPLES, Bundle, default_cache, ready_bundle
 
 
 def this_platform() -> str:
@@ -17,8 +18,18 @@ def this_platform() -> str:
 class LocalTarget(Target):
     name = kind = "local"
 
-    def __init__(self):
+    def __init__(self, cache: str | Path | None = None):
         self.platform = this_platform()
+        self.cache = Path(cache) if cache is not None else default_cache()
+        self._bundles: dict = {}
+
+    def native_bundle(self, backend: Backend) -> Bundle | None:
+        """This machine's build of the format's native runner (``cloformer-device setup local``), if there is one."""
+        if backend.native_runner is None or self.platform not in TRIPLES:
+            return None
+        if backend.name not in self._bundles:
+            self._bundles[backend.name] = ready_bundle(self.cache, self.platform, backend)
+        return self._bundles[backend.name]
 
     def can_run(self, backend: Backend) -> bool:
         return True  # Core ML included: off Apple systems its runner is the package interpreter
@@ -27,7 +38,7 @@ class LocalTarget(Target):
         return [sys.executable, "-m", "cloformer_deploy.targets.worker"], None, []
 
     def runner(self, fmt: str, path: str | Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
-        # in this process: the runtime is already imported here, and a worker would only add its start-up
+        # validation here stays on the Python runtimes, in this process: exporting needs no compiler, and the: the runtime is already imported here, and a worker would only add its start-up
         return BACKENDS[fmt].open(Path(path), spec, info, threads)
 
     def describe(self) -> dict:

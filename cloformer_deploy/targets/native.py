@@ -216,6 +216,7 @@ def wheel_folder(runner: NativeRunner, plat: str, version: str, downloads: Path,
     (out.parent / f".{out.name}" / runner.package).rename(out)
     shutil.rmtree(out.parent / f".{out.name}", ignore_errors=True)
     (out / ".complete").touch()
+    found[0].unlink()  # what a rebuild needs is kept unpacked; the wheel's Python half is not
     return out
 
 

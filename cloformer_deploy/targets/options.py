@@ -15,14 +15,17 @@ class TargetOptions(Options):
     target: str = option(
         "local",
         "local (default); arm64: also on emulated ARM64 (the phone's XNNPACK and ONNX "
-        "Runtime kernels under QEMU; numerics only, no latency; build it once with "
-        "cloformer-device setup arm64); or ssh://[user@]host[:port]: on a real device "
-        "(a board, a phone with Termux, a Mac; see cloformer-device check)",
+        "Runtime kernels under QEMU; numerics only, no latency; set it up once with "
+        "cloformer-device setup arm64); ssh://[user@]host[:port]: on a real device "
+        "(a board, a phone with Termux, a Mac); or adb://[SERIAL]: an Android phone over adb "
+        "(see cloformer-device check)",
     )
     cpu: str | None = option(
         None, "ARM64 CPU profile for --target arm64 (default cortex-a76; see cloformer-device list)"
     )
-    target_cache: str | None = option(None, "folder of the ARM64 root (default: as cloformer-device setup)")
+    target_cache: str | None = option(
+        None, "folder of the native runners and ARM64 CPU views (default: as cloformer-device setup)"
+    )
     remote_python: str | None = option(
         None,
         "ssh:// device: its Python command, prefix included (default python3; "
@@ -30,11 +33,16 @@ class TargetOptions(Options):
     )
     cores: str | None = option(
         None,
-        "ssh:// device: pin its worker to these cores, e.g. 4-7 (the big cluster; cloformer-device check lists them)",
+        "ssh:// or adb:// device: pin its runners to these cores, e.g. 4-7 (the big cluster; cloformer-device "
+        "check lists them)",
     )
     ssh_key: str | None = option(None, "ssh:// device: private key (default: ssh's own choice)")
     ssh_config: str | None = option(None, "ssh:// device: an ssh client config file (ssh -F)")
-    remote_dir: str | None = option(None, "ssh:// device: work folder on it (default ~/.cache/cloformer-deploy/device)")
+    remote_dir: str | None = option(
+        None,
+        "ssh:// or adb:// device: work folder on it (default ~/.cache/cloformer-deploy/device; adb: "
+        "/data/local/tmp/cloformer-deploy)",
+    )
 
     def device(self) -> dict:
         """The ssh:// device's options that were set."""
@@ -48,26 +56,25 @@ class TargetOptions(Options):
 
 
 @dataclass
-class SetupOptions(Options):
-    """``cloformer-device setup``: build a target once."""
+class SetupOptions(TargetOptions):
+    """``cloformer-device setup``: build the native runners a target runs, once (a device's: copied to it too)."""
 
-    target: str = option(None, "arm64", positional=True)
+    target: str = option(None, "local, arm64, ssh://[user@]host[:port] or adb://[SERIAL]", positional=True)
     cache: str | None = option(
-        None, "folder for the root (default: $CLOFORMER_DEPLOY_CACHE or ~/.cache/cloformer-deploy)"
+        None, "folder for the runners (default: $CLOFORMER_DEPLOY_CACHE or ~/.cache/cloformer-deploy)"
     )
-    force: bool = option(False, "rebuild a root that is already ready")
-    keep_downloads: bool = option(False, "keep the downloaded wheels (about 3 GB) after the root is ready")
+    force: bool = option(False, "rebuild runners that are already built")
 
 
 @dataclass
 class ListOptions(Options):
     """``cloformer-device list``: the targets, whether they are ready, the ARM64 CPU profiles."""
 
-    cache: str | None = option(None, "folder of the roots (as for setup)")
+    cache: str | None = option(None, "folder of the runners (as for setup)")
 
 
 @dataclass
 class CheckOptions(TargetOptions):
-    """``cloformer-device check``: what an ssh:// device has and lacks; installs nothing."""
+    """``cloformer-device check``: what a device has and lacks; installs nothing."""
 
-    target: str = option(None, "ssh://[user@]host[:port]", positional=True)
+    target: str = option(None, "ssh://[user@]host[:port] or adb://[SERIAL]", positional=True)

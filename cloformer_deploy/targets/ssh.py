@@ -1,10 +1,10 @@
 """A real device over SSH: a Raspberry Pi, an ARM board, a phone (Termux + a Debian userland), a Mac.
 
 The host's ``ssh`` client does the transport (keys, config, agents and jump hosts as the user has
-them). Nothing is installed on the device: the first connection copies this package's Python
-files (pure Python, about 0.3 MB) into ``<work>/code/<hash>/``, and artifacts go to
-``<work>/files/<hash>/`` once each. The worker then runs there with the device's own Python and
-runtimes and speaks the same JSON lines as everywhere (:mod:`.worker`).
+them). A Linux device needs only a shell: the native runners' bundles and the artifacts are copied
+there once each (:mod:`.shell`). A Mac (Core ML) runs the Python worker with its own Python and
+runtimes: the first contact with that Python copies this package's Python files (about 0.3 MB) into
+``<work>/code/<hash>/``. Either speaks the same JSON lines as everywhere (:mod:`.worker`).
 
 Every remote step has a timeout; a step that times out ends the local ``ssh`` and with it the
 remote side (the worker exits when its input closes; a transfer that stops short keeps nothing).
@@ -21,25 +21,15 @@ import platform
 import re
 import shlex
 import shutil
-import subprocess
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import sha256_file
 from ..formats.base import Backend
 from ..versions import installed_versions
-from .base import (
-    RUNTIME_IMPORTS,
-    Target,
-    TargetError,
-    WorkerError,
-    end_process_group,
-    last_line,
-    public_version,
-    same_version,
-)
+from .base import RUNTIME_IMPORTS, TargetError, WorkerError, last_line, public_version, same_version
+from .native import TRIPLES
+from .shell import CommandFailed, ShellDevice, clusters_text, shell_words
 from .worker import PACKAGES, device_packages
 
 DEFAULT_REMOTE_DIR = "~/.cache/cloformer-deploy/device"
@@ -48,7 +38,6 @@ MIN_PYTHON = (3, 10)
 # libraries, and a board needs the CPU build
 PIP_INDEX = {"torch": "https://download.pytorch.org/whl/cpu"}
 PROBE_MARK = "cloformer-deploy-probe:"
-SAFE_WORD = re.compile(r"^[A-Za-z0-9_./,:=+%@~-]+$")  # survives any re-parsing of the command by a wrapper
 _ADDRESS = re.compile(
     r"^ssh://(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)"
     r"(?::(?P<port>\d{1,5}))?/?$"
@@ -151,11 +140,6 @@ say({"about": about()})
 """
 
 
-def shell_words(words: list[str]) -> str:
-    """A command line for the device's shell: every word quoted, a leading ~/ left for it to expand."""
-    return " ".join("~/" + shlex.quote(w[2:]) if w.startswith("~/") else shlex.quote(w) for w in words)
-
-
 def _are_missing(packages: list[str]) -> str:
     return f"{' and '.join(packages)} {'are' if len(packages) > 1 else 'is'}"
 
@@ -176,12 +160,14 @@ def connection_fix(message: str) -> str:
     return "check that plain ssh to it works"
 
 
-class SshTarget(Target):
-    """A device reached with the host's ``ssh``; its timings are real latencies."""
+class SshTarget(ShellDevice):
+    """A device reached with the host's ``ssh``: a board, a phone (Termux), a Mac.
+
+    On Linux (x86_64, aarch64) it runs the native runners and needs only a shell; elsewhere (a Mac: Core ML) the
+    Python worker runs with the device's own Python and runtimes, whose code is copied there on first contact.
+    """
 
     kind = "ssh"
-    measures_latency = True
-    step_timeout = 900.0  # one worker step: loading an artifact on a slow board, or a round of timed runs
     connect_timeout = 20  # seconds for ssh to connect; a host that does not answer fails in this time
     probe_timeout = 180.0  # a first probe under proot on a phone: starting the userland and Python
 
@@ -193,7 +179,9 @@ class SshTarget(Target):
         ssh_key: str | Path | None = None,
         ssh_config: str | Path | None = None,
         remote_dir: str | None = None,
+        cache: str | Path | None = None,
     ):
+        super().__init__(cache, cores, remote_dir or DEFAULT_REMOTE_DIR)
         self.address = parse_address(address) if isinstance(address, str) else address
         self.name = str(self.address)
         try:
@@ -202,17 +190,11 @@ class SshTarget(Target):
             raise TargetError(f"--remote-python {remote_python!r}: {e}; quote it as a shell would") from None
         if not self.remote_python:
             raise TargetError("--remote-python is empty; give the device's Python, e.g. python3")
-        self.cores = cores
         self.ssh_key, self.ssh_config = ssh_key, ssh_config
-        self.remote_dir = remote_dir or DEFAULT_REMOTE_DIR
-        if not SAFE_WORD.match(self.remote_dir):
-            raise TargetError(f"--remote-dir {self.remote_dir!r} has spaces or shell characters; choose a plain path")
-        self.platform = "unknown"
-        self.about: dict = {}
         self.versions: dict = {}
-        self.work = self.code = None
-        self._shipped: dict[str, str] = {}
+        self.code = None
         self.probe_info: dict = {}
+        self.has_python = False
 
     # ---- transport
     def ssh_argv(self) -> list[str]:
@@ -238,85 +220,60 @@ class SshTarget(Target):
             argv += ["-p", str(self.address.port)]
         return [*argv, "--", self.address.destination]
 
+    def shell_argv(self, command: str) -> list[str]:
+        return [*self.ssh_argv(), command]
+
+    def transport_error(self, code: int, err: str) -> str | None:
+        if code != 255:
+            return None
+        line = last_line(err).rstrip(".")
+        return f"cannot reach {self.name}: {line or 'ssh failed'}; {connection_fix(line)}"
+
+    def push(self, local: Path, remote: str, what: str) -> None:
+        size = local.stat().st_size
+        with open(local, "rb") as f:
+            # a copy cut short (a full disk, a dropped link) leaves nothing behind
+            self.sh(f"cat > {remote} || {{ rm -f {remote}; exit 3; }}", f"copying {what}", 120 + size / 1e6, stdin=f)
+
     def remote_command(self, words: list[str]) -> str:
         return shell_words([*self.remote_python, *words])
 
     def call(self, words: list[str], what: str, timeout: float, stdin=None) -> str:
-        """Run the device's Python with ``words``; its stdout, or TargetError/WorkerError saying what failed.
-
-        ``stdin``: bytes, or an open file streamed to it. The local ssh runs in its own process group,
-        ended on a timeout; the remote side ends when its input closes.
-        """
-        proc = subprocess.Popen(
-            [*self.ssh_argv(), self.remote_command(words)],
-            start_new_session=True,
-            stdin=stdin if hasattr(stdin, "fileno") else subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        """Run the device's Python with ``words``; its stdout (see :meth:`sh`)."""
         try:
-            out, err = proc.communicate(None if hasattr(stdin, "fileno") else (stdin or b""), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            end_process_group(proc)
-            raise WorkerError(f"{self.name}: {what} gave no answer within {timeout:.0f}s; it was stopped") from None
-        except BaseException:
-            end_process_group(proc)
+            return self.sh(self.remote_command(words), what, timeout, stdin)
+        except CommandFailed as e:
+            if e.code in (126, 127):
+                raise TargetError(
+                    f"{self.name}: the device has no {shlex.join(self.remote_python)!r} "
+                    f"({e.detail or 'command not found'}); install Python 3.10 or newer there, "
+                    "or pass --remote-python with its command"
+                ) from None
             raise
-        end_process_group(proc)  # anything ssh left behind (a ProxyCommand) ends with it
-        text, err = out.decode(errors="replace"), err.decode(errors="replace")
-        if proc.returncode == 255:
-            line = last_line(err).rstrip(".")
-            raise TargetError(f"cannot reach {self.name}: {line or 'ssh failed'}; {connection_fix(line)}")
-        if proc.returncode in (126, 127):
-            raise TargetError(
-                f"{self.name}: the device has no {shlex.join(self.remote_python)!r} "
-                f"({last_line(err) or 'command not found'}); install Python 3.10 or newer there, "
-                "or pass --remote-python with its command"
-            )
-        if proc.returncode != 0:
-            raise WorkerError(f"{self.name}: {what} failed: {last_line(err) or f'exit code {proc.returncode}'}")
-        return text
 
     # ---- the Target interface
-    def probe(self) -> dict:
-        """Connect, copy the code once, and read what the device is (Python, runtimes, CPU, work folder).
-
-        TargetError (one line naming the fix) when the device cannot be reached or has no Python.
-        """
+    def reach(self) -> None:
+        """Connect and probe the device: what setup needs before the runners for its CPU exist."""
         if shutil.which("ssh") is None:
             raise TargetError(
                 "--target ssh:// uses this machine's OpenSSH client, which is not installed; install it "
                 "with: apt-get install openssh-client (macOS has it)"
             )
-        data, code_hash = code_archive()
-        script = (
-            PROBE.replace("__MARK__", repr(PROBE_MARK))
-            .replace("__MIN_PYTHON__", repr(MIN_PYTHON))
-            .replace("__WORK__", repr(self.remote_dir))
-            .replace("__CODE_HASH__", repr(code_hash))
-            .replace("__PACKAGES__", repr(PACKAGES))
-            .replace("__CODE__", repr(base64.b64encode(data).decode()))
-        )
-        try:
-            out = self.call(["-"], "the first contact", self.probe_timeout, stdin=script.encode())
-        except WorkerError as e:
-            raise TargetError(str(e)) from None
-        lines = [ln for ln in out.splitlines() if ln.startswith(PROBE_MARK)]
-        if not lines:
-            raise TargetError(
-                f"{self.name}: {shlex.join(self.remote_python)!r} did not run the probe (it printed "
-                f"{last_line(out)!r}); pass --remote-python with the device's Python 3 command"
-            )
-        info = self.probe_info = json.loads(lines[-1][len(PROBE_MARK) :])
-        self.versions = info.get("versions") or {}
-        self.platform = info.get("platform", "unknown")
-        self.about = info.get("about") or {}
-        self.work, self.code = info.get("work"), info.get("code")
-        return info
+        self.probe()
+        if self.cores is not None:
+            self.check_cores()
 
     def check(self) -> None:
-        """Probe the device; TargetError (one line naming the fix) if no worker can run there."""
-        info = self.probe()
+        """Probe the device; TargetError (one line naming the fix) if nothing can run there."""
+        self.reach()
+        if self.platform in TRIPLES:
+            self.find_bundles(required=True)
+        else:  # a Mac: the Python worker, with the device's own runtimes
+            self.check_python()
+
+    def check_python(self) -> None:
+        """Make the Python worker available (for a format with no native runner there, or --runner python)."""
+        info = self.probe_python()
         if info.get("too_old"):
             raise TargetError(
                 f"{self.name}: its Python is {info['python']}; the worker needs "
@@ -332,140 +289,71 @@ class SshTarget(Target):
                 f"{self.name}: its Python has no numpy, which the worker needs; install it with: "
                 f"{install_command(self, ['numpy'])}"
             )
-        if not SAFE_WORD.match(self.work):
-            raise TargetError(
-                f"{self.name}: the work folder {self.work!r} has spaces or shell characters; "
-                "pass --remote-dir with a plain path"
-            )
-        if self.cores is not None:
-            self.check_cores()
+        self.has_python = True
 
-    def check_cores(self) -> None:
-        from .worker import parse_cores
-
+    def probe_python(self) -> dict:
+        """Copy the code once, and read what the device's Python has (runtimes, versions)."""
+        data, code_hash = code_archive()
+        script = (
+            PROBE.replace("__MARK__", repr(PROBE_MARK))
+            .replace("__MIN_PYTHON__", repr(MIN_PYTHON))
+            .replace("__WORK__", repr(self.remote_dir))
+            .replace("__CODE_HASH__", repr(code_hash))
+            .replace("__PACKAGES__", repr(PACKAGES))
+            .replace("__CODE__", repr(base64.b64encode(data).decode()))
+        )
         try:
-            wanted = parse_cores(self.cores)
-        except ValueError as e:
-            raise TargetError(f"--cores {e}") from None
-        if not self.about.get("can_pin"):
+            out = self.call(["-"], "the first contact with its Python", self.probe_timeout, stdin=script.encode())
+        except WorkerError as e:
+            raise TargetError(str(e)) from None
+        lines = [ln for ln in out.splitlines() if ln.startswith(PROBE_MARK)]
+        if not lines:
             raise TargetError(
-                f"--cores: {self.name} runs {self.about.get('system')}, where a process cannot "
-                "choose its cores; drop --cores"
+                f"{self.name}: {shlex.join(self.remote_python)!r} did not run the probe (it printed "
+                f"{last_line(out)!r}); pass --remote-python with the device's Python 3 command"
             )
-        have = set(self.about.get("affinity") or range(self.about.get("cores") or 0))
-        if not wanted <= have:
-            raise TargetError(
-                f"--cores {self.cores}: {self.name} offers cores {_ranges(have)}; "
-                f"choose among them ({clusters_text(self.about)})"
-            )
+        info = self.probe_info = json.loads(lines[-1][len(PROBE_MARK) :])
+        self.versions = info.get("versions") or {}
+        if info.get("about"):
+            self.about = {**self.about, **info["about"]}
+        self.code = info.get("code")
+        return info
 
     def lacking(self, backend: Backend) -> list[str]:
-        """The packages a format's runner imports that the device's Python does not have."""
+        """The packages a format's Python runner imports that the device's Python does not have."""
         return [p for p in backend.device_packages if not self.versions.get(p)]
 
-    def missing(self, backend: Backend) -> str | None:
+    def missing(self, backend: Backend, native: bool | None = None) -> str | None:
+        if native is None:
+            native = backend.name in self.bundles or not self.has_python
+        if native:
+            return super().missing(backend, True)
         needed = self.lacking(backend)
         if not needed:
             return None
         return f"{_are_missing(needed)} not installed on {self.name}; install with: {install_command(self, needed)}"
 
-    def ship(self, path: str | Path) -> str:
-        """Copy a file (or a folder, as a tar) to ``<work>/files/<hash>/<name>`` unless it is there already."""
-        path = Path(path)
-        key = str(path.resolve())
-        if key not in self._shipped:
-            try:
-                self._shipped[key] = self._copy(path)
-            except TargetError as e:  # the link dropped mid-run: this artifact fails, the run goes on
-                raise WorkerError(str(e)) from None
-        return self._shipped[key]
-
-    def _copy(self, path: Path) -> str:
-        with tempfile.TemporaryDirectory(prefix="cloformer-ship-") as tmp:
-            name = path.name if SAFE_WORD.match(path.name) else f"artifact{path.suffix}"
-            if path.is_dir():
-                payload = Path(tmp) / "payload.tar"
-                _deterministic_tar(path, payload, name)
-            else:
-                payload = path
-            sha = sha256_file(payload)
-            rel = f"files/{sha[:20]}/{name}"
-            present = self.call([f"{self.code}/run.py", "have", rel], f"looking for {path.name}", 120).split()
-            if present[-1:] != ["yes"]:
-                size = payload.stat().st_size
-                with open(payload, "rb") as f:
-                    self.call(
-                        [f"{self.code}/run.py", "receive", rel, sha, str(size), *(["--tar"] if path.is_dir() else [])],
-                        f"copying {path.name} ({size / 1e6:.1f} MB)",
-                        120 + size / 1e6,
-                        stdin=f,
-                    )
-        return f"{self.work}/{rel}"
-
     def worker_command(self):
+        if not self.has_python:
+            raise TargetError(f"{self.name}: no Python worker was set up there")
         words = [f"{self.code}/run.py", "worker", *(["--cores", self.cores] if self.cores else [])]
         return [*self.ssh_argv(), self.remote_command(words)], None, []
 
     def describe(self) -> dict:
-        a = self.about
-        return {
-            **super().describe(),
-            "address": self.name,
-            "remote_python": shlex.join(self.remote_python),
-            "cores_pinned": self.cores,
-            "machine": a.get("machine"),
-            "system": a.get("system"),
-            "python": a.get("python"),
-            "cpu": (a.get("cpu") or {}).get("model name") or clusters_text(a),
-            "clusters": a.get("clusters"),
-            "cores": a.get("cores"),
-            "versions": {k: v for k, v in self.versions.items() if v},
-            "label": device_label(a, self.versions),
-        }
-
-
-def _deterministic_tar(folder: Path, dest: Path, top: str) -> None:
-    """A folder (an .mlpackage) as a tar under the name ``top`` whose bytes depend only on its files."""
-    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted([folder, *folder.rglob("*")]):
-            rel = path.relative_to(folder).as_posix()
-            info = tar.gettarinfo(str(path), top if rel == "." else f"{top}/{rel}")
-            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-            if path.is_file():
-                with open(path, "rb") as f:
-                    tar.addfile(info, f)
-            else:
-                tar.addfile(info)
-
-
-def _ranges(cores) -> str:
-    cores = sorted(cores)
-    out, start = [], None
-    for i, c in enumerate(cores):
-        if start is None:
-            start = c
-        if i + 1 == len(cores) or cores[i + 1] != c + 1:
-            out.append(f"{start}-{c}" if c != start else str(c))
-            start = None
-    return ",".join(out) or "none"
-
-
-def clusters_text(about: dict) -> str:
-    """'4x Cortex-A55 (cores 0-3, 1.8 GHz) + 4x Cortex-A76 (cores 4-7, 2.4 GHz)'."""
-    parts = []
-    for c in about.get("clusters") or []:
-        ghz = f", {c['max_mhz'] / 1000:.1f} GHz" if c.get("max_mhz") else ""
-        parts.append(f"{len(c['cpus'])}x {c['core']} (cores {_ranges(c['cpus'])}{ghz})")
-    return " + ".join(parts) or f"{about.get('cores', '?')} cores"
+        out = {**super().describe(), "label": device_label(self.about, self.versions)}
+        if self.has_python:
+            out["remote_python"] = shlex.join(self.remote_python)
+            out["python"] = self.about.get("python")
+            out["versions"] = {k: v for k, v in self.versions.items() if v}
+        return out
 
 
 def device_label(about: dict, versions: dict) -> str:
     """One line that names the device in reports: machine, CPU, Python and runtime versions read on it."""
     cpu = (about.get("cpu") or {}).get("model name") if about.get("system") == "Darwin" else clusters_text(about)
     runtimes = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k not in ("numpy", "pillow"))
-    return f"{about.get('machine')} {about.get('system')}, {cpu}, Python {about.get('python')}" + (
-        f", {runtimes}" if runtimes else ""
-    )
+    python = f", Python {about['python']}" if about.get("python") else ""
+    return f"{about.get('machine')} {about.get('system')}, {cpu}{python}" + (f", {runtimes}" if runtimes else "")
 
 
 def install_command(target: SshTarget, packages: list[str]) -> str:

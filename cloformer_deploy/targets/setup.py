@@ -1,0 +1,114 @@
+"""``cloformer-device setup TARGET``: build, once, what a target runs: the native runners for its CPU.
+
+- ``local``: this machine's runners, built against the installed wheels (no download but ONNX Runtime's C API
+  header: Debian's ``libonnxruntime-dev``, about 0.1 MB).
+- ``arm64``: the aarch64 runners, built by Debian's cross compiler against PyPI's aarch64 wheels of the host's
+  versions (executorch, onnxruntime: about 80 MB, kept in ``<cache>/downloads``), plus the CPU views QEMU shows
+  them. A Python root of an older release (5.8 GB, torch included) is removed.
+- ``ssh://…`` and ``adb://…``: the runners for the device's CPU, built as above and copied to it.
+
+These are the project's only downloads, and only when asked. A bundle is built in a ``.partial`` folder and
+renamed when complete, so nothing half-built is ever mistaken for ready; it is rebuilt only when its sources,
+its wheel's version or the compiler change (or with ``force``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from ..progress import Progress
+from .arm64 import DEFAULT_CPU, PLATFORM, ROOT_DIR, emulated, qemu_binary, qemu_label, write_cpu_views
+from .base import TargetError
+from .native import TRIPLES, build_bundle, default_cache, host_platform, native_backends, smoke
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def setup_target(
+    target: str,
+    cache: str | Path | None = None,
+    *,
+    force: bool = False,
+    device: dict | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Build the native runners ``target`` runs (see the module's docstring); return what was built.
+
+    TargetError (one line naming the fix) for a missing compiler or host tool, before anything is fetched.
+    """
+    progress = progress or Progress(quiet=True)
+    cache = Path(cache) if cache is not None else default_cache()
+    if cache.exists() and not cache.is_dir():
+        raise TargetError(f"--cache {str(cache)!r} is a file; pass a folder")
+    name = str(target).strip()
+    lower = name.lower()
+    remote = None
+    if lower == "local":
+        plat = host_platform()
+    elif lower == "arm64":
+        plat = PLATFORM
+        if qemu_binary() is None:
+            raise TargetError(
+                "setup arm64 needs QEMU's user-mode emulator; install it with: apt-get install qemu-user-static"
+            )
+    elif lower.startswith(("ssh://", "adb://")):
+        from . import get_target
+
+        remote = get_target(name, cache=cache, device=device, for_setup=True)
+        plat = remote.platform
+    else:
+        raise TargetError(f"setup {name!r}: choose local, arm64, ssh://[user@]host[:port] or adb://[SERIAL]")
+    if plat not in TRIPLES:
+        raise TargetError(f"setup {name}: no native runners are built for {plat} (only {', '.join(TRIPLES)})")
+    from .native import compiler, compiler_fix
+
+    if compiler(plat) is None:  # before anything is fetched
+        raise TargetError(
+            f"setup {name}: building the runners for {plat} needs a C++ compiler; install it with: {compiler_fix(plat)}"
+        )
+    t0 = time.perf_counter()
+    record: dict = {"target": name, "platform": plat, "cache": str(cache)}
+    if lower == "arm64":
+        old = cache / ROOT_DIR / "root"
+        if old.exists():  # the Python root of an older release: torch and all, no longer used
+            freed = _size(cache / ROOT_DIR)
+            with progress.stage(f"remove the old ARM64 Python root ({freed / 1e9:.1f} GB)"):
+                shutil.rmtree(cache / ROOT_DIR)
+            record["removed_bytes"] = freed
+        write_cpu_views(cache)
+    bundles = {}
+    for backend in native_backends():
+        if plat not in backend.platforms:
+            continue
+        bundle = build_bundle(backend, plat, cache, force=force, progress=progress)
+        if plat == host_platform():
+            about = smoke(bundle)
+        elif lower == "arm64" or (remote is not None and remote.platform == PLATFORM):
+            prefix, env = emulated(cache / ROOT_DIR / "cpus" / DEFAULT_CPU, DEFAULT_CPU)
+            if not (cache / ROOT_DIR / "cpus").exists():
+                write_cpu_views(cache)
+            with progress.stage(f"smoke test of the {backend.label} runner under {qemu_label(qemu_binary())}"):
+                about = smoke(bundle, prefix, env)
+        else:
+            about = None
+        if about is not None and about["versions"].get(backend.native_runner.package) != bundle.record["version"]:
+            raise TargetError(
+                f"setup {name}: the {backend.label} runner reports {about['versions']}, not "
+                f"{backend.native_runner.package} {bundle.record['version']}"
+            )
+        bundles[backend.name] = bundle.record
+    if remote is not None:
+        for backend in native_backends():
+            if backend.name in bundles:
+                with progress.stage(f"copy the {backend.label} runner to {remote.name}"):
+                    remote.install_bundle(backend)
+        remote.close()
+    record["bundles"] = bundles
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    if lower == "arm64":
+        record["bytes"] = _size(cache / ROOT_DIR) + sum(_size(Path(cache / "native" / plat / f)) for f in bundles)
+    return record
