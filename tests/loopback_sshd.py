@@ -54,7 +54,47 @@ def _keygen(path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
 
 
-def start(folder: Path) -> Loopback:
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+APPLETS = (
+    "sh ash cat mkdir mv rm tar gzip wc tr test [ uname grep cut df awk tail echo sleep ls pwd chmod ln head env"
+).split()
+
+
+def bare_device_available() -> str | None:
+    """Why a device with no Python and no libc cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "a chroot device (sshd's ChrootDirectory, /proc mounted in it) needs root"
+    if (
+        not os.path.exists(BUSYBOX)
+        or "statically linked" not in subprocess.run(["file", "-L", BUSYBOX], capture_output=True, text=True).stdout
+    ):
+        return "no static busybox (Debian: apt-get install busybox-static)"
+    return available()
+
+
+def make_bare_root(root: Path) -> None:
+    """A device that has a shell and nothing else: static busybox, /proc, /dev/null; no Python, no libc.
+
+    sshd runs the login shell of the user (root's is /bin/bash) inside the chroot: a script hands over to sh.
+    The chroot and its parents must be root's and not writable by others, as sshd checks.
+    """
+    for d in ("bin", "dev", "proc", "root", "tmp"):
+        (root / d).mkdir(parents=True, mode=0o755)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "bin" / "bash").write_text('#!/bin/sh\nexec /bin/sh "$@"\n')
+    (root / "bin" / "bash").chmod(0o755)
+    os.mknod(root / "dev" / "null", 0o666 | 0o020000, os.makedev(1, 3))
+    subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+
+
+def remove_bare_root(root: Path) -> None:
+    subprocess.run(["umount", "-l", str(root / "proc")], check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def start(folder: Path, chroot: Path | None = None) -> Loopback:
     folder.mkdir(parents=True, exist_ok=True)
     for key in ("host_key", "client_key", "other_key"):
         _keygen(folder / key)
@@ -67,6 +107,7 @@ def start(folder: Path) -> Loopback:
         f"AuthorizedKeysFile {folder / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
         "PermitRootLogin prohibit-password\nLogLevel ERROR\nMaxStartups 50\nMaxSessions 50\n"
+        + (f"ChrootDirectory {chroot}\n" if chroot else "")
     )
     host_pub = (folder / "host_key.pub").read_text().split()
     (folder / "known_hosts").write_text(

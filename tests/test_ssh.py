@@ -601,3 +601,60 @@ def test_results_md_shows_a_device_beside_this_machine_with_its_temperatures():
     assert "## On ssh://pi@pi5" in md and "aarch64 Linux, 4x Cortex-A76" in md
     assert "before thermal_zone0 cpu 48.5 C; after thermal_zone0 cpu 71.0 C" in md
     assert "| deploy | onnxruntime | fp32 | 4 | 10.00 | 25.00 | 2.500 | 120 | 2.0e-06 | max abs 1.0e-06" in md
+
+
+# ------------------------------------------------------------------ a device with a shell and nothing else
+
+
+@pytest.fixture(scope="module")
+def bare_device(tmp_path_factory, native_runners):
+    """An ssh:// device whose world is a static busybox: no Python, no libc, no /usr (sshd's ChrootDirectory)."""
+    why = loopback_sshd.bare_device_available()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must test a device without Python: {why}")
+        pytest.skip(why)
+    # sshd wants the chroot and its parents root's and not writable by others: not under /tmp
+    parent = Path.home() / ".cache" / "cloformer-deploy-tests"
+    parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    root = parent / f"bare-{os.getpid()}"
+    loopback_sshd.remove_bare_root(root)
+    loopback_sshd.make_bare_root(root)
+    server = loopback_sshd.start(tmp_path_factory.mktemp("bare-sshd"), chroot=root)
+    yield server, root
+    server.stop()
+    loopback_sshd.remove_bare_root(root)
+
+
+@pytest.mark.e2e
+def test_bench_and_validate_on_a_device_with_no_python_and_no_libc(bare_device, tiny_bundle, tiny_checkpoint, tmp_path):
+    from cloformer_deploy.pipeline import validate_bundle
+    from cloformer_deploy.runtime_bench.harness import bench
+
+    server, root = bare_device
+    device = {"ssh_config": str(server.config), "remote_dir": "/work"}
+    assert not (root / "usr").exists() and not list(root.rglob("python*")) and not list(root.rglob("libc.so*"))
+    target = get_target(server.address, device=device)
+    assert target.about["has_python"] is False and target.about["clusters"]
+    res = bench(
+        bundle=tiny_bundle.bundle,
+        weights=tiny_checkpoint,
+        formats="onnxruntime,executorch-xnnpack",
+        threads="1",
+        runs=3,
+        warmup=1,
+        out=tmp_path / "bench",
+        target=server.address,
+        **device,
+    )
+    rows = {(r["runtime"], r["target"]): r for r in res.rows}
+    for rt in ("onnxruntime", "executorch-xnnpack"):
+        there = rows[(rt, server.address)]
+        assert there["error"] is None and there["runner"] == "native", there["error"]
+        assert there["latency_ms"]["runs"] == 3 and 0 < there["peak_rss_mb"] < 150 and there["vs_local"]["bit_exact"]
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle.bundle, bundle)
+    ok, reports = validate_bundle(bundle=bundle, weights=tiny_checkpoint, target=server.address, **device)
+    by = {r["format"]: r["targets"][server.address] for r in reports}
+    assert ok and by["onnx"]["vs_local"]["bit_exact"] and by["executorch"]["vs_local"]["bit_exact"]
+    assert not _remote_processes("/work/native/")  # nothing left running on the device (its runners are gone)

@@ -9,12 +9,10 @@
 #include <dirent.h>
 #include <errno.h>
 #include <sched.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/utsname.h>
-#include <ucontext.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -383,34 +381,6 @@ inline std::string about(const std::string& runtime, const std::string& version)
          ", \"can_pin\": true, \"versions\": {" + quote(runtime) + ": " + quote(version) + "}}";
 }
 
-// An Android app's seccomp policy (Termux) answers clone3 with SIGSYS, and glibc 2.34+ starts every thread with
-// clone3. Answering ENOSYS instead makes glibc fall back to clone, which the policy allows.
-inline void on_sigsys(int, siginfo_t* info, void* context) {
-  auto* uc = static_cast<ucontext_t*>(context);
-#if defined(__x86_64__)
-  if (info->si_syscall == 435) {  // clone3
-    uc->uc_mcontext.gregs[REG_RAX] = -ENOSYS;
-    return;
-  }
-#elif defined(__aarch64__)
-  if (info->si_syscall == 435) {
-    uc->uc_mcontext.regs[0] = static_cast<uint64_t>(-ENOSYS);
-    return;
-  }
-#endif
-  (void)uc;
-  signal(SIGSYS, SIG_DFL);  // another forbidden call: die of it, as without this handler
-  raise(SIGSYS);
-}
-
-inline void survive_clone3_trap() {
-  struct sigaction sa {};
-  sa.sa_sigaction = on_sigsys;
-  sa.sa_flags = SA_SIGINFO;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGSYS, &sa, nullptr);
-}
-
 inline bool pin(const std::string& cores) {
   cpu_set_t set;
   CPU_ZERO(&set);
@@ -480,7 +450,6 @@ inline void read_lines(Lines* lines) {
 
 // The runner's main: ``runner [--cores 4-7] [--keep N]``. Answers on the real stdout; libraries' prints go to stderr.
 inline int serve(int argc, char** argv, const std::string& runtime, const std::string& version, const Opener& open) {
-  survive_clone3_trap();
   size_t keep = 32;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i];

@@ -285,7 +285,8 @@ def source_key(runner: NativeRunner, plat: str, version: str, cxx_version: str) 
     h = hashlib.sha256()
     for name in ("runner.h", runner.source):
         h.update((SOURCES / name).read_bytes())
-    h.update(json.dumps([plat, version, cxx_version, runner.libraries, runner.defines]).encode())
+    patch = [b.hex() for b in CLONE3.get(plat, ())]
+    h.update(json.dumps([plat, version, cxx_version, runner.libraries, runner.defines, patch]).encode())
     return h.hexdigest()[:16]
 
 
@@ -362,6 +363,12 @@ def build_bundle(
         compile_s = time.perf_counter() - tc
         stage.update("collect its libraries and a glibc loader")
         loader = _collect(exe, libraries, cxx, partial / "lib")
+        clone3 = without_clone3(partial / "lib" / "libc.so.6", plat)
+        if clone3 == "unknown":
+            progress.warn(
+                f"the {plat} glibc of this bundle starts threads with clone3 in a form not recognised: the runner "
+                "will not start threads inside an Android app's sandbox (Termux); adb shell and Linux are unaffected"
+            )
         tar = partial.with_name(final.name + ".tar.gz")
         record = {
             "format": backend.name,
@@ -372,6 +379,7 @@ def build_bundle(
             "runner": exe.name,
             "loader": loader,
             "compiler": cxx_version,
+            "clone3": clone3,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "compile_seconds": round(compile_s, 1),
             "libraries": sorted(p.name for p in (partial / "lib").iterdir()),
@@ -396,6 +404,32 @@ def build_bundle(
 def archive(bundle: Bundle) -> Path:
     """The bundle as a gzip tar whose bytes depend only on its files (what a device receives)."""
     return bundle.folder.with_name(bundle.folder.name + ".tar.gz")
+
+
+# An Android app's seccomp policy (Termux's) answers clone3 with SIGSYS, and glibc 2.34+ starts threads with clone3
+# where its CPU has the wrapper; pthread_create blocks every signal around it, so the kernel's SIGSYS cannot be
+# caught. The bundle's own copy of glibc is made to answer clone3 with ENOSYS at once, as a kernel without clone3
+# would, and glibc then starts its threads with clone, which the policy allows.
+CLONE3 = {
+    # mov $435,%eax; syscall  ->  mov $-38,%rax (ENOSYS): __clone3's error path sets errno and returns -1
+    "linux-x86_64": (bytes.fromhex("b8b30100000f05"), bytes.fromhex("48c7c0daffffff")),
+    # movz x8,#435; svc #0  ->  movn x0,#37 (x0 = -38); nop
+    "linux-aarch64": (bytes.fromhex("683680d2010000d4"), bytes.fromhex("a00480921f2003d5")),
+}
+
+
+def without_clone3(libc: Path, plat: str) -> str:
+    """Make the bundle's glibc start threads without clone3 (see CLONE3): "patched", "absent" (this glibc has no
+    clone3 wrapper: Debian bookworm's aarch64 one) or "unknown" (a wrapper in another form: left as it is)."""
+    call, answer = CLONE3[plat]
+    data = libc.read_bytes()
+    found = data.count(call)
+    if found == 1:
+        libc.write_bytes(data.replace(call, answer))
+        return "patched"
+    if found == 0 and data.count(call[:4]) == 0:
+        return "absent"
+    return "unknown"
 
 
 def _collect(exe: Path, libraries: list[Path], cxx: str, dest: Path) -> str:
