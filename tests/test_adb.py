@@ -62,7 +62,7 @@ def test_no_adb_here_is_one_line(monkeypatch):
     "devices,address,why",
     [
         ("", "adb://", "adb lists no device: connect the phone by USB with USB debugging on"),
-        ("A1:device,B2:device", "adb://", r"adb lists 2 devices \(A1, B2\); choose one with --target adb://SERIAL"),
+        ("A1:device,B2:device", "adb://", r"adb lists 2 devices \(A1, B2\); choose one with (--)?target adb://SERIAL"),
         ("A1:unauthorized", "adb://A1", "adb://A1 is unauthorized: unlock the phone and accept"),
         ("A1:offline", "adb://", "adb://A1 is offline: reconnect the cable, or restart adb"),
         ("A1:device", "adb://Z9", r"adb has no device 'Z9' \(it lists: A1\)"),
