@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 from .report_parts import SHORT_RUNTIME, Plot, fmt, md_cell, ms_axis, nice_ceil, nice_floor, note_below
-from .runtimes import PEER_RUNTIMES, runner_mark
+from .runtimes import NATIVE_RUNTIMES, PEER_RUNTIMES, runner_mark
 
 COLUMNS = [
     "model",
@@ -196,6 +196,7 @@ def markdown(results: dict) -> str:
     ]
     lines += ["| " + " | ".join(md_cell(x) for x in r) + " |" for r in table_rows(subject_rows(results))]
     lines += target_markdown(results)
+    lines += runner_markdown(subject_rows(results))
     ratios = speedups(subject_rows(results))
     if ratios:
         lines += ["", "Deploy form vs the authors' form, same runtime and threads (median latency ratio):", ""]
@@ -205,6 +206,41 @@ def markdown(results: dict) -> str:
 
         lines += ["", peers_markdown(results).replace("# ", "## ", 1).rstrip("\n"), "", "![pareto](pareto.png)"]
     return "\n".join(lines) + "\n"
+
+
+def runner_markdown(rows: list[dict]) -> list[str]:
+    """Where one artifact ran both natively and in its Python runtime (--runner both): the two side by side, at the
+    same thread count in the same rounds; memory is what each process held at its peak."""
+    by = {}
+    for r in rows:
+        if r.get("runner") and r.get("latency_ms") and r["runtime"] in NATIVE_RUNTIMES:
+            by.setdefault((r.get("target", "local"), r["form"], r["runtime"], r["precision"], r["threads"]), {})[
+                r["runner"]
+            ] = r
+    pairs = [(k, v) for k, v in by.items() if {"native", "python"} <= set(v)]
+    if not pairs:
+        return []
+    out = [
+        "",
+        "## Native runner vs Python runtime (same artifact, same rounds)",
+        "",
+        "The native runner is the process an app would be: the C++ runtime and its libraries, no interpreter. "
+        "Peak RSS is each process's own high-water mark (VmHWM); the planned arena is the activation memory the "
+        "program itself plans (ExecuTorch).",
+        "",
+        "| target | form | runtime | precision | threads | native ms | Python ms | Python / native | native load ms "
+        "| Python load ms | native peak MB | Python peak MB | weights MB | planned arena MB |",
+        "|" + "---|" * 14,
+    ]
+    for (target, form, rt, prec, th), v in pairs:
+        n, p = v["native"], v["python"]
+        nm, pm = n["latency_ms"]["median"], p["latency_ms"]["median"]
+        out.append(
+            f"| {target} | {form} | {rt} | {prec} | {th} | {nm:.2f} | {pm:.2f} | {pm / nm:.3f} | "
+            f"{fmt(n.get('load_ms'), '.0f')} | {fmt(p.get('load_ms'), '.0f')} | {fmt(n.get('peak_rss_mb'), '.0f')} | "
+            f"{fmt(p.get('peak_rss_mb'), '.0f')} | {fmt(n.get('size_mb'), '.1f')} | {fmt(n.get('planned_arena_mb'), '.2f')} |"
+        )
+    return out
 
 
 def speedups(rows: list[dict]) -> dict[str, float]:
