@@ -55,7 +55,7 @@ def on_a76(arm64_root, bundle, tiny_checkpoint):
 
 def test_tiny_model_validates_on_emulated_arm64(arm64_root, on_a76, bundle):
     ok, by = on_a76
-    # the runners and their libraries, no Python: tens of MB where the Python root was 5.8 GB
+    # the runners and their libraries, no Python (the Python root this replaces held gigabytes)
     assert set(arm64_root["bundles"]) == {"onnx", "executorch"} and arm64_root["bytes"] < 300e6
     assert set(by) == {(f, p) for f in ("onnx", "executorch") for p in ("fp32", "fp16", "int8")}
     for key, on in by.items():

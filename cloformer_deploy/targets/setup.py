@@ -4,7 +4,7 @@
   header: Debian's ``libonnxruntime-dev``, about 0.1 MB).
 - ``arm64``: the aarch64 runners, built by Debian's cross compiler against PyPI's aarch64 wheels of the host's
   versions (executorch, onnxruntime: about 80 MB, kept in ``<cache>/downloads``), plus the CPU views QEMU shows
-  them. A Python root of an older release (5.8 GB, torch included) is removed.
+  them. A Python root of an older release (torch included) is removed.
 - ``ssh://…`` and ``adb://…``: the runners for the device's CPU, built as above and copied to it.
 
 These are the project's only downloads, and only when asked. A bundle is built in a ``.partial`` folder and
