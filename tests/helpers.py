@@ -46,3 +46,26 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 TINY = "cloformer_tiny_test"
 
 TINY_SIZE = (64, 96)
+
+
+def live_processes(marker: str, seconds: float = 8.0) -> list[str]:
+    """Command lines of live (not zombie) processes that mention ``marker``, after giving ended ones ``seconds``
+    to go: what a device's runners or workers left running."""
+    import os
+    import time
+    from pathlib import Path
+
+    end = time.monotonic() + seconds
+    while True:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if marker in text and state != "Z" and int(cmdline.parent.name) != os.getpid():
+                found.append(text)
+        if not found or time.monotonic() > end:
+            return found
+        time.sleep(0.2)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cloformer_deploy.targets import TargetError, get_target
 from cloformer_deploy.targets import adb as adb_module
+
+from helpers import live_processes
 
 STANDIN = Path(__file__).with_name("standin_adb.py")
 
@@ -84,23 +85,6 @@ def test_a_device_is_probed_by_its_shell_and_its_runners_named(phone, adb, tmp_p
         get_target("adb://R58M42ABCDE", cache=empty, device=phone)
 
 
-def _left_running(marker: str, seconds: float = 8.0) -> list[str]:
-    end = time.monotonic() + seconds
-    while True:
-        found = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if marker in text and state != "Z" and int(cmdline.parent.name) != os.getpid():
-                found.append(text)
-        if not found or time.monotonic() > end:
-            return found
-        time.sleep(0.2)
-
-
 @pytest.mark.e2e
 def test_bench_and_validate_on_the_phone_with_the_native_runners(phone, tiny_bundle, tiny_checkpoint, tmp_path):
     import shutil
@@ -135,7 +119,7 @@ def test_bench_and_validate_on_the_phone_with_the_native_runners(phone, tiny_bun
     by = {r["format"]: r["targets"]["adb://R58M42ABCDE"] for r in reports}
     assert ok and by["onnx"]["passed"] and by["executorch"]["vs_local"]["bit_exact"]
     assert by["coreml"]["ran"] is False
-    assert not _left_running(phone["remote_dir"])
+    assert not live_processes(phone["remote_dir"])
 
 
 def test_check_and_setup_a_phone(phone, capsys, tmp_path):

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cloformer_deploy.targets import TargetError, WorkerError, get_target
 from cloformer_deploy.targets.ssh import SshTarget, device_needs
 
 import loopback_sshd
+from helpers import live_processes
 
 SITE = Path(find_spec("numpy").submodule_search_locations[0]).parent  # this venv's site-packages
 BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")  # with -S: a Python with no packages at all
@@ -46,25 +46,6 @@ def sshd(tmp_path_factory):
 def device(sshd, tmp_path, native_runners):
     """The options of the loopback device: its client config, this venv's Python, a fresh work folder."""
     return {"ssh_config": str(sshd.config), "remote_python": sys.executable, "remote_dir": str(tmp_path / "device")}
-
-
-def _remote_processes(marker: str, seconds: float = 8.0) -> list[str]:
-    """Command lines of live processes that mention ``marker`` (the device's worker, and the ssh client that
-    started it), after giving ended ones time to go."""
-    end = time.monotonic() + seconds
-    while True:
-        found = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if marker in text and state != "Z" and int(cmdline.parent.name) != os.getpid():
-                found.append(text)
-        if not found or time.monotonic() > end:
-            return found
-        time.sleep(0.2)
 
 
 def test_a_linux_device_is_probed_by_its_shell_and_needs_no_python(sshd, device):
@@ -141,7 +122,7 @@ def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, t
     }
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert all(sshd.address in e["validation"]["targets"] for e in manifest["artifacts"])
-    assert not _remote_processes(device["remote_dir"])  # the validation worker ended with the run
+    assert not live_processes(device["remote_dir"])  # the validation worker ended with the run
 
 
 def test_no_ssh_client_here_is_one_line(monkeypatch):
@@ -247,10 +228,10 @@ def test_a_worker_that_hangs_is_stopped_and_nothing_is_left_on_the_device(sshd, 
     worker = runner.worker
     worker.run_batch(["x"], *_images(tiny_bundle))
     assert runner.description["runner"] == "native"
-    assert _remote_processes(device["remote_dir"], seconds=0)  # the runner runs on the device
+    assert live_processes(device["remote_dir"], seconds=0)  # the runner runs on the device
     with pytest.raises(WorkerError, match="no answer to 'time' within 2s; the worker was stopped"):
         worker.ask({"cmd": "time", "n": 10**7}, timeout=2)  # busy for hours
-    assert not _remote_processes(device["remote_dir"])  # its input closed: it ended mid-step
+    assert not live_processes(device["remote_dir"])  # its input closed: it ended mid-step
     target.close()
 
 
@@ -657,4 +638,4 @@ def test_bench_and_validate_on_a_device_with_no_python_and_no_libc(bare_device, 
     ok, reports = validate_bundle(bundle=bundle, weights=tiny_checkpoint, target=server.address, **device)
     by = {r["format"]: r["targets"][server.address] for r in reports}
     assert ok and by["onnx"]["vs_local"]["bit_exact"] and by["executorch"]["vs_local"]["bit_exact"]
-    assert not _remote_processes("/work/native/")  # nothing left running on the device (its runners are gone)
+    assert not live_processes("/work/native/")  # nothing left running on the device (its runners are gone)

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .base import TargetError, end_process_group, last_line
+from .base import TargetError, last_line, run_in_group
 from .native import TRIPLES
 from .shell import ShellDevice
 
@@ -133,24 +133,11 @@ class AdbTarget(ShellDevice):
     def push(self, local: Path, remote: str, what: str) -> None:
         size = local.stat().st_size
         timeout = 120 + size / 1e6
-        proc = subprocess.Popen(
-            [self.adb, "-s", self.serial, "push", str(local), remote],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            end_process_group(proc)
-            raise TargetError(
-                f"{self.name}: pushing {what} gave no answer within {timeout:.0f}s; it was stopped"
-            ) from None
-        except BaseException:
-            end_process_group(proc)
-            raise
-        if proc.returncode != 0:
-            raise TargetError(f"{self.name}: pushing {what} failed: {last_line(err.decode(errors='replace'))}")
+        done = run_in_group([self.adb, "-s", self.serial, "push", str(local), remote], timeout)
+        if done is None:
+            raise TargetError(f"{self.name}: pushing {what} gave no answer within {timeout:.0f}s; it was stopped")
+        if done[0] != 0:
+            raise TargetError(f"{self.name}: pushing {what} failed: {last_line(done[2] or done[1])}")
 
     # ---- the Target interface
     def reach(self) -> None:

@@ -52,6 +52,31 @@ def end_process_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def run_in_group(argv: list[str], timeout: float, stdin=None, cwd: str | None = None) -> tuple[int, str, str] | None:
+    """Run a program in a process group of its own: (exit code, stdout, stderr), or None when it gave no result
+    within ``timeout`` seconds. ``stdin``: bytes, or an open file streamed to it. On a timeout or an interrupt the
+    whole group ends (an ssh ProxyCommand, a child the program started): nothing is left running."""
+    streamed = hasattr(stdin, "fileno")
+    proc = subprocess.Popen(
+        argv,
+        stdin=stdin if streamed else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(None if streamed else (stdin or b""), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        end_process_group(proc)
+        return None
+    except BaseException:
+        end_process_group(proc)
+        raise
+    end_process_group(proc)  # anything it left behind ends with it
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
 def last_line(output: str, limit: int = 300) -> str:
     """The last line of a program's output that says something: not blank, not a native library's chatter.
 

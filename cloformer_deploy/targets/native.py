@@ -34,7 +34,7 @@ from ..formats import BACKENDS
 from ..formats.base import Backend, NativeRunner
 from ..progress import Progress
 from ..versions import installed_versions
-from .base import TargetError, end_process_group, last_line, public_version
+from .base import TargetError, last_line, public_version, run_in_group
 
 SOURCES = Path(__file__).resolve().parents[1] / "native"
 NATIVE_DIR = "native"
@@ -145,20 +145,14 @@ def check_bundle(cache: Path, plat: str, backend: Backend, target: str, default:
 
 # ---------------------------------------------------------------- building
 def _run(argv: list[str], what: str, timeout: float, cwd: str | None = None) -> str:
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        end_process_group(proc)
-        raise TargetError(f"setup: {what} gave no result within {timeout:.0f}s and was stopped") from None
-    except BaseException:
-        end_process_group(proc)
-        raise
-    if proc.returncode != 0:
-        errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
-        raise TargetError(f"setup: {what} failed: {(errors[0] if errors else last_line(out)) or proc.returncode}")
+    done = run_in_group(argv, timeout, cwd=cwd)
+    if done is None:
+        raise TargetError(f"setup: {what} gave no result within {timeout:.0f}s and was stopped")
+    code, out, err = done
+    if code != 0:
+        text = out + err
+        errors = [ln for ln in text.splitlines() if "error" in ln.lower()]
+        raise TargetError(f"setup: {what} failed: {(errors[0] if errors else last_line(text)) or code}")
     return out
 
 

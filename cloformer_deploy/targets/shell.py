@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
 import tempfile
 from abc import abstractmethod
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from ..files import sha256_file
 from ..formats import BACKENDS
 from ..formats.base import Backend
-from .base import Target, TargetError, WorkerError, end_process_group, last_line
+from .base import Target, TargetError, WorkerError, last_line, run_in_group
 from .native import TRIPLES, Bundle, archive, check_bundle, default_cache, deterministic_tar, ready_bundle, setup_hint
 
 SAFE_WORD = re.compile(r"^[A-Za-z0-9_./,:=+%@~-]+$")  # survives any re-parsing of the command by a wrapper
@@ -188,31 +187,16 @@ class ShellDevice(Target):
         ``stdin``: bytes, or an open file streamed to it. The local client runs in its own process group,
         ended on a timeout; the remote side ends when its input closes.
         """
-        proc = subprocess.Popen(
-            self.shell_argv(command),
-            start_new_session=True,
-            stdin=stdin if hasattr(stdin, "fileno") else subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            out, err = proc.communicate(None if hasattr(stdin, "fileno") else (stdin or b""), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            end_process_group(proc)
-            raise WorkerError(f"{self.name}: {what} gave no answer within {timeout:.0f}s; it was stopped") from None
-        except BaseException:
-            end_process_group(proc)
-            raise
-        end_process_group(proc)
-        text, err = out.decode(errors="replace"), err.decode(errors="replace")
-        broken = self.transport_error(proc.returncode, err)
+        done = run_in_group(self.shell_argv(command), timeout, stdin)
+        if done is None:
+            raise WorkerError(f"{self.name}: {what} gave no answer within {timeout:.0f}s; it was stopped")
+        code, text, err = done
+        broken = self.transport_error(code, err)
         if broken:
             raise TargetError(broken)
-        if proc.returncode != 0:
+        if code != 0:
             detail = last_line(err)
-            raise CommandFailed(
-                f"{self.name}: {what} failed: {detail or f'exit code {proc.returncode}'}", proc.returncode, detail
-            )
+            raise CommandFailed(f"{self.name}: {what} failed: {detail or f'exit code {code}'}", code, detail)
         return text
 
     def probe(self) -> dict:

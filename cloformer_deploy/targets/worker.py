@@ -15,6 +15,10 @@ inputs or outputs. Commands:
 - ``thermal``: the thermal zones' temperatures, where the kernel exposes them.
 - ``rss``: this process's peak resident memory. ``quit``.
 
+The native runners (``cloformer_deploy/native/runner.h``) speak the same messages for ``open``, ``run``,
+``time``, ``rss``, ``thermal`` and ``about`` (theirs without Python's fields), so a target starts either one
+and the host drives both the same way; the tests run the protocol against both.
+
 It imports only numpy and this package's light modules (the formats' registry) at start; each
 runtime is imported when an artifact needs it, so a target without (say) onnxruntime still runs
 ExecuTorch. It exits when its input closes, even in the middle of a step: a caller that is gone
