@@ -76,16 +76,20 @@ def images(tiny_bundle):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "executorch"])
-def test_local_worker_runs_an_artifact_as_the_in_process_runner_does(fmt, tiny_bundle, images):
-    """The worker opens the artifact with the backend's own runner: the same logits, bit for bit."""
+@pytest.mark.parametrize("native", [False, True], ids=["python-worker", "native-runner"])
+def test_local_worker_runs_an_artifact_as_the_in_process_runner_does(fmt, native, tiny_bundle, images, request):
+    """The worker (the Python one, or the format's native runner: one protocol) opens the artifact and gives the
+    in-process runner's logits, bit for bit."""
     from cloformer_deploy.targets.base import WorkerRunner
 
+    if native:
+        request.getfixturevalue("native_runners")
     entry = _entry(tiny_bundle, fmt)
     path = tiny_bundle.bundle / entry["path"]
     spec = _spec(tiny_bundle)
     here = BACKENDS[fmt].open(path, spec, entry)
     target = LocalTarget()
-    worker = target.start(timeout=300)
+    worker = target.start(timeout=300, fmt=fmt, native=native)
     try:
         runner = WorkerRunner(worker, target, fmt, path, spec, entry, threads=1)
         for one in images.batches(1):
@@ -94,7 +98,11 @@ def test_local_worker_runs_an_artifact_as_the_in_process_runner_does(fmt, tiny_b
         times = worker.ask({"cmd": "time", "n": 3})["times_ms"]
         assert len(times) == 3 and all(t > 0 for t in times)
         about = worker.ask({"cmd": "about"})
-        assert about["machine"] and about["versions"]["numpy"] == np.__version__
+        package = BACKENDS[fmt].native_runner.package if native else "numpy"
+        assert about["machine"] == os.uname().machine and about["versions"][package]
+        assert worker.ask({"cmd": "rss"})["peak_rss_mb"] > 0 and isinstance(
+            worker.ask({"cmd": "thermal"})["zones"], dict
+        )
     finally:
         worker.close()
     assert _gone(worker.proc.pid)
@@ -106,11 +114,14 @@ def _spec(bundle):
     return ModelSpec.from_manifest(bundle.manifest["model"], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def test_worker_error_answer_keeps_the_worker(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("native", [False, True], ids=["python-worker", "native-runner"])
+def test_worker_error_answer_keeps_the_worker(native, tiny_bundle, tmp_path, request):
     """An artifact that cannot be opened is an error answer; the same worker then opens a good one."""
-    worker = LocalTarget().start(timeout=300)
+    if native:
+        request.getfixturevalue("native_runners")
+    worker = LocalTarget().start(timeout=300, fmt="onnx", native=native)
     try:
-        with pytest.raises(WorkerError, match="No such file|does not exist|Failed|NO_SUCHFILE|not found"):
+        with pytest.raises(WorkerError, match="No such file|does not exist|Failed|failed|NO_SUCHFILE|not found"):
             worker.ask(
                 {
                     "cmd": "open",

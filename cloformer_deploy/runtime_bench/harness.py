@@ -31,7 +31,7 @@ from ..pipeline.model import reference_outputs, versions
 from ..pipeline.schema import RESULTS_SCHEMA_VERSION
 from ..progress import Progress
 from ..quiet import quiet_libraries
-from ..targets import Target, WorkerError, WorkerProcess
+from ..targets import Target, TargetError, WorkerError, WorkerProcess
 from ..targets.local import LocalTarget
 from ..targets.worker import unpack
 from ..validation import compare, versus_local
@@ -196,8 +196,12 @@ def _check_runner(runner: str, runtimes, local: Target, remote: Target | None) -
         if not natives:
             raise BenchInputError("--runner native: none of --formats has a native runner; drop --runner")
     if runner in ("python", "both") and remote is not None and not remote.has_python:
-        if hasattr(remote, "check_python") and runner == "python":
-            remote.check_python()  # a device with Python (ssh): TargetError naming the fix when it has none
+        if hasattr(remote, "check_python"):  # a device that may have Python (ssh)
+            try:
+                remote.check_python()
+            except TargetError:
+                if runner == "python":
+                    raise  # one line naming the fix; with --runner both its rows are native only
         elif runner == "python":
             raise BenchInputError(f"--runner python: {remote.name} runs the native runners only; drop --runner")
 

@@ -111,8 +111,8 @@ class AdbTarget(ShellDevice):
                 f"adb has no device {self.serial!r} (it lists: {listed}); check the serial with: adb devices"
             )
         state = states[self.serial]
-        if state != "device":
-            fix = STATE_FIX.get(state, "check it with: adb devices")
+        if state != "device":  # "no permissions (user x is not in the plugdev group); see [url]": its first words
+            fix = STATE_FIX.get(state.split(" (")[0].strip(), "check it with: adb devices")
             raise TargetError(f"{self.name} is {state}: {fix}")
 
     # ---- transport

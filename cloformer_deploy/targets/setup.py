@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..progress import Progress
 from .arm64 import DEFAULT_CPU, PLATFORM, ROOT_DIR, emulated, qemu_binary, qemu_label, write_cpu_views
-from .base import TargetError
+from .base import TargetError, WorkerError
 from .native import TRIPLES, build_bundle, default_cache, host_platform, native_backends, smoke
 
 
@@ -85,16 +85,14 @@ def setup_target(
         if plat not in backend.platforms:
             continue
         bundle = build_bundle(backend, plat, cache, force=force, progress=progress)
-        if plat == host_platform():
+        if remote is not None:
+            about = None  # run on the device itself once copied (below)
+        elif plat == host_platform():
             about = smoke(bundle)
-        elif lower == "arm64" or (remote is not None and remote.platform == PLATFORM):
+        else:
             prefix, env = emulated(cache / ROOT_DIR / "cpus" / DEFAULT_CPU, DEFAULT_CPU)
-            if not (cache / ROOT_DIR / "cpus").exists():
-                write_cpu_views(cache)
             with progress.stage(f"smoke test of the {backend.label} runner under {qemu_label(qemu_binary())}"):
                 about = smoke(bundle, prefix, env)
-        else:
-            about = None
         if about is not None and about["versions"].get(backend.native_runner.package) != bundle.record["version"]:
             raise TargetError(
                 f"setup {name}: the {backend.label} runner reports {about['versions']}, not "
@@ -106,6 +104,18 @@ def setup_target(
             if backend.name in bundles:
                 with progress.stage(f"copy the {backend.label} runner to {remote.name}"):
                     remote.install_bundle(backend)
+                with progress.stage(f"smoke test of the {backend.label} runner on {remote.name}"):
+                    worker = remote.start(timeout=120, fmt=backend.name, native=True)
+                    try:
+                        about = worker.ask({"cmd": "about"})
+                    except WorkerError as e:
+                        raise TargetError(
+                            f"setup {name}: the {backend.label} runner does not start there: {e}"
+                        ) from None
+                    finally:
+                        worker.close()
+                if about["versions"].get(backend.native_runner.package) != bundles[backend.name]["version"]:
+                    raise TargetError(f"setup {name}: the {backend.label} runner there reports {about['versions']}")
         remote.close()
     record["bundles"] = bundles
     record["seconds"] = round(time.perf_counter() - t0, 1)
