@@ -639,3 +639,15 @@ def test_bench_and_validate_on_a_device_with_no_python_and_no_libc(bare_device, 
     by = {r["format"]: r["targets"][server.address] for r in reports}
     assert ok and by["onnx"]["vs_local"]["bit_exact"] and by["executorch"]["vs_local"]["bit_exact"]
     assert not live_processes("/work/native/")  # nothing left running on the device (its runners are gone)
+
+
+def test_setup_copies_the_runners_to_the_device_and_starts_them_there(sshd, device, capsys):
+    from cloformer_deploy.cli import device_main
+
+    flags = ["--ssh-config", device["ssh_config"], "--remote-dir", device["remote_dir"]]
+    assert device_main(["setup", sshd.address, *flags]) == 0
+    out = capsys.readouterr().out
+    assert f"{sshd.address}: ready in" in out and "executorch-runner" in out
+    installed = sorted(p.parent.name.split("-")[0] for p in Path(device["remote_dir"]).glob("native/*/build.json"))
+    assert installed == ["executorch", "onnx"]
+    assert not live_processes(device["remote_dir"])  # the smoke tests' runners ended
