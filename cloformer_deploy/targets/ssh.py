@@ -1,4 +1,4 @@
-"""A real device over SSH: a Raspberry Pi, an ARM board, a phone (Termux + a Debian userland), a Mac.
+"""A real device over SSH: a Raspberry Pi, an ARM board, a phone (Termux), a Mac.
 
 The host's ``ssh`` client does the transport (keys, config, agents and jump hosts as the user has
 them). A Linux device needs only a shell: the native runners' bundles and the artifacts are copied
