@@ -252,6 +252,7 @@ def debian_headers(runner: NativeRunner, downloads: Path, stage) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     _run(["dpkg-deb", "-x", str(deb[-1]), str(out)], f"unpacking {deb[-1].name}", 120)
     (out / ".complete").touch()
+    shutil.rmtree(state, ignore_errors=True)  # the suite's package lists: not needed once the headers are here
     return out / inside
 
 
