@@ -44,7 +44,9 @@ def test_each_row_is_measured(result):
             continue
         lat = r["latency_ms"]
         assert lat["runs"] == 4 and 0 < lat["min"] <= lat["median"] <= lat["p90"]
-        assert r["load_ms"] > 0 and r["peak_rss_mb"] > 50 and r["size_mb"] > 0
+        assert r["load_ms"] > 0 and r["peak_rss_mb"] > 0 and r["size_mb"] > 0
+        # a Python process holds the interpreter and its modules; a native runner only the model and its runtime
+        assert r["peak_rss_mb"] > 50 if r["runner"] == "python" else r["peak_rss_mb"] < 150
         assert r["drift"]["max_abs"] <= 1e-4 and r["drift"]["top1_agreement"] == 1.0
         assert r["gflops_per_s"] > 0 and r["efficiency"] > 0
     xnn = [r for r in result.rows if r["runtime"] == "executorch-xnnpack" and r["form"] == "deploy"]

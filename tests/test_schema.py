@@ -102,7 +102,7 @@ def test_random_weights_exported_without_validation_conform(tiny_variant, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_manifest_validated_on_a_device_conforms(tiny_variant, tmp_path):
+def test_a_manifest_validated_on_a_device_conforms(tiny_variant, tmp_path, native_runners):
     """cloformer-validate --target ssh:// rewrites the manifest with what the device measured; on a bundle exported
     with --no-validate that is ``validation.targets`` alone. The device is this machine over a loopback sshd."""
     loopback_sshd = _loopback_sshd()

@@ -1,7 +1,8 @@
 // The ONNX Runtime runner: an .onnx opened through ONNX Runtime's C API in the onnxruntime wheel's own
 // libonnxruntime.so, with the session options of the Python runner (formats/onnx.py), served over runner.h.
 // The C API header comes from Debian's libonnxruntime-dev at set-up time: the wheel carries none. Its API
-// version is older than the library's, which serves every older version.
+// version is older than the library's, which serves every older version; the runner asks for the oldest version
+// the project admits (onnxruntime 1.20), and calls nothing newer.
 #include <onnxruntime_c_api.h>
 
 #include "runner.h"
@@ -21,6 +22,17 @@ void check(OrtStatus* status, const char* what) {
 class OnnxModel : public cfd::Model {
  public:
   OnnxModel(const std::string& path, int threads) {
+    try {
+      open(path, threads);
+    } catch (...) {
+      release();  // a constructor that throws runs no destructor
+      throw;
+    }
+  }
+
+  ~OnnxModel() override { release(); }
+
+  void open(const std::string& path, int threads) {
     check(api->CreateEnv(ORT_LOGGING_LEVEL_ERROR, "cloformer-deploy", &env_), "starting ONNX Runtime");
     OrtSessionOptions* options = nullptr;
     check(api->CreateSessionOptions(&options), "making the session options");
@@ -48,7 +60,7 @@ class OnnxModel : public cfd::Model {
     check(api->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &memory_), "describing CPU memory");
   }
 
-  ~OnnxModel() override {
+  void release() {
     if (input_) api->ReleaseValue(input_);
     if (output_) api->ReleaseValue(output_);
     if (memory_) api->ReleaseMemoryInfo(memory_);
@@ -58,6 +70,12 @@ class OnnxModel : public cfd::Model {
     }
     if (session_) api->ReleaseSession(session_);
     if (env_) api->ReleaseEnv(env_);
+    input_ = output_ = nullptr;
+    memory_ = nullptr;
+    input_name_ = output_name_ = nullptr;
+    allocator_ = nullptr;
+    session_ = nullptr;
+    env_ = nullptr;
   }
 
   std::string describe() override {
@@ -140,10 +158,13 @@ class OnnxModel : public cfd::Model {
 
 }  // namespace
 
+constexpr uint32_t kApiVersion = 20;  // onnxruntime 1.20, pyproject's lower bound
+static_assert(kApiVersion <= ORT_API_VERSION, "the header is older than the API the runner asks for");
+
 int main(int argc, char** argv) {
-  api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
+  api = OrtGetApiBase()->GetApi(kApiVersion);
   if (!api) {
-    fprintf(stderr, "this libonnxruntime does not serve C API version %d\n", ORT_API_VERSION);
+    fprintf(stderr, "this libonnxruntime does not serve C API version %u\n", kApiVersion);
     return 3;
   }
   const std::string version = OrtGetApiBase()->GetVersionString();

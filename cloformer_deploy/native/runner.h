@@ -54,6 +54,21 @@ struct Json {
   }
 };
 
+// A field the message must have, of the kind it must be: a message without it is an error answer, not a crash.
+inline const Json& need(const Json& m, const std::string& key, Json::Kind kind) {
+  const Json* v = m.get(key);
+  if (!v || v->kind != kind) throw std::runtime_error("bad message: no valid '" + key + "'");
+  return *v;
+}
+
+// A whole number in [lo, hi], as the host sends counts and sizes.
+inline long long whole(const Json& v, long long lo, long long hi, const char* what) {
+  if (v.kind != Json::Number || !(v.number >= static_cast<double>(lo)) || !(v.number <= static_cast<double>(hi)) ||
+      v.number != static_cast<double>(static_cast<long long>(v.number)))
+    throw std::runtime_error(std::string("bad message: ") + what + " is not a whole number in range");
+  return static_cast<long long>(v.number);
+}
+
 class JsonParser {
  public:
   explicit JsonParser(const std::string& s) : s_(s) {}
@@ -257,15 +272,17 @@ struct FloatArray {
 };
 
 inline FloatArray unpack(const Json& m) {
-  const Json* dtype = m.get("dtype");
-  if (!dtype || dtype->text != "float32") throw std::runtime_error("the tensor must be float32");
+  if (m.kind != Json::Object || need(m, "dtype", Json::String).text != "float32")
+    throw std::runtime_error("the tensor must be float32");
   FloatArray a;
   size_t count = 1;
-  for (const Json& d : m.get("shape")->items) {
-    a.shape.push_back(static_cast<int64_t>(d.number));
-    count *= static_cast<size_t>(d.number);
+  for (const Json& d : need(m, "shape", Json::Array).items) {
+    long long n = whole(d, 0, 1 << 24, "a dimension");
+    a.shape.push_back(n);
+    count *= static_cast<size_t>(n);
+    if (count > (size_t{1} << 31)) throw std::runtime_error("bad message: the tensor is too large");
   }
-  std::vector<uint8_t> raw = unbase64(m.get("data")->text);
+  std::vector<uint8_t> raw = unbase64(need(m, "data", Json::String).text);
   if (raw.size() != count * sizeof(float)) throw std::runtime_error("the tensor's data does not match its shape");
   a.data.resize(count);
   memcpy(a.data.data(), raw.data(), raw.size());
@@ -342,6 +359,12 @@ inline std::string read_text(const std::string& path) {
 inline std::string trim(std::string s) {
   while (!s.empty() && isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
   return s;
+}
+
+// An error answer as the Python worker gives it: the first line, at most 300 characters.
+inline std::string error_text(const std::string& kind, const std::string& what) {
+  std::string text = kind + ": " + what.substr(0, what.find('\n'));
+  return text.substr(0, 300);
 }
 
 inline std::string thermal_zones() {
@@ -457,7 +480,7 @@ inline int serve(int argc, char** argv, const std::string& runtime, const std::s
       fprintf(stderr, "cannot run on cores %s\n", argv[i + 1]);
       return 2;
     }
-    if (flag == "--keep") keep = static_cast<size_t>(atoi(argv[i + 1]));
+    if (flag == "--keep") keep = static_cast<size_t>(std::max(1, atoi(argv[i + 1])));
   }
   FILE* proto = fdopen(dup(1), "w");
   dup2(2, 1);
@@ -466,7 +489,8 @@ inline int serve(int argc, char** argv, const std::string& runtime, const std::s
     fputc('\n', proto);
     fflush(proto);
   };
-  Lines lines;
+  // never freed: the reader thread may outlive this function until the process ends
+  Lines& lines = *new Lines();
   std::thread(read_lines, &lines).detach();
   std::unique_ptr<Model> model;
   std::map<std::string, FloatArray> batches;
@@ -482,6 +506,7 @@ inline int serve(int argc, char** argv, const std::string& runtime, const std::s
       lines.queue.pop_front();
       lines.idle = false;
     }
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // as the Python worker: no answer
     try {
       Json cmd = JsonParser(line).parse();
       const Json* op = cmd.get("cmd");
@@ -489,9 +514,12 @@ inline int serve(int argc, char** argv, const std::string& runtime, const std::s
       if (name == "quit") break;
       if (name == "open") {
         const Json* threads = cmd.get("threads");
+        const std::string& path = need(cmd, "path", Json::String).text;
+        int count = threads && threads->kind == Json::Number ? static_cast<int>(whole(*threads, 0, 1024, "threads")) : 0;
         auto t = std::chrono::steady_clock::now();
-        model = open(cmd.get("path")->text, threads && threads->kind == Json::Number ? static_cast<int>(threads->number) : 0);
         prepared = false;
+        model.reset();  // the previous program's memory is freed first, as a new process would have it
+        model = open(path, count);
         double load = ms_since(t);
         std::string problems;
         if (const Json* spec = cmd.get("spec"))
@@ -508,17 +536,17 @@ inline int serve(int argc, char** argv, const std::string& runtime, const std::s
           if (!key.empty()) {
             if (!batches.count(key)) order.push_back(key);
             batches[key] = sent;
-            while (order.size() > keep) {
+            while (order.size() > keep) {  // keep >= 1: the batch just added stays
               batches.erase(order.front());
               order.pop_front();
             }
-            batch = &batches[key];
+            batch = &batches.find(key)->second;
           } else {
             batch = &sent;
           }
         } else {
           auto found = batches.find(key);
-          if (found == batches.end()) throw std::runtime_error("KeyError: no batch " + key);
+          if (found == batches.end()) throw std::out_of_range("no batch " + key);
           batch = &found->second;
         }
         model->prepare(*batch);
@@ -530,10 +558,10 @@ inline int serve(int argc, char** argv, const std::string& runtime, const std::s
         std::vector<float> out = model->output(shape);
         reply("{\"ms\": " + number(ms) + ", \"logits\": " + pack(out, shape) + "}");
       } else if (name == "time") {
-        if (!prepared) throw std::runtime_error("no batch has run yet");
-        int n = static_cast<int>(cmd.get("n")->number);
+        if (!model || !prepared) throw std::runtime_error("no batch has run yet");
+        long long n = whole(need(cmd, "n", Json::Number), 0, 100000000, "n");
         std::string times;
-        for (int i = 0; i < n; i++) {
+        for (long long i = 0; i < n; i++) {
           auto t = std::chrono::steady_clock::now();
           model->infer();
           times += (i ? ", " : "") + number(ms_since(t));
@@ -548,11 +576,14 @@ inline int serve(int argc, char** argv, const std::string& runtime, const std::s
       } else {
         reply("{\"error\": " + quote("unknown command '" + name + "'") + "}");
       }
+    } catch (const std::out_of_range& e) {
+      reply("{\"error\": " + quote(error_text("KeyError", e.what())) + "}");
     } catch (const std::exception& e) {  // report, do not crash: the host makes it an error row or a failed check
-      reply("{\"error\": " + quote(std::string("RuntimeError: ") + e.what()) + "}");
+      reply("{\"error\": " + quote(error_text("RuntimeError", e.what())) + "}");
     }
   }
-  return 0;
+  fflush(proto);
+  _exit(0);  // at once: the reader thread may still be blocked in read()
 }
 
 }  // namespace cfd

@@ -33,6 +33,7 @@ from ..progress import Progress
 from ..quiet import quiet_libraries
 from ..targets import Target, TargetError, WorkerError, WorkerProcess
 from ..targets.local import LocalTarget
+from ..targets.native import TRIPLES
 from ..targets.worker import unpack
 from ..validation import compare, versus_local
 from .machine import machine_info
@@ -41,7 +42,7 @@ from .peers import Peer, resolve_peers
 from .report import write_reports
 from .runtimes import EAGER, FORMAT_OF, PEER_RUNTIMES, RUNTIME_OF_FORMAT, RUNTIMES, bench_runtime, export_options
 
-LOCAL = LocalTarget()  # this machine: every timed row runs here
+LOCAL = LocalTarget()  # this machine, where a row with no target of its own runs (the eager and peer rows)
 
 
 @dataclass
@@ -188,6 +189,8 @@ def _check_runner(runner: str, runtimes, local: Target, remote: Target | None) -
     natives = [b for b in formats if b.native_runner is not None]
     if runner == "native":
         unbuilt = [b for b in natives if local.native_bundle(b) is None]
+        if unbuilt and local.platform not in TRIPLES:
+            raise BenchInputError(f"--runner native: no native runners are built for {local.platform}; drop --runner")
         if unbuilt:
             raise BenchInputError(
                 f"--runner native: the native {unbuilt[0].label} runner is not built here; build it with: "
@@ -271,7 +274,7 @@ def _bench(
         unbuilt = [
             c for c in combos if c.where is local and not c.native and BACKENDS[FORMAT_OF[c.runtime]].native_runner
         ]
-        if unbuilt and opts.runner == "auto":
+        if unbuilt and opts.runner == "auto" and local.platform in TRIPLES:
             progress.warn(
                 "the native runners are not built here: ExecuTorch and ONNX Runtime rows run in their Python "
                 "runtimes (latency as Python calls them, memory of a Python process); build them with: "

@@ -25,7 +25,7 @@ from .native import Bundle, check_bundle, default_cache, native_backends, setup_
 class CpuProfile:
     name: str
     qemu_cpu: str  # QEMU_CPU: the instruction set emulated
-    midr: int  # MIDR_EL1 the root reports: implementer, variant, part, revision
+    midr: int  # MIDR_EL1 the view reports: implementer, variant, part, revision
     features: str  # the Features line of /proc/cpuinfo (the kernel's hwcap names)
     about: str
     fp16: bool  # fp16 arithmetic (ARMv8.2 FEAT_FP16); without it XNNPACK (executorch 1.5.1) runs fp16 programs
@@ -80,7 +80,7 @@ CPU_PROFILES: dict[str, CpuProfile] = {
     )
 }
 DEFAULT_CPU = "cortex-a76"
-CORES = 1  # the root reports one core: emulated runs use one thread, and XNNPACK sees one core kind
+CORES = 1  # the view reports one core: emulated runs use one thread, and XNNPACK sees one core kind
 
 
 def qemu_binary() -> str | None:
@@ -96,24 +96,6 @@ def qemu_version(binary: str) -> tuple[int, ...]:
 
 def qemu_label(binary: str) -> str:
     return f"qemu-user {'.'.join(map(str, qemu_version(binary)))}"
-
-
-def emulated_python(view: Path, cpu: str, pythonpath: str) -> tuple[list[str], dict]:
-    """(argv, environment) that start the root's Python 3.11 under QEMU with a CPU profile's view.
-
-    The environment is built, not inherited: nothing of the host's Python settings reaches the emulated one.
-    """
-    env = {
-        "QEMU_CPU": CPU_PROFILES[cpu].qemu_cpu,
-        "PYTHONPATH": pythonpath,
-        "PYTHONNOUSERSITE": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONWARNINGS": "ignore",
-        "LANG": "C.UTF-8",
-        "PATH": "/usr/bin:/bin",
-        "OMP_NUM_THREADS": "1",
-    }
-    return [qemu_binary(), "-L", str(view), str(view / "usr" / "bin" / "python3.11")], env
 
 
 def check_cpu(name: str, qemu: str | None) -> CpuProfile:
@@ -231,7 +213,7 @@ class EmulatedArm64Target(Target):
     def native_bundle(self, backend: Backend) -> Bundle | None:
         return self.bundles.get(backend.name)
 
-    def native_command(self, fmt: str, cores: str | None = None):
+    def native_command(self, fmt: str):
         prefix, env = emulated(self.view, self.cpu)
         return [*prefix, *self.bundles[fmt].words(None, *self.native_args())], env, []
 

@@ -311,8 +311,10 @@ class Target(ABC):
         minute (a Python importing torch on a board). A worker that died is replaced.
         """
         if self.runs_natively(fmt):
+            for done in getattr(self, "_native_workers", []):  # artifacts are validated one after another
+                done.close()
             worker = self.start(fmt=fmt, native=True)
-            self._native_workers = [*getattr(self, "_native_workers", []), worker]
+            self._native_workers = [worker]
             return WorkerRunner(worker, self, fmt, Path(path), spec, info, threads)
         worker = getattr(self, "_validation_worker", None)
         if worker is None or worker.proc.poll() is not None:

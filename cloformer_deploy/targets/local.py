@@ -38,7 +38,8 @@ class LocalTarget(Target):
         return [sys.executable, "-m", "cloformer_deploy.targets.worker"], None, []
 
     def runner(self, fmt: str, path: str | Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
-        # validation here stays on the Python runtimes, in this process: exporting needs no compiler, and the: the runtime is already imported here, and a worker would only add its start-up
+        # validation here stays on the Python runtimes, in this process: exporting needs no compiler, the runtime
+        # is already imported here, and a worker would only add its start-up
         return BACKENDS[fmt].open(Path(path), spec, info, threads)
 
     def describe(self) -> dict:

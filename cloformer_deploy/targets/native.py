@@ -126,6 +126,8 @@ def ready_bundle(cache: Path, plat: str, backend: Backend) -> Bundle | None:
         return None
     if record.get("version") != host_version(backend.native_runner.package):
         return None
+    if record.get("sources") != sources_hash(backend.native_runner, plat):  # built from older sources
+        return None
     return Bundle(folder, record)
 
 
@@ -138,7 +140,8 @@ def check_bundle(cache: Path, plat: str, backend: Backend, target: str, default:
     if bundle is None:
         raise TargetError(
             f"the native {backend.label} runner for {plat} is not built (or was built for another "
-            f"{backend.native_runner.package}); build it with: {setup_hint(target, cache, default)}"
+            f"{backend.native_runner.package}, or from older sources); build it with: "
+            f"{setup_hint(target, cache, default)}"
         )
     return bundle
 
@@ -207,7 +210,10 @@ def wheel_folder(runner: NativeRunner, plat: str, version: str, downloads: Path,
         for name in whl.namelist():
             if any(fnmatch.fnmatch(name, w) for w in wanted):
                 whl.extract(name, out.parent / f".{out.name}")
-    (out.parent / f".{out.name}" / runner.package).rename(out)
+    unpacked = out.parent / f".{out.name}" / runner.package
+    if not unpacked.is_dir():
+        raise TargetError(f"setup: the {runner.package} wheel for {plat} has none of {', '.join(runner.libraries)}")
+    unpacked.rename(out)
     shutil.rmtree(out.parent / f".{out.name}", ignore_errors=True)
     (out / ".complete").touch()
     found[0].unlink()  # what a rebuild needs is kept unpacked; the wheel's Python half is not
@@ -276,13 +282,20 @@ def _system_library(cxx: str, name: str) -> Path | None:
     return Path(found).resolve() if os.path.isabs(found) and os.path.exists(found) else None
 
 
-def source_key(runner: NativeRunner, plat: str, version: str, cxx_version: str) -> str:
+def sources_hash(runner: NativeRunner, plat: str) -> str:
+    """What a bundle is built from, known without a compiler: the runner's sources, its libraries and defines, and
+    the glibc patch. A bundle of other sources is not ready."""
     h = hashlib.sha256()
     for name in ("runner.h", runner.source):
         h.update((SOURCES / name).read_bytes())
     patch = [b.hex() for b in CLONE3.get(plat, ())]
-    h.update(json.dumps([plat, version, cxx_version, runner.libraries, runner.defines, patch]).encode())
+    h.update(json.dumps([plat, runner.libraries, runner.registering, runner.defines, patch]).encode())
     return h.hexdigest()[:16]
+
+
+def source_key(runner: NativeRunner, plat: str, version: str, cxx_version: str) -> str:
+    """The build's key: its sources, the wheel's version and the compiler."""
+    return hashlib.sha256(f"{sources_hash(runner, plat)} {version} {cxx_version}".encode()).hexdigest()[:16]
 
 
 def build_bundle(
@@ -371,6 +384,7 @@ def build_bundle(
             "package": runner.package,
             "version": version,
             "key": key,
+            "sources": sources_hash(runner, plat),
             "runner": exe.name,
             "loader": loader,
             "compiler": cxx_version,

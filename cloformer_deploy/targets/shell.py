@@ -313,7 +313,8 @@ class ShellDevice(Target):
 
     def _copy(self, path: Path) -> str:
         with tempfile.TemporaryDirectory(prefix="cloformer-ship-") as tmp:
-            name = path.name if SAFE_WORD.match(path.name) else f"artifact{path.suffix}"
+            suffix = path.suffix if SAFE_WORD.match(path.suffix) else ""
+            name = path.name if SAFE_WORD.match(path.name) else f"artifact{suffix}"
             if path.is_dir():
                 payload = Path(tmp) / "payload.tar"
                 deterministic_tar(path, payload, name)
@@ -345,7 +346,10 @@ class ShellDevice(Target):
     # ---- the Target interface
     def native_command(self, fmt: str):
         bundle = self.bundles[fmt]
-        root = self.install_bundle(BACKENDS[fmt])
+        try:
+            root = self.install_bundle(BACKENDS[fmt])
+        except TargetError as e:  # the link dropped mid-run: this artifact fails, the run goes on
+            raise WorkerError(str(e)) from None
         return self.shell_argv(shell_words(bundle.words(root, *self.native_args()))), None, []
 
     def describe(self) -> dict:

@@ -1,7 +1,7 @@
 """The worker: one process on a target that opens artifacts with the backends' own runners and runs them on command.
 
 It speaks JSON lines on stdin/stdout, so that it can run wherever a Python with the runtimes
-does: a local subprocess, an emulated ARM64 Python under QEMU, later a device over SSH. Arrays
+does: a local subprocess, a device over SSH (a Mac; a board with --runner python). Arrays
 travel inside the messages (base64), so the worker never needs the caller's filesystem for its
 inputs or outputs. Commands:
 
