@@ -259,6 +259,8 @@ CASES = [
     ("bench", ["--remote-python", "python3"], "--remote-python applies to an ssh:// or adb:// device"),
     ("bench", ["--cores", "4-7"], "--cores applies to an ssh:// or adb:// device"),
     ("bench", ["--cooldown", "-1"], "--cooldown -1 is out of range; give seconds from 0 to 3600"),
+    ("bench", ["--runner", "fast"], "--runner 'fast' is not offered; choose from auto, native, python, both"),
+    ("bench", ["--target", "adb://a b"], "is not an adb address; write adb://SERIAL"),
     ("bench", ["--ablation", "--cores", "4-7"], "--ablation times on this machine; drop --target"),
     ("bench", ["--target", "ssh://127.0.0.1:1"], "nothing listens there"),
     ("validate", ["{good}", "--weights", "{ckpt}", "--target", "ssh://127.0.0.1:1"], "cannot reach"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..inputs import InputError, comma_list, seconds, thread_counts, whole_number
+from ..inputs import InputError, choice, comma_list, seconds, thread_counts, whole_number
 from ..options import option
 from ..pipeline.options import PRECISIONS, ModelChoice, check_bundle, check_data
 from .runtimes import ALIASES, IN_ALL, RUNTIMES
@@ -39,13 +39,6 @@ def check_runtimes(flag: str, value) -> list[str]:
 RUNNERS = ("auto", "native", "python", "both")
 
 
-def check_runner(flag: str, value) -> str:
-    text = str(value).strip().lower()
-    if text not in RUNNERS:
-        raise BenchInputError(f"{flag} {value!r}: choose {', '.join(RUNNERS)}")
-    return text
-
-
 @dataclass
 class BenchOptions(ModelChoice):
     formats: object = option("all", f"all, or a comma list of runtimes: {', '.join(RUNTIMES)}", check=check_runtimes)
@@ -66,7 +59,7 @@ class BenchOptions(ModelChoice):
         "how ExecuTorch and ONNX Runtime rows run: native (the C++ runners cloformer-device setup builds: the "
         "latency, load and memory an app sees), python (the runtimes' Python APIs), both (a row each, in the "
         "same rounds), or auto (native where built, else python; default)",
-        check=lambda flag, v: check_runner(flag, v),
+        check=lambda flag, v: choice(flag, v, RUNNERS),
     )
     compare_authors: bool = option(False, "also run a naive export of the authors' form in the same runtimes")
     baselines: bool = option(

@@ -52,7 +52,9 @@ def end_process_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_in_group(argv: list[str], timeout: float, stdin=None, cwd: str | None = None) -> tuple[int, str, str] | None:
+def run_in_group(
+    argv: list[str], timeout: float, stdin=None, cwd: str | None = None, env: dict | None = None
+) -> tuple[int, str, str] | None:
     """Run a program in a process group of its own: (exit code, stdout, stderr), or None when it gave no result
     within ``timeout`` seconds. ``stdin``: bytes, or an open file streamed to it. On a timeout or an interrupt the
     whole group ends (an ssh ProxyCommand, a child the program started): nothing is left running."""
@@ -63,6 +65,7 @@ def run_in_group(argv: list[str], timeout: float, stdin=None, cwd: str | None = 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=cwd,
+        env=env,
         start_new_session=True,
     )
     try:
@@ -311,10 +314,10 @@ class Target(ABC):
         minute (a Python importing torch on a board). A worker that died is replaced.
         """
         if self.runs_natively(fmt):
-            for done in getattr(self, "_native_workers", []):  # artifacts are validated one after another
-                done.close()
-            worker = self.start(fmt=fmt, native=True)
-            self._native_workers = [worker]
+            previous = getattr(self, "_native_worker", None)
+            if previous is not None:  # artifacts are validated one after another
+                previous.close()
+            worker = self._native_worker = self.start(fmt=fmt, native=True)
             return WorkerRunner(worker, self, fmt, Path(path), spec, info, threads)
         worker = getattr(self, "_validation_worker", None)
         if worker is None or worker.proc.poll() is not None:
@@ -329,9 +332,10 @@ class Target(ABC):
         if worker is not None:
             worker.close()
             self._validation_worker = None
-        for worker in getattr(self, "_native_workers", []):
+        worker = getattr(self, "_native_worker", None)
+        if worker is not None:
             worker.close()
-        self._native_workers = []
+            self._native_worker = None
 
     def describe(self) -> dict:
         return {

@@ -8,18 +8,14 @@ from pathlib import Path
 
 from ..formats.base import BACKENDS, Backend, ModelSpec, Runner
 from .base import Target
-from .native import TRIPLES, Bundle, default_cache, ready_bundle
-
-
-def this_platform() -> str:
-    return f"{sys.platform}-{platform.machine().lower()}"
+from .native import TRIPLES, Bundle, default_cache, host_platform, ready_bundle
 
 
 class LocalTarget(Target):
     name = kind = "local"
 
     def __init__(self, cache: str | Path | None = None):
-        self.platform = this_platform()
+        self.platform = host_platform()
         self.cache = Path(cache) if cache is not None else default_cache()
         self._bundles: dict = {}
 

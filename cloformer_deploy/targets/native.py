@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -499,17 +498,11 @@ def deterministic_tar(folder: Path, dest: Path, top: str | None = None, gzip_it:
 
 def smoke(bundle: Bundle, prefix: list[str] | None = None, env: dict | None = None) -> dict:
     """The runner's ``about`` answer (started as a device starts it, under ``prefix``: QEMU for another CPU)."""
-    argv = [*(prefix or []), *bundle.words()]
-    with tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.run(
-                argv, input=b'{"cmd": "about"}\n', stdout=subprocess.PIPE, stderr=err, timeout=300, env=env
-            )
-        except subprocess.TimeoutExpired:
-            raise TargetError(f"setup: the {bundle.format} runner gave no answer in 300 s") from None
-        err.seek(0)
-        why = last_line(err.read().decode(errors="replace"))
-    lines = [ln for ln in proc.stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise TargetError(f"setup: the {bundle.format} runner does not start: {why or proc.returncode}")
+    done = run_in_group([*(prefix or []), *bundle.words()], 300, b'{"cmd": "about"}\n', env=env)
+    if done is None:
+        raise TargetError(f"setup: the {bundle.format} runner gave no answer in 300 s")
+    code, out, err = done
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if code != 0 or not lines:
+        raise TargetError(f"setup: the {bundle.format} runner does not start: {last_line(err) or code}")
     return json.loads(lines[-1])

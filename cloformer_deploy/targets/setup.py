@@ -28,6 +28,16 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def _check_version(about: dict, backend, version: str, name: str, where: str) -> None:
+    """The runner, started once, must report the wheel version it was built against."""
+    said = about["versions"].get(backend.native_runner.package)
+    if said != version:
+        raise TargetError(
+            f"setup {name}: the {backend.label} runner {where} reports {backend.native_runner.package} {said}, "
+            f"not {version}"
+        )
+
+
 def setup_target(
     target: str,
     cache: str | Path | None = None,
@@ -93,11 +103,8 @@ def setup_target(
             prefix, env = emulated(cache / ROOT_DIR / "cpus" / DEFAULT_CPU, DEFAULT_CPU)
             with progress.stage(f"smoke test of the {backend.label} runner under {qemu_label(qemu_binary())}"):
                 about = smoke(bundle, prefix, env)
-        if about is not None and about["versions"].get(backend.native_runner.package) != bundle.record["version"]:
-            raise TargetError(
-                f"setup {name}: the {backend.label} runner reports {about['versions']}, not "
-                f"{backend.native_runner.package} {bundle.record['version']}"
-            )
+        if about is not None:
+            _check_version(about, backend, bundle.record["version"], name, "here")
         bundles[backend.name] = bundle.record
     if remote is not None:
         for backend in native_backends():
@@ -114,8 +121,7 @@ def setup_target(
                         ) from None
                     finally:
                         worker.close()
-                if about["versions"].get(backend.native_runner.package) != bundles[backend.name]["version"]:
-                    raise TargetError(f"setup {name}: the {backend.label} runner there reports {about['versions']}")
+                _check_version(about, backend, bundles[backend.name]["version"], name, f"on {remote.name}")
         remote.close()
     record["bundles"] = bundles
     record["seconds"] = round(time.perf_counter() - t0, 1)

@@ -22,7 +22,17 @@ from ..files import sha256_file
 from ..formats import BACKENDS
 from ..formats.base import Backend
 from .base import Target, TargetError, WorkerError, last_line, run_in_group
-from .native import TRIPLES, Bundle, archive, check_bundle, default_cache, deterministic_tar, ready_bundle, setup_hint
+from .native import (
+    TRIPLES,
+    Bundle,
+    archive,
+    check_bundle,
+    default_cache,
+    deterministic_tar,
+    native_backends,
+    ready_bundle,
+    setup_hint,
+)
 
 SAFE_WORD = re.compile(r"^[A-Za-z0-9_./,:=+%@~-]+$")  # survives any re-parsing of the command by a wrapper
 MARK = "@@cloformer "
@@ -72,7 +82,7 @@ def parse_ranges(text: str) -> list[int]:
 
 def about_from_probe(out: str) -> dict:
     """What the shell probe printed, as the worker's ``about`` answer has it."""
-    from .worker import cpu_clusters
+    from .worker import cpu_clusters, cpu_fields
 
     fields: dict = {"freq": {}}
     lines = out.splitlines()
@@ -93,12 +103,7 @@ def about_from_probe(out: str) -> dict:
             fields[key] = value.strip()
     cpuinfo = "\n".join(lines[cpuinfo_at:]) if cpuinfo_at is not None else ""
     system, machine = fields.get("system", ""), fields.get("machine", "")
-    cpu: dict = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("model name", "CPU implementer", "CPU part", "CPU variant", "Features", "flags", "Hardware"):
-            cpu.setdefault(key, value.strip())
+    cpu = cpu_fields(cpuinfo)
     clusters = cpu_clusters(cpuinfo) if cpuinfo.strip() else []
     for c in clusters:
         c["max_mhz"] = max((fields["freq"].get(i, 0) for i in c["cpus"]), default=0) // 1000 or None
@@ -149,7 +154,6 @@ class ShellDevice(Target):
     step_timeout = 900.0  # one runner step: loading an artifact on a slow board, or a round of timed runs
     probe_timeout = 120.0
     remote_default = "~/.cache/cloformer-deploy/device"
-    local_fix = "check that the device is reachable"
 
     def __init__(self, cache: str | Path | None = None, cores: str | None = None, remote_dir: str | None = None):
         self.cache = Path(cache) if cache is not None else default_cache()
@@ -176,9 +180,6 @@ class ShellDevice(Target):
     def transport_error(self, code: int, err: str) -> str | None:
         """The one line for a failure of the transport itself (not of the command), or None."""
         return None
-
-    def remote_target_flag(self) -> str:
-        return f"--target {self.name}"
 
     # ---- commands
     def sh(self, command: str, what: str, timeout: float, stdin=None) -> str:
@@ -243,8 +244,6 @@ class ShellDevice(Target):
 
     def find_bundles(self, required: bool) -> None:
         """The native runners built here for the device's CPU; TargetError naming setup when ``required``."""
-        from .native import native_backends
-
         self.bundles = {}
         if self.platform not in TRIPLES:
             return
@@ -281,7 +280,7 @@ class ShellDevice(Target):
         """The bundle of ``backend``'s runner on the device (copied once, unpacked, renamed into place)."""
         bundle = self.bundles.get(backend.name) or ready_bundle(self.cache, self.platform, backend)
         if bundle is None:
-            raise TargetError(self.missing(backend))
+            raise TargetError(self.missing(backend, True))
         self.bundles[backend.name] = bundle
         root = self.remote_root(bundle)
         if root in self._installed:

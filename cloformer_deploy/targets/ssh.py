@@ -32,7 +32,6 @@ from .native import TRIPLES
 from .shell import CommandFailed, ShellDevice, clusters_text, shell_words
 from .worker import PACKAGES, device_packages
 
-DEFAULT_REMOTE_DIR = "~/.cache/cloformer-deploy/device"
 MIN_PYTHON = (3, 10)
 # packages a Linux device takes from another index: PyPI's ARM64 Linux torch is a CUDA build with 3 GB of NVIDIA
 # libraries, and a board needs the CPU build
@@ -181,7 +180,7 @@ class SshTarget(ShellDevice):
         remote_dir: str | None = None,
         cache: str | Path | None = None,
     ):
-        super().__init__(cache, cores, remote_dir or DEFAULT_REMOTE_DIR)
+        super().__init__(cache, cores, remote_dir)
         self.address = parse_address(address) if isinstance(address, str) else address
         self.name = str(self.address)
         try:
@@ -337,7 +336,7 @@ class SshTarget(ShellDevice):
         if not self.has_python:
             raise TargetError(f"{self.name}: no Python worker was set up there")
         words = [f"{self.code}/run.py", "worker", *(["--cores", self.cores] if self.cores else [])]
-        return [*self.ssh_argv(), self.remote_command(words)], None, []
+        return self.shell_argv(self.remote_command(words)), None, []
 
     def describe(self) -> dict:
         out = {**super().describe(), "label": device_label(self.about, self.versions)}

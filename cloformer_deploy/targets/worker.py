@@ -148,17 +148,26 @@ def _max_khz(cpu: int) -> int | None:
         return None
 
 
+CPU_FIELDS = ("model name", "CPU implementer", "CPU part", "CPU variant", "Features", "flags", "Hardware")
+
+
+def cpu_fields(cpuinfo: str) -> dict:
+    """The fields of /proc/cpuinfo that name the CPU (their first occurrence)."""
+    cpu: dict = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in CPU_FIELDS:
+            cpu.setdefault(key.strip(), value.strip())
+    return cpu
+
+
 def about() -> dict:
     """What the target is: machine, Python, CPU as the kernel (or the emulator) reports it, runtime versions."""
     cpu, clusters = {}, []
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "CPU implementer", "CPU part", "CPU variant", "Features", "flags", "Hardware"):
-                cpu.setdefault(key, value.strip())
+        cpu = cpu_fields(text)
         clusters = cpu_clusters(text)
         for c in clusters:
             c["max_mhz"] = max((_max_khz(i) or 0 for i in c["cpus"]), default=0) // 1000 or None
