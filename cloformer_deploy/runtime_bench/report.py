@@ -414,7 +414,13 @@ def plot_drift(path: Path, results: dict) -> Plot:
         "black",
         "tab:gray",
         "gold",
-    ]  # blue/orange mean forms in latency.png: not reused here
+        "teal",
+        "magenta",
+        "navy",
+        "maroon",
+        "lime",
+        "slateblue",
+    ]  # blue/orange mean forms in latency.png: not reused here; 16, so that --runner both's rows stay apart
     colour = {k: palette[i % len(palette)] for i, k in enumerate(combos)}
     threads = sorted({r["threads"] for r in rows}, key=lambda t: (t is None, t or 0))
     marker = {t: _THREAD_MARKERS[i % len(_THREAD_MARKERS)] for i, t in enumerate(threads)}
