@@ -25,9 +25,18 @@ NATIVE_NOISE = re.compile(r"^\[cpuinfo_utils\.cpp:\d+\]")
 THREADPOOL_NOISE = re.compile(r"^\[threadpool\.cpp:\d+\] Resetting threadpool to \d+ threads\.?\s*$")
 
 
+# LiteRT and its converter: absl's informational lines (I<mmdd> <time> <thread> <file>:<line>] ...), its notice
+# that logging starts before absl is set up, and the interpreter's line on creating its default delegate
+LITERT_NOISE = re.compile(
+    r"^(I\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.)"
+)
+
+
 def is_native_noise(line: str) -> bool:
     """A line the runtimes' native code prints on every run that says nothing to the user."""
-    return bool(NATIVE_NOISE.match(line) or THREADPOOL_NOISE.match(line))
+    return bool(NATIVE_NOISE.match(line) or THREADPOOL_NOISE.match(line) or LITERT_NOISE.match(line))
 
 
 _depth = 0  # nested calls (export inside bench) install the filters once
@@ -65,7 +74,7 @@ def quiet_libraries():
 
 
 def _disable_tqdm():
-    """tqdm bars off by default while quiet (coremltools draws one per conversion pass)."""
+    """tqdm bars off while quiet (coremltools draws one per conversion pass, ai-edge-quantizer one per stage)."""
     try:
         from tqdm import tqdm
     except ImportError:
@@ -73,7 +82,7 @@ def _disable_tqdm():
     original = tqdm.__init__
 
     def init(self, *args, **kwargs):
-        kwargs.setdefault("disable", True)
+        kwargs["disable"] = True  # also over a library that passes its own (ai-edge-quantizer)
         original(self, *args, **kwargs)
 
     tqdm.__init__ = init
@@ -110,7 +119,7 @@ class _NativeStderrFilter:
 
     @staticmethod
     def _pump(read_end: int, out: int) -> None:
-        buffer = b""
+        buffer, dropped = b"", False
         with os.fdopen(read_end, "rb", buffering=0) as pipe:
             while True:
                 chunk = pipe.read(65536)
@@ -119,8 +128,11 @@ class _NativeStderrFilter:
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
-                    if not is_native_noise(line.decode(errors="replace")):
+                    # a blank line right after a noise line ends that message (absl's diagnostics)
+                    noise = is_native_noise(line.decode(errors="replace")) or (dropped and not line.strip())
+                    if not noise:
                         os.write(out, line + b"\n")
+                    dropped = noise
         if buffer and not is_native_noise(buffer.decode(errors="replace")):
             os.write(out, buffer)
 

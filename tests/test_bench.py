@@ -88,7 +88,7 @@ def test_failing_runtime_becomes_an_error_row(tiny_variant, tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--formats", "tflite"], "unknown runtime"),
+        (["--formats", "tensorrt"], "unknown runtime"),
         (["--threads", "a"], "--threads"),
         (["--img-size", "100"], "multiple of 32"),
         (["--model", "vgg"], "unknown model"),

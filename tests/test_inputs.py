@@ -65,9 +65,10 @@ def inputs(tiny_bundle, tiny_checkpoint, tiny_variant, tmp_path_factory):
     broken("b_noname", edit_manifest(lambda m: m["model"].pop("name")))
     broken("b_noartifacts", edit_manifest(lambda m: m.update(artifacts=[])))
     broken("b_unknownmodel", edit_manifest(lambda m: m["model"].update(name="resnet50")))
-    broken("b_unknownformat", edit_manifest(lambda m: m["artifacts"][0].update(format="tflite")))
+    broken("b_unknownformat", edit_manifest(lambda m: m["artifacts"][0].update(format="tensorrt")))
     broken("b_missing", lambda f: (f / json.loads((f / "manifest.json").read_text())["artifacts"][0]["path"]).unlink())
     broken("b_nolabels", lambda f: (f / "labels.txt").unlink())
+    broken("b_notflite", lambda f: next(f.glob("*.tflite")).unlink())
 
     def tamper(folder):
         onnx_file = next(folder.glob("*.onnx"))
@@ -83,7 +84,7 @@ def inputs(tiny_bundle, tiny_checkpoint, tiny_variant, tmp_path_factory):
 CASES = [
     # cloformer-export: options
     ("export", ["--model", "resnet50"], "unknown model 'resnet50'; choose one of"),
-    ("export", ["--format", "tflite"], "unknown format 'tflite'; choose from: onnx, coreml, executorch, all"),
+    ("export", ["--format", "tensorrt"], "unknown format 'tensorrt'; choose from: onnx, coreml, executorch, tflite, all"),
     ("export", ["--format", ","], "no format given"),
     ("export", ["--img-size", "230"], "use 224x224"),
     ("export", ["--img-size", "abc"], "is not a size; use 224 or HxW"),
@@ -97,6 +98,8 @@ CASES = [
     ("export", ["--precision", "fp8"], "--precision 'fp8' is not offered"),
     ("export", ["--format", "coreml", "--precision", "int4"], "--precision 'int4' is not offered"),
     ("export", ["--format", "onnx", "--precision", "w4"], "not offered for onnx"),
+    ("export", ["--format", "tflite", "--precision", "w4"], "not offered for tflite"),
+    ("export", ["--format", "tflite", "--precision", "int8", "--keep-float", "2"], "--keep-float applies to int8 ONNX"),
     ("export", ["--keep-float", "-3", "--precision", "int8"], "--keep-float -3 is out of range"),
     ("export", ["--keep-float", "3"], "--keep-float applies to int8"),
     ("export", ["--format", "coreml", "--precision", "int8", "--keep-float", "2"], "--keep-float applies to int8 ONNX"),
@@ -117,7 +120,7 @@ CASES = [
     ("export", ["--opset", "99"], "--opset 99 is out of range"),
     ("export", ["--coreml-target", "iOS12"], "--coreml-target 'iOS12' is not offered; choose from iOS16, iOS17, iOS18"),
     ("export", ["--coreml-input", "png"], "--coreml-input 'png' is not offered"),
-    ("export", ["--backend", "tflite"], "--backend 'tflite' is not offered"),
+    ("export", ["--backend", "tensorrt"], "--backend 'tensorrt' is not offered"),
     ("export", ["--unknown-flag"], "unrecognized arguments"),
     # cloformer-export: files
     ("export", ["--weights", "{root}/nope.pth"], "does not exist; pass the path of a .pth/.pt/.safetensors"),
@@ -197,10 +200,11 @@ CASES = [
     (
         "validate",
         ["{root}/b_unknownformat", "--weights", "{ckpt}"],
-        "format 'tflite', which this version does not know",
+        "format 'tensorrt', which this version does not know",
     ),
     ("validate", ["{root}/b_missing", "--weights", "{ckpt}"], "is listed in manifest.json but missing"),
     ("validate", ["{root}/b_changed", "--weights", "{ckpt}"], "changed since export (sha256 differs"),
+    ("validate", ["{root}/b_notflite", "--weights", "{ckpt}"], "fp32.tflite is listed in manifest.json but missing"),
     ("validate", ["{root}/b_nolabels", "--weights", "{ckpt}"], "has no labels.txt"),
     ("validate", ["{good}"], "the bundle was exported from tiny.pth; pass --weights"),
     ("validate", ["{good}", "--weights", "{root}/nope.pth"], "'{root}/nope.pth' does not exist"),
@@ -216,7 +220,7 @@ CASES = [
     ("bench", ["--runs", "0"], "--runs 0 is out of range"),
     ("bench", ["--warmup", "-1"], "--warmup -1 is out of range"),
     ("bench", ["--precisions", "fp8"], "unknown precision 'fp8'"),
-    ("bench", ["--formats", "tflite"], "unknown runtime 'tflite'"),
+    ("bench", ["--formats", "tensorrt"], "unknown runtime 'tensorrt'"),
     ("bench", ["--model", "vgg"], "unknown model 'vgg'"),
     ("bench", ["--img-size", "100"], "multiple of 32"),
     ("bench", ["--img-size", "0"], "sizes must be positive"),
@@ -225,6 +229,7 @@ CASES = [
     ("bench", ["--out", "{root}/file.txt/x"], "not writable"),
     ("bench", ["--bundle", "{root}/b_badjson"], "is not valid JSON"),
     ("bench", ["--bundle", "{root}/b_missing", "--weights", "{ckpt}"], "is listed in manifest.json but missing"),
+    ("bench", ["--bundle", "{root}/b_notflite", "--weights", "{ckpt}"], ".tflite is listed in manifest.json but missing"),
     ("bench", ["--bundle", "{good}"], "the bundle was exported from tiny.pth; pass --weights"),
     ("bench", ["--bundle", "{good}", "--weights", "{root}/other.pth"], "is not the checkpoint this bundle"),
     ("bench", ["--bundle", "{good}", "--weights", "{ckpt}", "--model", "fat-b0"], "--bundle holds cloformer_tiny_test"),

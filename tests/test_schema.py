@@ -250,8 +250,8 @@ def test_results_that_break_the_schema_are_refused_in_one_line():
         (lambda r: r["rows"][2].pop("latency_ms"), "results.json: rows[2].latency_ms is missing"),
         (lambda r: r["config"].update(threads="1,2"), "results.json: config.threads is '1,2' (a string), not an array"),
         (
-            lambda r: r["rows"][0].update(runtime="tflite"),
-            "results.json: rows[0] has runtime 'tflite', which this version does not know",
+            lambda r: r["rows"][0].update(runtime="tensorrt"),
+            "results.json: rows[0] has runtime 'tensorrt', which this version does not know",
         ),
         (lambda r: r.update(schema_version=2), "results.json: schema_version is 2 (an integer), not 1"),
     ]

@@ -6,7 +6,7 @@ text and bad-input checks stay instant. The registry is in the formats' ``positi
 
 from __future__ import annotations
 
-from . import coreml, executorch, onnx  # noqa: F401  (each registers its format)
+from . import coreml, executorch, litert, onnx  # noqa: F401  (each registers its format)
 from .base import BACKENDS, Backend, Runner, order_registry
 
 order_registry()

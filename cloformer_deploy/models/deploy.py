@@ -159,6 +159,16 @@ def single_reduce_norm(model: nn.Module, input_size) -> None:
     ask_modules(model, "single_reduce_norm")
 
 
+def keys_first_attention(model: nn.Module, input_size) -> None:
+    """Global attention as v @ softmax(k^T q) over the keys' axis: no matmul's right operand is a transpose.
+
+    Not a default step: it is for LiteRT, whose converter makes a batch-1 matmul with a transposed right
+    operand (single-head attention's attn @ v) a FULLY_CONNECTED with computed weights, which its XNNPACK
+    delegate leaves outside; the softmax over a non-last axis is decomposed into ops XNNPACK takes.
+    """
+    ask_modules(model, "keys_first_attention")
+
+
 def silu_as_sigmoid_product(model: nn.Module, input_size) -> None:
     """SiLU as x * sigmoid(x): ExecuTorch turns an fp16 silu into fp32 ops between casts XNNPACK does not take."""
     ask_modules(model, None, torch_rules={nn.SiLU: lambda m: SigmoidSiLU()})
@@ -238,6 +248,7 @@ EXTRA_STEPS = {
     for f in (
         split_wide_depthwise,
         single_reduce_norm,
+        keys_first_attention,
         silu_as_sigmoid_product,
         gelu_as_erfc_polynomial,
         norm_constants_as_buffers,

@@ -156,7 +156,15 @@ def _channel_slices(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
 
 
 def pooled_attention(
-    q: torch.Tensor, kv: torch.Tensor, channels: int, dim_head: int, h: int, w: int, n_kv: int, scale: float | None
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    channels: int,
+    dim_head: int,
+    h: int,
+    w: int,
+    n_kv: int,
+    scale: float | None,
+    keys_first: bool = False,
 ) -> torch.Tensor:
     """Multi-head attention of every position over pooled keys and values, as 3-D batched matmuls.
 
@@ -164,14 +172,25 @@ def pooled_attention(
     Heads fold into the batch; k is used as stored, (d, n); the output comes out as
     (d, hw) and reshapes straight back to (B, C, h, w). Only q and the attention map
     are transposed; no 5-D tensor, expand or squeeze appears.
+
+    ``keys_first``: the scores as (n, hw) = k^T q and the softmax over axis 1, so that the only
+    transpose (of k) is a matmul's left operand. LiteRT's converter turns a batch-1 matmul whose
+    right operand is a transpose into a FULLY_CONNECTED with computed weights, which its XNNPACK
+    delegate refuses; this form has none.
     """
     hw = h * w
-    q_t = q.reshape(-1, dim_head, hw).transpose(1, 2)  # (B*m, hw, d)
-    if scale is not None:
-        q_t = scale * q_t
     k, v = _channel_slices(kv, [channels, channels])
     k = k.reshape(-1, dim_head, n_kv)  # (B*m, d, n)
     v = v.reshape(-1, dim_head, n_kv)  # (B*m, d, n)
+    if keys_first:
+        q_d = q.reshape(-1, dim_head, hw)  # (B*m, d, hw)
+        if scale is not None:
+            q_d = scale * q_d
+        attn_t = torch.softmax(torch.bmm(k.transpose(1, 2), q_d), dim=1)  # (B*m, n, hw)
+        return torch.bmm(v, attn_t).reshape(-1, channels, h, w)
+    q_t = q.reshape(-1, dim_head, hw).transpose(1, 2)  # (B*m, hw, d)
+    if scale is not None:
+        q_t = scale * q_t
     attn = torch.softmax(torch.bmm(q_t, k), dim=-1)  # (B*m, hw, n)
     return torch.bmm(v, attn.transpose(1, 2)).reshape(-1, channels, h, w)
 
@@ -209,6 +228,10 @@ class StaticCloAttention(nn.Module):
         self.in_proj_split: list[int] = []
         self.mixer: nn.Conv2d | None = None
         self.kv_in_proj = False  # window 1: the kv projection shares the input and is merged too
+        self.keys_first = False  # set by keys_first_attention
+
+    def deploy_keys_first_attention(self) -> None:
+        self.keys_first = True
 
     def deploy_fold_attention_scale(self) -> None:
         """The local scale into the context-aware weights' last conv, the global one into the global q."""
@@ -277,7 +300,15 @@ class StaticCloAttention(nn.Module):
         if self.global_heads:
             out.append(
                 pooled_attention(
-                    gq, gkv, self.global_channels, self.dim_head, self.h, self.w, self.n_kv, self.global_scale
+                    gq,
+                    gkv,
+                    self.global_channels,
+                    self.dim_head,
+                    self.h,
+                    self.w,
+                    self.n_kv,
+                    self.global_scale,
+                    self.keys_first,
                 )
             )
         return self.proj(torch.cat(out, dim=1) if len(out) > 1 else out[0])
@@ -298,6 +329,10 @@ class StaticFASA(nn.Module):
         self.scale: float | None = attn.scale
         self.in_proj: nn.Conv2d | None = None  # q and kv merged (window 1 only)
         self.local_act = nn.SiLU()  # a module, so that a rewrite step can replace it
+        self.keys_first = False  # set by keys_first_attention
+
+    def deploy_keys_first_attention(self) -> None:
+        self.keys_first = True
 
     def deploy_fold_attention_scale(self) -> None:
         # q also feeds the local mixer, so the scale goes to the k half of the kv projection
@@ -326,7 +361,9 @@ class StaticFASA(nn.Module):
             q_local, kv = self.q(x), self.kv(self.pool(x))
         else:
             q_local, kv = _channel_slices(self.in_proj(x), [self.dim, 2 * self.dim])
-        global_feat = pooled_attention(q_local, kv, self.dim, self.dim_head, self.h, self.w, self.n_kv, self.scale)
+        global_feat = pooled_attention(
+            q_local, kv, self.dim, self.dim_head, self.h, self.w, self.n_kv, self.scale, self.keys_first
+        )
         local_feat = self.local_act(self.local_mixer(q_local))
         local_feat = local_feat * torch.sigmoid(global_feat)
         return self.mixer(local_feat * global_feat)

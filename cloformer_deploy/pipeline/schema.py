@@ -58,6 +58,20 @@ def _with_runtimes(schema: dict) -> dict:
     return schema
 
 
+def _merged_fact(name: str, known: dict | None, new: dict) -> dict:
+    """A manifest fact two formats record (``partitions``, ``nodes``): one schema, both descriptions, the union
+    of their named sub-properties; the rest must agree."""
+    if known is None:
+        return new
+    rest = {k: v for k, v in known.items() if k not in ("description", "properties")}
+    if rest != {k: v for k, v in new.items() if k not in ("description", "properties")}:
+        raise ValueError(f"two formats record {name!r} with different schemas")
+    merged = {**rest, "description": f"{known['description']} {new['description']}"}
+    if "properties" in known or "properties" in new:
+        merged["properties"] = {**known.get("properties", {}), **new.get("properties", {})}
+    return merged
+
+
 def _with_formats(schema: dict) -> dict:
     """The manifest's schema with what each format records: the formats' modules hold those facts, so a new
     format brings its part of the schema with it."""
@@ -71,7 +85,8 @@ def _with_formats(schema: dict) -> dict:
     props["precision"]["enum"] = list(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
     conditions = []
     for name, backend in BACKENDS.items():
-        props.update(backend.manifest_facts)
+        for fact, spec in backend.manifest_facts.items():
+            props[fact] = _merged_fact(fact, props.get(fact), spec)
         when = {"properties": {"format": {"const": name}}, "required": ["format"]}
         conditions.append(
             {

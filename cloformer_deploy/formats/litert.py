@@ -1,0 +1,396 @@
+"""LiteRT (.tflite): litert-torch's conversion of the deploy form, run by LiteRT's interpreter with XNNPACK.
+
+The converter (litert-torch, no TensorFlow) traces the module with torch.export and writes a TFLite
+flatbuffer. The artifact takes NHWC float32 images, LiteRT's idiom (an Android bitmap's pixel order),
+and returns float32 logits at every precision: an int8 model quantises its input and dequantises its
+logits inside the model, with ops XNNPACK runs. Its delegation is counted the way LiteRT applies it:
+the model is opened with the XNNPACK delegate and every node the delegate did not take is listed.
+
+Profiles: LiteRT's Python interpreter exposes no profiler, and its C API (which has one) ships no
+headers in any package, so ``--profile`` has no LiteRT table (docs/litert.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..images import ImageBatch
+from ..quiet import quiet_libraries
+from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register
+
+METADATA_NAME = "cloformer_deploy"  # the model's metadata entry holding what the manifest says of it
+INPUT_LAYOUT = "NHWC"
+
+
+def _interpreter(path: Path | str, threads: int | None = None):
+    """LiteRT's interpreter on ``path`` with its default delegate (XNNPACK), tensors allocated."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=threads if threads else None)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+class LiteRTRunner(Runner):
+    method = "litert"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        self.interpreter = _interpreter(path, threads)
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    def prepare(self, batch: ImageBatch):
+        # NCHW -> NHWC, once, outside a timed run
+        return np.ascontiguousarray(batch.tensor.transpose(0, 2, 3, 1), dtype=np.float32)
+
+    def infer(self, prepared) -> np.ndarray:
+        self.interpreter.set_tensor(self.input["index"], prepared)
+        self.interpreter.invoke()
+        return np.array(self.interpreter.get_tensor(self.output["index"]), dtype=np.float32)
+
+    def run(self, batch: ImageBatch) -> np.ndarray:
+        return self.infer(self.prepare(batch))
+
+    def check_structure(self) -> list[str]:
+        problems = []
+        for what, detail in (("input", self.input), ("output", self.output)):
+            if detail["dtype"] != np.float32:
+                problems.append(f"the {what} is {np.dtype(detail['dtype']).name}, not float32")
+        shape = [int(v) for v in self.input["shape"]]
+        if len(shape) != 4 or shape[3] != 3:
+            problems.append(f"the input is {shape}, not NHWC with 3 channels")
+        return problems
+
+    def describe(self) -> dict:
+        from importlib.metadata import version
+
+        return {"method": self.method, "ai-edge-litert": version("ai-edge-litert")}
+
+
+def delegation(interpreter) -> dict:
+    """XNNPACK's partitions and the nodes it left to LiteRT's own kernels, as the opened interpreter holds them.
+
+    Delegating appends one DELEGATE node per partition after the model's nodes; the nodes a partition replaced
+    are those its outputs are computed from, back to its inputs. Every other node runs outside XNNPACK.
+    """
+    ops = interpreter._get_ops_details()  # the interpreter's only listing of its nodes
+    delegates = [o for o in ops if o["op_name"] == "DELEGATE"]
+    nodes = [o for o in ops if o["op_name"] != "DELEGATE"]
+    producer = {int(t): o["index"] for o in nodes for t in o["outputs"]}
+    by_index = {o["index"]: o for o in nodes}
+    inside: set[int] = set()
+    for d in delegates:
+        boundary = {int(t) for t in d["inputs"]}
+        pending = [int(t) for t in d["outputs"]]
+        while pending:
+            t = pending.pop()
+            n = producer.get(t)
+            if t in boundary or n is None or n in inside:
+                continue
+            inside.add(n)
+            pending += [int(i) for i in by_index[n]["inputs"] if i >= 0]
+    outside = Counter(o["op_name"] for o in nodes if o["index"] not in inside)
+    return {
+        "delegate": "XNNPACK",
+        "partitions": len(delegates),
+        "non_delegated_kernels": sum(outside.values()),
+        "non_delegated_ops": dict(sorted(outside.items())),
+        "nodes": len(nodes),
+        "op_types": dict(sorted(Counter(o["op_name"] for o in nodes).items())),
+    }
+
+
+def _float_io(model) -> list[str]:
+    """An int8 graph's int8 input and output made float32: a QUANTIZE after the input, a DEQUANTIZE before the
+    output, with the tensors' own scale and zero point (what an app would otherwise do by hand). ``model`` is the
+    flatbuffer's object form (ModelT), changed in place; returns what was wrapped."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    graph = model.subgraphs[0]
+    graph.inputs, graph.outputs = [int(i) for i in graph.inputs], [int(i) for i in graph.outputs]
+    codes = {}
+
+    def opcode(builtin: int) -> int:
+        if builtin not in codes:
+            for i, c in enumerate(model.operatorCodes):
+                if max(c.builtinCode, c.deprecatedBuiltinCode) == builtin:
+                    codes[builtin] = i
+                    break
+            else:
+                code = schema.OperatorCodeT()
+                code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+                model.operatorCodes.append(code)
+                codes[builtin] = len(model.operatorCodes) - 1
+        return codes[builtin]
+
+    def float_twin(index: int, suffix: str) -> int:
+        t = copy.deepcopy(graph.tensors[index])
+        t.type, t.quantization, t.buffer = schema.TensorType.FLOAT32, None, 0
+        t.name = (t.name or b"") + suffix.encode()
+        graph.tensors.append(t)
+        return len(graph.tensors) - 1
+
+    wrapped, ops = [], []
+    for k, index in enumerate(graph.inputs):
+        if graph.tensors[index].type == schema.TensorType.INT8:
+            new = float_twin(index, "_float")
+            op = schema.OperatorT()
+            op.opcodeIndex, op.inputs, op.outputs = opcode(schema.BuiltinOperator.QUANTIZE), [new], [index]
+            ops.append(op)
+            graph.inputs[k] = new
+            wrapped.append("input")
+    graph.operators = ops + list(graph.operators)
+    for k, index in enumerate(graph.outputs):
+        if graph.tensors[index].type == schema.TensorType.INT8:
+            new = float_twin(index, "_float")
+            op = schema.OperatorT()
+            op.opcodeIndex, op.inputs, op.outputs = opcode(schema.BuiltinOperator.DEQUANTIZE), [index], [new]
+            graph.operators.append(op)
+            graph.outputs[k] = new
+            wrapped.append("output")
+    _retarget_signatures(model, graph)
+    return wrapped
+
+
+def _retarget_signatures(model, graph) -> None:
+    """Point the signature's single input and output at the graph's (a float twin may have replaced them)."""
+    for signature in model.signatureDefs or []:
+        if signature.inputs and len(signature.inputs) == len(graph.inputs):
+            for tensor_map, index in zip(signature.inputs, graph.inputs):
+                tensor_map.tensorIndex = index
+        if signature.outputs and len(signature.outputs) == len(graph.outputs):
+            for tensor_map, index in zip(signature.outputs, graph.outputs):
+                tensor_map.tensorIndex = index
+
+
+def _finish(flatbuffer: bytes, metadata: dict, float_io: bool) -> tuple[bytes, list[str]]:
+    """The converted model with float32 input and output (int8) and our metadata entry, re-serialised."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    for buffer in model.buffers:  # weights stored after the flatbuffer (the quantiser's output) move inside it
+        if buffer.offset > 1:
+            buffer.data = np.frombuffer(flatbuffer, np.uint8, buffer.size, buffer.offset)
+            buffer.offset = buffer.size = 0
+    wrapped = _float_io(model) if float_io else []
+    buffer = schema.BufferT()
+    buffer.data = list(json.dumps(metadata, sort_keys=True).encode())
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME.encode(), len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_NAME.encode()] + [entry]
+    builder = flatbuffers.Builder(len(flatbuffer) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output()), wrapped
+
+
+def read_metadata(path: Path | str) -> dict:
+    """The metadata entry this project writes into a .tflite ({} when absent)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = Path(path).read_bytes()
+    model = schema.Model.GetRootAsModel(data, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == METADATA_NAME.encode():
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return {}
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+    """The converter's own progress (a rich console), prints and logs kept off the terminal."""
+    with quiet_libraries(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        from litert_torch import progress
+
+        quiet, progress.console.quiet = progress.console.quiet, True
+        try:
+            yield
+        finally:
+            progress.console.quiet = quiet
+
+
+def _quantize_int8(module, example, calibration: np.ndarray, log: Callable[[str], None]):
+    """PT2E static int8 with litert-torch's own quantizer: the graph and the quantizer the converter reads."""
+    import torch
+    from litert_torch.quantize import pt2e_quantizer
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
+    )
+    graph = torch.export.export(module, (example,)).module()
+    prepared = prepare_pt2e(graph, quantizer)
+    b = example.shape[0]
+    starts = range(0, len(calibration) - b + 1, b)
+    log(f"calibrating int8 activations on {len(starts) * b} images")
+    with torch.no_grad():
+        for i in starts:
+            prepared(torch.from_numpy(np.ascontiguousarray(calibration[i : i + b].transpose(0, 2, 3, 1))))
+    return convert_pt2e(prepared, fold_quantize=False), quantizer
+
+
+@register
+class LiteRTBackend(Backend):
+    name = "tflite"
+    suffix = ".tflite"
+    runtime = "LiteRT (XNNPACK)"
+    label = "LiteRT"
+    position = 40
+    bench_runtimes = (BenchRuntime("litert", "LiteRT", "LiteRT", aliases=("tflite",), peers=True, position=40),)
+    device_packages = ("ai-edge-litert",)
+    summary = "a .tflite model for LiteRT, formerly TensorFlow Lite (Android, iOS, desktop)"
+    input_note = "NHWC float32 (batch, height, width, 3): the normalised image in LiteRT's layout"
+    keeps_float_layers = False
+    precisions = ("fp32", "fp16", "int8")
+    calibrated_precisions = ("int8",)
+    runner_methods = ("litert",)
+    manifest_facts = {
+        "input_layout": {
+            "enum": ["NHWC"],
+            "description": "LiteRT: the input tensor's layout, (batch, height, width, 3) float32.",
+        },
+        "delegate": {"enum": ["XNNPACK"], "description": "LiteRT: the delegate the partitions count is for."},
+        "partitions": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "LiteRT: XNNPACK partitions (1: the whole network runs in one XNNPACK subgraph).",
+        },
+        "non_delegated_kernels": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "LiteRT: nodes XNNPACK did not take, run by LiteRT's own kernels (0: none).",
+        },
+        "non_delegated_ops": {
+            "type": "object",
+            "additionalProperties": {"type": "integer", "minimum": 0},
+            "propertyNames": {"description": "operator name"},
+            "description": "LiteRT: those nodes per operator.",
+        },
+        "nodes": {"type": "integer", "minimum": 0, "description": "LiteRT: nodes in the graph before delegation."},
+        "op_types": {
+            "type": "object",
+            "additionalProperties": {"type": "integer", "minimum": 0},
+            "propertyNames": {"description": "operator name"},
+            "description": "LiteRT: nodes per builtin operator: the kernels a selective LiteRT build needs.",
+        },
+        "quantization": {
+            "type": "object",
+            "additionalProperties": True,
+            "description": "LiteRT fp16 and int8: where the reduced precision sits; input and output stay float32.",
+            "properties": {
+                "method": {"type": "string", "description": "The tool and recipe."},
+                "weights": {"type": "string", "description": "How weights are stored."},
+                "activations": {"type": "string", "description": "How activations are computed."},
+                "io": {"type": "string", "description": "What the input and output are and where they convert."},
+            },
+        },
+        "metadata": {
+            "type": "string",
+            "description": "LiteRT: the model's metadata entry holding the preprocessing, labels count and versions.",
+        },
+    }
+    manifest_required = (
+        "input_layout",
+        "delegate",
+        "partitions",
+        "non_delegated_kernels",
+        "non_delegated_ops",
+        "nodes",
+        "op_types",
+    )
+
+    def deploy_steps(self, precision: str, options: dict):
+        from ..models.deploy import UNMERGED_STEPS
+
+        # unmerged with one-step norm means and split wide depthwise kernels: LiteRT's XNNPACK falls to a slow
+        # path for depthwise kernels over 25 taps, as ExecuTorch's does; keys-first attention keeps the
+        # single-head attention's matmul inside XNNPACK (docs/litert.md has the measurements)
+        return list(UNMERGED_STEPS), ["single_reduce_norm", "split_wide_depthwise", "keys_first_attention"]
+
+    def versions(self) -> dict[str, str]:
+        from importlib.metadata import version
+
+        return {"litert-torch": version("litert-torch"), "ai-edge-litert": version("ai-edge-litert")}
+
+    def export(self, job: ExportJob, path: Path, log: Callable[[str], None]) -> dict:
+        import torch
+
+        with _quiet_converter():
+            import litert_torch
+
+            module = litert_torch.to_channel_last_io(job.module.eval(), args=[0])
+            example = job.example.permute(0, 2, 3, 1).contiguous()
+            quant_config, info = None, {}
+            if job.precision == "int8":
+                if job.calibration is None:
+                    raise ValueError("int8 needs calibration images")
+                from litert_torch.quantize.quant_config import QuantConfig
+
+                module, quantizer = _quantize_int8(module, example, job.calibration, log)
+                quant_config = QuantConfig(pt2e_quantizer=quantizer)
+                info["quantization"] = {
+                    "method": "PT2E static, litert-torch's PT2EQuantizer",
+                    "weights": "int8 per-channel symmetric",
+                    "activations": "int8 per-tensor, histogram calibration on real images",
+                    "io": "float32; a QUANTIZE after the input and a DEQUANTIZE before the logits, in the model",
+                }
+            elif job.precision == "fp16":
+                from litert_torch.generative.quantize import quant_recipes
+
+                quant_config = quant_recipes.full_fp16_recipe()
+                info["quantization"] = {
+                    "method": "ai-edge-quantizer float casting (litert-torch's full_fp16_recipe)",
+                    "weights": "float16, dequantised to float32 when the model loads",
+                    "activations": "float32 (XNNPACK may compute in float16 on ARM CPUs that have it)",
+                    "io": "float32",
+                }
+            log(f"converting with litert-torch ({job.precision})")
+            with torch.no_grad():
+                converted = litert_torch.convert(module, (example,), quant_config=quant_config)
+                flatbuffer = converted.model_content()
+        s = job.spec
+        metadata = {
+            "model": s.name,
+            "num_classes": s.num_classes,
+            "input_size": list(s.input_size),
+            "batch": s.batch,
+            "layout": f"{INPUT_LAYOUT} float32, RGB, (x/255 - mean) / std",
+            "mean": list(s.mean),
+            "std": list(s.std),
+            "precision": job.precision,
+            "weights_sha256": s.weights_sha256 or "random-init",
+        }
+        data, wrapped = _finish(flatbuffer, metadata, float_io=job.precision == "int8")
+        path.write_bytes(data)
+        log("opening it in LiteRT with XNNPACK")
+        try:
+            with quiet_libraries():
+                interpreter = _interpreter(path, 1)
+        except (RuntimeError, ValueError) as e:
+            path.unlink(missing_ok=True)
+            raise RuntimeError(f"LiteRT cannot load the converted model: {_reason(e)}") from None
+        if job.precision == "int8" and sorted(wrapped) != ["input", "output"]:
+            raise RuntimeError(f"the int8 model's interface was not int8 as expected (wrapped: {wrapped})")
+        return {"input_layout": INPUT_LAYOUT, **delegation(interpreter), **info, "metadata": METADATA_NAME}
+
+    def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
+        return LiteRTRunner(path, threads)
+
+
+def _reason(e: BaseException) -> str:
+    """The line of LiteRT's error that names the failing node (it reports a whole log)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    failing = [line for line in lines if "failed to prepare" in line or "error" in line.lower()]
+    return " ".join(dict.fromkeys(failing or lines[:1]))[:300] or type(e).__name__
