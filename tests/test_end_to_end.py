@@ -45,11 +45,15 @@ def test_all_formats_pass_validation(golden_bundle):
     assert result.passed and len(result.artifacts) == len(BACKENDS) + 1
     et = next(a.entry for a in result.artifacts if a.format == "executorch")
     assert et["partitions"] == 1 and et["non_delegated_kernels"] == 0
+    tflite = next(a.entry for a in result.artifacts if a.format == "tflite")
+    assert tflite["partitions"] == 1 and tflite["non_delegated_kernels"] == 0
     coreml16 = next(a.entry for a in result.artifacts if a.format == "coreml" and a.precision == "fp16")
     assert coreml16["validation"]["figures"]["cosine"] >= 0.999  # on real photographs
 
 
-@pytest.mark.parametrize("fmt, precision", [("onnx", "fp32"), ("executorch", "fp32"), ("coreml", "fp32")])
+@pytest.mark.parametrize(
+    "fmt, precision", [("onnx", "fp32"), ("executorch", "fp32"), ("coreml", "fp32"), ("tflite", "fp32")]
+)
 def test_artifact_reproduces_golden_logits(golden_bundle, fmt, precision):
     result, x, expected = golden_bundle
     art = next(a for a in result.artifacts if a.format == fmt and a.precision == precision)

@@ -44,6 +44,7 @@ def test_every_format_exported_and_validated(bundle):
         "onnx": "onnxruntime",
         "executorch": "executorch",
         "coreml": "coreml" if sys.platform == "darwin" else "emulated",
+        "tflite": "litert",
     }
 
 
@@ -110,7 +111,7 @@ def test_validate_bundle_passes_and_detects_tampering(bundle, tiny_checkpoint, t
     import shutil
 
     ok, reports = validate_bundle(bundle.bundle, weights=tiny_checkpoint)
-    assert ok and len(reports) == 3
+    assert ok and len(reports) == len(BACKENDS)
     copy = tmp_path / bundle.bundle.name
     shutil.copytree(bundle.bundle, copy)
     onnx_file = next(copy.glob("*.onnx"))

@@ -84,7 +84,11 @@ def inputs(tiny_bundle, tiny_checkpoint, tiny_variant, tmp_path_factory):
 CASES = [
     # cloformer-export: options
     ("export", ["--model", "resnet50"], "unknown model 'resnet50'; choose one of"),
-    ("export", ["--format", "tensorrt"], "unknown format 'tensorrt'; choose from: onnx, coreml, executorch, tflite, all"),
+    (
+        "export",
+        ["--format", "tensorrt"],
+        "unknown format 'tensorrt'; choose from: onnx, coreml, executorch, tflite, all",
+    ),
     ("export", ["--format", ","], "no format given"),
     ("export", ["--img-size", "230"], "use 224x224"),
     ("export", ["--img-size", "abc"], "is not a size; use 224 or HxW"),
@@ -229,7 +233,11 @@ CASES = [
     ("bench", ["--out", "{root}/file.txt/x"], "not writable"),
     ("bench", ["--bundle", "{root}/b_badjson"], "is not valid JSON"),
     ("bench", ["--bundle", "{root}/b_missing", "--weights", "{ckpt}"], "is listed in manifest.json but missing"),
-    ("bench", ["--bundle", "{root}/b_notflite", "--weights", "{ckpt}"], ".tflite is listed in manifest.json but missing"),
+    (
+        "bench",
+        ["--bundle", "{root}/b_notflite", "--weights", "{ckpt}"],
+        ".tflite is listed in manifest.json but missing",
+    ),
     ("bench", ["--bundle", "{good}"], "the bundle was exported from tiny.pth; pass --weights"),
     ("bench", ["--bundle", "{good}", "--weights", "{root}/other.pth"], "is not the checkpoint this bundle"),
     ("bench", ["--bundle", "{good}", "--weights", "{ckpt}", "--model", "fat-b0"], "--bundle holds cloformer_tiny_test"),

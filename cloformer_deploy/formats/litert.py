@@ -16,6 +16,7 @@ import contextlib
 import copy
 import io
 import json
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -391,6 +392,7 @@ class LiteRTBackend(Backend):
 
 def _reason(e: BaseException) -> str:
     """The line of LiteRT's error that names the failing node (it reports a whole log)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = re.sub(r"(?<=\S)(Node number \d+)", r" \1", str(e))  # LiteRT glues its lines together
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     failing = [line for line in lines if "failed to prepare" in line or "error" in line.lower()]
     return " ".join(dict.fromkeys(failing or lines[:1]))[:300] or type(e).__name__

@@ -530,7 +530,19 @@ def _artifacts(
         options = export_options(rt)
         path = work / f"{form}-{rt}{backend.suffix}"
         with progress.stage(f"export {form} form for {rt}"):
-            info = backend.export(ExportJob(module, example, spec, "fp32", options), path, progress.log)
+            try:
+                info = backend.export(ExportJob(module, example, spec, "fp32", options), path, progress.log)
+            except Exception as e:  # a naive export a converter cannot make is a row saying why, not a stop
+                if form != "authors":
+                    raise
+                out[(form, rt, "fp32")] = {
+                    "path": None,
+                    "precision": "fp32",
+                    "size_mb": None,
+                    "extra": {},
+                    "error": f"export failed: {_one_line(e)}",
+                }
+                continue
         out[(form, rt, "fp32")] = _art(path, {"precision": "fp32", **info})
     return out
 
@@ -553,8 +565,8 @@ def _artifact_combos(
         timed = where.platform in backend.platforms and where.measures_latency
         counts = threads if timed and backend.uses_threads else [None]
         for native in _runners(runner, backend, where):
-            error = None
-            if where is remote:
+            error = art.get("error")
+            if where is remote and error is None:
                 error = where.missing(backend, native)
             for way in backend.row_variants(where.platform):
                 out += [
