@@ -280,6 +280,9 @@ def device_main(p: _Parser, argv) -> int:
         )
         if record.get("removed_bytes"):
             print(f"removed the old ARM64 Python root ({record['removed_bytes'] / 1e9:.1f} GB)")
+        if record.get("python"):
+            wheels = ", ".join(f"{k} {v}" for k, v in record["python"]["wheels"].items())
+            print(f"emulated Python {record['python']['python']} for LiteRT, with {wheels}")
         print(
             f"{record['target']}: ready in {record['seconds']} s (runners in {record['cache']}/native/{record['platform']})"
         )

@@ -1,8 +1,8 @@
-"""The emulated ARM64 target end to end: set up (or reuse) the aarch64 native runners, validate a tiny model's
-artifacts with them under QEMU.
+"""The emulated ARM64 target end to end: set up (or reuse) the aarch64 native runners and the emulated Python
+LiteRT runs in, validate a tiny model's artifacts with them under QEMU.
 
 Needs QEMU and Debian's cross compiler (``apt-get install qemu-user-static g++-aarch64-linux-gnu``) and, the
-first time, the network (about 80 MB of aarch64 wheels from PyPI, 0.1 MB from deb.debian.org). Skipped without
+first time, the network (about 110 MB of aarch64 wheels from PyPI, 15 MB from deb.debian.org). Skipped without
 the tools, a failure under CI.
 """
 
@@ -33,11 +33,15 @@ def arm64_root():
 
 @pytest.fixture(scope="module")
 def bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
-    """The tiny model's ExecuTorch and ONNX fp32/fp16/int8 in one bundle, validated on this machine."""
+    """The tiny model's ExecuTorch, ONNX and LiteRT fp32/fp16/int8 in one bundle, validated on this machine."""
     from cloformer_deploy.pipeline import export
 
     out = tmp_path_factory.mktemp("arm64")
-    for formats, precision in (("onnx,executorch", "fp32"), ("onnx,executorch", "fp16"), ("onnx,executorch", "int8")):
+    for formats, precision in (
+        ("onnx,executorch,tflite", "fp32"),
+        ("onnx,executorch,tflite", "fp16"),
+        ("onnx,executorch,tflite", "int8"),
+    ):
         result = export(
             tiny_variant, weights=tiny_checkpoint, format=formats, precision=precision, img_size=64, out=out
         )
@@ -55,9 +59,12 @@ def on_a76(arm64_root, bundle, tiny_checkpoint):
 
 def test_tiny_model_validates_on_emulated_arm64(arm64_root, on_a76, bundle):
     ok, by = on_a76
-    # the runners and their libraries, no Python (the Python root this replaces held gigabytes)
-    assert set(arm64_root["bundles"]) == {"onnx", "executorch"} and arm64_root["bytes"] < 300e6
-    assert set(by) == {(f, p) for f in ("onnx", "executorch") for p in ("fp32", "fp16", "int8")}
+    # the runners and their libraries, and Debian's Python with LiteRT's wheel: no torch (the Python root this
+    # replaces held gigabytes)
+    assert set(arm64_root["bundles"]) == {"onnx", "executorch"} and arm64_root["bytes"] < 450e6
+    assert set(arm64_root["python"]["wheels"]) == {"numpy", "ai-edge-litert"}
+    assert arm64_root["python"]["python"].startswith("3.11")
+    assert set(by) == {(f, p) for f in ("onnx", "executorch", "tflite") for p in ("fp32", "fp16", "int8")}
     for key, on in by.items():
         assert on["ran"] and on["passed"], (key, on)
         assert on["target"]["platform"] == "linux-aarch64" and on["target"]["qemu_cpu"] == "cortex-a76"
@@ -65,9 +72,11 @@ def test_tiny_model_validates_on_emulated_arm64(arm64_root, on_a76, bundle):
     # the same function in fp32 on either machine
     assert by[("executorch", "fp32")]["vs_local"]["max_abs"] < 1e-4
     assert by[("onnx", "fp32")]["vs_local"]["max_abs"] < 1e-4
+    assert by[("tflite", "fp32")]["vs_local"]["max_abs"] < 1e-4
+    assert by[("tflite", "fp32")]["target"]["wheels"]["ai-edge-litert"]  # LiteRT's wheel in the emulated Python
     # int8 programs keep float ops (softmax, GELU, norm statistics) whose NEON and AVX-512 kernels differ in the
     # last bits, which can move a requantised value by one step: close, not always bit-exact
-    for fmt in ("onnx", "executorch"):
+    for fmt in ("onnx", "executorch", "tflite"):
         vs = by[(fmt, "int8")]["vs_local"]
         assert vs["cosine"] > 0.999 and vs["top1_agreement"] == 1.0, (fmt, vs)
     # fp16 is computed in fp16 on ARM (fp32 kernels on x86): not the same bits, still within the fp16 bound

@@ -170,10 +170,111 @@ def emulated(view: Path, cpu: str) -> tuple[list[str], dict]:
     return [qemu_binary(), "-L", str(view)], env
 
 
+# Debian's Python of the bundles' release (bookworm: 3.11, this project's Python) and the C++ library LiteRT's
+# wheel links; everything they depend on comes with them
+PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6")
+PYTHON_SUITE = "bookworm"
+PYTHON = "usr/bin/python3.11"
+
+
+def python_formats() -> list[Backend]:
+    """Formats with no native runner that run on ARM64 Linux in a Python worker (LiteRT: its C API has no
+    headers in any package); the emulated Python is set up for them."""
+    from ..formats import BACKENDS
+
+    return [b for b in BACKENDS.values() if b.native_runner is None and PLATFORM in b.platforms]
+
+
+def python_distributions() -> dict[str, str]:
+    """The wheels the emulated Python worker imports, at this host's versions: numpy and those formats' runtimes."""
+    from .native import host_version
+
+    names = ["numpy", *(p for b in python_formats() for p in b.device_packages)]
+    return {n: host_version(n) for n in dict.fromkeys(names)}
+
+
+def python_home(cache: Path) -> Path:
+    return cache / ROOT_DIR / "python"
+
+
+def python_record(cache: Path) -> dict | None:
+    """What the emulated Python holds (its build.json) if it is complete and has this host's wheel versions."""
+    import json
+
+    try:
+        record = json.loads((python_home(cache) / "build.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("wheels") == python_distributions() else None
+
+
+def build_python(cache: Path, progress, force: bool = False) -> dict:
+    """An aarch64 Python for the formats without a native runner: Debian's python3.11 and its libraries (files
+    only, about 15 MB fetched) and PyPI's aarch64 wheels of the host's numpy and runtimes (no requirements, no
+    torch), in ``<cache>/arm64/python``; built in a ``.partial`` folder and renamed when complete."""
+    import json
+    import zipfile
+
+    from .native import debian_root, platform_wheel
+
+    home = python_home(cache)
+    record = python_record(cache)
+    if record is not None and not force:
+        return record
+    wheels = python_distributions()
+    partial = home.with_name(home.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    downloads = cache / "downloads"
+    with progress.stage(f"aarch64 Python for {', '.join(b.label for b in python_formats())}") as stage:
+        debian = debian_root(list(PYTHON_PACKAGES), PYTHON_SUITE, "arm64", downloads, partial / "root", stage)
+        for name, version in wheels.items():
+            wheel = platform_wheel(name, version, PLATFORM, downloads / PLATFORM / "wheels", stage)
+            with zipfile.ZipFile(wheel) as whl:
+                whl.extractall(partial / "site")
+        for path in (partial / "site").rglob("*.so*"):  # zip files keep no modes: the loader maps these
+            path.chmod(0o755)
+    record = {"python": debian.get("python3.11-minimal"), "debian": debian, "wheels": wheels}
+    (partial / "build.json").write_text(json.dumps(record, indent=1, sort_keys=True))
+    shutil.rmtree(home, ignore_errors=True)
+    partial.rename(home)
+    return record
+
+
+def python_view(cache: Path, cpu: str) -> Path:
+    """A CPU profile's view with the emulated Python's /lib and /usr in it: QEMU's -L prefix for the Python
+    worker (its loader and libraries are found by absolute path, as on a device)."""
+    view = python_home(cache) / "cpus" / cpu
+    if not (view / "proc" / "cpuinfo").exists():
+        shutil.rmtree(view, ignore_errors=True)
+        write_cpu_view(view, CPU_PROFILES[cpu])
+        for top in ("lib", "usr"):
+            (view / top).symlink_to(Path("..", "..", "root", top))
+    return view
+
+
+def python_code(cache: Path) -> Path:
+    """This package's code for the emulated worker (the archive an ssh device gets), unpacked once per version."""
+    import io
+    import tarfile
+
+    from .ssh import code_archive
+
+    data, digest = code_archive()
+    folder = python_home(cache) / "code" / digest
+    if not (folder / "run.py").exists():
+        partial = folder.with_name(digest + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with tarfile.open(fileobj=io.BytesIO(__import__("gzip").decompress(data))) as tar:
+            tar.extractall(partial, filter="data")
+        partial.rename(folder)
+    return folder
+
+
 class EmulatedArm64Target(Target):
     """ARM64 Linux under QEMU user-mode emulation, with one CPU profile; numerics only, no latency.
 
-    What runs there is the aarch64 bundles of the native runners (:mod:`.native`), as on a phone: no Python.
+    What runs there is the aarch64 bundles of the native runners (:mod:`.native`), as on a phone, and, for a
+    format without one (LiteRT), Debian's aarch64 Python with the format's runtime wheel: no torch.
     """
 
     kind = "arm64"
@@ -188,6 +289,7 @@ class EmulatedArm64Target(Target):
         self.cache = Path(cache) if cache is not None else default_cache()
         self.name = f"arm64-{cpu}"
         self.bundles: dict = {}
+        self.python: dict | None = None  # the emulated Python's record, once checked
 
     @property
     def view(self) -> Path:
@@ -206,9 +308,17 @@ class EmulatedArm64Target(Target):
         self.bundles = {
             b.name: check_bundle(self.cache, PLATFORM, b, "arm64", default_cache()) for b in native_backends()
         }
+        self.python = python_record(self.cache)
+        self.has_python = self.python is not None
 
     def can_run(self, backend: Backend) -> bool:
-        return backend.native_runner is not None and PLATFORM in backend.platforms
+        return PLATFORM in backend.platforms and (backend.native_runner is not None or backend in python_formats())
+
+    def missing(self, backend: Backend, native: bool | None = None) -> str | None:
+        if backend.native_runner is None and self.python is None:
+            hint = setup_hint("arm64", self.cache, default_cache())
+            return f"{backend.label} runs under --target arm64 in an emulated aarch64 Python; set it up with: {hint}"
+        return None
 
     def native_bundle(self, backend: Backend) -> Bundle | None:
         return self.bundles.get(backend.name)
@@ -218,7 +328,15 @@ class EmulatedArm64Target(Target):
         return [*prefix, *self.bundles[fmt].words(None, *self.native_args())], env, []
 
     def worker_command(self):
-        raise TargetError("--target arm64 runs the native runners only (no Python): .pte and .onnx")
+        if self.python is None:
+            hint = setup_hint("arm64", self.cache, default_cache())
+            raise TargetError(f"--target arm64 has no emulated Python for LiteRT yet; set it up with: {hint}")
+        prefix, env = emulated(python_view(self.cache, self.cpu), self.cpu)
+        home = python_home(self.cache)
+        # -S -s: no site folder of the host's can reach the emulated Python (QEMU falls through to the host's files)
+        env = {**env, "PYTHONPATH": str(home / "site"), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1"}
+        code = python_code(self.cache)
+        return [*prefix, str(home / "root" / PYTHON), "-S", "-s", str(code / "run.py"), "worker"], env, []
 
     def runner(self, fmt, path, spec, info, threads=None):
         return super().runner(fmt, path, spec, info, threads or self.validation_threads)
@@ -233,4 +351,5 @@ class EmulatedArm64Target(Target):
             "midr": f"0x{profile.midr:08x}",
             "cpu": profile.about,
             "runners": {k: b.record["version"] for k, b in self.bundles.items()},
+            **({"python": self.python["python"], "wheels": self.python["wheels"]} if self.python else {}),
         }

@@ -166,16 +166,17 @@ def package_folder(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def wheel_folder(runner: NativeRunner, plat: str, version: str, downloads: Path, stage) -> Path:
-    """The runner's libraries and headers from ``plat``'s wheel of ``version`` (fetched from PyPI once, kept)."""
-    out = downloads / plat / f"{runner.package}-{version}"
-    if (out / ".complete").exists():
-        return out
-    wheels = downloads / plat / "wheels"
+def platform_wheel(package: str, version: str, plat: str, wheels: Path, stage) -> Path:
+    """PyPI's wheel of ``package==version`` for ``plat`` and this host's Python version, in ``wheels`` (fetched
+    once, without its requirements)."""
     wheels.mkdir(parents=True, exist_ok=True)
-    found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{runner.package}-{version}-")]
-    if not found:
-        stage.update(f"pip download {runner.package}=={version} for {plat}")
+    prefix = f"{package.replace('-', '_').lower()}-{version}-"
+
+    def present() -> list[Path]:
+        return [w for w in wheels.glob("*.whl") if w.name.lower().startswith(prefix)]
+
+    if not present():
+        stage.update(f"pip download {package}=={version} for {plat}")
         tags = [a for t in WHEEL_TAGS[plat] for a in ("--platform", t)]
         _run(
             [
@@ -193,19 +194,30 @@ def wheel_folder(runner: NativeRunner, plat: str, version: str, downloads: Path,
                 *tags,
                 "-d",
                 str(wheels),
-                f"{runner.package}=={version}",
+                f"{package}=={version}",
             ],
-            f"pip download {runner.package}=={version} for {plat}",
+            f"pip download {package}=={version} for {plat}",
             FETCH_TIMEOUT,
         )
-        found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{runner.package}-{version}-")]
+    found = present()
     if not found:
-        raise TargetError(f"setup: PyPI has no {plat} wheel of {runner.package}=={version}")
+        raise TargetError(f"setup: PyPI has no {plat} wheel of {package}=={version}")
+    return found[0]
+
+
+def wheel_folder(runner: NativeRunner, plat: str, version: str, downloads: Path, stage) -> Path:
+    """The runner's libraries and headers from ``plat``'s wheel of ``version`` (fetched from PyPI once, kept)."""
+    out = downloads / plat / f"{runner.package}-{version}"
+    if (out / ".complete").exists():
+        return out
+    wheels = downloads / plat / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = platform_wheel(runner.package, version, plat, wheels, stage)
     shutil.rmtree(out, ignore_errors=True)
     wanted = [f"{runner.package}/{p}" for p in runner.libraries] + [
         f"{runner.package}/{d}/*" for d in runner.include_dirs
     ]
-    with zipfile.ZipFile(found[0]) as whl:
+    with zipfile.ZipFile(found) as whl:
         for name in whl.namelist():
             if any(fnmatch.fnmatch(name, w) for w in wanted):
                 whl.extract(name, out.parent / f".{out.name}")
@@ -215,7 +227,7 @@ def wheel_folder(runner: NativeRunner, plat: str, version: str, downloads: Path,
     unpacked.rename(out)
     shutil.rmtree(out.parent / f".{out.name}", ignore_errors=True)
     (out / ".complete").touch()
-    found[0].unlink()  # what a rebuild needs is kept unpacked; the wheel's Python half is not
+    found.unlink()  # what a rebuild needs is kept unpacked; the wheel's Python half is not
     return out
 
 
@@ -229,25 +241,7 @@ def debian_headers(runner: NativeRunner, downloads: Path, stage) -> Path:
         raise TargetError(f"setup: the {package} headers come from Debian with apt-get, which this machine lacks")
     stage.update(f"apt-get download {package} ({suite})")
     state = downloads / "debian" / f"apt-{suite}"
-    (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
-    (state / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
-    signed = f"[signed-by={keyring}] " if os.path.exists(keyring) else ""
-    (state / "sources.list").write_text(f"deb {signed}{DEBIAN_MIRROR} {suite} main\n")
-    opts = [
-        "-o",
-        f"Dir::Etc::SourceList={state / 'sources.list'}",
-        "-o",
-        "Dir::Etc::SourceParts=/dev/null",
-        "-o",
-        f"Dir::State::Lists={state / 'lists'}",
-        "-o",
-        f"Dir::Cache={state / 'cache'}",
-        "-o",
-        "Debug::NoLocking=1",
-        "-q",
-    ]
-    _run(["apt-get", *opts, "update"], f"apt-get update ({suite})", FETCH_TIMEOUT)
+    opts = _apt_state(state, suite)
     debs = state / "debs"
     debs.mkdir(exist_ok=True)
     _run(["apt-get", *opts, "download", package], f"apt-get download {package}", FETCH_TIMEOUT, cwd=str(debs))
@@ -259,6 +253,65 @@ def debian_headers(runner: NativeRunner, downloads: Path, stage) -> Path:
     (out / ".complete").touch()
     shutil.rmtree(state, ignore_errors=True)  # the suite's package lists: not needed once the headers are here
     return out / inside
+
+
+def _apt_state(state: Path, suite: str, arch: str | None = None) -> list[str]:
+    """apt-get's options for a private state in ``state`` (its own sources, lists, cache and an empty dpkg
+    status, so that this machine's installed packages count for nothing), its package lists fetched."""
+    (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (state / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    (state / "status").touch()
+    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    signed = f"[signed-by={keyring}] " if os.path.exists(keyring) else ""
+    (state / "sources.list").write_text(f"deb {signed}{DEBIAN_MIRROR} {suite} main\n")
+    opts = [
+        "-o",
+        f"Dir::Etc::SourceList={state / 'sources.list'}",
+        "-o",
+        "Dir::Etc::SourceParts=/dev/null",
+        "-o",
+        f"Dir::State::Lists={state / 'lists'}",
+        "-o",
+        f"Dir::State::status={state / 'status'}",
+        "-o",
+        f"Dir::Cache={state / 'cache'}",
+        "-o",
+        "Debug::NoLocking=1",
+        "-o",
+        "APT::Install-Recommends=0",
+        *(["-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures::={arch}"] if arch else []),
+        "-q",
+    ]
+    _run(["apt-get", *opts, "update"], f"apt-get update ({suite}{' ' + arch if arch else ''})", FETCH_TIMEOUT)
+    return opts
+
+
+def debian_root(packages: list[str], suite: str, arch: str, downloads: Path, dest: Path, stage) -> dict[str, str]:
+    """``packages`` and everything they depend on, from Debian ``suite`` for ``arch``, unpacked into ``dest``
+    (no maintainer script runs: the files only). Returns each package's version."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise TargetError("setup: Debian's packages come with apt-get and dpkg-deb, which this machine lacks")
+    state = downloads / "debian" / f"apt-{suite}-{arch}"
+    shutil.rmtree(state, ignore_errors=True)
+    stage.update(f"apt-get: {', '.join(packages)} ({suite}, {arch})")
+    opts = _apt_state(state, suite, arch)
+    _run(
+        ["apt-get", *opts, "install", "--download-only", "-y", *packages],
+        f"apt-get download {' '.join(packages)} ({arch})",
+        FETCH_TIMEOUT,
+    )
+    debs = sorted((state / "cache" / "archives").glob("*.deb"))
+    if not debs:
+        raise TargetError(f"setup: apt-get left no package for {' '.join(packages)}")
+    versions = {}
+    dest.mkdir(parents=True, exist_ok=True)
+    for deb in debs:
+        stage.update(f"unpacking {deb.name}")
+        _run(["dpkg-deb", "-x", str(deb), str(dest)], f"unpacking {deb.name}", 120)
+        name, version = deb.name.split("_")[:2]
+        versions[name] = version.replace("%3a", ":")
+    shutil.rmtree(state, ignore_errors=True)  # the lists and the packages: not needed once unpacked
+    return versions
 
 
 def _dynamic(path: Path) -> tuple[list[str], str | None, str | None]:

@@ -4,7 +4,9 @@
   header: Debian's ``libonnxruntime-dev``, about 0.1 MB).
 - ``arm64``: the aarch64 runners, built by Debian's cross compiler against PyPI's aarch64 wheels of the host's
   versions (executorch, onnxruntime: about 80 MB, kept in ``<cache>/downloads``), plus the CPU views QEMU shows
-  them. A Python root of an older release (torch included) is removed.
+  them; and for LiteRT, which has no native runner, Debian's aarch64 Python 3.11 (files only, about 15 MB) with
+  PyPI's aarch64 wheels of the host's ai-edge-litert and numpy (about 30 MB; no torch). A Python root of an
+  older release (torch included) is removed.
 - ``ssh://…`` and ``adb://…``: the runners for the device's CPU, built as above and copied to it.
 
 These are the project's only downloads, and only when asked. A bundle is built in a ``.partial`` folder and
@@ -19,7 +21,17 @@ import time
 from pathlib import Path
 
 from ..progress import Progress
-from .arm64 import DEFAULT_CPU, PLATFORM, ROOT_DIR, emulated, qemu_binary, qemu_label, write_cpu_views
+from .arm64 import (
+    DEFAULT_CPU,
+    PLATFORM,
+    ROOT_DIR,
+    build_python,
+    emulated,
+    python_formats,
+    qemu_binary,
+    qemu_label,
+    write_cpu_views,
+)
 from .base import TargetError, WorkerError
 from .native import TRIPLES, build_bundle, default_cache, host_platform, native_backends, smoke
 
@@ -36,6 +48,30 @@ def _check_version(about: dict, backend, version: str, name: str, where: str) ->
             f"setup {name}: the {backend.label} runner {where} reports {backend.native_runner.package} {said}, "
             f"not {version}"
         )
+
+
+def _setup_python(cache: Path, force: bool, progress: Progress) -> dict:
+    """The emulated aarch64 Python for the formats without a native runner, started once: it must import their
+    runtimes at this host's versions."""
+    from .arm64 import EmulatedArm64Target
+
+    python = build_python(cache, progress, force=force)
+    target = EmulatedArm64Target(DEFAULT_CPU, cache)
+    target.python = python
+    with progress.stage(f"smoke test of the aarch64 Python under {qemu_label(qemu_binary())}"):
+        worker = target.start(timeout=300)
+        try:
+            about = worker.ask({"cmd": "about"})
+        except WorkerError as e:
+            raise TargetError(f"setup arm64: the emulated Python does not start: {e}") from None
+        finally:
+            worker.close()
+    for name, version in python["wheels"].items():
+        if about["versions"].get(name) != version:
+            raise TargetError(
+                f"setup arm64: the emulated Python has {name} {about['versions'].get(name)}, not {version}"
+            )
+    return {"python": about["python"], "wheels": python["wheels"]}
 
 
 def setup_target(
@@ -124,6 +160,8 @@ def setup_target(
                 _check_version(about, backend, bundles[backend.name]["version"], name, f"on {remote.name}")
         remote.close()
     record["bundles"] = bundles
+    if lower == "arm64" and python_formats():
+        record["python"] = _setup_python(cache, force, progress)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     if lower == "arm64":
         record["bytes"] = _size(cache / ROOT_DIR) + sum(_size(Path(cache / "native" / plat / f)) for f in bundles)
