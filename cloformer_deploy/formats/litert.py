@@ -173,8 +173,8 @@ def _retarget_signatures(model, graph) -> None:
                 tensor_map.tensorIndex = index
 
 
-def _finish(flatbuffer: bytes, metadata: dict, float_io: bool) -> tuple[bytes, list[str]]:
-    """The converted model with float32 input and output (int8) and our metadata entry, re-serialised."""
+def _finish(flatbuffer: bytes, entries: dict[str, bytes], float_io: bool) -> tuple[bytes, list[str]]:
+    """The converted model with float32 input and output (int8) and the metadata ``entries``, re-serialised."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
@@ -184,12 +184,15 @@ def _finish(flatbuffer: bytes, metadata: dict, float_io: bool) -> tuple[bytes, l
             buffer.data = np.frombuffer(flatbuffer, np.uint8, buffer.size, buffer.offset)
             buffer.offset = buffer.size = 0
     wrapped = _float_io(model) if float_io else []
-    buffer = schema.BufferT()
-    buffer.data = list(json.dumps(metadata, sort_keys=True).encode())
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = METADATA_NAME.encode(), len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_NAME.encode()] + [entry]
+    names = {name.encode() for name in entries}
+    model.metadata = [m for m in (model.metadata or []) if m.name not in names]
+    for name, value in entries.items():
+        buffer = schema.BufferT()
+        buffer.data = list(value)
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = name.encode(), len(model.buffers) - 1
+        model.metadata.append(entry)
     builder = flatbuffers.Builder(len(flatbuffer) + 4096)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output()), wrapped
@@ -354,7 +357,7 @@ class LiteRTBackend(Backend):
                 info["quantization"] = {
                     "method": "ai-edge-quantizer float casting (litert-torch's full_fp16_recipe)",
                     "weights": "float16, dequantised to float32 when the model loads",
-                    "activations": "float32 (XNNPACK may compute in float16 on ARM CPUs that have it)",
+                    "activations": "float32 on every CPU (docs/litert.md: why not float16 on ARM)",
                     "io": "float32",
                 }
             log(f"converting with litert-torch ({job.precision})")
@@ -373,7 +376,8 @@ class LiteRTBackend(Backend):
             "precision": job.precision,
             "weights_sha256": s.weights_sha256 or "random-init",
         }
-        data, wrapped = _finish(flatbuffer, metadata, float_io=job.precision == "int8")
+        entries = {METADATA_NAME: json.dumps(metadata, sort_keys=True).encode()}
+        data, wrapped = _finish(flatbuffer, entries, float_io=job.precision == "int8")
         path.write_bytes(data)
         log("opening it in LiteRT with XNNPACK")
         try:
