@@ -323,3 +323,16 @@ def test_module_entry_renders_and_refuses_an_unknown_name(capsys):
     assert capsys.readouterr().out == schema.render("manifest")
     assert schema.main(["nope"]) == 2
     assert "usage: python -m cloformer_deploy.pipeline.schema" in capsys.readouterr().err
+
+
+def test_a_fact_two_formats_record_keeps_both_descriptions_and_refuses_a_conflict():
+    from cloformer_deploy.pipeline.schema import _merged_fact
+
+    a = {"type": "object", "description": "A.", "properties": {"w": {"type": "string", "description": "wa."}}}
+    b = {"type": "object", "description": "B.", "properties": {"w": {"type": "string", "description": "wb."}}}
+    merged = _merged_fact("q", a, b)
+    assert merged["description"] == "A. B." and merged["properties"]["w"]["description"] == "wa. wb."
+    with pytest.raises(ValueError, match="different schemas"):
+        _merged_fact("q", a, {**b, "type": "string"})
+    with pytest.raises(ValueError, match="q.w"):
+        _merged_fact("q", a, {**b, "properties": {"w": {"type": "integer", "description": "x"}}})

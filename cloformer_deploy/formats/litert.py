@@ -121,14 +121,16 @@ def _float_io(model) -> list[str]:
     codes = {}
 
     def opcode(builtin: int) -> int:
+        # version 2: the QUANTIZE and DEQUANTIZE of int8 tensors (what a minimal LiteRT build checks)
         if builtin not in codes:
             for i, c in enumerate(model.operatorCodes):
                 if max(c.builtinCode, c.deprecatedBuiltinCode) == builtin:
+                    c.version = max(c.version, 2)
                     codes[builtin] = i
                     break
             else:
                 code = schema.OperatorCodeT()
-                code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+                code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 2
                 model.operatorCodes.append(code)
                 codes[builtin] = len(model.operatorCodes) - 1
         return codes[builtin]
@@ -140,14 +142,14 @@ def _float_io(model) -> list[str]:
         graph.tensors.append(t)
         return len(graph.tensors) - 1
 
-    wrapped, ops = [], []
+    wrapped, ops, renamed = [], [], {}
     for k, index in enumerate(graph.inputs):
         if graph.tensors[index].type == schema.TensorType.INT8:
             new = float_twin(index, "_float")
             op = schema.OperatorT()
             op.opcodeIndex, op.inputs, op.outputs = opcode(schema.BuiltinOperator.QUANTIZE), [new], [index]
             ops.append(op)
-            graph.inputs[k] = new
+            graph.inputs[k] = renamed[index] = new
             wrapped.append("input")
     graph.operators = ops + list(graph.operators)
     for k, index in enumerate(graph.outputs):
@@ -156,21 +158,12 @@ def _float_io(model) -> list[str]:
             op = schema.OperatorT()
             op.opcodeIndex, op.inputs, op.outputs = opcode(schema.BuiltinOperator.DEQUANTIZE), [index], [new]
             graph.operators.append(op)
-            graph.outputs[k] = new
+            graph.outputs[k] = renamed[index] = new
             wrapped.append("output")
-    _retarget_signatures(model, graph)
+    for signature in model.signatureDefs or []:  # signatures name the graph's inputs and outputs by tensor index
+        for tensor_map in (signature.inputs or []) + (signature.outputs or []):
+            tensor_map.tensorIndex = renamed.get(tensor_map.tensorIndex, tensor_map.tensorIndex)
     return wrapped
-
-
-def _retarget_signatures(model, graph) -> None:
-    """Point the signature's single input and output at the graph's (a float twin may have replaced them)."""
-    for signature in model.signatureDefs or []:
-        if signature.inputs and len(signature.inputs) == len(graph.inputs):
-            for tensor_map, index in zip(signature.inputs, graph.inputs):
-                tensor_map.tensorIndex = index
-        if signature.outputs and len(signature.outputs) == len(graph.outputs):
-            for tensor_map, index in zip(signature.outputs, graph.outputs):
-                tensor_map.tensorIndex = index
 
 
 def _finish(flatbuffer: bytes, entries: dict[str, bytes], float_io: bool) -> tuple[bytes, list[str]]:
@@ -378,17 +371,21 @@ class LiteRTBackend(Backend):
         }
         entries = {METADATA_NAME: json.dumps(metadata, sort_keys=True).encode()}
         data, wrapped = _finish(flatbuffer, entries, float_io=job.precision == "int8")
+        if job.precision == "int8" and sorted(wrapped) != ["input", "output"]:
+            raise RuntimeError(f"the int8 model's interface was not int8 as expected (wrapped: {wrapped})")
         path.write_bytes(data)
         log("opening it in LiteRT with XNNPACK")
         try:
             with quiet_libraries():
                 interpreter = _interpreter(path, 1)
+            delegated = delegation(interpreter)
         except (RuntimeError, ValueError) as e:
             path.unlink(missing_ok=True)
             raise RuntimeError(f"LiteRT cannot load the converted model: {_reason(e)}") from None
-        if job.precision == "int8" and sorted(wrapped) != ["input", "output"]:
-            raise RuntimeError(f"the int8 model's interface was not int8 as expected (wrapped: {wrapped})")
-        return {"input_layout": INPUT_LAYOUT, **delegation(interpreter), **info, "metadata": METADATA_NAME}
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return {"input_layout": INPUT_LAYOUT, **delegated, **info, "metadata": METADATA_NAME}
 
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
         return LiteRTRunner(path, threads)

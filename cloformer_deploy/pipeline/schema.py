@@ -68,7 +68,11 @@ def _merged_fact(name: str, known: dict | None, new: dict) -> dict:
         raise ValueError(f"two formats record {name!r} with different schemas")
     merged = {**rest, "description": f"{known['description']} {new['description']}"}
     if "properties" in known or "properties" in new:
-        merged["properties"] = {**known.get("properties", {}), **new.get("properties", {})}
+        mine, theirs = known.get("properties", {}), new.get("properties", {})
+        merged["properties"] = {
+            key: _merged_fact(f"{name}.{key}", mine.get(key), theirs[key]) if key in theirs else mine[key]
+            for key in dict.fromkeys([*mine, *theirs])
+        }
     return merged
 
 

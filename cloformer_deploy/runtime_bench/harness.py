@@ -207,16 +207,23 @@ def _check_runner(runner: str, runtimes, local: Target, remote: Target | None) -
                     raise  # one line naming the fix; with --runner both its rows are native only
         elif runner == "python":
             raise BenchInputError(f"--runner python: {remote.name} runs the native runners only; drop --runner")
+    if runner == "python" and remote is not None and remote.has_python:
+        if not any(remote.runs_in_python(b) for b in formats):
+            raise BenchInputError(
+                f"--runner python: {remote.name} runs none of --formats in Python (its Python holds "
+                f"{', '.join(b.label for b in formats if remote.runs_in_python(b)) or 'no runtime of them'}); "
+                "drop --runner"
+            )
 
 
 def _runners(runner: str, backend, on: Target) -> list[bool]:
     """Whether each row of ``backend`` on ``on`` is run natively: one row, or two with --runner both."""
     native = backend.native_runner is not None and on.native_bundle(backend) is not None
     if runner == "both":
-        return [k for k, ok in ((True, native), (False, on.has_python)) if ok] or [True]
-    if runner == "python" and on.has_python:
+        return [k for k, ok in ((True, native), (False, on.runs_in_python(backend))) if ok] or [True]
+    if runner == "python" and on.runs_in_python(backend):
         return [False]
-    return [native or not on.has_python]
+    return [native or not on.runs_in_python(backend)]
 
 
 def _bench(

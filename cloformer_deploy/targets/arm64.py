@@ -9,6 +9,7 @@ numerics only: an emulated run takes seconds per image and says nothing of a pho
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -174,7 +175,8 @@ def emulated(view: Path, cpu: str) -> tuple[list[str], dict]:
 # wheel links; everything they depend on comes with them
 PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6")
 PYTHON_SUITE = "bookworm"
-PYTHON = "usr/bin/python3.11"
+PYTHON_VERSION = "3.11"
+PYTHON = f"usr/bin/python{PYTHON_VERSION}"
 
 
 def python_formats() -> list[Backend]:
@@ -205,7 +207,7 @@ def python_record(cache: Path) -> dict | None:
         record = json.loads((python_home(cache) / "build.json").read_text())
     except (OSError, ValueError):
         return None
-    return record if record.get("wheels") == python_distributions() else None
+    return record if record.get("wheels") == python_distributions() and "debian_python" in record else None
 
 
 def build_python(cache: Path, progress, force: bool = False) -> dict:
@@ -228,12 +230,14 @@ def build_python(cache: Path, progress, force: bool = False) -> dict:
     with progress.stage(f"aarch64 Python for {', '.join(b.label for b in python_formats())}") as stage:
         debian = debian_root(list(PYTHON_PACKAGES), PYTHON_SUITE, "arm64", downloads, partial / "root", stage)
         for name, version in wheels.items():
-            wheel = platform_wheel(name, version, PLATFORM, downloads / PLATFORM / "wheels", stage)
+            wheel = platform_wheel(
+                name, version, PLATFORM, downloads / PLATFORM / "wheels", stage, python_version=PYTHON_VERSION
+            )
             with zipfile.ZipFile(wheel) as whl:
                 whl.extractall(partial / "site")
         for path in (partial / "site").rglob("*.so*"):  # zip files keep no modes: the loader maps these
             path.chmod(0o755)
-    record = {"python": debian.get("python3.11-minimal"), "debian": debian, "wheels": wheels}
+    record = {"debian_python": debian.get("python3.11-minimal"), "debian": debian, "wheels": wheels}
     (partial / "build.json").write_text(json.dumps(record, indent=1, sort_keys=True))
     shutil.rmtree(home, ignore_errors=True)
     partial.rename(home)
@@ -244,16 +248,24 @@ def python_view(cache: Path, cpu: str) -> Path:
     """A CPU profile's view with the emulated Python's /lib and /usr in it: QEMU's -L prefix for the Python
     worker (its loader and libraries are found by absolute path, as on a device)."""
     view = python_home(cache) / "cpus" / cpu
-    if not (view / "proc" / "cpuinfo").exists():
-        shutil.rmtree(view, ignore_errors=True)
-        write_cpu_view(view, CPU_PROFILES[cpu])
+    if not view.is_dir():
+        partial = view.with_name(f"{cpu}.partial.{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         for top in ("lib", "usr"):
-            (view / top).symlink_to(Path("..", "..", "root", top))
+            (partial / top).symlink_to(Path("..", "..", "root", top))
+        for top in ("proc", "sys"):  # the profile's view that setup writes for the runners: one CPU for both
+            (partial / top).symlink_to(Path("..", "..", "..", "cpus", cpu, top))
+        try:
+            partial.rename(view)
+        except OSError:  # another worker made it first
+            shutil.rmtree(partial, ignore_errors=True)
     return view
 
 
 def python_code(cache: Path) -> Path:
     """This package's code for the emulated worker (the archive an ssh device gets), unpacked once per version."""
+    import gzip
     import io
     import tarfile
 
@@ -264,7 +276,7 @@ def python_code(cache: Path) -> Path:
     if not (folder / "run.py").exists():
         partial = folder.with_name(digest + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        with tarfile.open(fileobj=io.BytesIO(__import__("gzip").decompress(data))) as tar:
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data))) as tar:
             tar.extractall(partial, filter="data")
         partial.rename(folder)
     return folder
@@ -314,10 +326,16 @@ class EmulatedArm64Target(Target):
     def can_run(self, backend: Backend) -> bool:
         return PLATFORM in backend.platforms and (backend.native_runner is not None or backend in python_formats())
 
+    def runs_in_python(self, backend: Backend) -> bool:
+        # the emulated Python holds only the runtimes of the formats without a native runner
+        return self.python is not None and backend in python_formats()
+
     def missing(self, backend: Backend, native: bool | None = None) -> str | None:
         if backend.native_runner is None and self.python is None:
             hint = setup_hint("arm64", self.cache, default_cache())
             return f"{backend.label} runs under --target arm64 in an emulated aarch64 Python; set it up with: {hint}"
+        if native is False and not self.runs_in_python(backend):
+            return f"{backend.label} runs under --target arm64 in its native runner only, not in Python"
         return None
 
     def native_bundle(self, backend: Backend) -> Bundle | None:
@@ -327,16 +345,21 @@ class EmulatedArm64Target(Target):
         prefix, env = emulated(self.view, self.cpu)
         return [*prefix, *self.bundles[fmt].words(None, *self.native_args())], env, []
 
-    def worker_command(self):
+    def python_command(self, *args: str) -> tuple[list[str], dict]:
+        """(argv, environment) of the emulated Python with ``args``, under this target's CPU profile."""
         if self.python is None:
             hint = setup_hint("arm64", self.cache, default_cache())
-            raise TargetError(f"--target arm64 has no emulated Python for LiteRT yet; set it up with: {hint}")
+            labels = " and ".join(b.label for b in python_formats())
+            raise TargetError(f"--target arm64 has no emulated Python for {labels} yet; set it up with: {hint}")
         prefix, env = emulated(python_view(self.cache, self.cpu), self.cpu)
         home = python_home(self.cache)
         # -S -s: no site folder of the host's can reach the emulated Python (QEMU falls through to the host's files)
         env = {**env, "PYTHONPATH": str(home / "site"), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1"}
-        code = python_code(self.cache)
-        return [*prefix, str(home / "root" / PYTHON), "-S", "-s", str(code / "run.py"), "worker"], env, []
+        return [*prefix, str(home / "root" / PYTHON), "-S", "-s", *args], env
+
+    def worker_command(self):
+        argv, env = self.python_command(str(python_code(self.cache) / "run.py"), "worker")
+        return argv, env, []
 
     def runner(self, fmt, path, spec, info, threads=None):
         return super().runner(fmt, path, spec, info, threads or self.validation_threads)
@@ -351,5 +374,5 @@ class EmulatedArm64Target(Target):
             "midr": f"0x{profile.midr:08x}",
             "cpu": profile.about,
             "runners": {k: b.record["version"] for k, b in self.bundles.items()},
-            **({"python": self.python["python"], "wheels": self.python["wheels"]} if self.python else {}),
+            **({"debian_python": self.python["debian_python"], "wheels": self.python["wheels"]} if self.python else {}),
         }

@@ -270,6 +270,10 @@ class Target(ABC):
     def can_run(self, backend: Backend) -> bool:
         return self.platform in backend.platforms
 
+    def cannot_run(self, backend: Backend) -> str:
+        """Why :meth:`can_run` is False for ``backend``: what a report says instead of its figures."""
+        return f"{backend.runtime} does not run on {self.platform}"
+
     def missing(self, backend: Backend, native: bool | None = None) -> str | None:
         """Why a format's runtime is absent here, with the command that installs it; None if it is present.
 
@@ -279,6 +283,11 @@ class Target(ABC):
     def native_bundle(self, backend: Backend):
         """The built native runner of ``backend`` for this target (a :class:`~.native.Bundle`), or None."""
         return None
+
+    def runs_in_python(self, backend: Backend) -> bool:
+        """Whether this target's Python worker can run ``backend``'s artifacts (a device's Python may lack its
+        runtime: then its rows say which package to install)."""
+        return self.has_python
 
     def runs_natively(self, fmt: str) -> bool:
         backend = BACKENDS.get(fmt)

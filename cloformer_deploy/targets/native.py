@@ -166,9 +166,11 @@ def package_folder(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def platform_wheel(package: str, version: str, plat: str, wheels: Path, stage) -> Path:
-    """PyPI's wheel of ``package==version`` for ``plat`` and this host's Python version, in ``wheels`` (fetched
-    once, without its requirements)."""
+def platform_wheel(
+    package: str, version: str, plat: str, wheels: Path, stage, python_version: str | None = None
+) -> Path:
+    """PyPI's wheel of ``package==version`` for ``plat`` and ``python_version`` (this host's by default), in
+    ``wheels`` (fetched once, without its requirements)."""
     wheels.mkdir(parents=True, exist_ok=True)
     prefix = f"{package.replace('-', '_').lower()}-{version}-"
 
@@ -188,7 +190,7 @@ def platform_wheel(package: str, version: str, plat: str, wheels: Path, stage) -
                 "--no-deps",
                 "--only-binary=:all:",
                 "--python-version",
-                f"{sys.version_info.major}.{sys.version_info.minor}",
+                python_version or f"{sys.version_info.major}.{sys.version_info.minor}",
                 "--implementation",
                 "cp",
                 *tags,

@@ -32,7 +32,7 @@ from .arm64 import (
     qemu_label,
     write_cpu_views,
 )
-from .base import TargetError, WorkerError
+from .base import TargetError, WorkerError, last_line, run_in_group
 from .native import TRIPLES, build_bundle, default_cache, host_platform, native_backends, smoke
 
 
@@ -52,13 +52,20 @@ def _check_version(about: dict, backend, version: str, name: str, where: str) ->
 
 def _setup_python(cache: Path, force: bool, progress: Progress) -> dict:
     """The emulated aarch64 Python for the formats without a native runner, started once: it must import their
-    runtimes at this host's versions."""
+    runtimes, and its worker must report this host's versions of them."""
     from .arm64 import EmulatedArm64Target
 
     python = build_python(cache, progress, force=force)
     target = EmulatedArm64Target(DEFAULT_CPU, cache)
     target.python = python
     with progress.stage(f"smoke test of the aarch64 Python under {qemu_label(qemu_binary())}"):
+        # the runtimes imported, not only their metadata read: a wheel that cannot load fails here
+        imports = ", ".join(name.replace("-", "_") for name in python["wheels"])
+        argv, env = target.python_command("-c", f"import {imports}")
+        done = run_in_group(argv, 300, env=env)
+        if done is None or done[0] != 0:
+            reason = "no answer in 300 s" if done is None else last_line(done[1] + done[2]) or f"exit {done[0]}"
+            raise TargetError(f"setup arm64: the emulated Python cannot import {imports}: {reason}")
         worker = target.start(timeout=300)
         try:
             about = worker.ask({"cmd": "about"})

@@ -260,6 +260,15 @@ class ShellDevice(Target):
     def native_bundle(self, backend: Backend) -> Bundle | None:
         return self.bundles.get(backend.name)
 
+    def can_run(self, backend: Backend) -> bool:
+        # a format with no native runner runs only in the device's Python
+        return super().can_run(backend) and (backend.native_runner is not None or self.has_python)
+
+    def cannot_run(self, backend: Backend) -> str:
+        if backend.native_runner is None and super().can_run(backend):
+            return f"{backend.label} has no native runner and {self.name} has no Python to run it in"
+        return super().cannot_run(backend)
+
     def missing(self, backend: Backend, native: bool | None = None) -> str | None:
         if native is None:  # as the target would run it: natively where it has the runner
             native = backend.name in self.bundles or not self.has_python

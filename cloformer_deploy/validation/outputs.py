@@ -130,7 +130,7 @@ def validate_on_target(
     """
     backend = BACKENDS[fmt]
     if not target.can_run(backend):
-        return {"ran": False, "passed": None, "note": f"{backend.runtime} does not run on {target.platform}"}
+        return {"ran": False, "passed": None, "note": target.cannot_run(backend)}
     missing = target.missing(backend)
     if missing:
         return {"ran": False, "passed": False, "note": missing, "target": target.describe()}
