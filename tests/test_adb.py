@@ -119,6 +119,7 @@ def test_bench_and_validate_on_the_phone_with_the_native_runners(phone, tiny_bun
     by = {r["format"]: r["targets"]["adb://R58M42ABCDE"] for r in reports}
     assert ok and by["onnx"]["passed"] and by["executorch"]["vs_local"]["bit_exact"]
     assert by["coreml"]["ran"] is False
+    assert by["tflite"]["ran"] is False and "has no Python to run it in" in by["tflite"]["note"]
     assert not live_processes(phone["remote_dir"])
 
 

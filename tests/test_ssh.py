@@ -100,7 +100,8 @@ def test_bench_times_the_device_in_the_same_rounds_and_matches_this_machine(
     assert about["kind"] == "ssh" and about["label"] and res.results["config"]["cooldown_s"] == 0.1
     # each artifact went over once, by its hash
     files = sorted(p.name for p in (Path(device["remote_dir"]) / "files").rglob("*") if p.is_file())
-    assert files == sorted(e["path"] for e in tiny_bundle.manifest["artifacts"] if e["format"] != "coreml")
+    benched = ("onnx", "executorch")  # the formats of --formats
+    assert files == sorted(e["path"] for e in tiny_bundle.manifest["artifacts"] if e["format"] in benched)
     assert f"on {sshd.address}" in (res.out / "results.md").read_text()
 
 
@@ -115,6 +116,8 @@ def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, t
     by = {r["format"]: r["targets"][sshd.address] for r in reports}
     assert by["onnx"]["passed"] and by["onnx"]["vs_local"]["bit_exact"]
     assert by["executorch"]["passed"] and by["executorch"]["vs_local"]["bit_exact"]
+    # LiteRT has no native runner: it ran in the device's Python, asked for because of it
+    assert by["tflite"]["passed"] and by["tflite"]["vs_local"]["bit_exact"]
     assert by["coreml"] == {
         "ran": False,
         "passed": None,
@@ -639,6 +642,9 @@ def test_bench_and_validate_on_a_device_with_no_python_and_no_libc(bare_device, 
     ok, reports = validate_bundle(bundle=bundle, weights=tiny_checkpoint, target=server.address, **device)
     by = {r["format"]: r["targets"][server.address] for r in reports}
     assert ok and by["onnx"]["vs_local"]["bit_exact"] and by["executorch"]["vs_local"]["bit_exact"]
+    # LiteRT needs a Python this device lacks: not run, and the report says why
+    assert by["tflite"]["ran"] is False and by["tflite"]["passed"] is None
+    assert "has no Python to run it in" in by["tflite"]["note"]
     assert not live_processes("/work/native/")  # nothing left running on the device (its runners are gone)
 
 

@@ -194,6 +194,7 @@ class SshTarget(ShellDevice):
         self.code = None
         self.probe_info: dict = {}
         self.has_python = False
+        self.python_tried = False  # its Python was asked for (a format with no native runner)
 
     # ---- transport
     def ssh_argv(self) -> list[str]:
@@ -269,6 +270,17 @@ class SshTarget(ShellDevice):
             self.find_bundles(required=True)
         else:  # a Mac: the Python worker, with the device's own runtimes
             self.check_python()
+
+    def can_run(self, backend: Backend) -> bool:
+        # a format with no native runner runs in the device's Python, if it has one: asked once, when first needed
+        if backend.native_runner is None and not self.has_python and not self.python_tried:
+            self.python_tried = True
+            if self.platform in backend.platforms:
+                try:
+                    self.check_python()
+                except TargetError:
+                    pass
+        return super().can_run(backend)
 
     def check_python(self) -> None:
         """Make the Python worker available (for a format with no native runner there, or --runner python)."""
