@@ -117,7 +117,7 @@ def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, t
     assert by["onnx"]["passed"] and by["onnx"]["vs_local"]["bit_exact"]
     assert by["executorch"]["passed"] and by["executorch"]["vs_local"]["bit_exact"]
     # LiteRT has no native runner: it ran in the device's Python, asked for because of it
-    assert by["tflite"]["passed"] and by["tflite"]["vs_local"]["bit_exact"]
+    assert by["tflite"]["passed"] and by["tflite"]["vs_local"]["bit_exact"], by["tflite"]
     assert by["coreml"] == {
         "ran": False,
         "passed": None,

@@ -273,13 +273,13 @@ class SshTarget(ShellDevice):
 
     def can_run(self, backend: Backend) -> bool:
         # a format with no native runner runs in the device's Python, if it has one: asked once, when first needed
-        if backend.native_runner is None and not self.has_python and not self.python_tried:
+        wanted = backend.native_runner is None and self.platform in backend.platforms
+        if wanted and not self.has_python and not self.python_tried:
             self.python_tried = True
-            if self.platform in backend.platforms:
-                try:
-                    self.check_python()
-                except TargetError:
-                    pass
+            try:
+                self.check_python()
+            except TargetError:
+                pass
         return super().can_run(backend)
 
     def check_python(self) -> None:
