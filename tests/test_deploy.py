@@ -332,3 +332,13 @@ def test_steps_ask_the_modules():
     fold_residuals(model, (64, 64))
     assert outer.asked == inner.asked == 1
     assert type(outer.inner[0]) is torch.nn.Identity  # replaced where it sat; children of in-place answers asked
+
+
+def test_pool_as_depthwise_conv_keeps_the_function_and_leaves_no_average_pool():
+    model = _model("cloformer_xxs")
+    x = torch.randn(2, 3, 64, 96)
+    d = cd.to_deploy(model, (64, 96), extra_steps=["pool_as_depthwise_conv"])
+    with torch.no_grad():
+        ref, out = model(x), d(x)
+    assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert not [m for m in d.modules() if isinstance(m, torch.nn.AvgPool2d)]

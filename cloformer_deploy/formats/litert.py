@@ -314,7 +314,10 @@ class LiteRTBackend(Backend):
         # unmerged with one-step norm means and split wide depthwise kernels: LiteRT's XNNPACK falls to a slow
         # path for depthwise kernels over 25 taps, as ExecuTorch's does; keys-first attention keeps the
         # single-head attention's matmul inside XNNPACK (docs/litert.md has the measurements)
-        return list(UNMERGED_STEPS), ["single_reduce_norm", "split_wide_depthwise", "keys_first_attention"]
+        extra = ["single_reduce_norm", "split_wide_depthwise", "keys_first_attention"]
+        # int8: LiteRT's XNNPACK takes no int8 average pooling, but int8 depthwise convolutions (25 -> 15 partitions
+        # on CloFormer-XXS; the int8 GELUs stay outside)
+        return list(UNMERGED_STEPS), extra + (["pool_as_depthwise_conv"] if precision == "int8" else [])
 
     def versions(self) -> dict[str, str]:
         from importlib.metadata import version

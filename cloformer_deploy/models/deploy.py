@@ -169,6 +169,15 @@ def keys_first_attention(model: nn.Module, input_size) -> None:
     ask_modules(model, "keys_first_attention")
 
 
+def pool_as_depthwise_conv(model: nn.Module, input_size) -> None:
+    """The attention's average pooling as a depthwise convolution of constant weights 1/k^2 (the same average).
+
+    Not a default step: it is for LiteRT int8, whose XNNPACK delegate takes no int8 AVERAGE_POOL_2D but does take
+    int8 depthwise convolutions (1/k^2 quantises exactly with a per-channel scale).
+    """
+    ask_modules(model, "pool_as_depthwise_conv")
+
+
 def silu_as_sigmoid_product(model: nn.Module, input_size) -> None:
     """SiLU as x * sigmoid(x): ExecuTorch turns an fp16 silu into fp32 ops between casts XNNPACK does not take."""
     ask_modules(model, None, torch_rules={nn.SiLU: lambda m: SigmoidSiLU()})
@@ -249,6 +258,7 @@ EXTRA_STEPS = {
         split_wide_depthwise,
         single_reduce_norm,
         keys_first_attention,
+        pool_as_depthwise_conv,
         silu_as_sigmoid_product,
         gelu_as_erfc_polynomial,
         norm_constants_as_buffers,

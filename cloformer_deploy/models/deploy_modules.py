@@ -144,6 +144,15 @@ class ErfcGELU(nn.Module):
         return (x + a - a * erfc) * self.one_half
 
 
+def average_as_depthwise(channels: int, window: int) -> nn.Conv2d:
+    """Average pooling over ``window`` x ``window`` tiles (stride ``window``, no padding) as the depthwise convolution
+    with every weight 1 / window^2 that computes it."""
+    conv = nn.Conv2d(channels, channels, window, window, groups=channels, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0 / window**2)
+    return conv.requires_grad_(False)
+
+
 def _channel_slices(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     """Consecutive channel ranges as slices (``torch.split`` lowers to an op XNNPACK does not take)."""
     if len(sizes) == 1:  # a full-range slice would export as an alias op outside the delegate
@@ -232,6 +241,10 @@ class StaticCloAttention(nn.Module):
 
     def deploy_keys_first_attention(self) -> None:
         self.keys_first = True
+
+    def deploy_pool_as_depthwise_conv(self) -> None:
+        if self.global_heads and isinstance(self.pool, nn.AvgPool2d):
+            self.pool = average_as_depthwise(self.dim, self.window_size)
 
     def deploy_fold_attention_scale(self) -> None:
         """The local scale into the context-aware weights' last conv, the global one into the global q."""
