@@ -41,6 +41,12 @@ def _keyword(m: re.Match) -> str:
     return f"{name}={value}" if value is not None else name
 
 
+def spoken_list(words) -> str:
+    """ "a", "a and b", "a, b and c": names in a message."""
+    words = list(words)
+    return " and ".join(filter(None, [", ".join(words[:-1]), *words[-1:]]))
+
+
 def whole_number(flag: str, value, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
         raise InputError(f"{flag} {value!r} is not a whole number; give one such as {max(minimum, 1)}")

@@ -245,8 +245,16 @@ CASES = [
     ("bench", ["--peers", "nosuchmodel_x"], "'nosuchmodel_x' is neither a timm model nor a model of this project"),
     ("bench", ["--peers", "mobilenetv3_large_10"], "did you mean mobilenetv3_large_100"),
     ("bench", ["--peers", ","], "--peers: nothing given"),
-    ("bench", ["--baselines", "--formats", "torch"], "--baselines/--peers are timed on onnxruntime and"),
-    ("bench", ["--profile", "--formats", "torch"], "--profile reads the profilers of onnxruntime and"),
+    (
+        "bench",
+        ["--baselines", "--formats", "torch"],
+        "--baselines/--peers are timed on onnxruntime, executorch-xnnpack and litert; add one",
+    ),
+    (
+        "bench",
+        ["--profile", "--formats", "torch"],
+        "--profile reads the profilers of onnxruntime, executorch-xnnpack and litert; add one",
+    ),
     ("bench", ["--ablation", "--baselines"], "--ablation times the deploy steps of one model; drop --baselines"),
     ("bench", ["--ablation", "--threads", "0"], "--threads 0 is out of range"),
     ("bench", ["--ablation", "--model", "vgg"], "unknown model 'vgg'"),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +41,53 @@ def test_tflite_is_one_xnnpack_partition_with_nhwc_float_input(tiny_bundle):
     assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["layout"].startswith("NHWC")
 
 
+def test_litert_profile_is_xnnpacks_ops_in_one_partition_and_quiet(tiny_bundle, capfd):
+    from cloformer_deploy.formats.litert_profiler import ProfiledModel
+
+    art, entry = _entry(tiny_bundle)
+    images = np.random.default_rng(0).standard_normal((2, 3, *SIZE)).astype(np.float32)
+    capfd.readouterr()
+    ops = LITERT.profile(art.path, images, threads=1, runs=3)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured
+    assert all(re.fullmatch(r".+ #\d+ in partition 1", o.name) for o in ops), [o.name for o in ops]
+    assert len({o.name for o in ops}) == len(ops) and all(o.median_ms >= 0 and o.calls == 1 for o in ops)
+    assert any(o.kind.startswith("Convolution (NHWC, F32)") for o in ops)
+    # the profiled compiled model computes what the interpreter that validated the file computes
+    nhwc = np.ascontiguousarray(images[:1].transpose(0, 2, 3, 1))
+    runner = LITERT.open(art.path, None, entry, threads=1)
+    with ProfiledModel(art.path, threads=1) as model:
+        assert model.input.shape == (1, *SIZE, 3) and model.output.shape == (1, 10)
+        np.testing.assert_allclose(model.run(nhwc), runner.infer(nhwc), rtol=0, atol=1e-5)
+
+
+def test_run_ops_splits_partitions_where_numbering_restarts_or_a_node_runs_outside():
+    from cloformer_deploy.formats.litert_profiler import run_ops
+
+    xnn, node, invoke = 1 << 3, 1 << 1, 1
+    events = [
+        (invoke, "Invoke", 0, 900),
+        (xnn, "Convolution (NHWC, F32) IGEMM", 0, 100),
+        (xnn, "Add (ND)", 1, 10),
+        (xnn, "Convolution (NHWC, F32) IGEMM", 0, 200),  # numbering restarts: a second partition
+        (node, "GELU", 7, 50),
+        (xnn, "Add (ND)", 0, 20),
+    ]
+    assert run_ops(events) == {
+        ("Convolution (NHWC, F32) IGEMM #0 in partition 1", "Convolution (NHWC, F32) IGEMM"): 0.1,
+        ("Add (ND) #1 in partition 1", "Add (ND)"): 0.01,
+        ("Convolution (NHWC, F32) IGEMM #0 in partition 2", "Convolution (NHWC, F32) IGEMM"): 0.2,
+        ("GELU (node 7)", "GELU (not delegated)"): 0.05,
+        ("Add (ND) #0 in partition 3", "Add (ND)"): 0.02,
+    }
+
+
+def test_litert_profile_refuses_no_runs(tiny_bundle):
+    art, _ = _entry(tiny_bundle)
+    with pytest.raises(ValueError, match="threads and runs must be at least 1"):
+        LITERT.profile(art.path, np.zeros((1, 3, *SIZE), np.float32), threads=1, runs=0)
+
+
 def test_the_manifest_says_what_a_tflite_takes(tiny_bundle):
     import json
 
@@ -56,6 +106,13 @@ def test_without_keys_first_attention_the_single_head_matmul_falls_outside_xnnpa
     without = cd.to_deploy(model, SIZE, steps=steps, extra_steps=[s for s in extra if s != "keys_first_attention"])
     info = LITERT.export(ExportJob(without, example, spec, "fp32"), tmp_path / "without.tflite", lambda text: None)
     assert info["partitions"] > 1 and info["non_delegated_ops"].get("FULLY_CONNECTED", 0) >= 1
+    # LiteRT's profiler sees the same partitions and the same nodes outside them
+    images = np.random.default_rng(0).standard_normal((1, 3, *SIZE)).astype(np.float32)
+    ops = LITERT.profile(tmp_path / "without.tflite", images, threads=1, runs=2)
+    outside = Counter(o.kind.removesuffix(" (not delegated)") for o in ops if o.kind.endswith("(not delegated)"))
+    assert outside == info["non_delegated_ops"]
+    partitions = {re.search(r"in partition (\d+)$", o.name).group(1) for o in ops if " in partition " in o.name}
+    assert len(partitions) == info["partitions"]
 
 
 def test_the_authors_form_is_refused_with_the_converters_reason(tiny_variant, tmp_path):
@@ -90,6 +147,12 @@ def test_fp16_and_int8_keep_float_io_and_stay_close(tiny_variant, tiny_checkpoin
         assert "pool_as_depthwise_conv" in entry["deploy_steps"] and figures["cosine"] >= 0.99
         assert entry["calibration"]["images"] >= 8
         assert "QUANTIZE" in entry["op_types"] and "DEQUANTIZE" in entry["op_types"]
+    # LiteRT's profiler sees the partitions and the nodes outside them that the manifest records
+    images = np.random.default_rng(0).standard_normal((1, 3, *SIZE)).astype(np.float32)
+    ops = LITERT.profile(art.path, images, threads=1, runs=2)
+    outside = Counter(o.kind.removesuffix(" (not delegated)") for o in ops if o.kind.endswith("(not delegated)"))
+    assert outside == entry["non_delegated_ops"]
+    assert len({o.name.rsplit(" ", 1)[1] for o in ops if " in partition " in o.name}) == entry["partitions"]
 
 
 @pytest.mark.e2e
@@ -104,6 +167,7 @@ def test_bench_rows_and_the_authors_form_error_row(tiny_variant, tiny_checkpoint
         img_size=64,
         compare_authors=True,
         baselines=False,
+        profile=True,
         out=tmp_path,
     )
     deploy = [r for r in result.rows if r["runtime"] == "litert" and r["form"] == "deploy"]
@@ -114,3 +178,6 @@ def test_bench_rows_and_the_authors_form_error_row(tiny_variant, tiny_checkpoint
     authors = [r for r in result.rows if r["runtime"] == "litert" and r["form"] == "authors"]
     assert authors and all("FULLY_CONNECTED" in r["error"] for r in authors)
     assert "LiteRT" in (result.out / "results.md").read_text()
+    profile = (result.out / "profile.md").read_text()
+    assert "deploy form, litert, fp32, 1 thread(s)" in profile and "Convolution (NHWC, F32)" in profile
+    assert "LiteRT: LiteRT's profiler" in profile

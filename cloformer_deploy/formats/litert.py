@@ -6,8 +6,8 @@ and returns float32 logits at every precision: an int8 model quantises its input
 logits inside the model, with ops XNNPACK runs. Its delegation is counted the way LiteRT applies it:
 the model is opened with the XNNPACK delegate and every node the delegate did not take is listed.
 
-Profiles: LiteRT's Python interpreter exposes no profiler, and its C API (which has one) ships no
-headers in any package, so ``--profile`` has no LiteRT table (docs/litert.md).
+Profiles: LiteRT's Python interpreter exposes no profiler; its C API, in the same wheel, has one, reached
+through ctypes (litert_profiler.py).
 """
 
 from __future__ import annotations
@@ -253,6 +253,7 @@ class LiteRTBackend(Backend):
     precisions = ("fp32", "fp16", "int8")
     calibrated_precisions = ("int8",)
     runner_methods = ("litert",)
+    profiler = "LiteRT's profiler, through its C API (a compiled model on the CPU: the same XNNPACK partitions)"
     manifest_facts = {
         "input_layout": {
             "enum": ["NHWC"],
@@ -392,6 +393,11 @@ class LiteRTBackend(Backend):
 
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
         return LiteRTRunner(path, threads)
+
+    def profile(self, path: Path, images: np.ndarray, threads: int, runs: int) -> list:
+        from .litert_profiler import profile_litert
+
+        return profile_litert(path, images, threads, runs)
 
 
 def _reason(e: BaseException) -> str:

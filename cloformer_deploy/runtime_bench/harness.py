@@ -23,7 +23,7 @@ from ..files import size_bytes
 from ..formats import BACKENDS
 from ..formats.base import ExportJob, ModelSpec
 from ..images import ImageBatch, load_images
-from ..inputs import writable_folder
+from ..inputs import spoken_list, writable_folder
 from ..models import profile_model
 from ..models.memory import check_fits
 from ..pipeline import export, open_bundle, prepare_model, schema
@@ -159,12 +159,12 @@ def bench(
         peer_list = resolve_peers(opts.baselines, opts.peers, model)
         if peer_list and not set(runtimes) & set(PEER_RUNTIMES):
             raise BenchInputError(
-                f"--baselines/--peers are timed on {' and '.join(PEER_RUNTIMES)}; add one of them to --formats"
+                f"--baselines/--peers are timed on {spoken_list(PEER_RUNTIMES)}; add one of them to --formats"
             )
         if opts.profile and not any(profiler_of(r) for r in runtimes):
             names = [r for r in RUNTIMES if profiler_of(r)]
             raise BenchInputError(
-                f"--profile reads the profilers of {' and '.join(names)}; add one of them to --formats"
+                f"--profile reads the profilers of {spoken_list(names)}; add one of them to --formats"
             )
         check_fits(model, size, 1, what=f"--img-size {size[0]}x{size[1]}")
         prepared = opened.prepared if opts.bundle is not None else prepare_model(model, opts.weights, None)
