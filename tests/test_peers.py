@@ -103,6 +103,21 @@ def test_peers_table_and_pareto_show_a_peer_that_beats_cloformer(tmp_path):
     assert any("unpublished" in note for note in plot.left_out) and any("broken" in n for n in plot.left_out)
 
 
+def test_pareto_names_a_peer_missing_from_one_runtimes_panel(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = [
+        _row("cloformer_xxs", "subject", "onnxruntime", 20.0),
+        _row("cloformer_xxs", "subject", "executorch-xnnpack", 20.0),
+        _row("halfnet", "peer", "onnxruntime", 10.0, top1=79.0),
+        _row("halfnet", "peer", "executorch-xnnpack", None, top1=79.0, error="export failed: boom"),
+    ]
+    plot = plot_pareto(tmp_path / "pareto.png", _results(rows, ["halfnet"]))
+    assert "halfnet (ORT)" in {label for label, _, _ in plot.drawn}
+    assert plot.left_out == ["Not in the ET-XNNPACK panel (no latency: see peers.md): halfnet"]
+
+
 def _bench_peers(tiny_variant, tmp_path, peers):
     from cloformer_deploy.runtime_bench.harness import bench
 

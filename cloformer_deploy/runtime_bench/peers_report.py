@@ -183,6 +183,7 @@ def _place_labels(fig, ax, labels: list[tuple[str, float, float, bool]]) -> None
     from matplotlib.transforms import Bbox
 
     renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
     # the markers are obstacles too: a label must not cover another model's point
     placed = [
         Bbox.from_extents(px - 5, py - 5, px + 5, py + 5)
@@ -204,7 +205,9 @@ def _place_labels(fig, ax, labels: list[tuple[str, float, float, bool]]) -> None
                 arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5, "shrinkB": 4} if far else None,
             )
             box = t.get_window_extent(renderer).expanded(1.1, 1.5)
-            covered = sum(box.overlaps(other) for other in placed)
+            # a label past the frame runs into the tick labels or the next panel
+            outside = box.x0 < frame.x0 or box.x1 > frame.x1 or box.y0 < frame.y0 or box.y1 > frame.y1
+            covered = sum(box.overlaps(other) for other in placed) + outside
             if best is None or covered < best[0]:
                 if best is not None:
                     best[1].remove()
@@ -233,6 +236,14 @@ def plot_pareto(path: Path, results: dict) -> Plot:
     failed = [m["model"] for m in models if m.get("published") and not any(k[1] == threads for k in m["latency"])]
     if failed:
         left_out.append(f"Not shown (no latency: see peers.md): {', '.join(failed)}")
+    for rt in runtimes:  # a model timed elsewhere but not on this runtime (its export or run failed)
+        absent = [
+            m["model"]
+            for m in models
+            if m.get("published") and m["model"] not in failed and (rt, threads) not in m["latency"]
+        ]
+        if absent:
+            left_out.append(f"Not in the {SHORT_RUNTIME[rt]} panel (no latency: see peers.md): {', '.join(absent)}")
     if not runtimes:
         return Plot(None, [], left_out)
     fig, axes = plt.subplots(1, len(runtimes), figsize=(6.2 * len(runtimes), 5.0), squeeze=False)
@@ -278,13 +289,13 @@ def plot_pareto(path: Path, results: dict) -> Plot:
         _place_labels(fig, ax, labels)
         ax.grid(color="0.92")
         ax.set_axisbelow(True)
-        ax.set_xlabel(
-            f"median latency, ms ({SHORT_RUNTIME[rt]} fp32, {threads} thread{'s' if threads != 1 else ''}, "
-            f"batch 1, this machine){' (log scale)' if ax.get_xscale() == 'log' else ''}",
-            fontsize=9,
-        )
+        # side by side, a panel's labels get its width only: what differs goes in the title
+        ax.set_xlabel(f"median latency, ms{' (log scale)' if ax.get_xscale() == 'log' else ''}", fontsize=9)
         ax.set_ylabel("published ImageNet-1k top-1, % (not measured here)", fontsize=9)
-        ax.set_title(f"{SHORT_RUNTIME[rt]}: upper left is better", fontsize=10)
+        ax.set_title(
+            f"{SHORT_RUNTIME[rt]} fp32, {threads} thread{'s' if threads != 1 else ''}: upper left is better",
+            fontsize=10,
+        )
     handles = [
         Line2D([], [], linestyle="none", marker="o", color=FAMILY_COLOURS[f], label=n)
         for f, n in (("cloformer", "CloFormer"), ("fat", "FAT"), ("timm", "timm peers"))
@@ -304,7 +315,7 @@ def plot_pareto(path: Path, results: dict) -> Plot:
     ]
     axes[0][-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     notes = [
-        "† published at 256x256 (timed here at "
+        "Latency: batch 1, on this machine. † published at 256x256 (timed here at "
         f"{c['input_size'][0]}x{c['input_size'][1]}, as every model). ‡ trained with knowledge distillation "
         "(CloFormer and FAT were not). Sources: peers.md."
     ] + left_out
