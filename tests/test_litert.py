@@ -41,6 +41,15 @@ def test_tflite_is_one_xnnpack_partition_with_nhwc_float_input(tiny_bundle):
     assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["layout"].startswith("NHWC")
 
 
+def _profiled_partitions_and_outside(path) -> tuple[int, Counter]:
+    """How many XNNPACK partitions LiteRT's profiler saw in one file, and the nodes it ran outside them."""
+    images = np.random.default_rng(0).standard_normal((1, 3, *SIZE)).astype(np.float32)
+    ops = LITERT.profile(path, images, threads=1, runs=2)
+    outside = Counter(o.kind.removesuffix(" (not delegated)") for o in ops if o.kind.endswith("(not delegated)"))
+    partitions = {re.search(r"in partition (\d+)$", o.name).group(1) for o in ops if " in partition " in o.name}
+    return len(partitions), outside
+
+
 def test_litert_profile_is_xnnpacks_ops_in_one_partition_and_quiet(tiny_bundle, capfd):
     from cloformer_deploy.formats.litert_profiler import ProfiledModel
 
@@ -107,12 +116,9 @@ def test_without_keys_first_attention_the_single_head_matmul_falls_outside_xnnpa
     info = LITERT.export(ExportJob(without, example, spec, "fp32"), tmp_path / "without.tflite", lambda text: None)
     assert info["partitions"] > 1 and info["non_delegated_ops"].get("FULLY_CONNECTED", 0) >= 1
     # LiteRT's profiler sees the same partitions and the same nodes outside them
-    images = np.random.default_rng(0).standard_normal((1, 3, *SIZE)).astype(np.float32)
-    ops = LITERT.profile(tmp_path / "without.tflite", images, threads=1, runs=2)
-    outside = Counter(o.kind.removesuffix(" (not delegated)") for o in ops if o.kind.endswith("(not delegated)"))
+    partitions, outside = _profiled_partitions_and_outside(tmp_path / "without.tflite")
     assert outside == info["non_delegated_ops"]
-    partitions = {re.search(r"in partition (\d+)$", o.name).group(1) for o in ops if " in partition " in o.name}
-    assert len(partitions) == info["partitions"]
+    assert partitions == info["partitions"]
 
 
 def test_the_authors_form_is_refused_with_the_converters_reason(tiny_variant, tmp_path):
@@ -148,11 +154,9 @@ def test_fp16_and_int8_keep_float_io_and_stay_close(tiny_variant, tiny_checkpoin
         assert entry["calibration"]["images"] >= 8
         assert "QUANTIZE" in entry["op_types"] and "DEQUANTIZE" in entry["op_types"]
     # LiteRT's profiler sees the partitions and the nodes outside them that the manifest records
-    images = np.random.default_rng(0).standard_normal((1, 3, *SIZE)).astype(np.float32)
-    ops = LITERT.profile(art.path, images, threads=1, runs=2)
-    outside = Counter(o.kind.removesuffix(" (not delegated)") for o in ops if o.kind.endswith("(not delegated)"))
+    partitions, outside = _profiled_partitions_and_outside(art.path)
     assert outside == entry["non_delegated_ops"]
-    assert len({o.name.rsplit(" ", 1)[1] for o in ops if " in partition " in o.name}) == entry["partitions"]
+    assert partitions == entry["partitions"]
 
 
 @pytest.mark.e2e
