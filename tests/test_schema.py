@@ -312,8 +312,8 @@ def test_definitions_shared_by_both_schemas_are_the_same():
 
 @pytest.mark.parametrize("name", list(schema.SCHEMAS))
 def test_docs_show_the_current_schema(name):
-    page = ROOT / schema.SCHEMAS[name][2]
-    command = f"python -m cloformer_deploy.pipeline.schema {name} > {schema.SCHEMAS[name][2]}"
+    page = ROOT / schema.SCHEMAS[name][3]
+    command = f"python -m cloformer_deploy.pipeline.schema {name} > {schema.SCHEMAS[name][3]}"
     assert page.is_file(), f"{page.relative_to(ROOT)} is missing; write it: {command}"
     assert page.read_text() == schema.render(name), f"{page.relative_to(ROOT)} is stale; regenerate it: {command}"
 

@@ -1,13 +1,19 @@
-"""The published JSON Schemas (draft 2020-12): the bundle manifest and the benchmark's results.json.
+"""The published JSON Schemas (draft 2020-12): the bundle manifest, the benchmark's results.json and an evaluation's
+accuracy.json.
 
-Both ship in the package and are read with :mod:`importlib.resources`: ``manifest``
-(``pipeline/schemas/manifest.schema.json``) describes every ``manifest.json`` cloformer-export writes,
-``results`` (``runtime_bench/schemas/results.schema.json``) every ``results.json`` cloformer-bench writes.
-:func:`problem` names the first place a document breaks its schema in one line; :func:`render` turns a
-schema into the Markdown page app developers read (docs/manifest.md, docs/results.md)::
+Each ships in the package whole, as the file an app developer validates against (``pipeline/schemas/
+manifest.schema.json``, ``runtime_bench/schemas/results.schema.json``, ``pipeline/schemas/accuracy.schema.json``),
+read with :mod:`importlib.resources`. Each is generated: a ``*.source.json`` beside it holds what every format
+shares, and the formats' modules add what they record (their names, precisions, runtimes, manifest facts), so a
+new format brings its part of the schema with it. After a change to either::
+
+    python -m cloformer_deploy.pipeline.schema --write
+
+and a test fails while a published file differs from what it would write. :func:`problem` names the first place
+a document breaks its schema in one line; :func:`render` turns a schema into the Markdown page app developers read
+(docs/manifest.md, docs/results.md, docs/accuracy.md)::
 
     python -m cloformer_deploy.pipeline.schema manifest > docs/manifest.md
-    python -m cloformer_deploy.pipeline.schema results > docs/results.md
 
 A shared base module, like :mod:`cloformer_deploy.files`: every layer may use it.
 """
@@ -20,11 +26,28 @@ import re
 import sys
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
-# name -> (where in the package, the file it describes, the page of docs/ rendered from it)
+# name -> (the published file in the package, its source beside it, the file it describes, the page of docs/)
 SCHEMAS = {
-    "manifest": ("pipeline/schemas/manifest.schema.json", "manifest.json", "docs/manifest.md"),
-    "results": ("runtime_bench/schemas/results.schema.json", "results.json", "docs/results.md"),
+    "manifest": (
+        "pipeline/schemas/manifest.schema.json",
+        "pipeline/schemas/manifest.source.json",
+        "manifest.json",
+        "docs/manifest.md",
+    ),
+    "results": (
+        "runtime_bench/schemas/results.schema.json",
+        "runtime_bench/schemas/results.source.json",
+        "results.json",
+        "docs/results.md",
+    ),
+    "accuracy": (
+        "pipeline/schemas/accuracy.schema.json",
+        "pipeline/schemas/accuracy.source.json",
+        "accuracy.json",
+        "docs/accuracy.md",
+    ),
 }
 RESULTS_SCHEMA_VERSION = 1  # results.json's "schema_version" (optional: older results have none)
 
@@ -34,7 +57,7 @@ class SchemaError(ValueError):
 
 
 def schema_file(name: str):
-    """The schema's file in the installed package (an importlib.resources Traversable)."""
+    """The published schema's file in the installed package (an importlib.resources Traversable)."""
     if name not in SCHEMAS:
         raise KeyError(f"no schema {name!r}; choose from {', '.join(SCHEMAS)}")
     return resources.files("cloformer_deploy").joinpath(SCHEMAS[name][0])
@@ -42,8 +65,41 @@ def schema_file(name: str):
 
 @cache
 def _schema(name: str) -> dict:
-    schema = json.loads(schema_file(name).read_text(encoding="utf-8"))
-    return _with_formats(schema) if name == "manifest" else _with_runtimes(schema)
+    return json.loads(schema_file(name).read_text(encoding="utf-8"))
+
+
+def assemble(name: str) -> dict:
+    """The whole schema ``name`` from its source and what this version's formats add: what ``--write`` publishes."""
+    if name not in SCHEMAS:
+        raise KeyError(f"no schema {name!r}; choose from {', '.join(SCHEMAS)}")
+    source = json.loads(resources.files("cloformer_deploy").joinpath(SCHEMAS[name][1]).read_text(encoding="utf-8"))
+    return {"manifest": _with_formats, "results": _with_runtimes, "accuracy": _with_artifacts}[name](source)
+
+
+def published_text(name: str) -> str:
+    """The text of the published file, as ``--write`` writes it."""
+    return json.dumps(assemble(name), indent=1, ensure_ascii=False) + "\n"
+
+
+def write_published() -> list[Path]:
+    """Write every published schema from its source (into the package's folder: a checkout, not a wheel)."""
+    written = []
+    for name, (published, *_rest) in SCHEMAS.items():
+        path = Path(str(resources.files("cloformer_deploy").joinpath(published)))
+        path.write_text(published_text(name), encoding="utf-8")
+        written.append(path)
+    _schema.cache_clear()
+    return written
+
+
+def _with_artifacts(schema: dict) -> dict:
+    """accuracy.json's schema with the formats and precisions of this version."""
+    from ..formats import BACKENDS
+
+    row = schema["$defs"]["row"]["properties"]
+    row["format"]["enum"] = list(BACKENDS)
+    row["precision"]["enum"] = list(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
+    return schema
 
 
 def _with_runtimes(schema: dict) -> dict:
@@ -178,7 +234,7 @@ def check(name: str, document) -> None:
     """:class:`SchemaError` (``results.json: rows[3].latency_ms is missing``) unless ``document`` conforms."""
     why = problem(name, document)
     if why is not None:
-        raise SchemaError(f"{SCHEMAS[name][1]}: {why}")
+        raise SchemaError(f"{SCHEMAS[name][2]}: {why}")
 
 
 # ---- one line per error ---------------------------------------------------------------------------------------
@@ -452,24 +508,20 @@ def render(name: str) -> str:
     """The schema ``name`` as a Markdown page: what the file is, then a table per object (field, type,
     required, description)."""
     schema = _schema(name)
-    package_path, document, page = SCHEMAS[name]
+    package_path, source_path, document, page = SCHEMAS[name]
     version = schema["properties"]["schema_version"]["const"]
     head = [
         f"# {schema['title']}, schema version {version}",
         "",
         f"<!-- Generated from cloformer_deploy/{package_path} by `python -m cloformer_deploy.pipeline.schema {name} > "
-        f"{page}`: edit the schema, then run that command. -->",
+        f"{page}`: edit cloformer_deploy/{source_path}, run `python -m cloformer_deploy.pipeline.schema --write`, "
+        "then that command. -->",
         "",
         _cell(schema["description"]),
         "",
-        f"The JSON Schema (draft 2020-12) ships in the package as `cloformer_deploy/{package_path}`"
-        + (
-            " with the parts every format shares; each format's module adds what its export records, and "
-            f"`python -m cloformer_deploy.pipeline.schema {name} --json` prints the whole schema"
-            if name == "manifest"
-            else ""
-        )
-        + f". Any JSON Schema 2020-12 validator checks a {document} against it, and in Python "
+        f"The JSON Schema (draft 2020-12) ships in the package, whole, as `cloformer_deploy/{package_path}` "
+        "(generated from the parts every format shares and what each format's module adds). "
+        f"Any JSON Schema 2020-12 validator checks a {document} against it, and in Python "
         f'`cloformer_deploy.pipeline.schema.check("{name}", data)` raises one line naming the first field that '
         "breaks it.",
         "",
@@ -483,11 +535,16 @@ def render(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args == ["--write"]:
+        for path in write_published():
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
     as_json = "--json" in args
     args = [a for a in args if a != "--json"]
     if len(args) != 1 or args[0] not in SCHEMAS:
         print(
-            f"usage: python -m cloformer_deploy.pipeline.schema {{{','.join(SCHEMAS)}}} [--json] > docs/<name>.md",
+            f"usage: python -m cloformer_deploy.pipeline.schema {{{','.join(SCHEMAS)}}} [--json] > docs/<name>.md\n"
+            "       python -m cloformer_deploy.pipeline.schema --write   (the published schemas, from their sources)",
             file=sys.stderr,
         )
         return 2
