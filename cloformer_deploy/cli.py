@@ -181,8 +181,13 @@ def validate_main(p: _Parser, argv) -> int:
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     opts = ValidateOptions.from_args(args).checked()  # bad input answered before torch is imported
-    from .pipeline.revalidate import validate_bundle
+    from .pipeline.options import evaluation_checked
     from .progress import Progress
+
+    evaluation_checked(opts)
+    if opts.data is not None:
+        return _evaluation(opts, Progress(quiet=args.quiet))
+    from .pipeline.revalidate import validate_bundle
 
     ok, reports = validate_bundle(opts, progress=Progress(quiet=args.quiet))
     for r in reports:
@@ -190,6 +195,51 @@ def validate_main(p: _Parser, argv) -> int:
             print(f"{r['path']} on {name}: {_target_verdict(t)}")
     print(f"{'PASS' if ok else 'FAIL'}: {sum(r['passed'] for r in reports)}/{len(reports)} artifacts pass")
     return 0 if ok else 1
+
+
+def _evaluation(opts, progress) -> int:
+    """``cloformer-validate --data``: the evaluation's table, and where its reports are."""
+    from .pipeline.evaluate import evaluate_bundle
+
+    ev = evaluate_bundle(opts, progress=progress)
+    doc = ev.document
+    ref = doc["reference"]
+
+    def pct(x):
+        return "-" if x is None else f"{x:.2%}"
+
+    rows = [["PyTorch fp32", "reference", pct(ref["top1"]), pct(ref["top5"]), "", "", "", "", str(ref["images"])]]
+    for r in doc["rows"]:
+        if "error" in r:
+            rows.append([r["label"], "FAIL", "", "", "", "", "", r["error"][:60], ""])
+            continue
+        ci = r["top1_delta_ci95"]
+        rows.append(
+            [
+                r["label"],
+                "PASS" if r["passed"] else "FAIL",
+                pct(r["top1"]),
+                pct(r["top5"]),
+                "-" if r["top1_delta"] is None else f"{r['top1_delta'] * 100:+.2f}",
+                "-" if ci is None else f"{ci[0] * 100:+.2f} to {ci[1] * 100:+.2f}",
+                pct(r["agreement"]),
+                f"{r['drift']['cosine_min']:.6f}",
+                str(r["images"]),
+            ]
+        )
+    _table(
+        ["artifact", "verdict", "top-1", "top-5", "change (pts)", "95% CI (pts)", "agreement", "cosine min", "images"],
+        rows,
+        right=("top-1", "top-5", "change (pts)", "agreement", "cosine min", "images"),
+    )
+    for s in doc["skipped"]:
+        print(f"{s['file']}: not run on {doc['target']['name']} ({s['reason']})")
+    if doc["unreadable"]:
+        print(f"{len(doc['unreadable'])} unreadable image(s), left out of every figure (listed in accuracy.md)")
+    print(f"wrote accuracy.json, accuracy.md, accuracy.png and flipped.csv in {ev.folder}")
+    passed = sum(r["passed"] for r in doc["rows"])
+    print(f"{'PASS' if ev.passed else 'FAIL'}: {passed}/{len(doc['rows'])} artifacts pass on {ref['images']} images")
+    return 0 if ev.passed else 1
 
 
 @_command("cloformer-bench")

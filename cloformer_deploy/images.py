@@ -136,3 +136,55 @@ def load_calibration(size: tuple[int, int], mean, std, folder: str | Path | None
     if not arrays:
         raise ImageDataError("no readable image for calibration; pass --data with a folder of photographs")
     return normalise(np.stack(arrays), mean, std)
+
+
+# an ImageNet-1k class each bundled photograph may stand for, to make a labelled set of them (a demonstration only)
+PHOTO_CLASSES = {
+    "astronaut.png": "space shuttle",
+    "chelsea.png": "tabby",
+    "coffee.png": "espresso",
+    "rocket.jpg": "missile",
+    "motorcycle_left.png": "moped",
+    "hubble_deep_field.jpg": "planetarium",
+    "retina.jpg": "jellyfish",
+    "ihc.png": "brain coral",
+    "camera.png": "tripod",
+    "coins.png": "puck",
+    "moon.png": "volcano",
+    "brick.png": "stone wall",
+}
+
+
+def write_photo_set(
+    folder: str | Path, count: int, classes: list[str] | None = None, seed: int = 0, side: int = 288
+) -> Path:
+    """``count`` JPEG views of the bundled photographs (random crops of 55-100% of the shorter side, mirrored at
+    random, ``side`` pixels square) in class subfolders of ``folder``: a labelled set made without a network.
+
+    Each photograph keeps one class: ``classes[i % len(classes)]`` for the i-th photograph, or, without
+    ``classes``, the ImageNet-1k class of :data:`PHOTO_CLASSES`.
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    photos = default_image_paths()
+    opened = {}
+    for k in range(count):
+        i = k % len(photos)
+        path = photos[i]
+        if path not in opened:
+            with Image.open(path) as im:
+                opened[path] = im.convert("RGB")
+        im = opened[path]
+        cls = classes[i % len(classes)] if classes else PHOTO_CLASSES[path.name]
+        crop = int(min(im.size) * rng.uniform(0.55, 1.0))
+        left = int(rng.integers(0, im.width - crop + 1))
+        top = int(rng.integers(0, im.height - crop + 1))
+        view = im.crop((left, top, left + crop, top + crop)).resize((side, side), Image.BICUBIC)
+        if rng.random() < 0.5:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        dest = folder / cls / f"{path.stem}-{k:06d}.jpg"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        view.save(dest, quality=90)
+    return folder

@@ -34,13 +34,24 @@ LITERT_NOISE = re.compile(
 )
 
 
+# Ray's core, on every ray.init: that it could not reach the internet to learn its address (a cluster on loopback
+# needs none), and that it read its log level
+RAY_NOISE = re.compile(
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+ [IW] \d+ \d+\] "
+    r"(network_util\.cc:\d+: Failed to determine local IP|logging\.cc:\d+: Set ray log level)"
+)
+
+
 def is_native_noise(line: str) -> bool:
     """A line the runtimes' native code prints on every run that says nothing to the user."""
-    return bool(NATIVE_NOISE.match(line) or THREADPOOL_NOISE.match(line) or LITERT_NOISE.match(line))
+    return bool(
+        NATIVE_NOISE.match(line) or THREADPOOL_NOISE.match(line) or LITERT_NOISE.match(line) or RAY_NOISE.match(line)
+    )
 
 
 _depth = 0  # nested calls (export inside bench) install the filters once
 _lock = threading.Lock()
+_active: _NativeStderrFilter | None = None  # the filter in place, if any
 
 
 @contextmanager
@@ -58,7 +69,8 @@ def quiet_libraries():
         return
     previous_disable = logging.root.manager.disable
     restore_tqdm = _disable_tqdm()
-    native = _NativeStderrFilter()
+    global _active
+    native = _active = _NativeStderrFilter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -67,6 +79,7 @@ def quiet_libraries():
             yield
     finally:
         native.stop()
+        _active = None
         logging.disable(previous_disable)
         restore_tqdm()
         with _lock:
@@ -145,6 +158,25 @@ class _NativeStderrFilter:
         self.thread.join(timeout=5)
         os.close(self.saved)
         self.saved = None
+
+
+@contextmanager
+def stderr_unfiltered():
+    """File descriptor 2 as it was before :func:`quiet_libraries`, for the duration: to start a helper process that
+    outlives the filter (multiprocessing's resource tracker), which would otherwise hold the filter's pipe open."""
+    saved = _active.saved if _active is not None else None
+    if saved is None:
+        yield
+        return
+    fd = sys.__stderr__.fileno()
+    sys.__stderr__.flush()
+    piped = os.dup(fd)
+    os.dup2(saved, fd)
+    try:
+        yield
+    finally:
+        os.dup2(piped, fd)
+        os.close(piped)
 
 
 @contextmanager

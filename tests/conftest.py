@@ -5,24 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TINY, TINY_SIZE, randomise_norms
+from helpers import TINY, TINY_SIZE, randomise_norms, register_tiny
 
 
 @pytest.fixture(scope="session")
 def tiny_variant():
     """A small CloFormer (all branch kinds, 4 blocks) registered for the session: fast exports."""
-    from cloformer_deploy.models.cloformer import CloFormerConfig
-    from cloformer_deploy.models.registry import VARIANTS, Variant
+    from cloformer_deploy.models.registry import VARIANTS
 
-    cfg = CloFormerConfig(
-        embed_dims=(16, 32, 48, 64),
-        depths=(1, 1, 1, 1),
-        num_heads=(2, 2, 3, 4),
-        group_splits=((1, 1), (1, 1), (2, 1), (1, 3)),
-        kernel_sizes=((3,), (5,), (7,), (9,)),
-    )
-    VARIANTS[TINY] = Variant(TINY, "cloformer", cfg, None, "test-only tiny CloFormer")
-    yield TINY
+    yield register_tiny()
     VARIANTS.pop(TINY, None)
 
 

@@ -45,6 +45,23 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 TINY = "cloformer_tiny_test"
 
+
+def register_tiny() -> str:
+    """Register the tiny CloFormer (all branch kinds, 4 blocks) under :data:`TINY`; a test's own scripts call it too."""
+    from cloformer_deploy.models.cloformer import CloFormerConfig
+    from cloformer_deploy.models.registry import VARIANTS, Variant
+
+    cfg = CloFormerConfig(
+        embed_dims=(16, 32, 48, 64),
+        depths=(1, 1, 1, 1),
+        num_heads=(2, 2, 3, 4),
+        group_splits=((1, 1), (1, 1), (2, 1), (1, 3)),
+        kernel_sizes=((3,), (5,), (7,), (9,)),
+    )
+    VARIANTS[TINY] = Variant(TINY, "cloformer", cfg, None, "test-only tiny CloFormer")
+    return TINY
+
+
 TINY_SIZE = (64, 96)
 
 

@@ -13,6 +13,8 @@ from ..lazy import lazy_names
 
 _WHERE = {
     "ArtifactResult": "exporter",
+    "Evaluation": "evaluate",
+    "evaluate_bundle": "evaluate",
     "ExportResult": "exporter",
     "export": "exporter",
     "PreparedModel": "model",

@@ -145,3 +145,13 @@ def reference_outputs(module: torch.nn.Module, images: np.ndarray) -> np.ndarray
     one image's, which is what the size check before any work measured, however many images there are."""
     with torch.no_grad():
         return np.concatenate([module(torch.from_numpy(images[i : i + 1])).numpy() for i in range(len(images))])
+
+
+def reference_module(variant, num_classes: int, files: dict) -> torch.nn.Module:
+    """The authors' form of ``variant`` with the weights in ``files["weights"]`` (random ones, drawn as an export
+    draws them, without it): what an evaluation's workers build, on this machine or a cluster's node. The variant
+    travels whole, so that one registered by the caller's program alone is known to its workers too."""
+    from ..models.registry import VARIANTS
+
+    VARIANTS.setdefault(variant.name, variant)
+    return prepare_model(variant.name, files.get("weights"), num_classes).module

@@ -215,6 +215,16 @@ def check_memory(opts, num_classes: int, calibration_images: int) -> None:
     )
 
 
+def check_cluster(flag: str, value) -> str:
+    from ..validation.ray_cluster import check_address
+
+    return check_address(flag, value)
+
+
+DEFAULT_SHARD_SIZE = 64
+EVALUATION_FIELDS = ("labels", "workers", "cluster", "out", "shard_size")  # they apply to --data only
+
+
 @dataclass
 class ValidateOptions(TargetOptions):
     bundle: str = option(None, "a folder written by cloformer-export", positional=True, check=check_bundle)
@@ -222,6 +232,58 @@ class ValidateOptions(TargetOptions):
         None, "the checkpoint the bundle was exported from (not needed for random weights)", check=check_weights
     )
     data: str | None = option(
-        None, "folder of images (default: photographs bundled with scikit-image)", check=check_data
+        None,
+        "a validation set to evaluate accuracy on, streamed shard by shard: one subfolder per class (named as in "
+        "the bundle's labels.txt, or ImageNet synset ids), or a flat folder with --labels, or a flat folder "
+        "without labels (drift and agreement only); default: the 12 photographs bundled with scikit-image",
+        check=check_data,
+    )
+    labels: str | None = option(
+        None,
+        "with --data: a CSV of file,label rows over a flat folder (a label is a class index, a class name or a "
+        "synset id), as ImageNet's validation set is distributed",
+        check=lambda flag, v: existing_file(flag, v, "a CSV file of file,label rows"),
+    )
+    workers: int | None = option(
+        None,
+        "with --data: processes that run shards here (default: one per core); with --cluster: per node "
+        "(default: the node's CPUs)",
+        check=lambda flag, v: whole_number(flag, v, 1, 512),
+    )
+    cluster: str | None = option(
+        None,
+        "with --data: the address (host:port) of a Ray cluster to run shards on; its nodes need the project "
+        'installed with pip install -e ".[cluster]"',
+        check=check_cluster,
+    )
+    out: str | None = option(
+        None,
+        "with --data: folder for accuracy.json, accuracy.md, accuracy.png, flipped.csv and the finished shards "
+        "(default: runtime_bench/<bundle folder name>/); a run stopped before its end continues from there",
+    )
+    shard_size: int = option(
+        DEFAULT_SHARD_SIZE,
+        f"with --data: images per shard, the unit of work and of resumption (default {DEFAULT_SHARD_SIZE})",
+        check=lambda flag, v: whole_number(flag, v, 1, 100_000),
     )
     min_top1_agreement: float | None = option(None, "also require this top-1 agreement (0..1)", check=fraction)
+
+
+def evaluation_checked(opts: ValidateOptions) -> None:
+    """What depends on several fields of a validation, before any work: the evaluation's options need --data,
+    a cluster runs on this machine's kind of target only, and --out must be writable."""
+    if opts.data is None:
+        given = [n for n in EVALUATION_FIELDS if opts.was_given(n)]
+        if given:
+            raise ExportInputError(
+                f"--{given[0].replace('_', '-')} applies to --data; add --data with a validation set"
+            )
+        return
+    target = str(opts.target).strip().lower()
+    if opts.cluster is not None and target.startswith(("ssh://", "adb://")):
+        raise ExportInputError(
+            "--cluster runs the local or arm64 target on every node; a device is driven from this machine: "
+            "drop --cluster (--workers runs several runners on the device)"
+        )
+    if opts.out is not None:
+        writable_folder("--out", opts.out)

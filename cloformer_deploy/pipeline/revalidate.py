@@ -17,7 +17,7 @@ from ..targets.local import LocalTarget
 from ..validation import bounds_for, validate_artifact
 from .bundle import LABELS, MANIFEST, BundleError, check_files, read_manifest, schema_bug, write_manifest
 from .model import RANDOM_SEED, PreparedModel, prepare_model, reference_outputs
-from .options import ExportInputError, ValidateOptions
+from .options import ExportInputError, ValidateOptions, evaluation_checked
 
 LOCAL = LocalTarget()
 
@@ -91,6 +91,9 @@ def validate_bundle(
     weights="ckpt.pth")``). With a ``target`` other than ``local``, every artifact it can run is also
     validated there, and the figures (with their difference from this machine's) are recorded in the
     bundle's manifest under ``validation.targets.<target name>``.
+
+    With ``data`` (a validation set), it is :func:`~.evaluate.evaluate_bundle`'s evaluation, streamed shard by
+    shard, and the reports are its rows (one per artifact, each with ``passed``).
     """
     with quiet_libraries():
         if isinstance(options, (str, Path)):  # validate_bundle("export/cloformer_xxs-224x224", ...)
@@ -98,12 +101,18 @@ def validate_bundle(
         opts = ValidateOptions.of(options, **kwargs).checked()
         if opts.bundle is None:
             raise ExportInputError("no bundle given; pass the folder written by cloformer-export")
+        evaluation_checked(opts)
+        if opts.data is not None:
+            from .evaluate import evaluate_bundle
+
+            evaluation = evaluate_bundle(opts, progress=progress)
+            return evaluation.passed, evaluation.rows
         progress = progress or Progress(quiet=True)
         on = opts.open_target()
         try:
             opened = open_bundle(opts.bundle, opts.weights)
             spec = opened.spec
-            images = load_images(spec.input_size, spec.mean, spec.std, folder=opts.data)
+            images = load_images(spec.input_size, spec.mean, spec.std)
             reference = reference_outputs(opened.prepared.module, images.tensor)
             reports = []
             for entry in opened.manifest["artifacts"]:

@@ -361,8 +361,8 @@ class EmulatedArm64Target(Target):
         argv, env = self.python_command(str(python_code(self.cache) / "run.py"), "worker")
         return argv, env, []
 
-    def runner(self, fmt, path, spec, info, threads=None):
-        return super().runner(fmt, path, spec, info, threads or self.validation_threads)
+    def runner(self, fmt, path, spec, info, threads=None, native=True):
+        return super().runner(fmt, path, spec, info, threads or self.validation_threads, native)
 
     def describe(self) -> dict:
         profile = CPU_PROFILES[self.cpu]

@@ -315,9 +315,18 @@ class Target(ABC):
         argv, env, cleanup = self.native_command(fmt) if native else self.worker_command()
         return WorkerProcess(argv, env, timeout or self.step_timeout, cleanup)
 
-    def runner(self, fmt: str, path: str | Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
+    def runner(
+        self,
+        fmt: str,
+        path: str | Path,
+        spec: ModelSpec,
+        info: dict,
+        threads: int | None = None,
+        native: bool = True,
+    ) -> Runner:
         """The artifact opened for validation on this target: by its native runner where the target has one (a
         process per artifact: it starts in milliseconds), else in the target's one Python validation worker.
+        (``native``: whether to prefer the native runner; off this machine it always is.)
 
         Artifacts are validated one after another in the same Python worker: starting one can take a
         minute (a Python importing torch on a board). A worker that died is replaced.

@@ -33,9 +33,20 @@ class LocalTarget(Target):
     def worker_command(self):
         return [sys.executable, "-m", "cloformer_deploy.targets.worker"], None, []
 
-    def runner(self, fmt: str, path: str | Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
+    def runner(
+        self,
+        fmt: str,
+        path: str | Path,
+        spec: ModelSpec,
+        info: dict,
+        threads: int | None = None,
+        native: bool = False,
+    ) -> Runner:
         # validation here stays on the Python runtimes, in this process: exporting needs no compiler, the runtime
-        # is already imported here, and a worker would only add its start-up
+        # is already imported here, and a worker would only add its start-up. ``native``: the built native runner
+        # where there is one (an evaluation's workers run as an app would)
+        if native and self.runs_natively(fmt):
+            return super().runner(fmt, path, spec, info, threads)
         return BACKENDS[fmt].open(Path(path), spec, info, threads)
 
     def describe(self) -> dict:

@@ -1,0 +1,209 @@
+"""A bundle evaluated on a validation set (``cloformer-validate BUNDLE --data DIR``): every artifact, on a target,
+against PyTorch fp32, streamed shard by shard (:mod:`cloformer_deploy.validation.evaluation`).
+
+This module turns a bundle into the passes of an evaluation (the reference, one per artifact) and writes what
+they found: ``accuracy.json`` (published schema), ``accuracy.md``, ``accuracy.png`` and ``flipped.csv``, beside
+the finished shards in ``shards/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..formats import BACKENDS
+from ..inputs import writable_folder
+from ..progress import Progress
+from ..quiet import quiet_libraries
+from ..validation import bounds_for
+from ..validation.accuracy import evaluate_set
+from ..validation.accuracy_report import write_flipped, write_markdown, write_plot
+from ..validation.evaluation import Job, Preprocessing, ShardStore, digest
+from ..validation.labelled import read_set
+from ..validation.workers import LocalWorkers, default_workers
+from . import schema
+from .model import reference_module
+from .options import ExportInputError, ValidateOptions, evaluation_checked
+from .revalidate import open_bundle
+
+ACCURACY_SCHEMA_VERSION = 1
+
+
+@dataclass
+class Evaluation:
+    """What an evaluation wrote: the document of ``accuracy.json`` and the folder it is in."""
+
+    document: dict
+    folder: Path
+
+    @property
+    def passed(self) -> bool:
+        return all(r["passed"] for r in self.document["rows"])
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.document["rows"]
+
+
+def _versions(cluster: bool) -> dict:
+    """The versions that made the figures, read without importing the runtimes."""
+    import platform
+
+    from .. import __version__
+    from ..files import git_commit
+    from ..versions import installed_versions
+
+    names = ["torch", "numpy", "pillow", *dict.fromkeys(p for b in BACKENDS.values() for p in b.device_packages)]
+    return {
+        "cloformer_deploy": __version__,
+        "python": platform.python_version(),
+        **installed_versions([*names, *(["ray"] if cluster else [])]),
+        "git_commit": git_commit(),
+    }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def row_line(row: dict) -> str:
+    """One line per finished artifact, for the terminal."""
+    head = f"{row['label']}: "
+    if "error" in row:
+        return head + f"FAIL, {row['error']}"
+    d = row["drift"]
+    text = head + ("PASS" if row["passed"] else "FAIL")
+    if row["top1"] is not None:
+        lo, hi = row["top1_delta_ci95"]
+        text += (
+            f", top-1 {row['top1']:.2%} ({row['top1_delta'] * 100:+.2f} pts, 95% CI {lo * 100:+.2f} to "
+            f"{hi * 100:+.2f}), {row['flipped']['count']} flipped"
+        )
+    text += f", agreement {row['agreement']:.2%}, cosine min {d['cosine_min']:.6f}, max abs {d['max_abs']:.2e}"
+    text += f" on {row['images']} images"
+    run = row.get("run") or {}
+    if run.get("images_run") and run.get("seconds"):
+        text += f", {run['images_run'] / run['seconds']:.1f} images/s"
+    if row["problems"]:
+        text += " -- " + "; ".join(row["problems"])
+    return text
+
+
+def evaluate_bundle(
+    options: ValidateOptions | None = None, /, *, progress: Progress | None = None, **kwargs
+) -> Evaluation:
+    """Evaluate every artifact of a bundle on the validation set ``data`` (see :class:`ValidateOptions`).
+
+    Bad input (a folder with no image, a labels file naming missing files or unknown classes, an unreachable
+    cluster, ``workers=0``) raises an InputError before any work. A stopped run continues where it stopped.
+    """
+    with quiet_libraries():
+        if isinstance(options, (str, Path)):
+            options, kwargs = None, {"bundle": str(options), **kwargs}
+        opts = ValidateOptions.of(options, **kwargs).checked()
+        if opts.bundle is None:
+            raise ExportInputError("no bundle given; pass the folder written by cloformer-export")
+        if opts.data is None:
+            raise ExportInputError("no validation set given; pass data= (--data) with a folder of images")
+        evaluation_checked(opts)
+        progress = progress or Progress(quiet=True)
+        on = opts.open_target()
+        on.close()  # checked ready here; every worker opens its own
+        opened = open_bundle(opts.bundle, opts.weights)
+        spec = opened.spec
+        data = read_set(opts.data, spec.labels, opts.labels)
+        out = Path(opts.out) if opts.out is not None else Path("runtime_bench") / opened.folder.name
+        writable_folder("--out", out)
+        m = opened.manifest["model"]
+        prep = Preprocessing(tuple(spec.input_size), tuple(spec.mean), tuple(spec.std))
+        weights = {"weights": Path(opts.weights)} if opts.weights is not None else {}
+        reference = Job(
+            kind="reference",
+            key=digest("reference", m["name"], m["num_classes"], opened.prepared.state_sha256, prep.as_dict()),
+            label="PyTorch fp32 (reference)",
+            preprocessing=prep,
+            files=weights,
+            build=functools.partial(reference_module, opened.prepared.variant, m["num_classes"]),
+        )
+        where = {"name": opts.target, "cpu": opts.cpu, "cache": opts.target_cache, "device": opts.device()}
+        jobs, skipped = [], []
+        for entry in opened.manifest["artifacts"]:
+            fmt, precision = entry["format"], entry["precision"]
+            backend = BACKENDS[fmt]
+            reason = on.cannot_run(backend) if not on.can_run(backend) else on.missing(backend)
+            if reason:
+                skipped.append({"file": entry["path"], "format": fmt, "precision": precision, "reason": reason})
+                continue
+            job = Job(
+                kind="artifact",
+                key=digest("artifact", reference.key, entry["sha256"], on.name),
+                label=f"{fmt} {precision} on {on.name}",
+                preprocessing=prep,
+                files={"artifact": opened.folder / entry["path"]},
+                format=fmt,
+                precision=precision,
+                spec=spec.to_dict(),
+                info=entry,
+                target=where,
+                slug=_slug(f"{fmt}-{precision}-{on.name}"),
+            )
+            jobs.append((job, bounds_for(precision, opts.min_top1_agreement)))
+        if opts.cluster is not None:
+            from ..validation.ray_cluster import RayCluster
+
+            scheduler = RayCluster(opts.cluster, opts.workers, where)
+        else:
+            scheduler = LocalWorkers(opts.workers or default_workers())
+        progress.log(
+            f"evaluating {len(jobs)} artifact(s) of {opened.folder.name} on {on.name}: {len(data)} images "
+            f"({data.how if data.labelled else 'unlabelled'}), shards of {opts.shard_size}, "
+            + (f"Ray cluster of {len(scheduler.nodes)} node(s), " if opts.cluster else "")
+            + f"{scheduler.describe()['workers']} worker(s)"
+        )
+        store = ShardStore(out / "shards")
+        try:
+            ref, rows, flipped = evaluate_set(
+                data,
+                reference,
+                jobs,
+                scheduler,
+                store,
+                progress,
+                opts.shard_size,
+                on_row=lambda row: progress.log(row_line(row)),
+            )
+        finally:
+            scheduler.close()
+        unreadable = ref.pop("unreadable")
+        document = {
+            "schema_version": ACCURACY_SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "bundle": str(opened.folder),
+            "model": {k: m[k] for k in ("name", "num_classes", "input_size", "batch")},
+            "weights": m.get("weights") if not m.get("random_init") else None,
+            "random_weights": bool(m.get("random_init")),
+            "data": data.describe(),
+            "preprocessing": prep.as_dict(),
+            "shard_size": opts.shard_size,
+            "scheduler": scheduler.describe(),
+            "target": on.describe(),
+            "reference": ref,
+            "unreadable": unreadable,
+            "rows": rows,
+            "skipped": skipped,
+            "versions": _versions(opts.cluster is not None),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        schema.check("accuracy", json.loads(json.dumps(document)))
+        write_flipped(out / "flipped.csv", rows, flipped, spec.labels)
+        write_markdown(out / "accuracy.md", document, spec.labels)
+        write_plot(out / "accuracy.png", document)
+        tmp = out / "accuracy.json.part"
+        tmp.write_text(json.dumps(document, indent=1) + "\n")
+        os.replace(tmp, out / "accuracy.json")
+        return Evaluation(document, out)
