@@ -148,7 +148,8 @@ def export_main(p: _Parser, argv) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"next:   cloformer-validate {result.bundle}" + (f" --weights {opts.weights}" if opts.weights else ""))
+    weights = f" --weights {opts.weights}" if opts.weights else ""
+    print(f"next:   cloformer-validate {result.bundle}{weights} --data VALIDATION_SET/  (accuracy of every artifact)")
     return 0
 
 

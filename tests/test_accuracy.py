@@ -367,6 +367,15 @@ def test_progress_shows_rate_and_time_left_and_a_line_per_artifact(tiny_bundle, 
     assert len(finished) == len(json.loads((tmp_path / "accuracy.json").read_text())["rows"])
 
 
+def test_cli_prints_the_table_and_where_the_reports_are(tiny_bundle, tiny_checkpoint, photo_set, tmp_path, capsys):
+    args = [str(tiny_bundle.bundle), "--weights", str(tiny_checkpoint), "--data", str(photo_set)]
+    assert validate_main([*args, "--workers", "1", "--out", str(tmp_path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "PyTorch fp32" in out and "95% CI (pts)" in out and "onnx fp32 on local" in out
+    assert "2 unreadable image(s)" in out and f"in {tmp_path}" in out
+    assert out.strip().splitlines()[-1].startswith("PASS: ") and "on 36 images" in out
+
+
 # ---- bad input -------------------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -172,9 +173,7 @@ def evaluate_set(
     rows, flipped = [], {}
     for job, bounds in artifacts:
         base = {k: describe_job(job)[k] for k in ("label", "format", "precision", "target")}
-        base["file"] = str(
-            job.files["artifact"].name if hasattr(job.files["artifact"], "name") else job.files["artifact"]
-        )
+        base["file"] = Path(job.files["artifact"]).name
         try:
             run = run_job(job, shards, scheduler, store, progress, reference=reference)
             row, flips = artifact_figures(data, shards, job, reference, store, bounds)
