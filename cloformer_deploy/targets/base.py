@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from ..formats.base import Backend, ModelSpec, Runner
 from ..images import ImageBatch
 from ..inputs import InputError
 from ..quiet import is_native_noise
-from .worker import KEPT_BATCHES, pack, unpack
+from .worker import KEPT_BATCHES, pack, pack_json, unpack
 
 STDERR_TAIL = 4000  # bytes of a worker's stderr kept to explain its death
 # packages whose own requirements serve exporting (executorch: pandas, hydra, coremltools, ...): a device gets
@@ -132,18 +133,26 @@ class WorkerProcess:
 
     def ask(self, cmd: dict, timeout: float | None = None) -> dict:
         """Send one command and wait for its answer; WorkerError for an error answer, a timeout or a death."""
-        limit = timeout or self.timeout
+        self.send(json.dumps(cmd).encode())
+        return self.receive(cmd["cmd"], timeout)
+
+    def send(self, line: bytes) -> None:
+        """Write one command (a JSON line without its newline); its answer is :meth:`receive`'s."""
         try:
-            self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+            self.proc.stdin.write(line + b"\n")
             self.proc.stdin.flush()
         except (OSError, ValueError):  # ValueError: a worker already closed (a timeout before)
             raise WorkerError(self._died()) from None
+
+    def receive(self, what: str, timeout: float | None = None) -> dict:
+        """The answer to the command ``what`` sent last; WorkerError for an error answer, a timeout or a death."""
+        limit = timeout or self.timeout
         deadline = time.monotonic() + limit
         while True:
             line = self._line(deadline)
             if line is None:
                 self.close()
-                raise WorkerError(f"no answer to {cmd['cmd']!r} within {limit:.0f}s; the worker was stopped")
+                raise WorkerError(f"no answer to {what!r} within {limit:.0f}s; the worker was stopped")
             if not line:
                 raise WorkerError(self._died())
             if line.lstrip().startswith(b"{"):
@@ -245,6 +254,32 @@ class WorkerRunner(Runner):
 
     def run(self, batch: ImageBatch) -> np.ndarray:
         answer = self.worker.run_batch(batch.names, batch.images, batch.tensor)
+        self.run_ms.append(answer["ms"])
+        return unpack(answer["logits"])
+
+    def run_ahead(self, batches) -> Iterator[np.ndarray]:
+        """Logits of each batch of ``batches`` (an iterable, made lazily) in turn, each sent once and not kept: the
+        next batch is made and encoded while the worker runs the one before, so that a stream of images costs
+        about the worker's time alone. A native runner is sent the tensor only (it never reads the images)."""
+        native = self.description.get("runner") == "native"
+
+        def message(batch: ImageBatch) -> bytes:
+            head = b'{"cmd": "run", "names": ' + json.dumps(list(batch.names)).encode()
+            images = b"" if native else b', "images": ' + pack_json(batch.images)
+            return head + images + b', "tensor": ' + pack_json(batch.tensor) + b"}"
+
+        pending = False
+        for batch in batches:
+            line = message(batch)  # made while the worker runs the previous batch
+            if pending:
+                yield self._answer()
+            self.worker.send(line)
+            pending = True
+        if pending:
+            yield self._answer()
+
+    def _answer(self) -> np.ndarray:
+        answer = self.worker.receive("run")
         self.run_ms.append(answer["ms"])
         return unpack(answer["logits"])
 

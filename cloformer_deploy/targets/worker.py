@@ -51,6 +51,14 @@ def pack(array: np.ndarray) -> dict:
     return {"dtype": str(a.dtype), "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode("ascii")}
 
 
+def pack_json(array: np.ndarray) -> bytes:
+    """:func:`pack`'s message as JSON text, made without a JSON encoder's pass over the base64 (a 224x224 batch is
+    800 kB of it, which json.dumps would scan and copy again)."""
+    a = np.ascontiguousarray(array)
+    head = json.dumps({"dtype": str(a.dtype), "shape": list(a.shape)})[:-1].encode()
+    return head + b', "data": "' + base64.b64encode(a.tobytes()) + b'"}'
+
+
 def unpack(message: dict) -> np.ndarray:
     raw = base64.b64decode(message["data"])
     return np.frombuffer(raw, dtype=np.dtype(message["dtype"])).reshape(message["shape"]).copy()

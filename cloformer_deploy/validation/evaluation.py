@@ -165,22 +165,33 @@ class _Artifact:
         self.description["target"] = self.target.name
 
     def process(self, shard: Shard, reference: dict) -> dict:
-        ok = reference["ok"]
-        images, read, errors = decode(shard, self.prep, only=ok)
-        if errors or not np.array_equal(read, ok):
-            raise RuntimeError(f"{errors[0][0] if errors else shard.names[0]} changed since the reference pass read it")
-        tensor = normalise(images, self.prep.mean, self.prep.std)
-        names = [n for n, keep in zip(shard.names, ok) if keep]
-        batch = self.spec.batch
-        outs = []
-        for i in range(0, len(tensor), batch):
-            part = slice(i, i + batch)
-            n = len(tensor[part])
-            pad = [i + n - 1] * (batch - n)  # a static-batch artifact gets the last image again; its outputs dropped
-            idx = list(range(i, i + n)) + pad
-            b = ImageBatch([names[j] for j in idx], images[idx], tensor[idx])
-            outs.append(np.asarray(self.runner.run(b), np.float32)[:n])
-        out = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+        readable = np.flatnonzero(reference["ok"])
+        batch, sizes = self.spec.batch, []
+
+        def batches():
+            # made one by one, as the runner takes them: decoding the next overlaps the runner's work on this one
+            for start in range(0, len(readable), batch):
+                part = [int(i) for i in readable[start : start + batch]]
+                arrays = []
+                for i in part:
+                    try:
+                        with shard.open(i) as f:
+                            arrays.append(load_rgb(f, self.prep.input_size, self.prep.crop_pct))
+                    except (OSError, ValueError) as e:
+                        raise RuntimeError(f"{shard.names[i]} changed since the reference pass read it ({e})") from None
+                sizes.append(len(part))
+                # a static-batch artifact gets the last image again; its outputs are dropped
+                arrays += [arrays[-1]] * (batch - len(part))
+                part += [part[-1]] * (batch - len(part))
+                images = np.stack(arrays)
+                yield ImageBatch(
+                    [shard.names[i] for i in part], images, normalise(images, self.prep.mean, self.prep.std)
+                )
+
+        ahead = getattr(self.runner, "run_ahead", None)
+        outs = ahead(batches()) if ahead is not None else (self.runner.run(b) for b in batches())
+        outs = [np.asarray(o, np.float32) for o in outs]
+        out = np.concatenate([o[:n] for o, n in zip(outs, sizes)]) if outs else np.zeros((0, 0), np.float32)
         ref = reference["logits"]
         return {"top5": top_k(out) if len(out) else np.zeros((0, TOP_K), np.int32), **drift(out, ref)}
 
