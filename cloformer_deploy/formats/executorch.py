@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -120,6 +121,36 @@ def _to_fp16(job: ExportJob, log: Callable[[str], None]):
     shifts = scale_norm_inputs(module, torch.from_numpy(job.calibration))
     log(f"channel norms scaled into fp16's range: {len(shifts)}")
     return module.half(), job.example.half(), {"scaled_norms": shifts}
+
+
+@contextmanager
+def fp16_convolution_weights():
+    """While lowering, XNNPACK's convolution weights and biases of an fp16 graph are written in fp16.
+
+    executorch 1.5.1's XNNPACK serializer defines every convolution's filter and bias with ``force_fp32=True``
+    (``backends/xnnpack/operators/op_conv2d.py``), so a ``.half()`` model keeps its convolutions' weights in fp32
+    in the ``.pte`` (twice the bytes; the runtime converts them when it packs the kernels). XNNPACK's fp16
+    convolution takes fp16 filters and biases as they are, so for the convolution visitor alone, and only for a
+    tensor that is fp16 in the graph, the forcing is dropped; everything else is serialized as upstream does.
+    """
+    import torch
+    from executorch.backends.xnnpack.operators import node_visitor
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+
+    # its registering decorator returns None: the class is found in the registry it fills
+    Conv2d = node_visitor._node_visitor_dict["aten.convolution.default"]
+
+    def define_tensor(self, tensor, *args, force_fp32: bool = False, **kwargs):
+        value = tensor.meta.get("val") if hasattr(tensor, "meta") else None
+        if force_fp32 and getattr(value, "dtype", None) == torch.float16:
+            force_fp32 = False
+        return NodeVisitor.define_tensor(self, tensor, *args, force_fp32=force_fp32, **kwargs)
+
+    Conv2d.define_tensor = define_tensor
+    try:
+        yield
+    finally:
+        del Conv2d.define_tensor
 
 
 def delegation_report(edge_program) -> dict:
@@ -374,7 +405,8 @@ class ExecuTorchBackend(Backend):
             log("torch.export")
             exported = torch.export.export(module, (example,))
             log(f"lowering to {backend}")
-            edge = to_edge_transform_and_lower(exported, partitioner=partitioner, constant_methods=constants)
+            with fp16_convolution_weights() if job.precision == "fp16" else nullcontext():
+                edge = to_edge_transform_and_lower(exported, partitioner=partitioner, constant_methods=constants)
             log("writing the program")
         report = delegation_report(edge.exported_program())
         program = edge.to_executorch()
