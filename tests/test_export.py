@@ -487,3 +487,44 @@ def test_executorch_fp16_scales_loud_norms_and_stays_accurate(tiny_variant, tmp_
         return np.nan_to_num((out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1))
 
     assert cosine(tmp_path / "scaled.pte").min() >= 0.999
+
+
+@pytest.fixture(scope="module")
+def reduced(tiny_variant, tmp_path_factory):
+    """The tiny model in fp16 and int8 in every format that offers them (one bundle)."""
+    from cloformer_deploy.formats import BACKENDS
+
+    out = tmp_path_factory.mktemp("reduced")
+    for precision in ("fp16", "int8"):
+        formats = ",".join(n for n, b in BACKENDS.items() if precision in b.precisions)
+        result = export(tiny_variant, format=formats, precision=precision, img_size=64, out=out, num_classes=10)
+    return result.bundle
+
+
+@pytest.mark.e2e
+def test_reduced_precision_artifacts_store_their_weights_reduced(reduced):
+    """An fp16 artifact of any format stores its convolution and linear weights in fp16, an int8 one in int8: the
+    wider types hold only what a precision keeps wide (norm parameters, int8 biases, scales): at most a quarter
+    in the tiny model, whose layers are narrow (a few percent in CloFormer-XXS)."""
+    from cloformer_deploy.formats import BACKENDS
+
+    manifest = json.loads((reduced / "manifest.json").read_text())
+    seen = set()
+    for entry in manifest["artifacts"]:
+        stored = BACKENDS[entry["format"]].weight_storage(reduced / entry["path"])
+        assert stored == entry["weight_bytes"], entry["path"]  # the manifest says what the file holds
+        total = sum(stored.values())
+        narrow = stored.get("fp16" if entry["precision"] == "fp16" else "int8", 0)
+        assert narrow >= 0.75 * total, f"{entry['path']} stores {stored}"
+        seen.add((entry["format"], entry["precision"]))
+    assert seen == {(n, p) for n, b in BACKENDS.items() for p in ("fp16", "int8") if p in b.precisions}
+
+
+@pytest.mark.e2e
+def test_fp16_pte_is_about_half_the_fp32_file(reduced, bundle):
+    fp32 = json.loads((bundle.bundle / "manifest.json").read_text())
+    fp16 = json.loads((reduced / "manifest.json").read_text())
+    (a,) = [e for e in fp32["artifacts"] if e["format"] == "executorch"]
+    (b,) = [e for e in fp16["artifacts"] if e["format"] == "executorch" and e["precision"] == "fp16"]
+    assert sum(b["weight_bytes"].values()) == pytest.approx(sum(a["weight_bytes"].values()) / 2, rel=0.02)
+    assert b["partitions"] == 1 and b["non_delegated_kernels"] == 0

@@ -208,11 +208,42 @@ class Backend(ABC):
     def versions(self) -> dict[str, str]:
         return {}
 
+    def weight_storage(self, path: Path) -> dict[str, int]:
+        """Bytes of the artifact's stored constants (weights, biases, quantisation scales) by storage type
+        (:data:`STORAGE_TYPES`' names), read from the file itself: what an fp16 or int8 artifact promises to halve
+        or quarter shows here."""
+        raise NotImplementedError(f"{self.name} does not read its constants' storage")
+
     profiler: str | None = None  # the runtime's own per-operator profiler, if the project reads it
 
     def profile(self, path: Path, images: np.ndarray, threads: int, runs: int) -> list:
         """Per-operator times (:class:`~cloformer_deploy.formats.profiling.OpTime`) of ``runs`` runs at ``threads``."""
         raise NotImplementedError(f"{self.name} has no profiler")
+
+
+# numpy dtype names -> the storage types a manifest names
+STORAGE_TYPES = {
+    "float32": "fp32",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float64": "fp64",
+    "int8": "int8",
+    "uint8": "uint8",
+    "int16": "int16",
+    "uint16": "uint16",
+    "int32": "int32",
+    "uint32": "uint32",
+    "int64": "int64",
+    "bool": "bool",
+}
+
+
+def storage_totals(pairs) -> dict[str, int]:
+    """(storage type, bytes) pairs summed per type, in a stable order (largest first)."""
+    totals: dict[str, int] = {}
+    for kind, size in pairs:
+        totals[kind] = totals.get(kind, 0) + int(size)
+    return dict(sorted(totals.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 BACKENDS: dict[str, Backend] = {}

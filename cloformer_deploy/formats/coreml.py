@@ -367,6 +367,11 @@ class CoreMLBackend(Backend):
         # on Apple systems one row per compute unit; elsewhere the interpreter, which has none
         return [{"compute_units": u} for u in COMPUTE_UNITS] if platform in self.platforms else [{}]
 
+    def weight_storage(self, path: Path) -> dict[str, int]:
+        from .mil_interpreter import constant_storage
+
+        return constant_storage(path)
+
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
         from .coreml_placement import COMPUTE_UNITS
 

@@ -25,7 +25,7 @@ from ..images import ImageBatch
 from ..inputs import choice
 from ..options import option
 from ..quiet import native_noise_held, quiet_libraries
-from .base import Backend, BenchRuntime, ExportJob, ModelSpec, NativeRunner, Runner, register
+from .base import Backend, BenchRuntime, ExportJob, ModelSpec, NativeRunner, Runner, register, storage_totals
 from .profiling import WARMUP_RUNS, OpTime, batches, check_counts, medians
 
 if TYPE_CHECKING:
@@ -151,6 +151,71 @@ def fp16_convolution_weights():
         yield
     finally:
         del Conv2d.define_tensor
+
+
+# XNNPACK's value types (backends/xnnpack/serialization/schema.fbs) -> storage types
+_XNN_STORAGE = {
+    "fp32": "fp32",
+    "pfp32": "fp32",
+    "fp16": "fp16",
+    "bf16": "bf16",
+    "qint8": "int8",
+    "qcint8": "int8",
+    "qdint8": "int8",
+    "qpint8": "int8",
+    "quint8": "uint8",
+    "qint32": "int32",
+    "qcint32": "int32",
+    "int32": "int32",
+    "qcint4": "int4",
+    "qbint4": "int4",
+}
+
+
+def xnnpack_constants(path: Path) -> dict[str, int]:
+    """Bytes of the constants of every XNNPACK partition of a ``.pte``, by the type XNNPACK is told they have.
+
+    Each partition's graph is a flatbuffer of the schema the executorch wheel ships; its ``flatc`` turns it into
+    JSON (no reader of it ships in Python). Constants outside a delegate (none in this project's programs) are not
+    counted."""
+    import json
+    import subprocess
+    from importlib import resources
+
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
+    from executorch.exir._serialize._program import _extract_delegate_payload
+
+    flatc = str(resources.files("executorch.data.bin").joinpath("flatc"))
+    schema = str(resources.files("executorch.backends.xnnpack.serialization").joinpath("schema.fbs"))
+    data = Path(path).read_bytes()
+    pairs = []
+    index = 0
+    while (payload := _extract_delegate_payload(data, "xnnpack", index)) is not None:
+        index += 1
+        header = XNNHeader.from_bytes(payload[: XNNHeader.EXPECTED_LENGTH])
+        with tempfile.TemporaryDirectory() as folder:
+            graph = Path(folder) / "graph.bin"
+            graph.write_bytes(payload[header.flatbuffer_offset : header.flatbuffer_offset + header.flatbuffer_size])
+            done = subprocess.run(
+                [flatc, "--json", "--strict-json", "--raw-binary", "-o", folder, schema, "--", str(graph)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"flatc could not read the XNNPACK graph: {done.stderr.strip()[:200]}")
+            # flatc writes clamp bounds as inf and -inf, which JSON spells otherwise
+            text = re.sub(r"(?<=[:\[,\s])(-?)inf\b", r"\1Infinity", (Path(folder) / "graph.json").read_text())
+        xgraph = json.loads(re.sub(r"(?<=[:\[,\s])-?nan\b", "NaN", text))
+        constants = xgraph.get("constant_data", [])
+        for value in xgraph.get("xvalues", []):
+            tensor = value.get("xvalue_union") or {}
+            tensor = tensor.get("tensor_value", tensor)  # a quantized value wraps its tensor
+            at = tensor.get("constant_buffer_idx", 0)
+            if at:
+                kind = str(tensor.get("datatype", "")).removeprefix("xnn_datatype_")
+                pairs.append((_XNN_STORAGE.get(kind, kind), int(constants[at].get("size", 0))))
+    return storage_totals(pairs)
 
 
 def delegation_report(edge_program) -> dict:
@@ -418,6 +483,9 @@ class ExecuTorchBackend(Backend):
             "input_dtype": "float16" if job.precision == "fp16" else "float32",
             **fp16,
         }
+
+    def weight_storage(self, path: Path) -> dict[str, int]:
+        return xnnpack_constants(path)
 
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
         return ExecuTorchRunner(path, threads)

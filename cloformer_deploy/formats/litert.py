@@ -26,7 +26,7 @@ import numpy as np
 
 from ..images import ImageBatch
 from ..quiet import quiet_libraries
-from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register
+from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register, storage_totals
 
 METADATA_NAME = "cloformer_deploy"  # the model's metadata entry holding what the manifest says of it
 INPUT_LAYOUT = "NHWC"
@@ -390,6 +390,25 @@ class LiteRTBackend(Backend):
             path.unlink(missing_ok=True)
             raise
         return {"input_layout": INPUT_LAYOUT, **delegated, **info, "metadata": METADATA_NAME}
+
+    def weight_storage(self, path: Path) -> dict[str, int]:
+        from ai_edge_litert import schema_py_generated as schema
+
+        names = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+        kinds = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+        model = schema.Model.GetRootAsModel(Path(path).read_bytes(), 0)
+        pairs = []
+        for s in range(model.SubgraphsLength()):
+            graph = model.Subgraphs(s)
+            for i in range(graph.TensorsLength()):
+                tensor = graph.Tensors(i)
+                buffer = model.Buffers(tensor.Buffer())
+                # a constant's bytes sit in its buffer, or past the flatbuffer (offset and size) in a large model
+                size = buffer.DataLength() or (buffer.Size() if buffer.Offset() > 1 else 0)
+                if size:
+                    name = names.get(tensor.Type(), str(tensor.Type()))
+                    pairs.append((kinds.get(name, name), size))
+        return storage_totals(pairs)
 
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
         return LiteRTRunner(path, threads)

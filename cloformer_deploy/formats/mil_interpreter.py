@@ -187,6 +187,45 @@ def _read_operation(op_spec, blobs: _BlobFiles) -> Operation:
     return Operation(name, op_spec.type, inputs, outputs)
 
 
+def constant_storage(package: str | Path) -> dict[str, int]:
+    """Bytes of a package's constants by MIL storage type: the weight file's records (their stated sizes, so that
+    4-bit palettes count as stored) and the values written into the program."""
+    import coremltools as ct
+
+    from .base import storage_totals
+
+    spec = ct.utils.load_spec(str(package))
+    _, block = _main_function(spec)
+    folder = Path(package) / "Data" / "com.apple.CoreML" / "weights"
+    files: dict[str, bytes] = {}
+    pairs = []
+
+    def count(value) -> None:
+        if value.type.WhichOneof("type") == "listType":
+            return
+        dtype, shape = _tensor_type(value.type)
+        if dtype is None or dtype == "string":
+            return
+        if value.WhichOneof("value") == "blobFileValue":
+            name = value.blobFileValue.fileName.split("/")[-1]
+            if name not in files:
+                files[name] = (folder / name).read_bytes()
+            _, _, size, _ = _BLOB_RECORD.unpack_from(files[name], value.blobFileValue.offset)
+            pairs.append((dtype, size))
+        elif dtype in _NUMPY_DTYPES:
+            pairs.append((dtype, math.prod(shape) * np.dtype(_NUMPY_DTYPES[dtype]).itemsize))
+
+    for op in block.operations:
+        for key, value in op.attributes.items():
+            if key != "name":
+                count(value)
+        for argument in op.inputs.values():
+            for binding in argument.arguments:
+                if binding.WhichOneof("binding") == "value":
+                    count(binding.value)
+    return storage_totals(pairs)
+
+
 def _main_function(spec):
     function = spec.mlProgram.functions["main"]
     return function, function.block_specializations[function.opset]

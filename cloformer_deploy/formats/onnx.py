@@ -26,7 +26,17 @@ from ..images import ImageBatch
 from ..inputs import whole_number
 from ..options import option
 from ..quiet import quiet_libraries
-from .base import Backend, BenchRuntime, ExportJob, ModelSpec, NativeRunner, Runner, register
+from .base import (
+    STORAGE_TYPES,
+    Backend,
+    BenchRuntime,
+    ExportJob,
+    ModelSpec,
+    NativeRunner,
+    Runner,
+    register,
+    storage_totals,
+)
 from .profiling import WARMUP_RUNS, OpTime, batches, check_counts, medians
 
 # opset 20 has a native Gelu: ONNX Runtime runs CloFormer-XXS 16% faster than with opset 18's
@@ -331,6 +341,28 @@ class OnnxBackend(Backend):
             buf = io.BytesIO()
             torch.onnx.export(job.module, (job.example,), buf, dynamo=False, **kwargs)
             return onnx.load_from_string(buf.getvalue())
+
+    def weight_storage(self, path: Path) -> dict[str, int]:
+        import numpy as np
+        import onnx
+        from onnx import helper
+
+        model = onnx.load(str(path))
+
+        def tensors(graph):
+            yield from graph.initializer
+            for node in graph.node:
+                for a in node.attribute:
+                    if a.type == onnx.AttributeProto.TENSOR:
+                        yield a.t
+                    elif a.type == onnx.AttributeProto.GRAPH:
+                        yield from tensors(a.g)
+
+        pairs = []
+        for t in tensors(model.graph):
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+            pairs.append((STORAGE_TYPES.get(dtype.name, dtype.name), dtype.itemsize * int(np.prod(t.dims))))
+        return storage_totals(pairs)
 
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
         return OnnxRunner(path, threads)

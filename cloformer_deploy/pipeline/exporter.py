@@ -291,6 +291,7 @@ def _export_artifact(run: _Run, fmt: str, folder: Path, progress: Progress) -> t
         "path": path.name,
         "precision": precision,
         "size_bytes": size_bytes(path),
+        "weight_bytes": backend.weight_storage(path),
         "sha256": sha256_path(path),
         "export_seconds": round(time.perf_counter() - t, 2),
         "deploy_steps": list(module.deploy_steps),
