@@ -144,7 +144,7 @@ def write_plot(path: Path, doc: dict) -> None:
 
     rows = [r for r in doc["rows"] if "error" not in r]
     labelled = doc["reference"]["top1"] is not None
-    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.42 * max(1, len(rows))))
+    fig, ax = plt.subplots(figsize=(8.0, 1.2 + 0.55 * max(1, len(rows))))
     for y, r in enumerate(rows):
         if labelled:
             x, (lo, hi) = r["top1_delta"] * 100, (v * 100 for v in r["top1_delta_ci95"])
@@ -152,7 +152,11 @@ def write_plot(path: Path, doc: dict) -> None:
             x, (lo, hi) = r["agreement"] * 100, (v * 100 for v in r["agreement_ci95"])
         colour = "tab:blue" if r["passed"] else "tab:red"
         ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt="o", color=colour, capsize=4, markersize=5)
-    ax.set_yticks(range(len(rows)), [r["label"] for r in rows])
+    ticks = [
+        r["label"] + (f"\nagreement {r['agreement']:.2%}, {r['flipped']['count']} flipped" if labelled else "")
+        for r in rows
+    ]
+    ax.set_yticks(range(len(rows)), ticks, fontsize=9)
     ax.invert_yaxis()
     if labelled:
         ax.axvline(0.0, color="gray", linewidth=0.8, linestyle="--")
