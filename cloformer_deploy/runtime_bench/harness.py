@@ -600,7 +600,7 @@ def _art(path: Path, entry: dict) -> dict:
         "path": str(path),
         "precision": entry["precision"],
         "size_mb": round(size_bytes(path) / 1e6, 3),
-        "extra": {k: entry[k] for k in keys if k in entry},
+        "extra": {k: entry[k] for k in (*keys, "weight_bytes") if k in entry},
     }
 
 
@@ -867,6 +867,7 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
         "peak_rss_mb": c.peak_rss_mb,
         **memory,
         "size_mb": c.size_mb,
+        **({"weight_bytes": c.extra["weight_bytes"]} if c.extra.get("weight_bytes") else {}),
         "drift": drift,
         "accuracy": accuracy,
         "gflops_per_s": gflops,

@@ -23,6 +23,7 @@ COLUMNS = [
     "load ms",
     "peak RSS MB",
     "size MB",
+    "stored as",
     "max abs",
     "cosine",
     "top-1 agr.",
@@ -68,6 +69,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
                 fmt(r.get("load_ms"), ".0f"),
                 fmt(r.get("peak_rss_mb"), ".0f"),
                 fmt(r.get("size_mb"), ".1f"),
+                stored_as(r.get("weight_bytes")),
                 fmt(d.get("max_abs"), ".1e"),
                 fmt(d.get("cosine"), ".6f"),
                 fmt(d.get("top1_agreement"), ".0%"),
@@ -78,6 +80,15 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
             ]
         )
     return out
+
+
+def stored_as(weight_bytes: dict | None) -> str:
+    """The storage type most of an artifact's weight bytes have, and its share: ``fp16 99%``."""
+    if not weight_bytes:
+        return "-"
+    total = sum(weight_bytes.values())
+    kind, size = max(weight_bytes.items(), key=lambda kv: kv[1])
+    return f"{kind} {size / total:.0%}" if total else "-"
 
 
 def _runtime_cell(r: dict) -> str:
@@ -579,10 +590,10 @@ def console_table(results: dict, stream=None, text_width: int = CONSOLE_TEXT_WID
     from rich.markup import escape
     from rich.table import Table
 
-    keep = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 14, 15, 16, 17]
+    keep = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 15, 16, 17, 18]
     t = Table(title=f"cloformer-bench {results['config']['model']} {results['config']['input_size']}")
     for i in keep:
-        t.add_column(COLUMNS[i], justify="right" if 4 <= i <= 16 else "left")
+        t.add_column(COLUMNS[i], justify="right" if 4 <= i <= 17 else "left")
     for r in table_rows(subject_rows(results)):
         r[-1] = shorten(r[-1], text_width)
         t.add_row(*[escape(r[i]) for i in keep])  # error text like "[...]" is not rich markup
