@@ -456,6 +456,16 @@ def test_published_schema_is_current(name):
     )
 
 
+def test_reference_evaluations_follow_the_published_schema():
+    root = TESTS.parent / "runtime_bench" / "reference"
+    found = sorted(root.glob("*/accuracy/accuracy.json"))
+    assert found, "no reference evaluation is committed"
+    for path in found:
+        doc = json.loads(path.read_text())
+        assert schema.problem("accuracy", doc) is None, path
+        assert doc["rows"] and all(r["passed"] for r in doc["rows"])
+
+
 def test_a_fresh_manifest_validates_against_the_published_file_alone(tiny_bundle):
     """What an app developer does: the file as shipped, a stock validator, no code of ours."""
     from jsonschema import Draft202012Validator
