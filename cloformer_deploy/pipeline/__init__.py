@@ -22,8 +22,8 @@ _WHERE = {
     "ExportInputError": "options",
     "ExportOptions": "options",
     "ValidateOptions": "options",
-    "OpenedBundle": "revalidate",
-    "open_bundle": "revalidate",
+    "OpenedBundle": "opened",
+    "open_bundle": "opened",
     "validate_bundle": "revalidate",
 }
 

@@ -28,8 +28,8 @@ from ..validation.labelled import read_set
 from ..validation.workers import LocalWorkers, default_workers
 from . import schema
 from .model import reference_module
+from .opened import open_bundle
 from .options import ExportInputError, ValidateOptions, evaluation_checked
-from .revalidate import open_bundle
 
 ACCURACY_SCHEMA_VERSION = 1
 

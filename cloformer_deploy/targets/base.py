@@ -361,12 +361,12 @@ class Target(ABC):
     ) -> Runner:
         """The artifact opened for validation on this target: by its native runner where the target has one (a
         process per artifact: it starts in milliseconds), else in the target's one Python validation worker.
-        (``native``: whether to prefer the native runner; off this machine it always is.)
+        ``native=False``: the Python worker even where a native runner is built.
 
         Artifacts are validated one after another in the same Python worker: starting one can take a
         minute (a Python importing torch on a board). A worker that died is replaced.
         """
-        if self.runs_natively(fmt):
+        if native and self.runs_natively(fmt):
             previous = getattr(self, "_native_worker", None)
             if previous is not None:  # artifacts are validated one after another
                 previous.close()
