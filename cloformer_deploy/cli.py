@@ -202,7 +202,14 @@ def _evaluation(opts, progress) -> int:
     """``cloformer-validate --data``: the evaluation's table, and where its reports are."""
     from .pipeline.evaluate import evaluate_bundle
 
-    ev = evaluate_bundle(opts, progress=progress)
+    try:
+        ev = evaluate_bundle(opts, progress=progress)
+    except KeyboardInterrupt:
+        print(
+            "\ncloformer-validate: interrupted; the finished shards are kept: the same command continues from them",
+            file=sys.stderr,
+        )
+        return 130
     doc = ev.document
     ref = doc["reference"]
 

@@ -95,3 +95,32 @@ def test_the_cpu_profile_chooses_the_kernels(on_a76, bundle, tiny_checkpoint):
     assert ok and all(on["passed"] for on in by.values()), by
     a76, a72 = on_a76[1][("executorch", "fp16")]["figures"], by[("executorch", "fp16")]["figures"]
     assert a72["mean_abs"] != a76["mean_abs"], (a72, a76)
+
+
+def test_evaluation_runs_every_shard_on_emulated_arm64(arm64_root, bundle, tiny_checkpoint, tmp_path):
+    """cloformer-validate --data --target arm64: two workers, each with its own emulator, run every artifact's
+    shards in the aarch64 runners; the figures are those of the phone's kernels."""
+    from cloformer_deploy.images import write_photo_set
+    from cloformer_deploy.pipeline import evaluate_bundle
+
+    data = write_photo_set(tmp_path / "set", 8, classes=[str(i) for i in range(10)], side=96)
+    ev = evaluate_bundle(
+        bundle, weights=tiny_checkpoint, data=data, target="arm64", workers=2, shard_size=2, out=tmp_path / "out"
+    )
+    doc = ev.document
+    assert doc["target"]["name"] == "arm64-cortex-a76" and doc["skipped"] == []
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert len(doc["rows"]) == len(manifest["artifacts"])
+    for row in doc["rows"]:
+        assert "error" not in row and row["passed"], row
+        assert row["images"] == 8 and row["target"] == "arm64-cortex-a76"
+        assert {r["target"] for r in row["runner"]} == {"arm64-cortex-a76"}
+        assert len(row["nodes"]) == 2  # both workers ran shards
+        if row["format"] in ("onnx", "executorch"):
+            assert {r["runner"] for r in row["runner"]} == {"native"}
+    # the same set on this machine into the same folder: one report with both targets' rows
+    here = evaluate_bundle(bundle, weights=tiny_checkpoint, data=data, workers=1, shard_size=2, out=tmp_path / "out")
+    targets = [(r["target"], bool(r.get("earlier"))) for r in here.rows]
+    n = len(manifest["artifacts"])
+    assert targets == [("local", False)] * n + [("arm64-cortex-a76", True)] * n
+    assert "(an earlier run)" in (tmp_path / "out" / "accuracy.md").read_text()

@@ -21,7 +21,7 @@ from ..inputs import writable_folder
 from ..progress import Progress
 from ..quiet import quiet_libraries
 from ..validation import bounds_for
-from ..validation.accuracy import evaluate_set
+from ..validation.accuracy import artifact_figures, evaluate_set
 from ..validation.accuracy_report import write_flipped, write_markdown, write_plot
 from ..validation.evaluation import Job, Preprocessing, ShardStore, digest
 from ..validation.labelled import read_set
@@ -94,6 +94,45 @@ def row_line(row: dict) -> str:
     return text
 
 
+def earlier_rows(store: ShardStore, data, reference: Job, shas: dict, current: set, opts) -> tuple[list, list]:
+    """The rows of this bundle's artifacts that earlier runs into the same folder finished on other targets (every
+    shard of the same set, weights and preprocessing is in the store): one report for every target evaluated."""
+    rows, flips = [], []
+    if not store.root.is_dir():
+        return rows, flips
+    shards = data.shards(opts.shard_size)
+    for about in sorted(store.root.glob("*/job.json")):
+        job_info = json.loads(about.read_text())
+        entry = shas.get(job_info.get("sha256"))
+        if (
+            job_info.get("kind") != "artifact"
+            or job_info.get("reference") != reference.key
+            or job_info["key"] in current
+            or entry is None
+        ):
+            continue
+        job = Job(
+            kind="artifact",
+            key=job_info["key"],
+            label=job_info["label"],
+            preprocessing=reference.preprocessing,
+            files={"artifact": Path(job_info["files"]["artifact"])},
+            format=entry["format"],
+            precision=entry["precision"],
+            slug=about.parent.name[: -len(job_info["key"][:16]) - 1],
+            about={k: job_info[k] for k in ("target", "reference", "sha256")},
+        )
+        if not all(store.done(job, s) for s in shards):
+            continue  # a run stopped part-way: the same command on that target finishes it
+        row, flipped = artifact_figures(
+            data, shards, job, reference, store, bounds_for(entry["precision"], opts.min_top1_agreement)
+        )
+        base = {k: job_info[k] for k in ("label", "format", "precision", "target")}
+        rows.append({**base, "file": entry["path"], **row, "run": None, "earlier": True})
+        flips.append(flipped)
+    return rows, flips
+
+
 def evaluate_bundle(
     options: ValidateOptions | None = None, /, *, progress: Progress | None = None, **kwargs
 ) -> Evaluation:
@@ -151,6 +190,7 @@ def evaluate_bundle(
                 info=entry,
                 target=where,
                 slug=_slug(f"{fmt}-{precision}-{on.name}"),
+                about={"target": on.name, "reference": reference.key, "sha256": entry["sha256"]},
             )
             jobs.append((job, bounds_for(precision, opts.min_top1_agreement)))
         if opts.cluster is not None:
@@ -179,6 +219,11 @@ def evaluate_bundle(
             )
         finally:
             scheduler.close()
+        shas = {e["sha256"]: e for e in opened.manifest["artifacts"]}
+        earlier, earlier_flips = earlier_rows(store, data, reference, shas, {j.key for j, _ in jobs}, opts)
+        for row, flips in zip(earlier, earlier_flips):
+            flipped[len(rows)] = flips
+            rows.append(row)
         unreadable = ref.pop("unreadable")
         document = {
             "schema_version": ACCURACY_SCHEMA_VERSION,

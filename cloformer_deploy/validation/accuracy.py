@@ -172,7 +172,7 @@ def evaluate_set(
     ref["run"] = run
     rows, flipped = [], {}
     for job, bounds in artifacts:
-        base = {k: describe_job(job)[k] for k in ("label", "format", "precision", "target")}
+        base = {k: describe_job(job)[k] for k in ("label", "format", "precision", "target")}  # the target's name
         base["file"] = Path(job.files["artifact"]).name
         try:
             run = run_job(job, shards, scheduler, store, progress, reference=reference)

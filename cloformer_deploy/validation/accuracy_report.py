@@ -95,7 +95,8 @@ def write_markdown(path: Path, doc: dict, labels: list[str] | None) -> None:
         flips = "-" if fl is None else f"{fl['count']} ({fl['lost']} / {fl['gained']})"
         d = row["drift"]
         lines.append(
-            f"| {row['label']} | {'PASS' if row['passed'] else 'FAIL: ' + '; '.join(row['problems'])} | "
+            f"| {row['label']}{' (an earlier run)' if row.get('earlier') else ''} | "
+            f"{'PASS' if row['passed'] else 'FAIL: ' + '; '.join(row['problems'])} | "
             f"{_pct(row['top1'])} | {_pct(row['top5'])} | {_pts(row['top1_delta'])} | {_ci(row['top1_delta_ci95'])} | "
             f"{flips} | {_pct(row['agreement'])} | {d['cosine_min']:.6f} | {d['max_abs']:.2e} | {row['images']} |"
         )

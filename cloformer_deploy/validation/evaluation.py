@@ -77,6 +77,7 @@ class Job:
     info: dict | None = None
     target: dict | None = None
     slug: str = "reference"
+    about: dict = field(default_factory=dict)  # facts for reports: the target's name, the artifact's hash
 
     @property
     def folder(self) -> str:
@@ -296,6 +297,7 @@ def describe_job(job: Job) -> dict:
         "precision": job.precision,
         "target": (job.target or {}).get("name"),
         "files": {k: str(v) for k, v in job.files.items()},
+        **job.about,
     }
 
 
