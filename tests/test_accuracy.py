@@ -145,6 +145,8 @@ def test_flat_folder_without_labels_is_unlabelled(tmp_path):
         ({"a.jpg": b"x"}, "a.jpg,zebra\n", "'zebra', which is not one of the bundle's labels"),
         ({"a.jpg": b"x"}, "a.jpg,12\n", "names class 12, but the model has 10 classes (0..9)"),
         ({"a.jpg": b"x"}, "a.jpg\n", "is not file,label"),
+        ({"a.jpg": b"x"}, "/etc/hostname,1\n", "not a path inside data"),
+        ({"a.jpg": b"x"}, "../a.jpg,1\n", "not a path inside data"),
     ],
 )
 def test_bad_sets_are_refused_in_one_line(tmp_path, layout, csv, says):
@@ -417,6 +419,28 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert code == 2, err
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_set_with_no_readable_image_is_one_line(tiny_bundle, tiny_checkpoint, tmp_path, capsys):
+    _touch(tmp_path / "set" / "0" / "a.jpg", b"version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer
+    args = [str(tiny_bundle.bundle), "--weights", str(tiny_checkpoint), "--data", str(tmp_path / "set")]
+    assert validate_main([*args, "--workers", "1", "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "no image of --data could be read (0/a.jpg: cannot identify image file)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out" / "accuracy.json").exists()
+
+
+def test_two_evaluations_do_not_write_one_folder(tiny_bundle, tiny_checkpoint, photo_set, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running evaluation holds it
+        args = [str(tiny_bundle.bundle), "--weights", str(tiny_checkpoint), "--data", str(photo_set)]
+        assert validate_main([*args, "--workers", "1", "--out", str(out), "-q"]) == 2
+    assert f"another evaluation is writing into {out}" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
 def test_evaluation_options_need_data(tiny_bundle, tiny_checkpoint, capsys):

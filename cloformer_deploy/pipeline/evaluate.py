@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..formats import BACKENDS
+from ..images import CROP_PCT
 from ..inputs import writable_folder
 from ..progress import Progress
 from ..quiet import quiet_libraries
@@ -26,6 +27,7 @@ from ..validation.accuracy_report import write_flipped, write_markdown, write_pl
 from ..validation.evaluation import Job, Preprocessing, ShardStore, digest
 from ..validation.labelled import read_set
 from ..validation.workers import LocalWorkers, default_workers
+from ..versions import installed_versions
 from . import schema
 from .model import reference_module
 from .opened import open_bundle
@@ -43,7 +45,8 @@ class Evaluation:
 
     @property
     def passed(self) -> bool:
-        return all(r["passed"] for r in self.document["rows"])
+        """This run's verdict: every artifact it evaluated within its bounds (rows of earlier runs aside)."""
+        return all(r["passed"] for r in self.document["rows"] if not r.get("earlier"))
 
     @property
     def rows(self) -> list[dict]:
@@ -65,6 +68,23 @@ def _versions(cluster: bool) -> dict:
         **installed_versions([*names, *(["ray"] if cluster else [])]),
         "git_commit": git_commit(),
     }
+
+
+def _lock(out: Path):
+    """An exclusive lock on ``out`` for this evaluation (released when the returned file closes, or the process
+    ends): two runs writing the same shards and reports would mix them."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ExportInputError(
+            f"another evaluation is writing into {out}; wait for it, or pass another --out"
+        ) from None
+    return handle
 
 
 def _slug(text: str) -> str:
@@ -102,7 +122,10 @@ def earlier_rows(store: ShardStore, data, reference: Job, shas: dict, current: s
         return rows, flips
     shards = data.shards(opts.shard_size)
     for about in sorted(store.root.glob("*/job.json")):
-        job_info = json.loads(about.read_text())
+        try:
+            job_info = json.loads(about.read_text())
+        except (OSError, ValueError):
+            continue  # not a finished description: nothing to report from it
         entry = shas.get(job_info.get("sha256"))
         if (
             job_info.get("kind") != "artifact"
@@ -159,7 +182,8 @@ def evaluate_bundle(
         out = Path(opts.out) if opts.out is not None else Path("runtime_bench") / opened.folder.name
         writable_folder("--out", out)
         m = opened.manifest["model"]
-        prep = Preprocessing(tuple(spec.input_size), tuple(spec.mean), tuple(spec.std))
+        crop = opened.manifest.get("preprocessing", {}).get("crop_pct", CROP_PCT)
+        prep = Preprocessing(tuple(spec.input_size), tuple(spec.mean), tuple(spec.std), float(crop))
         weights = {"weights": Path(opts.weights)} if opts.weights is not None else {}
         reference = Job(
             kind="reference",
@@ -167,7 +191,9 @@ def evaluate_bundle(
             label="PyTorch fp32 (reference)",
             preprocessing=prep,
             files=weights,
-            build=functools.partial(reference_module, opened.prepared.variant, m["num_classes"]),
+            build=functools.partial(
+                reference_module, opened.prepared.variant, m["num_classes"], opened.prepared.state_sha256
+            ),
         )
         where = {"name": opts.target, "cpu": opts.cpu, "cache": opts.target_cache, "device": opts.device()}
         jobs, skipped = [], []
@@ -178,9 +204,12 @@ def evaluate_bundle(
             if reason:
                 skipped.append({"file": entry["path"], "format": fmt, "precision": precision, "reason": reason})
                 continue
+            # what runs it is part of what made a shard: the native runner or the Python runtime, and its version
+            runner = "native" if on.runs_natively(fmt) else "python"
+            runtime = installed_versions(backend.device_packages[:1])
             job = Job(
                 kind="artifact",
-                key=digest("artifact", reference.key, entry["sha256"], on.name),
+                key=digest("artifact", reference.key, entry["sha256"], on.name, runner, runtime),
                 label=f"{fmt} {precision} on {on.name}",
                 preprocessing=prep,
                 files={"artifact": opened.folder / entry["path"]},
@@ -207,6 +236,11 @@ def evaluate_bundle(
         )
         store = ShardStore(out / "shards")
         try:
+            lock = _lock(out)
+        except BaseException:
+            scheduler.close()
+            raise
+        try:
             ref, rows, flipped = evaluate_set(
                 data,
                 reference,
@@ -219,6 +253,7 @@ def evaluate_bundle(
             )
         finally:
             scheduler.close()
+            lock.close()
         shas = {e["sha256"]: e for e in opened.manifest["artifacts"]}
         earlier, earlier_flips = earlier_rows(store, data, reference, shas, {j.key for j, _ in jobs}, opts)
         for row, flips in zip(earlier, earlier_flips):
@@ -248,7 +283,7 @@ def evaluate_bundle(
         write_flipped(out / "flipped.csv", rows, flipped, spec.labels)
         write_markdown(out / "accuracy.md", document, spec.labels)
         write_plot(out / "accuracy.png", document)
-        tmp = out / "accuracy.json.part"
+        tmp = out / f"accuracy.json.{os.getpid()}.part"
         tmp.write_text(json.dumps(document, indent=1) + "\n")
         os.replace(tmp, out / "accuracy.json")
         return Evaluation(document, out)

@@ -147,11 +147,18 @@ def reference_outputs(module: torch.nn.Module, images: np.ndarray) -> np.ndarray
         return np.concatenate([module(torch.from_numpy(images[i : i + 1])).numpy() for i in range(len(images))])
 
 
-def reference_module(variant, num_classes: int, files: dict) -> torch.nn.Module:
+def reference_module(variant, num_classes: int, state_sha256: str, files: dict) -> torch.nn.Module:
     """The authors' form of ``variant`` with the weights in ``files["weights"]`` (random ones, drawn as an export
     draws them, without it): what an evaluation's workers build, on this machine or a cluster's node. The variant
-    travels whole, so that one registered by the caller's program alone is known to its workers too."""
+    travels whole, so that one registered by the caller's program alone is known to its workers too; the weights
+    built must be the bundle's (``state_sha256``), or the figures would be another model's."""
     from ..models.registry import VARIANTS
 
     VARIANTS.setdefault(variant.name, variant)
-    return prepare_model(variant.name, files.get("weights"), num_classes).module
+    prepared = prepare_model(variant.name, files.get("weights"), num_classes)
+    if prepared.state_sha256 != state_sha256:
+        raise RuntimeError(
+            f"the weights built here differ from the bundle's (torch {torch.__version__} draws or loads others); "
+            "install the same torch as the driver"
+        )
+    return prepared.module

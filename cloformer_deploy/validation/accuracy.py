@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluation import TOP_K, Job, ShardStore
-from .labelled import LabelledSet, Shard
+from .labelled import DataError, LabelledSet, Shard
 from .outputs import Bounds, check
 from .paired import mcnemar_p, paired_change_ci, wilson_ci
 
@@ -38,6 +38,9 @@ def reference_figures(data: LabelledSet, shards: list[Shard], job: Job, store: S
         unreadable += [dict(zip(("image", "reason"), line.split("\t", 1))) for line in r["unreadable"].tolist()]
     top5 = np.concatenate(top5)
     labels = np.concatenate(labels)
+    if not len(labels):
+        reasons = "; ".join(f"{u['image']}: {u['reason']}" for u in unreadable[:2])
+        raise DataError(f"no image of --data could be read ({reasons}); pass a folder of .jpg/.png photographs")
     out = {"images": int(len(labels)), "labelled": data.labelled, "top1": None, "top5": None}
     if data.labelled and len(labels):
         t1, t5 = _hits(top5, labels)

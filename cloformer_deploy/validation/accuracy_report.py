@@ -10,7 +10,7 @@ from .accuracy import FLIPPED_SHOWN
 
 
 def _replace(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".part")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
     write(tmp)
     os.replace(tmp, path)
 

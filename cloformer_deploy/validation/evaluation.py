@@ -159,7 +159,11 @@ class _Artifact:
         self.target = get_target(t["name"], t.get("cpu"), t.get("cache"), t.get("device"))
         self.spec = ModelSpec.from_dict(job.spec)
         self.prep = job.preprocessing
-        self.runner = self.target.runner(job.format, files["artifact"], self.spec, job.info, threads=1, native=True)
+        try:
+            self.runner = self.target.runner(job.format, files["artifact"], self.spec, job.info, threads=1, native=True)
+        except BaseException:
+            self.target.close()  # what the target started (an emulator, a device's worker) ends here
+            raise
         # how it runs (native or Python, the runtime and its version), not what a run found (Core ML's fp16 report)
         about = self.runner.describe()
         self.description = {k: v for k, v in about.items() if not isinstance(v, dict) and k != "note"}
@@ -239,11 +243,15 @@ def run_task(job: Job, shard: Shard, reference, files: dict | None = None) -> by
     (bytes, or the path of its file), for an artifact's pass. ``files``: where the job's files are here (default:
     where the job says)."""
     t0 = time.perf_counter()
-    opened = _opened(job, files or {k: Path(v) for k, v in job.files.items()})
-    ref = None
-    if reference is not None:
-        ref = read_result(reference if isinstance(reference, bytes) else Path(reference).read_bytes())
-    result = opened.process(shard, ref)
+    try:
+        opened = _opened(job, files or {k: Path(v) for k, v in job.files.items()})
+        ref = None
+        if reference is not None:
+            ref = read_result(reference if isinstance(reference, bytes) else Path(reference).read_bytes())
+        result = opened.process(shard, ref)
+    except BaseException:
+        close_opened()  # a runner in an unknown state (an answer unread) is not used again
+        raise
     result["node"] = np.array(node_name())
     result["seconds"] = np.array(time.perf_counter() - t0)
     if job.kind != "reference":
@@ -279,7 +287,9 @@ class ShardStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         about = path.parent / "job.json"
         if not about.exists():
-            about.write_text(json.dumps(describe_job(job), indent=1) + "\n")
+            part = about.with_name(f"job.json.{os.getpid()}.part")
+            part.write_text(json.dumps(describe_job(job), indent=1) + "\n")
+            os.replace(part, about)
         tmp = path.with_suffix(f".{os.getpid()}.part")
         tmp.write_bytes(data)
         os.replace(tmp, path)

@@ -17,6 +17,7 @@ import hashlib
 import io
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -131,14 +132,18 @@ def _class_index(text: str, classes: list[str]) -> int | None:
     text = text.strip()
     if text.isdigit():
         return int(text) if int(text) < len(classes) else None
-    by_name = {_norm(c): i for i, c in reversed(list(enumerate(classes)))}
+    by_name, by_synset = _indices(tuple(classes))
     if _norm(text) in by_name:
         return by_name[_norm(text)]
-    if SYNSET.match(text) and len(classes) == 1000:
-        synsets = imagenet_synsets()
-        if text in synsets:
-            return synsets.index(text)
-    return None
+    return by_synset.get(text) if SYNSET.match(text) else None
+
+
+@lru_cache(maxsize=4)
+def _indices(classes: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int]]:
+    """Class index by normalised name, and by synset id (a 1000-class head): built once, not once per CSV row."""
+    by_name = {_norm(c): i for i, c in reversed(list(enumerate(classes)))}
+    by_synset = {s: i for i, s in enumerate(imagenet_synsets())} if len(classes) == 1000 else {}
+    return by_name, by_synset
 
 
 def _unknown(text: str, classes: list[str]) -> str:
@@ -188,6 +193,10 @@ def _from_csv(root: Path, csv_path: Path, classes: list[str]) -> tuple[list[str]
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise DataError(f"--labels {str(csv_path)!r} row {n} is not file,label; give one file,label row per image")
         name, text = row[0].strip(), row[1].strip()
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise DataError(
+                f"--labels row {n} names {name!r}, not a path inside --data; give paths relative to the --data folder"
+            )
         if SYNSET.match(text.split()[0]):  # ImageNet's LOC_val_solution.csv: the synset, then its boxes
             text = text.split()[0]
         label = _class_index(text, classes)

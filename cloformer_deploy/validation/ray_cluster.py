@@ -147,7 +147,13 @@ class RayCluster:
         self.ray = ray
         # Ray's core says on every start that it cannot reach the internet to learn its address: not ours to show
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:  # another Ray's cluster, a refused connection
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise InputError(
+                f"--cluster {address!r}: Ray could not join it ({why}); run the same Ray there ({INSTALL})"
+            ) from None
         actor = ray.remote(num_cpus=1)(ShardActor)
         self.actors, self.nodes = [], []
         for node in sorted((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n["NodeID"]):

@@ -78,7 +78,11 @@ class LocalWorkers:
             self.pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_init_worker)
         # the tasks are small (paths, not images), so the pool may queue them all; results come back one by one
         tasks = ((job, shard, reference_of(shard)) for shard in shards)
-        yield from self.pool.imap_unordered(_pool_task, tasks)
+        try:
+            yield from self.pool.imap_unordered(_pool_task, tasks)
+        except BaseException:
+            self.close()  # the pass's other shards would run on for nothing; the next pass starts a new pool
+            raise
 
     def close(self) -> None:
         close_opened()
