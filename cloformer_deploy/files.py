@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -30,6 +31,15 @@ def sha256_path(path: Path) -> str:
 def size_bytes(path: Path) -> int:
     path = Path(path)
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def replace_atomically(path: Path, write) -> None:
+    """``write(tmp)`` a file beside ``path`` (named by this process), then rename it over ``path``: a reader, or a
+    run killed meanwhile, sees the old file or the new one whole, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def git_commit() -> str | None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..files import replace_atomically
 from ..formats import BACKENDS
 from ..images import CROP_PCT
 from ..inputs import writable_folder
@@ -283,7 +283,6 @@ def evaluate_bundle(
         write_flipped(out / "flipped.csv", rows, flipped, spec.labels)
         write_markdown(out / "accuracy.md", document, spec.labels)
         write_plot(out / "accuracy.png", document)
-        tmp = out / f"accuracy.json.{os.getpid()}.part"
-        tmp.write_text(json.dumps(document, indent=1) + "\n")
-        os.replace(tmp, out / "accuracy.json")
+        text = json.dumps(document, indent=1) + "\n"
+        replace_atomically(out / "accuracy.json", lambda tmp: tmp.write_text(text))
         return Evaluation(document, out)

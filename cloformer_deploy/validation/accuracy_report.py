@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
+from ..files import replace_atomically
 from .accuracy import FLIPPED_SHOWN
-
-
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _class(labels: list[str] | None, index: int) -> str:
@@ -37,7 +31,7 @@ def write_flipped(path: Path, rows: list[dict], flipped: dict[int, list[dict]], 
                         ]
                     )
 
-    _replace(path, write)
+    replace_atomically(path, write)
 
 
 def _pct(x) -> str:
@@ -133,7 +127,7 @@ def write_markdown(path: Path, doc: dict, labels: list[str] | None) -> None:
         if len(doc["unreadable"]) > FLIPPED_SHOWN:
             lines.append(f"- ... and {len(doc['unreadable']) - FLIPPED_SHOWN} more (accuracy.json lists them all)")
     text = "\n".join(lines) + "\n"
-    _replace(path, lambda tmp: tmp.write_text(text))
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_plot(path: Path, doc: dict) -> None:
@@ -173,5 +167,5 @@ def write_plot(path: Path, doc: dict) -> None:
     if not rows:
         ax.text(0.5, 0.5, "no artifact ran", transform=ax.transAxes, ha="center")
     fig.tight_layout()
-    _replace(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import replace_atomically
 from ..images import CROP_PCT, ImageBatch, load_rgb, normalise
 from .labelled import Shard
 
@@ -94,14 +95,12 @@ def node_name() -> str:
     return os.environ.get("CLOFORMER_EVAL_NODE") or f"{socket.gethostname()} process {os.getpid()}"
 
 
-def decode(shard: Shard, prep: Preprocessing, only: np.ndarray | None = None):
+def decode(shard: Shard, prep: Preprocessing):
     """The shard's images as uint8 NHWC, the mask of those read, and why the others could not be."""
     from PIL import Image
 
     arrays, ok, errors = [], np.zeros(len(shard), bool), []
     for i in range(len(shard)):
-        if only is not None and not only[i]:
-            continue
         try:
             with shard.open(i) as f:
                 arrays.append(load_rgb(f, prep.input_size, prep.crop_pct))
@@ -287,12 +286,9 @@ class ShardStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         about = path.parent / "job.json"
         if not about.exists():
-            part = about.with_name(f"job.json.{os.getpid()}.part")
-            part.write_text(json.dumps(describe_job(job), indent=1) + "\n")
-            os.replace(part, about)
-        tmp = path.with_suffix(f".{os.getpid()}.part")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+            text = json.dumps(describe_job(job), indent=1) + "\n"
+            replace_atomically(about, lambda tmp: tmp.write_text(text))
+        replace_atomically(path, lambda tmp: tmp.write_bytes(data))
 
     def read(self, job: Job, shard: Shard) -> dict:
         return read_result(self.path(job, shard).read_bytes())
