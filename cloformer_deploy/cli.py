@@ -292,7 +292,7 @@ def device_main(p: _Parser, argv) -> int:
     setup = sub.add_parser(
         "setup",
         help="build the native runners a target runs, once: local (this machine), arm64 (aarch64 runners for "
-        "QEMU, with an aarch64 Python for LiteRT; fetches about 125 MB of wheels and Debian packages), or a device (built for its CPU and copied to it)",
+        "QEMU; fetches about 60 MB of wheels), or a device (built for its CPU and copied to it)",
     )
     SetupOptions.add_arguments(setup, skip=("cpu", "target_cache"))
     setup.add_argument("-q", "--quiet", action="store_true")

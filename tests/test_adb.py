@@ -79,7 +79,7 @@ def test_a_device_is_probed_by_its_shell_and_its_runners_named(phone, adb, tmp_p
     target = get_target("adb://", device=phone)  # one device: chosen without its serial
     d = target.describe()
     assert d["serial"] == "R58M42ABCDE" and d["kind"] == "adb" and d["measures_latency"]
-    assert d["platform"] == f"linux-{os.uname().machine}" and set(d["runners"]) == {"onnx", "executorch"}
+    assert d["platform"] == f"linux-{os.uname().machine}" and set(d["runners"]) == {"onnx", "executorch", "tflite"}
     empty = tmp_path / "empty-cache"
     with pytest.raises(TargetError, match="runner for linux-.* is not built .*setup adb://R58M42ABCDE"):
         get_target("adb://R58M42ABCDE", cache=empty, device=phone)
@@ -95,7 +95,7 @@ def test_bench_and_validate_on_the_phone_with_the_native_runners(phone, tiny_bun
     res = bench(
         bundle=tiny_bundle.bundle,
         weights=tiny_checkpoint,
-        formats="onnxruntime,executorch-xnnpack",
+        formats="onnxruntime,executorch-xnnpack,litert",
         threads="1",
         runs=3,
         warmup=1,
@@ -104,7 +104,7 @@ def test_bench_and_validate_on_the_phone_with_the_native_runners(phone, tiny_bun
         **phone,
     )
     rows = {(r["runtime"], r["target"]): r for r in res.rows}
-    for rt in ("onnxruntime", "executorch-xnnpack"):
+    for rt in ("onnxruntime", "executorch-xnnpack", "litert"):
         there = rows[(rt, "adb://R58M42ABCDE")]
         assert there["error"] is None and there["runner"] == "native", there["error"]
         assert there["latency_ms"]["runs"] == 3 and 0 < there["peak_rss_mb"] < 150
@@ -112,14 +112,15 @@ def test_bench_and_validate_on_the_phone_with_the_native_runners(phone, tiny_bun
     log = (tmp_path / "adb.log").read_text().splitlines()
     pushes = [line for line in log if " push " in line]
     # each runner bundle and each artifact pushed once
-    assert len([p for p in pushes if ".tar.gz.part" in p]) == 2 and len(pushes) == 4, pushes
+    assert len([p for p in pushes if ".tar.gz.part" in p]) == 3 and len(pushes) == 6, pushes
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle.bundle, bundle)
     ok, reports = validate_bundle(bundle=bundle, weights=tiny_checkpoint, target="adb://R58M42ABCDE", **phone)
     by = {r["format"]: r["targets"]["adb://R58M42ABCDE"] for r in reports}
     assert ok and by["onnx"]["passed"] and by["executorch"]["vs_local"]["bit_exact"]
     assert by["coreml"]["ran"] is False
-    assert by["tflite"]["ran"] is False and "has no Python to run it in" in by["tflite"]["note"]
+    # LiteRT in its native runner: a phone runs every Android format without Python
+    assert by["tflite"]["passed"] and by["tflite"]["runner"] == "native" and by["tflite"]["vs_local"]["bit_exact"]
     assert not live_processes(phone["remote_dir"])
 
 
@@ -131,6 +132,6 @@ def test_check_and_setup_a_phone(phone, capsys, tmp_path):
     assert "device   adb://R58M42ABCDE: linux-" in out and "no Python is needed on the device" in out
     assert device_main(["setup", "adb://R58M42ABCDE", "--remote-dir", phone["remote_dir"]]) == 0
     installed = sorted(p.parent.name for p in Path(phone["remote_dir"]).glob("native/*/build.json"))
-    assert [n.split("-")[0] for n in installed] == ["executorch", "onnx"]
+    assert [n.split("-")[0] for n in installed] == ["executorch", "onnx", "tflite"]
     record = json.loads(next(Path(phone["remote_dir"]).glob("native/onnx-*/build.json")).read_text())
     assert record["platform"] == f"linux-{os.uname().machine}"

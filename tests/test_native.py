@@ -39,13 +39,13 @@ def _images(manifest, limit=3):
 
 @pytest.fixture(scope="module")
 def precisions_bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
-    """The tiny model's ExecuTorch and ONNX programs in fp32, fp16 and int8, in one bundle."""
+    """The tiny model's ExecuTorch, ONNX and LiteRT programs in fp32, fp16 and int8, in one bundle."""
     from cloformer_deploy.pipeline import export
 
     out = tmp_path_factory.mktemp("native")
     for precision in ("fp32", "fp16", "int8"):
         result = export(
-            tiny_variant, weights=tiny_checkpoint, format="onnx,executorch", precision=precision, img_size=64, out=out
+            tiny_variant, weights=tiny_checkpoint, format="onnx,executorch,tflite", precision=precision, img_size=64, out=out
         )
         assert result.passed
     return result.bundle, json.loads((result.bundle / "manifest.json").read_text())
@@ -54,20 +54,36 @@ def precisions_bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     "fmt,precision",
-    [("executorch", "fp32"), ("executorch", "fp16"), ("executorch", "int8"), ("onnx", "fp32"), ("onnx", "int8")],
+    [
+        ("executorch", "fp32"),
+        ("executorch", "fp16"),
+        ("executorch", "int8"),
+        ("onnx", "fp32"),
+        ("onnx", "int8"),
+        ("tflite", "fp32"),
+        ("tflite", "fp16"),
+        ("tflite", "int8"),
+    ],
 )
 def test_the_native_runner_is_bit_exact_with_the_python_runtime(fmt, precision, precisions_bundle, native_runners):
     bundle, manifest = precisions_bundle
     entry = next(e for e in manifest["artifacts"] if e["format"] == fmt and e["precision"] == precision)
     path, spec = bundle / entry["path"], _spec(manifest)
-    python = BACKENDS[fmt].open(path, spec, entry, threads=1)
     target = LocalTarget()
+    for threads in (1, 2):
+        python = BACKENDS[fmt].open(path, spec, entry, threads=threads)
+        worker = target.start(timeout=300, fmt=fmt, native=True)
+        try:
+            runner = WorkerRunner(worker, target, fmt, path, spec, entry, threads=threads)
+            assert runner.description["runner"] == "native" and runner.problems == []
+            for one in _images(manifest).batches(1):
+                assert np.array_equal(runner.run(one), python.run(one))
+        finally:
+            worker.close()
     worker = target.start(timeout=300, fmt=fmt, native=True)
     try:
         runner = WorkerRunner(worker, target, fmt, path, spec, entry, threads=1)
-        assert runner.description["runner"] == "native" and runner.problems == []
-        for one in _images(manifest).batches(1):
-            assert np.array_equal(runner.run(one), python.run(one))
+        runner.run(next(iter(_images(manifest).batches(1))))
         peak = worker.ask({"cmd": "rss"})["peak_rss_mb"]
         assert 0 < peak < 100  # the runner alone: no interpreter, no torch
         if fmt == "executorch":
@@ -157,14 +173,15 @@ def test_a_runner_whose_caller_is_gone_ends_mid_step(native_runners, tiny_bundle
     assert time.monotonic() - t < 15
 
 
-def test_the_bundle_maps_no_library_of_this_machine(native_runners, tiny_bundle):
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_the_bundle_maps_no_library_of_this_machine(fmt, native_runners, tiny_bundle):
     """Started through its own loader: every shared object it maps comes from the bundle (as on a phone)."""
-    bundle = native.ready_bundle(native.default_cache(), native.host_platform(), BACKENDS["onnx"])
+    bundle = native.ready_bundle(native.default_cache(), native.host_platform(), BACKENDS[fmt])
     proc = subprocess.Popen(
         bundle.words(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={"PATH": "/nonexistent"}
     )
     try:
-        _ask(proc, _open_message(tiny_bundle, "onnx"))
+        assert _ask(proc, _open_message(tiny_bundle, fmt))["problems"] == []
         maps = Path(f"/proc/{proc.pid}/maps").read_text().splitlines()
         objects = {line.split()[-1] for line in maps if ".so" in line.split()[-1]}
         assert objects and all(o.startswith(str(bundle.folder.resolve())) for o in objects), objects
@@ -221,7 +238,7 @@ def test_the_policy_kills_a_plain_glibc_program_that_starts_a_thread(clone3_trap
     assert proc.returncode == -31 and "survived" not in proc.stdout, (proc.returncode, proc.stderr[-300:])
 
 
-@pytest.mark.parametrize("fmt", ["executorch", "onnx"])
+@pytest.mark.parametrize("fmt", ["executorch", "onnx", "tflite"])
 def test_the_runner_starts_its_threads_under_the_policy(fmt, clone3_trap, native_runners, tiny_bundle):
     """The bundle's glibc answers clone3 with ENOSYS without asking the kernel, and starts the threads with clone,
     which the policy allows (a handler cannot catch the trap: pthread_create blocks every signal around it)."""

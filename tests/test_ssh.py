@@ -53,7 +53,7 @@ def test_a_linux_device_is_probed_by_its_shell_and_needs_no_python(sshd, device)
     d = target.describe()
     assert d["kind"] == "ssh" and d["measures_latency"] and d["platform"] == f"linux-{os.uname().machine}"
     assert d["cores"] == os.cpu_count() and d["clusters"] and d["label"].startswith(os.uname().machine)
-    assert set(d["runners"]) == {"onnx", "executorch"} and "python" not in d
+    assert set(d["runners"]) == {"onnx", "executorch", "tflite"} and "python" not in d
     assert not (Path(device["remote_dir"]) / "code").exists()  # its Python was never asked for
 
 
@@ -116,8 +116,9 @@ def test_validate_through_ssh_records_the_device_in_the_manifest(sshd, device, t
     by = {r["format"]: r["targets"][sshd.address] for r in reports}
     assert by["onnx"]["passed"] and by["onnx"]["vs_local"]["bit_exact"]
     assert by["executorch"]["passed"] and by["executorch"]["vs_local"]["bit_exact"]
-    # LiteRT has no native runner: it ran in the device's Python, asked for because of it
+    # LiteRT in its native runner too (the C API of the same wheel): the same bits as this machine's interpreter
     assert by["tflite"]["passed"] and by["tflite"]["vs_local"]["bit_exact"], by["tflite"]
+    assert {by[f]["runner"] for f in ("onnx", "executorch", "tflite")} == {"native"}
     assert by["coreml"] == {
         "ran": False,
         "passed": None,
@@ -624,7 +625,7 @@ def test_bench_and_validate_on_a_device_with_no_python_and_no_libc(bare_device, 
     res = bench(
         bundle=tiny_bundle.bundle,
         weights=tiny_checkpoint,
-        formats="onnxruntime,executorch-xnnpack",
+        formats="onnxruntime,executorch-xnnpack,litert",
         threads="1",
         runs=3,
         warmup=1,
@@ -633,7 +634,7 @@ def test_bench_and_validate_on_a_device_with_no_python_and_no_libc(bare_device, 
         **device,
     )
     rows = {(r["runtime"], r["target"]): r for r in res.rows}
-    for rt in ("onnxruntime", "executorch-xnnpack"):
+    for rt in ("onnxruntime", "executorch-xnnpack", "litert"):
         there = rows[(rt, server.address)]
         assert there["error"] is None and there["runner"] == "native", there["error"]
         assert there["latency_ms"]["runs"] == 3 and 0 < there["peak_rss_mb"] < 150 and there["vs_local"]["bit_exact"]
@@ -641,10 +642,8 @@ def test_bench_and_validate_on_a_device_with_no_python_and_no_libc(bare_device, 
     shutil.copytree(tiny_bundle.bundle, bundle)
     ok, reports = validate_bundle(bundle=bundle, weights=tiny_checkpoint, target=server.address, **device)
     by = {r["format"]: r["targets"][server.address] for r in reports}
-    assert ok and by["onnx"]["vs_local"]["bit_exact"] and by["executorch"]["vs_local"]["bit_exact"]
-    # LiteRT needs a Python this device lacks: not run, and the report says why
-    assert by["tflite"]["ran"] is False and by["tflite"]["passed"] is None
-    assert "has no Python to run it in" in by["tflite"]["note"]
+    # LiteRT too, in its native runner: a device with no Python runs every Android format
+    assert ok and all(by[f]["vs_local"]["bit_exact"] for f in ("onnx", "executorch", "tflite")), by
     assert not live_processes("/work/native/")  # nothing left running on the device (its runners are gone)
 
 
@@ -656,5 +655,5 @@ def test_setup_copies_the_runners_to_the_device_and_starts_them_there(sshd, devi
     out = capsys.readouterr().out
     assert f"{sshd.address}: ready in" in out and "executorch-runner" in out
     installed = sorted(p.parent.name.split("-")[0] for p in Path(device["remote_dir"]).glob("native/*/build.json"))
-    assert installed == ["executorch", "onnx"]
+    assert installed == ["executorch", "onnx", "tflite"]
     assert not live_processes(device["remote_dir"])  # the smoke tests' runners ended

@@ -141,6 +141,13 @@ class NativeRunner:
     debian_headers: tuple[str, str, str] | None = None
     # what the program states of its own memory, by the key its runner describes it under -> the row's key
     memory_facts: tuple[tuple[str, str], ...] = ()
+    # libraries of the wheel its runtime opens itself at run time (an accelerator), bundled though not linked
+    loaded: tuple[str, ...] = ()
+    module: str | None = None  # the package's folder in its wheel, where it is not the distribution's name
+
+    @property
+    def folder(self) -> str:
+        return self.module or self.package
 
 
 class Backend(ABC):

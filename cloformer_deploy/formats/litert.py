@@ -26,7 +26,7 @@ import numpy as np
 
 from ..images import ImageBatch
 from ..quiet import quiet_libraries
-from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register, storage_totals
+from .base import Backend, BenchRuntime, ExportJob, ModelSpec, NativeRunner, Runner, register, storage_totals
 
 METADATA_NAME = "cloformer_deploy"  # the model's metadata entry holding what the manifest says of it
 INPUT_LAYOUT = "NHWC"
@@ -247,6 +247,15 @@ class LiteRTBackend(Backend):
     position = 40
     bench_runtimes = (BenchRuntime("litert", "LiteRT", "LiteRT", aliases=("tflite",), peers=True, position=40),)
     device_packages = ("ai-edge-litert",)
+    native_runner = NativeRunner(
+        "litert_runner.cpp",
+        "ai-edge-litert",
+        module="ai_edge_litert",
+        # LiteRT's C API: the same XNNPACK as the Python interpreter, compiled in (docs/litert.md)
+        libraries=("libLiteRt.so",),
+        # the GPU accelerator (WebGPU on Vulkan), which libLiteRt.so opens by name when a model asks for the GPU
+        loaded=("libLiteRtWebGpuAccelerator.so",),
+    )
     summary = "a .tflite model for LiteRT, formerly TensorFlow Lite (Android, iOS, desktop)"
     input_note = "NHWC float32 (batch, height, width, 3): the normalised image in LiteRT's layout"
     keeps_float_layers = False

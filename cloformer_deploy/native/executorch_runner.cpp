@@ -164,7 +164,8 @@ class ExecuTorchModel : public cfd::Model {
 
 int main(int argc, char** argv) {
   executorch::runtime::runtime_init();
-  return cfd::serve(argc, argv, "executorch", CFD_RUNTIME_VERSION, [](const std::string& path, int threads) {
+  return cfd::serve(argc, argv, "executorch", CFD_RUNTIME_VERSION,
+                    [](const std::string& path, int threads, const cfd::Json&) {
     return std::unique_ptr<cfd::Model>(new ExecuTorchModel(path, threads));
   });
 }

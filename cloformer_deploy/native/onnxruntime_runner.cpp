@@ -168,7 +168,8 @@ int main(int argc, char** argv) {
     return 3;
   }
   const std::string version = OrtGetApiBase()->GetVersionString();
-  return cfd::serve(argc, argv, "onnxruntime", version, [](const std::string& path, int threads) {
+  return cfd::serve(argc, argv, "onnxruntime", version,
+                    [](const std::string& path, int threads, const cfd::Json&) {
     return std::unique_ptr<cfd::Model>(new OnnxModel(path, threads));
   });
 }

@@ -431,7 +431,9 @@ class Model {
   virtual std::vector<float> output(std::vector<int64_t>& shape) = 0;
 };
 
-using Opener = std::function<std::unique_ptr<Model>(const std::string& path, int threads)>;
+// Opens a program: its path, its thread count (0: the runtime's default) and the whole "open" message, whose
+// further fields a runner may read (LiteRT's "accelerator").
+using Opener = std::function<std::unique_ptr<Model>(const std::string& path, int threads, const Json& open)>;
 
 inline double ms_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
@@ -519,7 +521,7 @@ inline int serve(int argc, char** argv, const std::string& runtime, const std::s
         auto t = std::chrono::steady_clock::now();
         prepared = false;
         model.reset();  // the previous program's memory is freed first, as a new process would have it
-        model = open(path, count);
+        model = open(path, count, cmd);
         double load = ms_since(t);
         std::string problems;
         if (const Json* spec = cmd.get("spec"))

@@ -216,14 +216,14 @@ def wheel_folder(runner: NativeRunner, plat: str, version: str, downloads: Path,
     wheels.mkdir(parents=True, exist_ok=True)
     found = platform_wheel(runner.package, version, plat, wheels, stage)
     shutil.rmtree(out, ignore_errors=True)
-    wanted = [f"{runner.package}/{p}" for p in runner.libraries] + [
-        f"{runner.package}/{d}/*" for d in runner.include_dirs
+    wanted = [f"{runner.folder}/{p}" for p in (*runner.libraries, *runner.loaded)] + [
+        f"{runner.folder}/{d}/*" for d in runner.include_dirs
     ]
     with zipfile.ZipFile(found) as whl:
         for name in whl.namelist():
             if any(fnmatch.fnmatch(name, w) for w in wanted):
                 whl.extract(name, out.parent / f".{out.name}")
-    unpacked = out.parent / f".{out.name}" / runner.package
+    unpacked = out.parent / f".{out.name}" / runner.folder
     if not unpacked.is_dir():
         raise TargetError(f"setup: the {runner.package} wheel for {plat} has none of {', '.join(runner.libraries)}")
     unpacked.rename(out)
@@ -343,7 +343,7 @@ def sources_hash(runner: NativeRunner, plat: str) -> str:
     for name in ("runner.h", runner.source):
         h.update((SOURCES / name).read_bytes())
     patch = [b.hex() for b in CLONE3.get(plat, ())]
-    h.update(json.dumps([plat, runner.libraries, runner.registering, runner.defines, patch]).encode())
+    h.update(json.dumps([plat, runner.libraries, runner.loaded, runner.registering, runner.defines, patch]).encode())
     return h.hexdigest()[:16]
 
 
@@ -378,7 +378,7 @@ def build_bundle(
     t0 = time.perf_counter()
     with progress.stage(f"native {backend.label} runner for {plat}") as stage:
         if plat == host_platform():
-            package = package_folder(runner.package)
+            package = package_folder(runner.folder)
         else:
             package = wheel_folder(runner, plat, version, downloads, stage)
         includes = [package / d for d in runner.include_dirs]
@@ -424,7 +424,8 @@ def build_bundle(
         )
         compile_s = time.perf_counter() - tc
         stage.update("collect its libraries and a glibc loader")
-        loader = _collect(exe, libraries, cxx, partial / "lib")
+        loaded = sorted({Path(p) for pattern in runner.loaded for p in glob.glob(str(package / pattern))})
+        loader = _collect(exe, libraries, cxx, partial / "lib", loaded)
         clone3 = without_clone3(partial / "lib" / "libc.so.6", plat)
         if clone3 == "unknown":
             progress.warn(
@@ -495,9 +496,10 @@ def without_clone3(libc: Path, plat: str) -> str:
     return "unknown"
 
 
-def _collect(exe: Path, libraries: list[Path], cxx: str, dest: Path) -> str:
+def _collect(exe: Path, libraries: list[Path], cxx: str, dest: Path, loaded: list[Path] = ()) -> str:
     """Copy into ``dest`` every library ``exe`` needs, under its soname: the wheel's, then the compiler's own
-    (glibc, libstdc++, libgcc) and the loader. Returns the loader's file name."""
+    (glibc, libstdc++, libgcc) and the loader; and the ``loaded`` ones (opened at run time) with what they need.
+    Returns the loader's file name."""
     wheel = {}
     for lib in libraries:
         _, soname, _ = _dynamic(lib)
@@ -505,7 +507,9 @@ def _collect(exe: Path, libraries: list[Path], cxx: str, dest: Path) -> str:
     _, _, interp = _dynamic(exe)
     if not interp:
         raise TargetError(f"setup: {exe.name} has no program interpreter")
-    todo, seen = [exe], set()
+    for lib in loaded:
+        shutil.copy2(lib, dest / lib.name)
+    todo, seen = [exe, *(dest / lib.name for lib in loaded)], set()
     loader = Path(interp).name
     while todo:
         needed, _, _ = _dynamic(todo.pop())

@@ -3,10 +3,10 @@
 - ``local``: this machine's runners, built against the installed wheels (no download but ONNX Runtime's C API
   header: Debian's ``libonnxruntime-dev``, about 0.1 MB).
 - ``arm64``: the aarch64 runners, built by Debian's cross compiler against PyPI's aarch64 wheels of the host's
-  versions (executorch, onnxruntime: about 80 MB, kept in ``<cache>/downloads``), plus the CPU views QEMU shows
-  them; and for LiteRT, which has no native runner, Debian's aarch64 Python 3.11 (files only, about 15 MB) with
-  PyPI's aarch64 wheels of the host's ai-edge-litert and numpy (about 30 MB; no torch). A Python root of an
-  older release (torch included) is removed.
+  versions (executorch, onnxruntime, ai-edge-litert: about 60 MB, kept in ``<cache>/downloads``), plus the CPU
+  views QEMU shows them. A format without a native runner would get Debian's aarch64 Python with its runtime's
+  wheel; every format has one now, and the emulated Python an older release set up for LiteRT is removed, as is
+  an even older Python root (torch included).
 - ``ssh://…`` and ``adb://…``: the runners for the device's CPU, built as above and copied to it.
 
 These are the project's only downloads, and only when asked. A bundle is built in a ``.partial`` folder and
@@ -28,6 +28,7 @@ from .arm64 import (
     build_python,
     emulated,
     python_formats,
+    python_home,
     qemu_binary,
     qemu_label,
     write_cpu_views,
@@ -132,6 +133,12 @@ def setup_target(
             with progress.stage(f"remove the old ARM64 Python root ({freed / 1e9:.1f} GB)"):
                 shutil.rmtree(cache / ROOT_DIR)
             record["removed_bytes"] = freed
+        home = python_home(cache)
+        if home.exists() and not python_formats():  # an older release's Python for LiteRT, now a native runner
+            freed = _size(home)
+            with progress.stage(f"remove the emulated Python no format needs now ({freed / 1e6:.0f} MB)"):
+                shutil.rmtree(home)
+            record["removed_bytes"] = record.get("removed_bytes", 0) + freed
         write_cpu_views(cache)
     bundles = {}
     for backend in native_backends():

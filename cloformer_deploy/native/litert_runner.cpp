@@ -1,0 +1,275 @@
+// The LiteRT runner: a .tflite compiled through LiteRT's C API in the ai-edge-litert wheel's own libLiteRt.so
+// (the CPU: XNNPACK, as the Python interpreter runs it; or the GPU accelerator the wheel ships, WebGPU on Vulkan),
+// served over runner.h.
+//
+// No package ships LiteRT's C headers, so the few functions called are declared below, in the project's words,
+// from what the library exports and LiteRT's public documentation says of them. Every handle made is destroyed.
+#include "runner.h"
+
+#ifndef CFD_RUNTIME_VERSION
+#define CFD_RUNTIME_VERSION "unknown"
+#endif
+
+extern "C" {
+// Handles are opaque pointers; every call returns a status, 0 for success.
+typedef int LrStatus;
+typedef void* LrHandle;
+
+// An environment option: a tag and a tagged value (LiteRT's LiteRtEnvOption holding a LiteRtAny).
+struct LrValue {
+  int type;  // 2: an integer
+  int64_t integer;
+};
+struct LrEnvOption {
+  int tag;
+  LrValue value;
+};
+
+// A tensor's type as the library writes it: the element type, then the layout (rank in the low 7 bits of the
+// first byte, 8 dimensions, 8 strides).
+struct LrTensorType {
+  int32_t element;  // 1: float32
+  uint8_t rank_bits;
+  uint8_t pad[3];
+  int32_t dims[8];
+  uint32_t strides[8];
+};
+static_assert(sizeof(LrTensorType) == 72, "LiteRT's ranked tensor type is 72 bytes");
+
+LrStatus LiteRtCreateEnvironment(int count, const LrEnvOption* options, LrHandle* env);
+void LiteRtDestroyEnvironment(LrHandle env);
+LrStatus LiteRtCreateModelFromFile(LrHandle env, const char* path, LrHandle* model);
+void LiteRtDestroyModel(LrHandle model);
+LrStatus LiteRtCreateOptions(LrHandle* options);
+void LiteRtDestroyOptions(LrHandle options);
+LrStatus LiteRtSetOptionsHardwareAccelerators(LrHandle options, int accelerators);
+LrStatus LiteRtCreateOpaqueOptions(const char* identifier, void* payload, void (*free_payload)(void*),
+                                   LrHandle* opaque);
+void LiteRtDestroyOpaqueOptions(LrHandle opaque);
+LrStatus LiteRtAddOpaqueOptions(LrHandle options, LrHandle opaque);  // the options own it from here
+LrStatus LiteRtCreateCompiledModel(LrHandle env, LrHandle model, LrHandle options, LrHandle* compiled);
+void LiteRtDestroyCompiledModel(LrHandle compiled);
+LrStatus LiteRtGetNumModelSignatures(LrHandle model, size_t* count);
+LrStatus LiteRtGetModelSignature(LrHandle model, size_t index, LrHandle* signature);  // owned by the model
+LrStatus LiteRtGetNumSignatureInputs(LrHandle signature, size_t* count);
+LrStatus LiteRtGetNumSignatureOutputs(LrHandle signature, size_t* count);
+LrStatus LiteRtGetSignatureInputTensorByIndex(LrHandle signature, size_t index, LrHandle* tensor);
+LrStatus LiteRtGetSignatureOutputTensorByIndex(LrHandle signature, size_t index, LrHandle* tensor);
+LrStatus LiteRtGetRankedTensorType(LrHandle tensor, LrTensorType* type);
+LrStatus LiteRtCreateTensorBufferFromHostMemory(const LrTensorType* type, void* memory, size_t bytes,
+                                                void (*deallocator)(void*), LrHandle* buffer);
+void LiteRtDestroyTensorBuffer(LrHandle buffer);
+LrStatus LiteRtRunCompiledModel(LrHandle compiled, size_t signature, size_t inputs, LrHandle* input_buffers,
+                                size_t outputs, LrHandle* output_buffers);
+}
+
+namespace {
+
+constexpr int kCpu = 1, kGpu = 2;  // hardware accelerator bits
+constexpr int kAnyInteger = 2;
+constexpr int kAutoRegisterAccelerators = 24, kMinLogSeverity = 25;  // environment option tags
+constexpr int kWarning = 2;
+constexpr int kFloat32 = 1;
+constexpr size_t kAlignment = 64;  // LiteRT's host buffers are 64-byte aligned
+// The GPU accelerator's precision option: 1 computes in fp16 (its default on a GPU that has fp16), 2 in fp32
+constexpr int kGpuFp16 = 1, kGpuFp32 = 2;
+
+const char* status_name(LrStatus s) {
+  switch (s) {
+    case 1: return "invalid argument";
+    case 2: return "memory allocation failure";
+    case 3: return "runtime failure";
+    case 4: return "missing input tensor";
+    case 5: return "unsupported";
+    case 6: return "not found";
+    case 500: return "file I/O error";
+    case 501: return "invalid flatbuffer";
+    case 504: return "compilation failed";
+    default: return "error";
+  }
+}
+
+void check(LrStatus s, const char* what) {
+  if (s != 0) throw std::runtime_error(std::string(what) + " failed: LiteRT " + status_name(s) + " (" +
+                                       std::to_string(s) + ")");
+}
+
+// An opaque option's payload: a TOML text the options free with libc's free
+void add_toml(LrHandle options, const char* identifier, const std::string& toml) {
+  char* payload = strdup(toml.c_str());
+  LrHandle opaque = nullptr;
+  LrStatus s = LiteRtCreateOpaqueOptions(identifier, payload, free, &opaque);
+  if (s != 0) {
+    free(payload);
+    check(s, "making the accelerator's options");
+  }
+  s = LiteRtAddOpaqueOptions(options, opaque);
+  if (s != 0) {
+    LiteRtDestroyOpaqueOptions(opaque);
+    check(s, "adding the accelerator's options");
+  }
+}
+
+std::vector<int32_t> dims_of(const LrTensorType& t) {
+  return std::vector<int32_t>(t.dims, t.dims + (t.rank_bits & 0x7F));
+}
+
+size_t count_of(const std::vector<int32_t>& dims) {
+  size_t n = 1;
+  for (int32_t d : dims) n *= static_cast<size_t>(d > 0 ? d : 0);
+  return n;
+}
+
+// A float32 host buffer, 64-byte aligned, that a LiteRT tensor buffer wraps without copying.
+struct HostBuffer {
+  std::vector<float> storage;
+  float* data = nullptr;
+  size_t count = 0;
+  void resize(size_t n) {
+    count = n;
+    storage.assign(n + kAlignment / sizeof(float), 0.0f);
+    uintptr_t p = reinterpret_cast<uintptr_t>(storage.data());
+    data = reinterpret_cast<float*>((p + kAlignment - 1) / kAlignment * kAlignment);
+  }
+};
+
+class LiteRtModel : public cfd::Model {
+ public:
+  LiteRtModel(const std::string& path, int threads, const cfd::Json& open) {
+    const cfd::Json* accelerator = open.get("accelerator");
+    gpu_ = accelerator && accelerator->kind == cfd::Json::String && accelerator->text == "gpu";
+    if (accelerator && accelerator->kind == cfd::Json::String && !gpu_ && accelerator->text != "cpu")
+      throw std::runtime_error("bad message: the accelerator is neither cpu nor gpu");
+    const cfd::Json* precision = open.get("gpu_precision");
+    gpu_fp32_ = precision && precision->kind == cfd::Json::String && precision->text == "fp32";
+    threads_ = threads;
+    try {
+      build(path);
+    } catch (...) {
+      release();  // a constructor that throws runs no destructor
+      throw;
+    }
+  }
+
+  ~LiteRtModel() override { release(); }
+
+  void build(const std::string& path) {
+    // look for the accelerators used only (no search for NPU libraries); no informational log lines
+    LrEnvOption env_options[2] = {{kAutoRegisterAccelerators, {kAnyInteger, gpu_ ? (kCpu | kGpu) : kCpu}},
+                                  {kMinLogSeverity, {kAnyInteger, kWarning}}};
+    check(LiteRtCreateEnvironment(2, env_options, &env_), "starting LiteRT");
+    check(LiteRtCreateModelFromFile(env_, path.c_str(), &model_), "opening the model");
+    size_t signatures = 0;
+    check(LiteRtGetNumModelSignatures(model_, &signatures), "counting the signatures");
+    if (signatures < 1) throw std::runtime_error("the model has no signature");
+    LrHandle signature = nullptr;
+    check(LiteRtGetModelSignature(model_, 0, &signature), "reading the signature");
+    check(LiteRtGetNumSignatureInputs(signature, &inputs_), "counting the inputs");
+    check(LiteRtGetNumSignatureOutputs(signature, &outputs_), "counting the outputs");
+    if (inputs_ < 1 || outputs_ < 1) throw std::runtime_error("the model has no input or no output");
+    LrHandle tensor = nullptr;
+    check(LiteRtGetSignatureInputTensorByIndex(signature, 0, &tensor), "reading the input");
+    check(LiteRtGetRankedTensorType(tensor, &input_type_), "reading the input's type");
+    check(LiteRtGetSignatureOutputTensorByIndex(signature, 0, &tensor), "reading the output");
+    check(LiteRtGetRankedTensorType(tensor, &output_type_), "reading the output's type");
+
+    check(LiteRtCreateOptions(&options_), "making the options");
+    if (gpu_) {
+      // the GPU alone: a model it cannot take whole fails here rather than running partly on the CPU unseen
+      check(LiteRtSetOptionsHardwareAccelerators(options_, kGpu), "choosing the GPU");
+      add_toml(options_, "gpu_options", "precision = " + std::to_string(gpu_fp32_ ? kGpuFp32 : kGpuFp16) + "\n");
+    } else {
+      check(LiteRtSetOptionsHardwareAccelerators(options_, kCpu), "choosing the CPU");
+      if (threads_ > 0) add_toml(options_, "xnnpack", "num_threads = " + std::to_string(threads_) + "\n");
+    }
+    check(LiteRtCreateCompiledModel(env_, model_, options_, &compiled_),
+          gpu_ ? "compiling the model for the GPU" : "compiling the model for the CPU");
+
+    if (input_type_.element == kFloat32 && output_type_.element == kFloat32) {
+      input_.resize(count_of(dims_of(input_type_)));
+      output_.resize(count_of(dims_of(output_type_)));
+      check(LiteRtCreateTensorBufferFromHostMemory(&input_type_, input_.data, input_.count * sizeof(float), nullptr,
+                                                   &input_buffer_),
+            "making the input buffer");
+      check(LiteRtCreateTensorBufferFromHostMemory(&output_type_, output_.data, output_.count * sizeof(float),
+                                                   nullptr, &output_buffer_),
+            "making the output buffer");
+    }
+  }
+
+  void release() {
+    if (input_buffer_) LiteRtDestroyTensorBuffer(input_buffer_);
+    if (output_buffer_) LiteRtDestroyTensorBuffer(output_buffer_);
+    if (compiled_) LiteRtDestroyCompiledModel(compiled_);
+    if (options_) LiteRtDestroyOptions(options_);
+    if (model_) LiteRtDestroyModel(model_);
+    if (env_) LiteRtDestroyEnvironment(env_);
+    input_buffer_ = output_buffer_ = compiled_ = options_ = model_ = env_ = nullptr;
+  }
+
+  std::string describe() override {
+    std::string out = "\"method\": \"litert\", \"runner\": \"native\", \"ai-edge-litert\": " +
+                      cfd::quote(CFD_RUNTIME_VERSION) + ", \"accelerator\": " + cfd::quote(gpu_ ? "gpu" : "cpu");
+    if (gpu_) out += ", \"gpu_precision\": " + cfd::quote(gpu_fp32_ ? "fp32" : "fp16");
+    return out;
+  }
+
+  std::vector<std::string> problems(const cfd::Json& spec) override {
+    std::vector<std::string> out;
+    if (inputs_ != 1) out.push_back("the model takes " + std::to_string(inputs_) + " inputs, not 1");
+    if (input_type_.element != kFloat32) out.push_back("the input is not float32");
+    if (output_type_.element != kFloat32) out.push_back("the output is not float32");
+    std::vector<int32_t> dims = dims_of(input_type_);
+    if (dims.size() != 4 || dims[3] != 3) {
+      out.push_back("the input is not NHWC with 3 channels");
+    } else if (const cfd::Json* size = spec.get("input_size")) {
+      if (size->items.size() == 2 && (dims[1] != static_cast<int32_t>(size->items[0].number) ||
+                                      dims[2] != static_cast<int32_t>(size->items[1].number)))
+        out.push_back("the input is not " + std::to_string(static_cast<int>(size->items[0].number)) + "x" +
+                      std::to_string(static_cast<int>(size->items[1].number)));
+    }
+    return out;
+  }
+
+  void prepare(const cfd::FloatArray& tensor) override {
+    // the host sends NCHW (every format's batch); the model takes NHWC: transposed once here, not when timed
+    std::vector<int32_t> dims = dims_of(input_type_);
+    if (!input_buffer_ || dims.size() != 4 || tensor.shape.size() != 4 || tensor.shape[0] != dims[0] ||
+        tensor.shape[1] != dims[3] || tensor.shape[2] != dims[1] || tensor.shape[3] != dims[2])
+      throw std::runtime_error("the batch's shape is not the model's input shape");
+    const size_t n = dims[0], h = dims[1], w = dims[2], c = dims[3];
+    for (size_t b = 0; b < n; b++)
+      for (size_t k = 0; k < c; k++)
+        for (size_t y = 0; y < h; y++)
+          for (size_t x = 0; x < w; x++)
+            input_.data[((b * h + y) * w + x) * c + k] = tensor.data[((b * c + k) * h + y) * w + x];
+  }
+
+  void infer() override {
+    check(LiteRtRunCompiledModel(compiled_, 0, 1, &input_buffer_, 1, &output_buffer_), "running the model");
+  }
+
+  std::vector<float> output(std::vector<int64_t>& shape) override {
+    std::vector<int32_t> dims = dims_of(output_type_);
+    shape.assign(dims.begin(), dims.end());
+    return std::vector<float>(output_.data, output_.data + output_.count);
+  }
+
+ private:
+  bool gpu_ = false, gpu_fp32_ = false;
+  int threads_ = 0;
+  LrHandle env_ = nullptr, model_ = nullptr, options_ = nullptr, compiled_ = nullptr;
+  LrHandle input_buffer_ = nullptr, output_buffer_ = nullptr;
+  LrTensorType input_type_{}, output_type_{};
+  size_t inputs_ = 0, outputs_ = 0;
+  HostBuffer input_, output_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return cfd::serve(argc, argv, "ai-edge-litert", CFD_RUNTIME_VERSION,
+                    [](const std::string& path, int threads, const cfd::Json& open) {
+                      return std::unique_ptr<cfd::Model>(new LiteRtModel(path, threads, open));
+                    });
+}
