@@ -291,8 +291,9 @@ def device_main(p: _Parser, argv) -> int:
     sub = p.add_subparsers(dest="action", metavar="{setup,list,check}", parser_class=_Parser)
     setup = sub.add_parser(
         "setup",
-        help="build the native runners a target runs, once: local (this machine), arm64 (aarch64 runners for "
-        "QEMU; fetches about 60 MB of wheels), or a device (built for its CPU and copied to it)",
+        help="build the native runners a target runs, once: local (this machine), gpu (this machine's runners and "
+        "a software Vulkan device for LiteRT's GPU rows: Mesa's lavapipe, about 60 MB from Debian), arm64 (aarch64 "
+        "runners for QEMU; fetches about 60 MB of wheels), or a device (built for its CPU and copied to it)",
     )
     SetupOptions.add_arguments(setup, skip=("cpu", "target_cache"))
     setup.add_argument("-q", "--quiet", action="store_true")
@@ -306,7 +307,7 @@ def device_main(p: _Parser, argv) -> int:
     CheckOptions.add_arguments(check, skip=("cpu", "target_cache"))
     args = p.parse_args(argv)
     if args.action is None:
-        p.error("choose an action: setup local|arm64|DEVICE, list, or check DEVICE")
+        p.error("choose an action: setup local|gpu|arm64|DEVICE, list, or check DEVICE")
     if args.action == "check":
         return _check_device(CheckOptions.from_args(args))
     from pathlib import Path
@@ -337,14 +338,20 @@ def device_main(p: _Parser, argv) -> int:
             ],
         )
         if record.get("removed_bytes"):
-            print(f"removed the old ARM64 Python root ({record['removed_bytes'] / 1e9:.1f} GB)")
+            print(f"removed what older releases set up for ARM64 ({record['removed_bytes'] / 1e6:.0f} MB)")
+        if record.get("gpu"):
+            g = record["gpu"]
+            print(f"software GPU: Mesa {g['mesa']} lavapipe ({g['bytes'] / 1e6:.0f} MB) in {g['folder']}")
         if record.get("python"):
             wheels = ", ".join(f"{k} {v}" for k, v in record["python"]["wheels"].items())
             print(f"emulated Python {record['python']['python']} for LiteRT, with {wheels}")
         print(
             f"{record['target']}: ready in {record['seconds']} s (runners in {record['cache']}/native/{record['platform']})"
         )
-        print(f"next:   cloformer-bench --bundle BUNDLE --target {record['target']}")
+        if record.get("gpu"):
+            print("next:   cloformer-bench --bundle BUNDLE --formats litert,litert-gpu,litert-gpu-fp32")
+        else:
+            print(f"next:   cloformer-bench --bundle BUNDLE --target {record['target']}")
         return 0
     opts = ListOptions.from_args(args)
     cache = Path(opts.cache) if opts.cache else default_cache()

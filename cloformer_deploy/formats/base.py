@@ -122,6 +122,9 @@ class BenchRuntime:
     fixed_runs: int | None = None  # timed runs whatever --runs says (slow kernels); None: --runs
     position: int = 50  # where its rows stand in the benchmark's order
     switch: str | None = None  # the bench option that adds it (portable: --portable), when it is not in --formats
+    # "gpu": it runs the format's artifacts on the target's GPU (its native runner only, opened with open_options)
+    accelerator: str | None = None
+    open_options: dict = field(default_factory=dict)  # fields of its runner's open message: how it runs them
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,28 @@ class LiteRTBackend(Backend):
     runtime = "LiteRT (XNNPACK)"
     label = "LiteRT"
     position = 40
-    bench_runtimes = (BenchRuntime("litert", "LiteRT", "LiteRT", aliases=("tflite",), peers=True, position=40),)
+    bench_runtimes = (
+        BenchRuntime("litert", "LiteRT", "LiteRT", aliases=("tflite",), peers=True, position=40),
+        # LiteRT's GPU accelerator on the same .tflite: its default precision computes in fp16, as on a phone's GPU
+        BenchRuntime(
+            "litert-gpu",
+            "LiteRT-GPU",
+            "LiteRT GPU (fp16)",
+            in_all=False,
+            position=41,
+            accelerator="gpu",
+            open_options={"accelerator": "gpu", "gpu_precision": "fp16"},
+        ),
+        BenchRuntime(
+            "litert-gpu-fp32",
+            "LiteRT-GPU-fp32",
+            "LiteRT GPU (fp32)",
+            in_all=False,
+            position=42,
+            accelerator="gpu",
+            open_options={"accelerator": "gpu", "gpu_precision": "fp32"},
+        ),
+    )
     device_packages = ("ai-edge-litert",)
     native_runner = NativeRunner(
         "litert_runner.cpp",

@@ -89,9 +89,67 @@ const char* status_name(LrStatus s) {
   }
 }
 
-void check(LrStatus s, const char* what) {
-  if (s != 0) throw std::runtime_error(std::string(what) + " failed: LiteRT " + status_name(s) + " (" +
-                                       std::to_string(s) + ")");
+void check(LrStatus s, const char* what, const std::string& why = "") {
+  if (s != 0)
+    throw std::runtime_error(std::string(what) + " failed: LiteRT " + status_name(s) + " (" + std::to_string(s) +
+                             ")" + (why.empty() ? "" : ": " + why));
+}
+
+// What LiteRT writes to stderr while a step runs, kept (and passed on to stderr): the GPU accelerator says which
+// adapter it chose, and why it failed, only there.
+class StderrCapture {
+ public:
+  StderrCapture() {
+    fflush(stderr);
+    saved_ = dup(2);
+    file_ = tmpfile();
+    if (saved_ < 0 || !file_ || dup2(fileno(file_), 2) < 0) stop();
+  }
+  ~StderrCapture() { stop(); }
+  std::string stop() {
+    if (saved_ >= 0) {
+      fflush(stderr);
+      dup2(saved_, 2);
+      close(saved_);
+      saved_ = -1;
+    }
+    if (file_) {
+      rewind(file_);
+      char buf[4096];
+      size_t n;
+      while ((n = fread(buf, 1, sizeof buf, file_)) > 0) text_.append(buf, n);
+      fclose(file_);
+      file_ = nullptr;
+      fputs(text_.c_str(), stderr);
+    }
+    return text_;
+  }
+
+ private:
+  int saved_ = -1;
+  FILE* file_ = nullptr;
+  std::string text_;
+};
+
+// The text after ``key`` on the last line that has it, to the line's end ("" if none)
+std::string after(const std::string& text, const std::string& key) {
+  size_t at = text.rfind(key);
+  if (at == std::string::npos) return "";
+  size_t start = at + key.size(), end = text.find('\n', start);
+  return cfd::trim(text.substr(start, end == std::string::npos ? std::string::npos : end - start));
+}
+
+// The message of LiteRT's last error line ("E0000 ... file.cc:123] message"), for a failure's one line
+std::string last_error(const std::string& text) {
+  std::string found;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.size() > 1 && line[0] == 'E' && isdigit(static_cast<unsigned char>(line[1]))) {
+      size_t at = line.find("] ");
+      if (at != std::string::npos) found = line.substr(at + 2);
+    }
+  }
+  return found;
 }
 
 // An opaque option's payload: a TOML text the options free with libc's free
@@ -182,8 +240,12 @@ class LiteRtModel : public cfd::Model {
       check(LiteRtSetOptionsHardwareAccelerators(options_, kCpu), "choosing the CPU");
       if (threads_ > 0) add_toml(options_, "xnnpack", "num_threads = " + std::to_string(threads_) + "\n");
     }
-    check(LiteRtCreateCompiledModel(env_, model_, options_, &compiled_),
-          gpu_ ? "compiling the model for the GPU" : "compiling the model for the CPU");
+    StderrCapture said;
+    LrStatus compiled = LiteRtCreateCompiledModel(env_, model_, options_, &compiled_);
+    if (compiled != 0) {
+      std::string why = last_error(said.stop());
+      check(compiled, gpu_ ? "compiling the model for the GPU" : "compiling the model for the CPU", why);
+    }
 
     if (input_type_.element == kFloat32 && output_type_.element == kFloat32) {
       input_.resize(count_of(dims_of(input_type_)));
@@ -194,6 +256,14 @@ class LiteRtModel : public cfd::Model {
       check(LiteRtCreateTensorBufferFromHostMemory(&output_type_, output_.data, output_.count * sizeof(float),
                                                    nullptr, &output_buffer_),
             "making the output buffer");
+    }
+    if (gpu_ && input_buffer_) {
+      // the GPU accelerator picks its adapter and builds its shaders at the first run: part of loading, as an app
+      // warms up its model, and the only place the adapter is named
+      LrStatus ran = LiteRtRunCompiledModel(compiled_, 0, 1, &input_buffer_, 1, &output_buffer_);
+      std::string text = said.stop();
+      check(ran, "the GPU's first run", last_error(text));
+      adapter_ = after(text, "Selected adapter: ");
     }
   }
 
@@ -210,7 +280,12 @@ class LiteRtModel : public cfd::Model {
   std::string describe() override {
     std::string out = "\"method\": \"litert\", \"runner\": \"native\", \"ai-edge-litert\": " +
                       cfd::quote(CFD_RUNTIME_VERSION) + ", \"accelerator\": " + cfd::quote(gpu_ ? "gpu" : "cpu");
-    if (gpu_) out += ", \"gpu_precision\": " + cfd::quote(gpu_fp32_ ? "fp32" : "fp16");
+    if (gpu_) {
+      out += ", \"gpu_precision\": " + cfd::quote(gpu_fp32_ ? "fp32" : "fp16");
+      // "llvmpipe (LLVM 15.0.6, 256 bits), arch=software, vendor=mesa, backend=Vulkan, adapterType=CPU / Software"
+      out += ", \"gpu_adapter\": " + cfd::quote(adapter_) + ", \"gpu_software\": " +
+             (adapter_.find("adapterType=CPU") != std::string::npos ? "true" : "false");
+    }
     return out;
   }
 
@@ -258,6 +333,7 @@ class LiteRtModel : public cfd::Model {
  private:
   bool gpu_ = false, gpu_fp32_ = false;
   int threads_ = 0;
+  std::string adapter_;
   LrHandle env_ = nullptr, model_ = nullptr, options_ = nullptr, compiled_ = nullptr;
   LrHandle input_buffer_ = nullptr, output_buffer_ = nullptr;
   LrTensorType input_type_{}, output_type_{};

@@ -267,11 +267,19 @@ class ValidateOptions(TargetOptions):
         check=lambda flag, v: whole_number(flag, v, 1, 100_000),
     )
     min_top1_agreement: float | None = option(None, "also require this top-1 agreement (0..1)", check=fraction)
+    gpu: bool = option(
+        False,
+        "also validate every artifact whose format has a GPU path on the target's GPU, in each GPU runtime (LiteRT: "
+        "litert-gpu computes in fp16 as a phone's GPU does, litert-gpu-fp32 in fp32); here on a software Vulkan "
+        "device set up by cloformer-device setup gpu",
+    )
 
 
 def evaluation_checked(opts: ValidateOptions) -> None:
     """What depends on several fields of a validation, before any work: the evaluation's options need --data,
     a cluster runs on this machine's kind of target only, and --out must be writable."""
+    if opts.gpu and opts.data is not None:
+        raise ExportInputError("--gpu validates on the bundled photographs; drop --data, or drop --gpu")
     if opts.data is None:
         given = [n for n in EVALUATION_FIELDS if opts.was_given(n)]
         if given:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..formats import BACKENDS
 from ..images import load_images
 from ..progress import Progress
 from ..quiet import quiet_libraries
@@ -44,6 +45,11 @@ def validate_bundle(
             return evaluation.passed, evaluation.rows
         progress = progress or Progress(quiet=True)
         on = opts.open_target()
+        if opts.gpu:
+            missing = on.gpu_missing()
+            if missing is not None:  # before any work: the one line names the setup step or says why not
+                on.close()
+                raise ExportInputError(f"--gpu: {missing}")
         try:
             opened = open_bundle(opts.bundle, opts.weights)
             spec = opened.spec
@@ -64,7 +70,10 @@ def validate_bundle(
                     bounds_for(entry["precision"], opts.min_top1_agreement),
                     progress,
                     f"{fmt} {entry['precision']}",
+                    gpu_runtimes(fmt, entry["precision"], opts.min_top1_agreement) if opts.gpu else (),
                 )
+                if report.get("gpu"):
+                    entry.setdefault("validation", {})["gpu"] = report["gpu"]
                 if on.kind != "local":
                     validation = entry.setdefault("validation", {})
                     validation.setdefault("targets", {})[on.name] = report["targets"][on.name]
@@ -74,7 +83,20 @@ def validate_bundle(
                 )
         finally:
             on.close()  # its validation worker: nothing left running
-        if on.kind != "local":
+        if on.kind != "local" or opts.gpu:
             write_manifest(opened.folder, opened.manifest)
             schema_bug(opened.manifest, opened.folder / MANIFEST)
         return all(r["passed"] for r in reports), reports
+
+
+def gpu_runtimes(fmt: str, precision: str, min_top1_agreement: float | None) -> tuple:
+    """(name, open options, bounds) of each GPU runtime of ``fmt``. The GPU computes in its own precision: an
+    fp32 artifact computed in fp16 is held to the fp16 bound; int8 keeps its own, looser one."""
+    out = []
+    for way in BACKENDS[fmt].bench_runtimes:
+        if way.accelerator != "gpu":
+            continue
+        computed = way.open_options.get("gpu_precision", precision)
+        held = precision if precision == "int8" or computed == "fp32" else "fp16"
+        out.append((way.name, dict(way.open_options), bounds_for(held, min_top1_agreement)))
+    return tuple(out)

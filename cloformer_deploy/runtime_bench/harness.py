@@ -40,7 +40,16 @@ from .machine import machine_info
 from .options import BenchInputError, BenchOptions
 from .peers import Peer, resolve_peers
 from .report import write_reports
-from .runtimes import EAGER, FORMAT_OF, PEER_RUNTIMES, RUNTIME_OF_FORMAT, RUNTIMES, bench_runtime, export_options
+from .runtimes import (
+    BUNDLE_RUNTIMES,
+    EAGER,
+    FORMAT_OF,
+    GPU_RUNTIMES,
+    PEER_RUNTIMES,
+    RUNTIMES,
+    bench_runtime,
+    export_options,
+)
 
 LOCAL = LocalTarget()  # this machine, where a row with no target of its own runs (the eager and peer rows)
 
@@ -210,6 +219,11 @@ def _check_runner(runner: str, runtimes, local: Target, remote: Target | None) -
     if runner == "python" and remote is not None and remote.has_python:
         if not any(remote.runs_in_python(b) for b in formats):
             raise BenchInputError(f"--runner python: {remote.name}'s Python runs none of --formats; drop --runner")
+    gpu = [r for r in runtimes if r in GPU_RUNTIMES]
+    # GPU rows run here only when no device is given: here, a machine without its Vulkan device is one line
+    missing = local.gpu_missing() if gpu and remote is None else None
+    if missing is not None:
+        raise BenchInputError(f"--formats {','.join(gpu)}: {missing}")
 
 
 def _runners(runner: str, backend, on: Target) -> list[bool]:
@@ -480,7 +494,7 @@ def _artifacts(
     """(form, runtime, precision) -> {path, precision, size_mb, extra}: exported now, or taken from --bundle."""
     out: dict = {}
     # formats whose own artifacts (the bundle's) some chosen runtime runs; other runtimes export their own below
-    formats = [f for f, rt in RUNTIME_OF_FORMAT.items() if rt in runtimes]
+    formats = [f for f, rts in BUNDLE_RUNTIMES.items() if any(rt in runtimes for rt in rts)]
     entries: list[tuple[Path, dict]] = []
     if bundle is not None:  # checked by open_bundle: the manifest, its files and the weights
         from ..pipeline.bundle import read_manifest
@@ -515,9 +529,9 @@ def _artifacts(
                 )
             entries += [(result.bundle, e) for e in result.manifest["artifacts"]]
     for root, e in entries:
-        rt = RUNTIME_OF_FORMAT[e["format"]]
-        if rt in runtimes:
-            out[("deploy", rt, e["precision"])] = _art(root / e["path"], e)
+        for rt in BUNDLE_RUNTIMES[e["format"]]:
+            if rt in runtimes:
+                out[("deploy", rt, e["precision"])] = _art(root / e["path"], e)
     spec = _bare_spec(name, authors.num_classes, size)
     example = torch.randn(1, 3, *size)
     jobs = []
@@ -561,14 +575,24 @@ def _artifact_combos(
     ``both``: the native runner and the Python runtime); thread counts only for runtimes that take one.
     """
     backend = BACKENDS[FORMAT_OF[rt]]
+    gpu = rt in GPU_RUNTIMES
     out = []
     for where in (local, remote) if remote is not None else (local,):
         if where is remote and not where.can_run(backend):
             continue
         timed = where.platform in backend.platforms and where.measures_latency
-        counts = threads if timed and backend.uses_threads else [None]
-        for native in _runners(runner, backend, where):
+        if gpu:  # one row, never timed on a software GPU: its time is the CPU's, not a GPU's
+            timed = timed and not where.gpu_software
+        counts = threads if timed and backend.uses_threads and not gpu else [None]
+        # a GPU row runs in the native runner only, where the target reaches a GPU
+        for native in [True] if gpu else _runners(runner, backend, where):
             error = art.get("error")
+            if gpu and error is None:
+                error = where.gpu_missing() or where.missing(backend, True)
+                if error is None and where.native_bundle(backend) is None:
+                    error = (
+                        f"the GPU rows run in the native {backend.label} runner, which is not built: {_setup(where)}"
+                    )
             if where is remote and error is None:
                 error = where.missing(backend, native)
             for way in backend.row_variants(where.platform):
@@ -592,6 +616,11 @@ def _artifact_combos(
                     for t in counts
                 ]
     return out
+
+
+def _setup(where: Target) -> str:
+    """The command that builds a target's native runners."""
+    return f"cloformer-device setup {where.kind if where.kind in ('local', 'arm64') else where.name}"
 
 
 def _art(path: Path, entry: dict) -> dict:
@@ -692,6 +721,7 @@ def _open_message(c: Combo, eager: dict, spec: dict) -> dict:
         "spec": {**spec, "name": c.model},
         "info": c.variant,
         "threads": c.threads or 1,
+        **bench_runtime(c.runtime).open_options,
     }
 
 
@@ -710,6 +740,7 @@ def _load_workers(group, eager, spec, images: ImageBatch, timeout, progress, wha
                     max(timeout, where.step_timeout) if c.target else timeout,
                     fmt=FORMAT_OF.get(c.runtime),
                     native=c.native,
+                    gpu=c.runtime in GPU_RUNTIMES,
                 )
                 opened = c.worker.ask(message)
                 c.described = opened.get("describe") or {}
@@ -840,6 +871,18 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
         note = f"{c.target.name} is emulated: the drift of its kernels, no latency"
         lat = gflops = eff = None
         c.load_ms = None
+    gpu = None
+    if c.described.get("accelerator") == "gpu":
+        adapter = (c.described.get("gpu_adapter") or "unnamed").split(", arch=")[0]
+        gpu = {
+            "adapter": adapter,
+            "software": bool(c.described.get("gpu_software")),
+            "precision": c.described.get("gpu_precision"),
+        }
+    if gpu and gpu["software"]:  # said by the runner itself: the adapter is a CPU
+        note = f"a software GPU ({adapter}): the GPU path's arithmetic, no latency"
+        lat = gflops = eff = None
+        c.load_ms = c.peak_rss_mb = None
     keys = ("partitions", "non_delegated_kernels", "non_delegated_ops", "nodes", "op_types", "ops")
     delegation = {k: c.extra[k] for k in keys if k in c.extra}
     placement = c.described.get("placement")
@@ -858,6 +901,7 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
         "precision": c.precision,
         **({"compute_units": c.variant["compute_units"]} if c.variant.get("compute_units") else {}),
         **({"placement": placement} if placement else {}),
+        **({"gpu": gpu} if gpu else {}),
         "threads": c.threads,
         "params": c.extra.get("params"),
         "macs": c.extra.get("macs"),

@@ -153,6 +153,13 @@ class AdbTarget(ShellDevice):
         self.reach()
         self.find_bundles(required=True)
 
+    def gpu_missing(self) -> str | None:
+        return (
+            f"{self.name}: LiteRT's GPU accelerator needs a glibc Vulkan loader, and Android's libvulkan.so is "
+            "bionic's, which the runners' glibc cannot load; a phone's GPU runs in an app built with the Android "
+            "NDK (docs/litert.md)"
+        )
+
     def worker_command(self):
         raise TargetError(f"{self.name} runs the native runners only (no Python): .pte and .onnx")
 

@@ -341,7 +341,13 @@ class EmulatedArm64Target(Target):
     def native_bundle(self, backend: Backend) -> Bundle | None:
         return self.bundles.get(backend.name)
 
-    def native_command(self, fmt: str):
+    def gpu_missing(self) -> str | None:
+        return (
+            "the emulated ARM64 target has no GPU: GPU rows run on this machine's software Vulkan device "
+            "(--target local, after cloformer-device setup gpu) or on an ssh:// device with a Vulkan driver"
+        )
+
+    def native_command(self, fmt: str, gpu: bool = False):
         prefix, env = emulated(self.view, self.cpu)
         return [*prefix, *self.bundles[fmt].words(None, *self.native_args())], env, []
 

@@ -234,6 +234,7 @@ class WorkerRunner(Runner):
         spec: ModelSpec,
         info: dict,
         threads: int | None = None,
+        options: dict | None = None,
     ):
         self.worker, self.target = worker, target
         opened = worker.ask(
@@ -244,6 +245,7 @@ class WorkerRunner(Runner):
                 "spec": spec.to_dict(),
                 "info": info,
                 "threads": threads,
+                **(options or {}),  # how the runner runs it (a GPU row's accelerator)
             }
         )
         self.load_ms = opened["load_ms"]
@@ -340,14 +342,26 @@ class Target(ABC):
     def worker_command(self) -> tuple[list[str], dict | None, list[Path]]:
         """(argv, environment, folders to remove when the worker closes) of a Python worker on this target."""
 
-    def native_command(self, fmt: str) -> tuple[list[str], dict | None, list[Path]]:
-        """The same for the native runner of ``fmt`` (only where :meth:`native_bundle` has one)."""
+    def native_command(self, fmt: str, gpu: bool = False) -> tuple[list[str], dict | None, list[Path]]:
+        """The same for the native runner of ``fmt`` (only where :meth:`native_bundle` has one); ``gpu``: for a
+        GPU row (only where :meth:`gpu_missing` is None)."""
         bundle = self.native_bundle(BACKENDS[fmt])
         return bundle.words(None, *self.native_args()), None, []
 
-    def start(self, timeout: float | None = None, fmt: str | None = None, native: bool = False) -> WorkerProcess:
-        """A worker process: the native runner of ``fmt`` when ``native``, else the Python worker."""
-        argv, env, cleanup = self.native_command(fmt) if native else self.worker_command()
+    # its GPU computes on the CPU (a software Vulkan device): GPU rows there are drift, never a latency
+    gpu_software: bool = False
+
+    def gpu_missing(self) -> str | None:
+        """Why this target's runners cannot reach a GPU, with what to do instead; None where they can (a device's
+        driver is known only when a runner opens it: a failure then is that row's error)."""
+        return f"{self.name} has no GPU the runners can reach"
+
+    def start(
+        self, timeout: float | None = None, fmt: str | None = None, native: bool = False, gpu: bool = False
+    ) -> WorkerProcess:
+        """A worker process: the native runner of ``fmt`` when ``native`` (set up for the GPU when ``gpu``), else
+        the Python worker."""
+        argv, env, cleanup = self.native_command(fmt, gpu) if native else self.worker_command()
         return WorkerProcess(argv, env, timeout or self.step_timeout, cleanup)
 
     def runner(
@@ -378,6 +392,15 @@ class Target(ABC):
                 worker.close()
             worker = self._validation_worker = self.start()
         return WorkerRunner(worker, self, fmt, Path(path), spec, info, threads)
+
+    def gpu_runner(self, fmt: str, path: str | Path, spec: ModelSpec, info: dict, options: dict) -> Runner:
+        """The artifact opened on this target's GPU by its native runner, with the GPU runtime's ``options``
+        (WorkerError when the runner cannot reach a GPU there: that row's error)."""
+        previous = getattr(self, "_native_worker", None)
+        if previous is not None:
+            previous.close()
+        worker = self._native_worker = self.start(fmt=fmt, native=True, gpu=True)
+        return WorkerRunner(worker, self, fmt, Path(path), spec, info, None, options)
 
     def close(self) -> None:
         """End the workers validation started; nothing of this target is left running."""

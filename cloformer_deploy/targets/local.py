@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -26,6 +27,22 @@ class LocalTarget(Target):
         if backend.name not in self._bundles:
             self._bundles[backend.name] = ready_bundle(self.cache, self.platform, backend)
         return self._bundles[backend.name]
+
+    gpu_software = True  # the only Vulkan device set up here is Mesa's lavapipe (targets/gpu.py)
+
+    def gpu_missing(self) -> str | None:
+        from .gpu import gpu_record, missing_hint
+
+        return None if gpu_record(self.cache, self.platform) is not None else missing_hint(self.cache)
+
+    def native_command(self, fmt: str, gpu: bool = False):
+        if not gpu:
+            return super().native_command(fmt)
+        from .gpu import gpu_runner_environment
+
+        folders, env = gpu_runner_environment(self.cache, self.platform)
+        bundle = self.native_bundle(BACKENDS[fmt])
+        return bundle.words(None, *self.native_args(), libraries=tuple(folders)), {**os.environ, **env}, []
 
     def can_run(self, backend: Backend) -> bool:
         return True  # Core ML included: off Apple systems its runner is the package interpreter

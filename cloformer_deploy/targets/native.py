@@ -100,13 +100,14 @@ class Bundle:
     def key(self) -> str:
         return self.record["key"]
 
-    def words(self, root: str | None = None, *args: str) -> list[str]:
-        """The command that starts the runner from the bundle at ``root`` (default: where it was built)."""
+    def words(self, root: str | None = None, *args: str, libraries: tuple[str, ...] = ()) -> list[str]:
+        """The command that starts the runner from the bundle at ``root`` (default: where it was built);
+        ``libraries``: folders searched after the bundle's own (a GPU's driver and loader)."""
         root = str(self.folder) if root is None else root
         return [
             f"{root}/lib/{self.record['loader']}",
             "--library-path",
-            f"{root}/lib",
+            ":".join([f"{root}/lib", *libraries]),
             f"{root}/bin/{self.record['runner']}",
             *args,
         ]
@@ -257,15 +258,16 @@ def debian_headers(runner: NativeRunner, downloads: Path, stage) -> Path:
     return out / inside
 
 
-def _apt_state(state: Path, suite: str, arch: str | None = None) -> list[str]:
+def _apt_state(state: Path, suite: str, arch: str | None = None, also: tuple[str, ...] = ()) -> list[str]:
     """apt-get's options for a private state in ``state`` (its own sources, lists, cache and an empty dpkg
-    status, so that this machine's installed packages count for nothing), its package lists fetched."""
+    status, so that this machine's installed packages count for nothing), its package lists fetched; ``also``:
+    further suites in the sources (backports, which need their release's packages beside them)."""
     (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
     (state / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     (state / "status").touch()
     keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
     signed = f"[signed-by={keyring}] " if os.path.exists(keyring) else ""
-    (state / "sources.list").write_text(f"deb {signed}{DEBIAN_MIRROR} {suite} main\n")
+    (state / "sources.list").write_text("".join(f"deb {signed}{DEBIAN_MIRROR} {s} main\n" for s in (suite, *also)))
     opts = [
         "-o",
         f"Dir::Etc::SourceList={state / 'sources.list'}",
@@ -288,15 +290,19 @@ def _apt_state(state: Path, suite: str, arch: str | None = None) -> list[str]:
     return opts
 
 
-def debian_root(packages: list[str], suite: str, arch: str, downloads: Path, dest: Path, stage) -> dict[str, str]:
-    """``packages`` and everything they depend on, from Debian ``suite`` for ``arch``, unpacked into ``dest``
-    (no maintainer script runs: the files only). Returns each package's version."""
+def debian_root(
+    packages: list[str], suite: str, arch: str, downloads: Path, dest: Path, stage, backports: bool = False
+) -> dict[str, str]:
+    """``packages`` and everything they depend on, from Debian ``suite`` for ``arch`` (``backports``: with the
+    suite's backports preferred wherever they have a package), unpacked into ``dest`` (no maintainer script runs:
+    the files only). Returns each package's version."""
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise TargetError("setup: Debian's packages come with apt-get and dpkg-deb, which this machine lacks")
     state = downloads / "debian" / f"apt-{suite}-{arch}"
     shutil.rmtree(state, ignore_errors=True)
     stage.update(f"apt-get: {', '.join(packages)} ({suite}, {arch})")
-    opts = _apt_state(state, suite, arch)
+    also = (f"{suite}-backports",) if backports else ()
+    opts = _apt_state(state, suite, arch, also) + (["-t", also[0]] if backports else [])
     _run(
         ["apt-get", *opts, "install", "--download-only", "-y", *packages],
         f"apt-get download {' '.join(packages)} ({arch})",

@@ -7,6 +7,8 @@
   views QEMU shows them. A format without a native runner would get Debian's aarch64 Python with its runtime's
   wheel; every format has one now, and the emulated Python an older release set up for LiteRT is removed, as is
   an even older Python root (torch included).
+- ``gpu``: this machine's runners, and a software Vulkan device for the GPU rows (Mesa 25's lavapipe from Debian
+  bookworm-backports, about 60 MB fetched, 210 MB unpacked; :mod:`.gpu`).
 - ``ssh://…`` and ``adb://…``: the runners for the device's CPU, built as above and copied to it.
 
 These are the project's only downloads, and only when asked. A bundle is built in a ``.partial`` folder and
@@ -101,7 +103,7 @@ def setup_target(
     name = str(target).strip()
     lower = name.lower()
     remote = None
-    if lower == "local":
+    if lower in ("local", "gpu"):  # gpu: this machine's runners and a software Vulkan device for its GPU rows
         plat = host_platform()
     elif lower == "arm64":
         plat = PLATFORM
@@ -115,7 +117,7 @@ def setup_target(
         remote = get_target(name, cache=cache, device=device, for_setup=True)
         plat = remote.platform
     else:
-        raise TargetError(f"setup {name!r}: choose local, arm64, ssh://[user@]host[:port] or adb://[SERIAL]")
+        raise TargetError(f"setup {name!r}: choose local, gpu, arm64, ssh://[user@]host[:port] or adb://[SERIAL]")
     if plat not in TRIPLES:
         raise TargetError(f"setup {name}: no native runners are built for {plat} (only {', '.join(TRIPLES)})")
     from .native import compiler, compiler_fix
@@ -176,6 +178,10 @@ def setup_target(
     record["bundles"] = bundles
     if lower == "arm64" and python_formats():
         record["python"] = _setup_python(cache, force, progress)
+    if lower == "gpu":
+        from .gpu import setup_gpu
+
+        record["gpu"] = setup_gpu(cache, progress, force=force)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     if lower == "arm64":
         record["bytes"] = _size(cache / ROOT_DIR) + sum(_size(Path(cache / "native" / plat / f)) for f in bundles)

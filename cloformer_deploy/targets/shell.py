@@ -352,7 +352,12 @@ class ShellDevice(Target):
         return dest
 
     # ---- the Target interface
-    def native_command(self, fmt: str):
+    def gpu_missing(self) -> str | None:
+        # the runner's loader finds the device's own Vulkan loader and driver (its /etc/ld.so.cache): whether there
+        # is one, and a GPU behind it, shows when a runner opens a model there (an error row if not)
+        return None
+
+    def native_command(self, fmt: str, gpu: bool = False):
         bundle = self.bundles[fmt]
         try:
             root = self.install_bundle(BACKENDS[fmt])

@@ -167,6 +167,31 @@ def versus_local(out: np.ndarray, local: np.ndarray) -> dict:
     }
 
 
+def validate_on_gpu(
+    target, fmt: str, path: Path, spec: ModelSpec, info: dict, images, reference, bounds, cpu_out, options, stage
+) -> dict:
+    """One artifact on ``target``'s GPU (its native runner with a GPU runtime's ``options``), with its difference
+    from this machine's CPU run of the same artifact (``vs_local``). A GPU the runner cannot reach is a failed report that
+    says why; the rows after it still run."""
+    try:
+        runner = target.gpu_runner(fmt, path, spec, info, options)
+        report, out = validate_outputs(
+            runner, images, reference, spec.batch, bounds, on_progress=lambda text: stage.update(f"{text} on the GPU")
+        )
+    except WorkerError as e:
+        return {
+            "ran": False,
+            "passed": False,
+            "note": f"not run on {target.name}'s GPU: {e}",
+            "target": target.describe(),
+        }
+    if cpu_out is not None:
+        report["vs_local"] = versus_local(out, cpu_out)
+    if not report.get("gpu_software"):  # a software GPU's load is the CPU's: not reported as a GPU's
+        report["load_seconds"] = round(runner.load_ms / 1e3, 2)
+    return {"ran": True, **report, "target": target.describe()}
+
+
 def validate_artifact(
     local,
     target,
@@ -179,21 +204,32 @@ def validate_artifact(
     bounds: Bounds,
     progress,
     label: str,
+    gpu: tuple = (),
 ) -> tuple[dict, bool]:
-    """One artifact validated on this machine (``local``) and, for another ``target``, there too.
+    """One artifact validated on this machine (``local``) and, for another ``target``, there too; and on the
+    target's GPU in each of ``gpu``'s runtimes ((name, open options, bounds) each).
 
     Returns this machine's report (its ``passed`` is this machine's verdict), with the target's under
-    ``targets.<name>``, and the artifact's verdict: it passes when both do (a target that cannot run the
-    format does not fail it).
+    ``targets.<name>`` and the GPU's under ``gpu.<runtime>``, and the artifact's verdict: it passes when all do
+    (a target that cannot run the format does not fail it).
     """
     with progress.stage(f"{label}: validate") as stage:
         runner = local.runner(fmt, path, spec, info)
         report, local_out = validate_outputs(runner, images, reference, spec.batch, bounds, on_progress=stage.update)
     progress.report(fmt, report)
+    passed = report["passed"]
     if target.kind != "local":
         with progress.stage(f"{label}: validate on {target.name}") as stage:
             on_target = validate_on_target(target, fmt, path, spec, info, images, reference, bounds, local_out, stage)
         progress.report_target(fmt, target.name, on_target)
         report["targets"] = {target.name: on_target}
-        return report, report["passed"] and on_target["passed"] is not False
-    return report, report["passed"]
+        passed = passed and on_target["passed"] is not False
+    for name, options, gpu_bounds in gpu:
+        with progress.stage(f"{label}: validate on {target.name}'s GPU ({name})") as stage:
+            on_gpu = validate_on_gpu(
+                target, fmt, path, spec, info, images, reference, gpu_bounds, local_out, options, stage
+            )
+        progress.report_target(fmt, f"{target.name} {name}", on_gpu)
+        report.setdefault("gpu", {})[name] = on_gpu
+        passed = passed and on_gpu["passed"] is not False
+    return report, passed
