@@ -657,3 +657,28 @@ def test_setup_copies_the_runners_to_the_device_and_starts_them_there(sshd, devi
     installed = sorted(p.parent.name.split("-")[0] for p in Path(device["remote_dir"]).glob("native/*/build.json"))
     assert installed == ["executorch", "onnx", "tflite"]
     assert not live_processes(device["remote_dir"])  # the smoke tests' runners ended
+
+
+@pytest.mark.e2e
+def test_a_device_without_a_vulkan_driver_gives_gpu_error_rows_and_the_rest_runs(
+    sshd, device, tiny_bundle, tiny_checkpoint, tmp_path
+):
+    """The loopback device has no Vulkan loader: its GPU rows are errors that say so, its CPU row runs."""
+    from cloformer_deploy.runtime_bench.harness import bench
+
+    res = bench(
+        bundle=tiny_bundle.bundle,
+        weights=tiny_checkpoint,
+        formats="litert,litert-gpu",
+        threads="1",
+        runs=3,
+        warmup=1,
+        out=tmp_path / "bench",
+        target=sshd.address,
+        **device,
+    )
+    rows = {(r["runtime"], r["target"]): r for r in res.rows}
+    cpu, gpu = rows[("litert", sshd.address)], rows[("litert-gpu", sshd.address)]
+    assert cpu["error"] is None and cpu["latency_ms"]["runs"] == 3 and cpu["runner"] == "native"
+    assert "Vulkan" in gpu["error"] and gpu["latency_ms"] is None, gpu["error"]
+    assert not live_processes(device["remote_dir"])

@@ -244,6 +244,8 @@ class LiteRtModel : public cfd::Model {
     LrStatus compiled = LiteRtCreateCompiledModel(env_, model_, options_, &compiled_);
     if (compiled != 0) {
       std::string why = last_error(said.stop());
+      if (gpu_ && why.find("WebGPU environment") != std::string::npos)
+        why += " (no Vulkan device reached: this machine needs a Vulkan loader, libvulkan.so.1, and a driver)";
       check(compiled, gpu_ ? "compiling the model for the GPU" : "compiling the model for the CPU", why);
     }
 
