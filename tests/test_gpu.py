@@ -25,6 +25,13 @@ def test_the_gpu_runtimes_run_the_bundles_tflite_and_are_named_not_implied():
     assert BUNDLE_RUNTIMES["tflite"] == ("litert", "litert-gpu", "litert-gpu-fp32")
 
 
+def test_all_takes_the_gpu_runtimes_only_when_named():
+    from cloformer_deploy.runtime_bench.options import check_runtimes
+
+    assert not set(check_runtimes("--formats", "all")) & set(GPU_RUNTIMES)
+    assert check_runtimes("--formats", "all,litert-gpu")[-2:] == ["litert", "litert-gpu"]
+
+
 def test_a_gpu_row_is_held_to_the_precision_the_gpu_computes_in():
     from cloformer_deploy.pipeline.revalidate import gpu_runtimes
 

@@ -27,9 +27,8 @@ def check_precisions(flag: str, value) -> list[str]:
 
 def check_runtimes(flag: str, value) -> list[str]:
     names = [n.lower() for n in comma_list(flag, value, "onnxruntime,executorch-xnnpack")]
-    if "all" in names:
-        return list(IN_ALL)
-    chosen = [ALIASES.get(n, n) for n in names]
+    # "all" is every runtime but those named only (the GPU's); "all,litert-gpu" adds them
+    chosen = [*(IN_ALL if "all" in names else ()), *(ALIASES.get(n, n) for n in names if n != "all")]
     unknown = [n for n in chosen if n not in RUNTIMES]
     if unknown:
         raise BenchInputError(f"{flag}: unknown runtime {unknown[0]!r}; choose from: {', '.join(RUNTIMES)}, all")
