@@ -349,7 +349,10 @@ def device_main(p: _Parser, argv) -> int:
             f"{record['target']}: ready in {record['seconds']} s (runners in {record['cache']}/native/{record['platform']})"
         )
         if record.get("gpu"):
-            print("next:   cloformer-bench --bundle BUNDLE --formats litert,litert-gpu,litert-gpu-fp32")
+            from .runtime_bench.runtimes import BUNDLE_RUNTIMES, FORMAT_OF, GPU_RUNTIMES
+
+            formats = ",".join(dict.fromkeys(r for g in GPU_RUNTIMES for r in BUNDLE_RUNTIMES[FORMAT_OF[g]]))
+            print(f"next:   cloformer-bench --bundle BUNDLE --formats {formats}")
         else:
             print(f"next:   cloformer-bench --bundle BUNDLE --target {record['target']}")
         return 0

@@ -55,6 +55,18 @@ def test_targets_that_reach_no_gpu_say_why():
     assert "cloformer-device setup gpu" in LocalTarget(cache="/nonexistent").gpu_missing()
 
 
+def test_gpu_validation_needs_an_artifact_with_a_gpu_path_and_its_runner():
+    from cloformer_deploy.pipeline.options import ExportInputError
+    from cloformer_deploy.pipeline.revalidate import gpu_checked
+
+    onnx_only = {"artifacts": [{"format": "onnx", "precision": "fp32"}]}
+    with pytest.raises(ExportInputError, match="no artifact of this bundle has a GPU path .*onnx.*drop --gpu"):
+        gpu_checked(onnx_only, SimpleNamespace(kind="local"))
+    unbuilt = SimpleNamespace(kind="local", native_bundle=lambda backend: None)
+    with pytest.raises(ExportInputError, match="native LiteRT runner; build it with: cloformer-device setup gpu"):
+        gpu_checked({"artifacts": [{"format": "tflite", "precision": "fp16"}]}, unbuilt)
+
+
 def test_no_vulkan_device_here_is_one_line_before_any_work(tiny_bundle, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     from cloformer_deploy.cli import bench_main, validate_main
 
@@ -70,6 +82,9 @@ def test_no_vulkan_device_here_is_one_line_before_any_work(tiny_bundle, tiny_che
     out = tmp_path / "bench"
     assert bench_main(["--bundle", str(bundle), *weights, "--formats", "litert,litert-gpu", "--out", str(out)]) == 2
     assert "--formats litert-gpu:" in capsys.readouterr().err
+    python = ["--formats", "litert-gpu", "--runner", "python", "--out", str(out)]
+    assert bench_main(["--bundle", str(bundle), *weights, *python]) == 2
+    assert "run in the native runner only" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "cache").exists()
     assert validate_main([str(bundle), "--gpu", "--data", str(tmp_path), *weights]) == 2
     assert "drop --data, or drop --gpu" in capsys.readouterr().err
@@ -114,7 +129,7 @@ def test_validation_on_the_software_gpu(software_gpu, tiny_bundle, tiny_checkpoi
     assert all("gpu" not in r for r in reports if r["format"] != "tflite")
     manifest = json.loads((bundle / "manifest.json").read_text())
     entry = next(e for e in manifest["artifacts"] if e["format"] == "tflite")
-    assert set(entry["validation"]["gpu"]) == {"litert-gpu", "litert-gpu-fp32"}
+    assert set(entry["validation"]["gpu"]["local"]) == {"litert-gpu", "litert-gpu-fp32"}
 
 
 @pytest.mark.e2e

@@ -45,7 +45,12 @@ def precisions_bundle(tiny_variant, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("native")
     for precision in ("fp32", "fp16", "int8"):
         result = export(
-            tiny_variant, weights=tiny_checkpoint, format="onnx,executorch,tflite", precision=precision, img_size=64, out=out
+            tiny_variant,
+            weights=tiny_checkpoint,
+            format="onnx,executorch,tflite",
+            precision=precision,
+            img_size=64,
+            out=out,
         )
         assert result.passed
     return result.bundle, json.loads((result.bundle / "manifest.json").read_text())

@@ -124,6 +124,7 @@ class BenchRuntime:
     switch: str | None = None  # the bench option that adds it (portable: --portable), when it is not in --formats
     # "gpu": it runs the format's artifacts on the target's GPU (its native runner only, opened with open_options)
     accelerator: str | None = None
+    computes_in: str | None = None  # the precision that accelerator computes in ("fp16"): the bound it is held to
     open_options: dict = field(default_factory=dict)  # fields of its runner's open message: how it runs them
 
 

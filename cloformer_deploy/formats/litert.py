@@ -255,6 +255,7 @@ class LiteRTBackend(Backend):
             in_all=False,
             position=41,
             accelerator="gpu",
+            computes_in="fp16",
             open_options={"accelerator": "gpu", "gpu_precision": "fp16"},
         ),
         BenchRuntime(
@@ -264,6 +265,7 @@ class LiteRTBackend(Backend):
             in_all=False,
             position=42,
             accelerator="gpu",
+            computes_in="fp32",
             open_options={"accelerator": "gpu", "gpu_precision": "fp32"},
         ),
     )

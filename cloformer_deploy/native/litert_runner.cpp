@@ -4,6 +4,8 @@
 //
 // No package ships LiteRT's C headers, so the few functions called are declared below, in the project's words,
 // from what the library exports and LiteRT's public documentation says of them. Every handle made is destroyed.
+#include <sys/syscall.h>
+
 #include "runner.h"
 
 #ifndef CFD_RUNTIME_VERSION
@@ -102,9 +104,14 @@ class StderrCapture {
   StderrCapture() {
     fflush(stderr);
     saved_ = dup(2);
-    file_ = tmpfile();
-    if (saved_ < 0 || !file_ || dup2(fileno(file_), 2) < 0) stop();
+    // a file in memory: tmpfile() needs a /tmp, which Android and small devices may not have
+    int fd = static_cast<int>(syscall(SYS_memfd_create, "litert-log", 0));
+    file_ = fd >= 0 ? fdopen(fd, "w+") : tmpfile();
+    if (!file_ && fd >= 0) close(fd);
+    captured_ = saved_ >= 0 && file_ && dup2(fileno(file_), 2) >= 0;
+    if (!captured_) stop();
   }
+  bool captured() const { return captured_; }
   ~StderrCapture() { stop(); }
   std::string stop() {
     if (saved_ >= 0) {
@@ -128,6 +135,7 @@ class StderrCapture {
  private:
   int saved_ = -1;
   FILE* file_ = nullptr;
+  bool captured_ = false;
   std::string text_;
 };
 
@@ -169,7 +177,7 @@ void add_toml(LrHandle options, const char* identifier, const std::string& toml)
 }
 
 std::vector<int32_t> dims_of(const LrTensorType& t) {
-  return std::vector<int32_t>(t.dims, t.dims + (t.rank_bits & 0x7F));
+  return std::vector<int32_t>(t.dims, t.dims + std::min<int>(t.rank_bits & 0x7F, 8));
 }
 
 size_t count_of(const std::vector<int32_t>& dims) {
@@ -200,6 +208,9 @@ class LiteRtModel : public cfd::Model {
       throw std::runtime_error("bad message: the accelerator is neither cpu nor gpu");
     const cfd::Json* precision = open.get("gpu_precision");
     gpu_fp32_ = precision && precision->kind == cfd::Json::String && precision->text == "fp32";
+    if (precision && precision->kind != cfd::Json::Null &&
+        !(precision->kind == cfd::Json::String && (precision->text == "fp32" || precision->text == "fp16")))
+      throw std::runtime_error("bad message: the GPU precision is neither fp16 nor fp32");
     threads_ = threads;
     try {
       build(path);
@@ -244,7 +255,7 @@ class LiteRtModel : public cfd::Model {
     LrStatus compiled = LiteRtCreateCompiledModel(env_, model_, options_, &compiled_);
     if (compiled != 0) {
       std::string why = last_error(said.stop());
-      if (gpu_ && why.find("WebGPU environment") != std::string::npos)
+      if (gpu_ && (why.empty() || why.find("WebGPU environment") != std::string::npos))
         why += " (no Vulkan device reached: this machine needs a Vulkan loader, libvulkan.so.1, and a driver)";
       check(compiled, gpu_ ? "compiling the model for the GPU" : "compiling the model for the CPU", why);
     }
@@ -262,10 +273,12 @@ class LiteRtModel : public cfd::Model {
     if (gpu_ && input_buffer_) {
       // the GPU accelerator picks its adapter and builds its shaders at the first run: part of loading, as an app
       // warms up its model, and the only place the adapter is named
+      bool read = said.captured();
       LrStatus ran = LiteRtRunCompiledModel(compiled_, 0, 1, &input_buffer_, 1, &output_buffer_);
       std::string text = said.stop();
       check(ran, "the GPU's first run", last_error(text));
       adapter_ = after(text, "Selected adapter: ");
+      adapter_read_ = read;
     }
   }
 
@@ -284,9 +297,11 @@ class LiteRtModel : public cfd::Model {
                       cfd::quote(CFD_RUNTIME_VERSION) + ", \"accelerator\": " + cfd::quote(gpu_ ? "gpu" : "cpu");
     if (gpu_) {
       out += ", \"gpu_precision\": " + cfd::quote(gpu_fp32_ ? "fp32" : "fp16");
-      // "llvmpipe (LLVM 15.0.6, 256 bits), arch=software, vendor=mesa, backend=Vulkan, adapterType=CPU / Software"
-      out += ", \"gpu_adapter\": " + cfd::quote(adapter_) + ", \"gpu_software\": " +
-             (adapter_.find("adapterType=CPU") != std::string::npos ? "true" : "false");
+      // "llvmpipe (LLVM 15.0.6, 256 bits), arch=software, vendor=mesa, backend=Vulkan, adapterType=CPU / Software";
+      // null where LiteRT's log could not be read or named none: unknown, not a hardware GPU
+      bool named = adapter_read_ && !adapter_.empty();
+      out += ", \"gpu_adapter\": " + (named ? cfd::quote(adapter_) : std::string("null")) + ", \"gpu_software\": " +
+             (!named ? "null" : adapter_.find("adapterType=CPU") != std::string::npos ? "true" : "false");
     }
     return out;
   }
@@ -336,6 +351,7 @@ class LiteRtModel : public cfd::Model {
   bool gpu_ = false, gpu_fp32_ = false;
   int threads_ = 0;
   std::string adapter_;
+  bool adapter_read_ = false;
   LrHandle env_ = nullptr, model_ = nullptr, options_ = nullptr, compiled_ = nullptr;
   LrHandle input_buffer_ = nullptr, output_buffer_ = nullptr;
   LrTensorType input_type_{}, output_type_{};

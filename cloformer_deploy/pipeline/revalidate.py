@@ -52,6 +52,8 @@ def validate_bundle(
                 raise ExportInputError(f"--gpu: {missing}")
         try:
             opened = open_bundle(opts.bundle, opts.weights)
+            if opts.gpu:
+                gpu_checked(opened.manifest, on)
             spec = opened.spec
             images = load_images(spec.input_size, spec.mean, spec.std)
             reference = reference_outputs(opened.prepared.module, images.tensor)
@@ -72,8 +74,8 @@ def validate_bundle(
                     f"{fmt} {entry['precision']}",
                     gpu_runtimes(fmt, entry["precision"], opts.min_top1_agreement) if opts.gpu else (),
                 )
-                if report.get("gpu"):
-                    entry.setdefault("validation", {})["gpu"] = report["gpu"]
+                if report.get("gpu"):  # by target, then GPU runtime: a run on another target keeps this one
+                    entry.setdefault("validation", {}).setdefault("gpu", {})[on.name] = report["gpu"]
                 if on.kind != "local":
                     validation = entry.setdefault("validation", {})
                     validation.setdefault("targets", {})[on.name] = report["targets"][on.name]
@@ -96,7 +98,21 @@ def gpu_runtimes(fmt: str, precision: str, min_top1_agreement: float | None) -> 
     for way in BACKENDS[fmt].bench_runtimes:
         if way.accelerator != "gpu":
             continue
-        computed = way.open_options.get("gpu_precision", precision)
-        held = precision if precision == "int8" or computed == "fp32" else "fp16"
+        held = precision if precision == "int8" or way.computes_in != "fp16" else "fp16"
         out.append((way.name, dict(way.open_options), bounds_for(held, min_top1_agreement)))
     return tuple(out)
+
+
+def gpu_checked(manifest: dict, on) -> None:
+    """--gpu before any run: ExportInputError (one line) when no artifact of the bundle has a GPU path, or when
+    this machine's native runner for one is not built."""
+    with_gpu = {e["format"] for e in manifest["artifacts"] if gpu_runtimes(e["format"], e["precision"], None)}
+    if not with_gpu:
+        have = ", ".join(sorted({e["format"] for e in manifest["artifacts"]}))
+        raise ExportInputError(f"--gpu: no artifact of this bundle has a GPU path (it holds {have}); drop --gpu")
+    if on.kind == "local":
+        unbuilt = [BACKENDS[f].label for f in sorted(with_gpu) if on.native_bundle(BACKENDS[f]) is None]
+        if unbuilt:
+            raise ExportInputError(
+                f"--gpu: the GPU rows run in the native {unbuilt[0]} runner; build it with: cloformer-device setup gpu"
+            )

@@ -220,7 +220,12 @@ def _check_runner(runner: str, runtimes, local: Target, remote: Target | None) -
         if not any(remote.runs_in_python(b) for b in formats):
             raise BenchInputError(f"--runner python: {remote.name}'s Python runs none of --formats; drop --runner")
     gpu = [r for r in runtimes if r in GPU_RUNTIMES]
-    # GPU rows run here only when no device is given: here, a machine without its Vulkan device is one line
+    if gpu and runner == "python":
+        raise BenchInputError(
+            f"--runner python: {', '.join(gpu)} run in the native runner only; drop --runner, or drop them from --formats"
+        )
+    # without a device the GPU rows are this machine's: no Vulkan device here is one line; with a device, this
+    # machine's GPU rows are left out where it has none (the device's run there)
     missing = local.gpu_missing() if gpu and remote is None else None
     if missing is not None:
         raise BenchInputError(f"--formats {','.join(gpu)}: {missing}")
@@ -293,7 +298,7 @@ def _bench(
         ]
         if unbuilt and opts.runner == "auto" and local.platform in TRIPLES:
             progress.warn(
-                "the native runners are not built here: ExecuTorch and ONNX Runtime rows run in their Python "
+                "the native runners are not built here: ExecuTorch, ONNX Runtime and LiteRT rows run in their Python "
                 "runtimes (latency as Python calls them, memory of a Python process); build them with: "
                 "cloformer-device setup local"
             )
@@ -580,6 +585,8 @@ def _artifact_combos(
     for where in (local, remote) if remote is not None else (local,):
         if where is remote and not where.can_run(backend):
             continue
+        if gpu and where is local and remote is not None and local.gpu_missing() is not None:
+            continue
         timed = where.platform in backend.platforms and where.measures_latency
         if gpu:  # one row, never timed on a software GPU: its time is the CPU's, not a GPU's
             timed = timed and not where.gpu_software
@@ -589,9 +596,10 @@ def _artifact_combos(
             error = art.get("error")
             if gpu and error is None:
                 error = where.gpu_missing() or where.missing(backend, True)
-                if error is None and where.native_bundle(backend) is None:
+                if error is None and where.native_bundle(backend) is None:  # here: a device's missing() says
                     error = (
-                        f"the GPU rows run in the native {backend.label} runner, which is not built: {_setup(where)}"
+                        f"the GPU rows run in the native {backend.label} runner; build it with: "
+                        "cloformer-device setup gpu"
                     )
             if where is remote and error is None:
                 error = where.missing(backend, native)
@@ -616,11 +624,6 @@ def _artifact_combos(
                     for t in counts
                 ]
     return out
-
-
-def _setup(where: Target) -> str:
-    """The command that builds a target's native runners."""
-    return f"cloformer-device setup {where.kind if where.kind in ('local', 'arm64') else where.name}"
 
 
 def _art(path: Path, entry: dict) -> dict:
@@ -873,13 +876,11 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
         c.load_ms = None
     gpu = None
     if c.described.get("accelerator") == "gpu":
-        adapter = (c.described.get("gpu_adapter") or "unnamed").split(", arch=")[0]
-        gpu = {
-            "adapter": adapter,
-            "software": bool(c.described.get("gpu_software")),
-            "precision": c.described.get("gpu_precision"),
-        }
-    if gpu and gpu["software"]:  # said by the runner itself: the adapter is a CPU
+        adapter = (c.described.get("gpu_adapter") or "not named").split(", arch=")[0]
+        said = c.described.get("gpu_software")  # the runner's word; None: its log could not be read
+        software = said is True or (said is None and on.gpu_software)
+        gpu = {"adapter": adapter, "software": software, "precision": c.described.get("gpu_precision")}
+    if gpu and gpu["software"]:  # the adapter is a CPU
         note = f"a software GPU ({adapter}): the GPU path's arithmetic, no latency"
         lat = gflops = eff = None
         c.load_ms = c.peak_rss_mb = None

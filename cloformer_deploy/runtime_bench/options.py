@@ -55,7 +55,7 @@ class BenchOptions(ModelChoice):
     )
     runner: str = option(
         "auto",
-        "how ExecuTorch and ONNX Runtime rows run: native (the C++ runners cloformer-device setup builds: the "
+        "how ExecuTorch, ONNX Runtime and LiteRT rows run: native (the C++ runners cloformer-device setup builds: the "
         "latency, load and memory an app sees), python (the runtimes' Python APIs), both (a row each, in the "
         "same rounds), or auto (native where built, else python; default)",
         check=lambda flag, v: choice(flag, v, RUNNERS),

@@ -15,7 +15,6 @@ _WAYS = {
 }
 RUNTIMES = (EAGER, *_WAYS)
 FORMAT_OF = {name: b.name for name, (b, _) in _WAYS.items()}
-RUNTIME_OF_FORMAT = {b.name: b.bench_runtimes[0].name for b in BACKENDS.values() if b.bench_runtimes}
 # the runtimes that run a format's own artifacts (the bundle's): all but those exporting their own
 BUNDLE_RUNTIMES = {b.name: tuple(r.name for r in b.bench_runtimes if not r.export_options) for b in BACKENDS.values()}
 GPU_RUNTIMES = tuple(name for name, (_, r) in _WAYS.items() if r.accelerator == "gpu")

@@ -161,7 +161,7 @@ class AdbTarget(ShellDevice):
         )
 
     def worker_command(self):
-        raise TargetError(f"{self.name} runs the native runners only (no Python): .pte and .onnx")
+        raise TargetError(f"{self.name} runs the native runners only (no Python): .pte, .onnx and .tflite")
 
     def describe(self) -> dict:
         return {**super().describe(), "serial": self.serial}

@@ -180,8 +180,8 @@ PYTHON = f"usr/bin/python{PYTHON_VERSION}"
 
 
 def python_formats() -> list[Backend]:
-    """Formats with no native runner that run on ARM64 Linux in a Python worker (LiteRT: its C API has no
-    headers in any package); the emulated Python is set up for them."""
+    """Formats with no native runner that run on ARM64 Linux in a Python worker (none today: LiteRT, the last,
+    has one); the emulated Python is set up for them."""
     from ..formats import BACKENDS
 
     return [b for b in BACKENDS.values() if b.native_runner is None and PLATFORM in b.platforms]
@@ -286,7 +286,7 @@ class EmulatedArm64Target(Target):
     """ARM64 Linux under QEMU user-mode emulation, with one CPU profile; numerics only, no latency.
 
     What runs there is the aarch64 bundles of the native runners (:mod:`.native`), as on a phone, and, for a
-    format without one (LiteRT), Debian's aarch64 Python with the format's runtime wheel: no torch.
+    format without one (none today), Debian's aarch64 Python with the format's runtime wheel: no torch.
     """
 
     kind = "arm64"

@@ -115,6 +115,11 @@ def gpu_runner_environment(cache: Path, plat: str) -> tuple[list[str], dict[str,
 def missing_hint(cache: Path) -> str:
     from .native import default_cache
 
+    if host_platform() not in DEBIAN_ARCH:
+        return (
+            f"GPU rows run here on a software Vulkan device set up on Linux x86_64 or aarch64, not {host_platform()}; "
+            "run them on an ssh:// Linux device with a Vulkan driver (--target)"
+        )
     extra = "" if Path(cache) == default_cache() else f" --cache {cache}"
     return (
         "this machine has no Vulkan device for the GPU rows; set up a software one (Mesa's lavapipe: about 60 MB "

@@ -42,7 +42,9 @@ class LocalTarget(Target):
 
         folders, env = gpu_runner_environment(self.cache, self.platform)
         bundle = self.native_bundle(BACKENDS[fmt])
-        return bundle.words(None, *self.native_args(), libraries=tuple(folders)), {**os.environ, **env}, []
+        # the loader's other ways to choose drivers would take precedence over lavapipe's manifest
+        inherited = {k: v for k, v in os.environ.items() if k not in ("VK_DRIVER_FILES", "VK_ADD_DRIVER_FILES")}
+        return bundle.words(None, *self.native_args(), libraries=tuple(folders)), {**inherited, **env}, []
 
     def can_run(self, backend: Backend) -> bool:
         return True  # Core ML included: off Apple systems its runner is the package interpreter

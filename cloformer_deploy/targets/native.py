@@ -431,6 +431,8 @@ def build_bundle(
         compile_s = time.perf_counter() - tc
         stage.update("collect its libraries and a glibc loader")
         loaded = sorted({Path(p) for pattern in runner.loaded for p in glob.glob(str(package / pattern))})
+        if len(loaded) < len(runner.loaded):
+            raise TargetError(f"setup: the {runner.package} wheel for {plat} has not all of {runner.loaded}")
         loader = _collect(exe, libraries, cxx, partial / "lib", loaded)
         clone3 = without_clone3(partial / "lib" / "libc.so.6", plat)
         if clone3 == "unknown":

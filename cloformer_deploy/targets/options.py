@@ -59,7 +59,11 @@ class TargetOptions(Options):
 class SetupOptions(TargetOptions):
     """``cloformer-device setup``: build the native runners a target runs, once (a device's: copied to it too)."""
 
-    target: str = option(None, "local, arm64, ssh://[user@]host[:port] or adb://[SERIAL]", positional=True)
+    target: str = option(
+        None,
+        "local, gpu (local and a software Vulkan device for GPU rows), arm64, ssh://[user@]host[:port] or adb://[SERIAL]",
+        positional=True,
+    )
     cache: str | None = option(
         None, "folder for the runners (default: $CLOFORMER_DEPLOY_CACHE or ~/.cache/cloformer-deploy)"
     )

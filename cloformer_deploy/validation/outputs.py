@@ -171,23 +171,30 @@ def validate_on_gpu(
     target, fmt: str, path: Path, spec: ModelSpec, info: dict, images, reference, bounds, cpu_out, options, stage
 ) -> dict:
     """One artifact on ``target``'s GPU (its native runner with a GPU runtime's ``options``), with its difference
-    from this machine's CPU run of the same artifact (``vs_local``). A GPU the runner cannot reach is a failed report that
-    says why; the rows after it still run."""
+    from this machine's CPU run of the same artifact (``vs_local``). A GPU or runner the target lacks, and a GPU
+    the runner cannot reach, make a failed report that says why; the rows after it still run."""
+    backend = BACKENDS[fmt]
+    if not target.can_run(backend):
+        return {"ran": False, "passed": None, "note": target.cannot_run(backend)}
+    missing = target.gpu_missing() or target.missing(backend, True)
+    if missing is None and target.native_bundle(backend) is None:  # here (a device's missing() names its setup)
+        missing = f"the GPU rows run in the native {backend.label} runner; build it with: cloformer-device setup gpu"
+    if missing is not None:
+        return {"ran": False, "passed": False, "note": missing, "target": target.describe()}
     try:
         runner = target.gpu_runner(fmt, path, spec, info, options)
+    except WorkerError as e:
+        return {"ran": False, "passed": False, "note": f"could not open it on {target.name}'s GPU: {e}"}
+    try:
         report, out = validate_outputs(
             runner, images, reference, spec.batch, bounds, on_progress=lambda text: stage.update(f"{text} on the GPU")
         )
     except WorkerError as e:
-        return {
-            "ran": False,
-            "passed": False,
-            "note": f"not run on {target.name}'s GPU: {e}",
-            "target": target.describe(),
-        }
+        return {"ran": True, "passed": False, "problems": [f"stopped on {target.name}'s GPU: {e}"]}
     if cpu_out is not None:
         report["vs_local"] = versus_local(out, cpu_out)
-    if not report.get("gpu_software"):  # a software GPU's load is the CPU's: not reported as a GPU's
+    said = report.get("gpu_software")  # None: the runner could not read which adapter it got
+    if not (said is True or (said is None and target.gpu_software)):  # a software GPU's load is the CPU's
         report["load_seconds"] = round(runner.load_ms / 1e3, 2)
     return {"ran": True, **report, "target": target.describe()}
 
