@@ -885,7 +885,8 @@ def _row(c: Combo, reference: np.ndarray | None, machine: dict, labels) -> dict:
         lat = gflops = eff = None
         c.load_ms = c.peak_rss_mb = None
     keys = ("partitions", "non_delegated_kernels", "non_delegated_ops", "nodes", "op_types", "ops")
-    delegation = {k: c.extra[k] for k in keys if k in c.extra}
+    # the file's XNNPACK partitions: not what a GPU row ran
+    delegation = {} if gpu else {k: c.extra[k] for k in keys if k in c.extra}
     placement = c.described.get("placement")
     memory = {}
     if c.native and c.runtime in FORMAT_OF:
