@@ -238,6 +238,20 @@ def _quantize_int8(module, example, calibration: np.ndarray, log: Callable[[str]
     return convert_pt2e(prepared, fold_quantize=False), quantizer
 
 
+def _gpu_runtime(name: str, short: str, precision: str, position: int) -> BenchRuntime:
+    """A runtime of LiteRT's GPU accelerator computing in ``precision``: named only, never part of "all"."""
+    return BenchRuntime(
+        name,
+        short,
+        f"LiteRT GPU ({precision})",
+        in_all=False,
+        position=position,
+        accelerator="gpu",
+        computes_in=precision,
+        open_options={"accelerator": "gpu", "gpu_precision": precision},
+    )
+
+
 @register
 class LiteRTBackend(Backend):
     name = "tflite"
@@ -248,26 +262,8 @@ class LiteRTBackend(Backend):
     bench_runtimes = (
         BenchRuntime("litert", "LiteRT", "LiteRT", aliases=("tflite",), peers=True, position=40),
         # LiteRT's GPU accelerator on the same .tflite: its default precision computes in fp16, as on a phone's GPU
-        BenchRuntime(
-            "litert-gpu",
-            "LiteRT-GPU",
-            "LiteRT GPU (fp16)",
-            in_all=False,
-            position=41,
-            accelerator="gpu",
-            computes_in="fp16",
-            open_options={"accelerator": "gpu", "gpu_precision": "fp16"},
-        ),
-        BenchRuntime(
-            "litert-gpu-fp32",
-            "LiteRT-GPU-fp32",
-            "LiteRT GPU (fp32)",
-            in_all=False,
-            position=42,
-            accelerator="gpu",
-            computes_in="fp32",
-            open_options={"accelerator": "gpu", "gpu_precision": "fp32"},
-        ),
+        _gpu_runtime("litert-gpu", "LiteRT-GPU", "fp16", 41),
+        _gpu_runtime("litert-gpu-fp32", "LiteRT-GPU-fp32", "fp32", 42),
     )
     device_packages = ("ai-edge-litert",)
     native_runner = NativeRunner(
