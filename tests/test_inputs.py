@@ -288,12 +288,12 @@ CASES = [
     ("export", ["--target", "ssh://pi5", "--cpu", "cortex-a76"], "--cpu belongs to --target arm64"),
     ("export", ["--target", "ssh://pi5", "--remote-dir", "/tmp/my dir"], "--remote-dir '/tmp/my dir' has spaces"),
     # cloformer-device
-    ("device", [], "choose an action: setup local|arm64|DEVICE, list, or check DEVICE"),
+    ("device", [], "choose an action: setup local|gpu|arm64|DEVICE, list, or check DEVICE"),
     ("device", ["check", "arm64"], "check 'arm64': give a device as ssh://"),
     ("device", ["check", "ssh://127.0.0.1:1"], "cannot reach ssh://127.0.0.1:1"),
     ("device", ["check", "ssh://127.0.0.1:1", "--cores", "x"], "cannot reach"),
     ("device", ["setup"], "the following arguments are required: target"),
-    ("device", ["setup", "arm65"], "setup 'arm65': choose local, arm64, ssh://"),
+    ("device", ["setup", "arm65"], "setup 'arm65': choose local, gpu, arm64, ssh://"),
     ("device", ["remove"], "invalid choice: 'remove'"),
     # cloformer-models
     ("models", ["--img-size", "100"], "not a multiple of 32"),

@@ -302,7 +302,7 @@ def test_no_cross_compiler_is_one_line_naming_the_package_and_writes_nothing(mon
 def test_setup_of_an_unknown_target_is_one_line(tmp_path):
     from cloformer_deploy.targets.setup import setup_target
 
-    with pytest.raises(TargetError, match="setup 'mars': choose local, arm64, ssh://"):
+    with pytest.raises(TargetError, match="setup 'mars': choose local, gpu, arm64, ssh://"):
         setup_target("mars", tmp_path)
 
 
