@@ -595,12 +595,7 @@ def _artifact_combos(
         for native in [True] if gpu else _runners(runner, backend, where):
             error = art.get("error")
             if gpu and error is None:
-                error = where.gpu_missing() or where.missing(backend, True)
-                if error is None and where.native_bundle(backend) is None:  # here: a device's missing() says
-                    error = (
-                        f"the GPU rows run in the native {backend.label} runner; build it with: "
-                        "cloformer-device setup gpu"
-                    )
+                error = where.gpu_problem(backend)
             if where is remote and error is None:
                 error = where.missing(backend, native)
             for way in backend.row_variants(where.platform):

@@ -393,6 +393,16 @@ class Target(ABC):
             worker = self._validation_worker = self.start()
         return WorkerRunner(worker, self, fmt, Path(path), spec, info, threads)
 
+    def gpu_problem(self, backend: Backend) -> str | None:
+        """Why a GPU row of ``backend`` cannot run here (no GPU reachable, no native runner), with the fix; None
+        when it can."""
+        problem = self.gpu_missing() or self.missing(backend, True)
+        if problem is None and self.native_bundle(backend) is None:  # this machine (a device's missing() says)
+            problem = (
+                f"the GPU rows run in the native {backend.label} runner; build it with: cloformer-device setup gpu"
+            )
+        return problem
+
     def gpu_runner(self, fmt: str, path: str | Path, spec: ModelSpec, info: dict, options: dict) -> Runner:
         """The artifact opened on this target's GPU by its native runner, with the GPU runtime's ``options``
         (WorkerError when the runner cannot reach a GPU there: that row's error)."""

@@ -176,9 +176,7 @@ def validate_on_gpu(
     backend = BACKENDS[fmt]
     if not target.can_run(backend):
         return {"ran": False, "passed": None, "note": target.cannot_run(backend)}
-    missing = target.gpu_missing() or target.missing(backend, True)
-    if missing is None and target.native_bundle(backend) is None:  # here (a device's missing() names its setup)
-        missing = f"the GPU rows run in the native {backend.label} runner; build it with: cloformer-device setup gpu"
+    missing = target.gpu_problem(backend)
     if missing is not None:
         return {"ran": False, "passed": False, "note": missing, "target": target.describe()}
     try:
