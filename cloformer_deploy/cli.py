@@ -188,6 +188,8 @@ def validate_main(p: _Parser, argv) -> int:
     evaluation_checked(opts)
     if opts.data is not None:
         return _evaluation(opts, Progress(quiet=args.quiet))
+    if opts.by_block:
+        return _by_block(opts, Progress(quiet=args.quiet))
     from .pipeline.revalidate import validate_bundle
 
     ok, reports = validate_bundle(opts, progress=Progress(quiet=args.quiet))
@@ -196,6 +198,27 @@ def validate_main(p: _Parser, argv) -> int:
             print(f"{r['path']} on {name}: {_target_verdict(t)}")
     print(f"{'PASS' if ok else 'FAIL'}: {sum(r['passed'] for r in reports)}/{len(reports)} artifacts pass")
     return 0 if ok else 1
+
+
+def _by_block(opts, progress) -> int:
+    """``cloformer-validate --by-block``: each artifact's first departing block, and where the reports are."""
+    from .pipeline.by_block import JSON_NAME, MD_NAME, PNG_NAME, drift_by_block
+
+    found = drift_by_block(opts, progress=progress)
+    rows = [["artifact", "target", "probe", "final vs shipped", "first departure"]]
+    for a in found.document["artifacts"]:
+        where = a["target"] if a["runtime"] is None else f"{a['target']} {a['runtime']}"
+        if "error" in a:
+            rows.append([a["file"], where, "", "", f"not run: {a['error'][:70]}"])
+            continue
+        vs = a["final_vs_shipped"]
+        same = "bit-exact" if vs["bit_exact"] else f"{vs['max_abs']:.2g}"
+        rows.append([a["file"], where, "yes" if a["probe"] else "no", same, a["first_departure"] or "none"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"reports: {found.out / JSON_NAME}, {found.out / MD_NAME}, {found.out / PNG_NAME}")
+    return 0 if all("error" not in a for a in found.document["artifacts"]) else 1
 
 
 def _evaluation(opts, progress) -> int:

@@ -92,6 +92,11 @@ class Runner(ABC):
     def run(self, batch: ImageBatch) -> np.ndarray:
         """Logits (N, num_classes) as float32 for one batch of exactly the artifact's batch size."""
 
+    def run_outputs(self, batch: ImageBatch) -> list[np.ndarray]:
+        """Every output of one batch as float32 (quantised values dequantised), the logits first: what an artifact
+        made by :meth:`Backend.expose_blocks` shows."""
+        return [self.run(batch)]
+
     def prepare(self, batch: ImageBatch):
         """The batch in the runtime's own input form, made once so that timed runs time only the runtime."""
         return batch
@@ -106,6 +111,30 @@ class Runner(ABC):
 
     def describe(self) -> dict:
         return {"method": self.method}
+
+
+@dataclass
+class ExposedBlocks:
+    """An artifact that shows the network's block boundaries as outputs beyond its first (the logits).
+
+    ``outputs`` maps each boundary (``layers.2.blocks.3``) to its output's index; a boundary the converter fused
+    away has none. ``probe`` is true where the format's own export step made a new file with the boundaries as
+    outputs (its runtime does not show the shipped file's intermediate values); false where the shipped file's
+    own graph gained outputs (the same nodes, the same weights).
+    """
+
+    path: Path
+    outputs: dict[str, int]
+    probe: bool
+    how: str  # one line for the report: how the boundaries were reached
+
+
+def boundary_sizes(job: ExportJob, paths: list[str]) -> dict[str, int]:
+    """Values per image of each boundary of the job's deploy form (what a candidate value must hold)."""
+    from ..models.blocks import block_outputs
+
+    example = job.example.detach().numpy()[:1]
+    return {p: int(v[0].size) for p, v in block_outputs(job.module, paths, example).items()}
 
 
 @dataclass(frozen=True)
@@ -224,6 +253,14 @@ class Backend(ABC):
         (:data:`STORAGE_TYPES`' names), read from the file itself: what an fp16 or int8 artifact promises to halve
         or quarter shows here."""
         raise NotImplementedError(f"{self.name} does not read its constants' storage")
+
+    def expose_blocks(
+        self, path: Path, job: ExportJob, paths: list[str], folder: Path, log: Callable[[str], None]
+    ) -> ExposedBlocks:
+        """A copy of the artifact at ``path`` (written in ``folder``) whose outputs after the first are the
+        boundaries ``paths`` (the last of which is the logits). ``job`` is the artifact's export job again: its
+        deploy form, precision and options, for a format that finds the boundaries by exporting once more."""
+        raise NotImplementedError(f"{self.label} cannot show its block boundaries")
 
     profiler: str | None = None  # the runtime's own per-operator profiler, if the project reads it
 

@@ -26,7 +26,18 @@ import numpy as np
 
 from ..images import ImageBatch
 from ..quiet import quiet_libraries
-from .base import Backend, BenchRuntime, ExportJob, ModelSpec, NativeRunner, Runner, register, storage_totals
+from .base import (
+    Backend,
+    BenchRuntime,
+    ExportJob,
+    ExposedBlocks,
+    ModelSpec,
+    boundary_sizes,
+    NativeRunner,
+    Runner,
+    register,
+    storage_totals,
+)
 
 METADATA_NAME = "cloformer_deploy"  # the model's metadata entry holding what the manifest says of it
 INPUT_LAYOUT = "NHWC"
@@ -60,6 +71,17 @@ class LiteRTRunner(Runner):
 
     def run(self, batch: ImageBatch) -> np.ndarray:
         return self.infer(self.prepare(batch))
+
+    def run_outputs(self, batch: ImageBatch) -> list[np.ndarray]:
+        self.infer(self.prepare(batch))
+        outs = []
+        for detail in self.interpreter.get_output_details():
+            value = np.array(self.interpreter.get_tensor(detail["index"]))
+            scale, zero = detail["quantization"]
+            if value.dtype.kind in "iu" and scale:  # an int8 model's boundary: its real value
+                value = (value.astype(np.float32) - zero) * scale
+            outs.append(value.astype(np.float32))
+        return outs
 
     def check_structure(self) -> list[str]:
         problems = []
@@ -418,6 +440,73 @@ class LiteRTBackend(Backend):
             path.unlink(missing_ok=True)
             raise
         return {"input_layout": INPUT_LAYOUT, **delegated, **info, "metadata": METADATA_NAME}
+
+    def expose_blocks(self, path, job, paths, folder, log) -> ExposedBlocks:
+        """The shipped flatbuffer with the boundaries' tensors added to its outputs (the subgraph's and the
+        signature's): the same operators and weights, run by the same delegate. The converter names each tensor
+        after the modules that made it (``<module class>_<name>`` joined by ``/``); a block's boundary is the last
+        tensor made inside the block that an operator outside it reads."""
+        import flatbuffers
+        from ai_edge_litert import schema_py_generated as fb
+
+        model = fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(Path(path).read_bytes(), 0))
+        graph = model.subgraphs[0]
+        names = [(t.name or b"").decode() for t in graph.tensors]
+        made_by = {}
+        for i, op in enumerate(graph.operators):
+            for t in op.outputs if op.outputs is not None else ():
+                made_by[t] = i
+        readers: dict[int, list[int]] = {}
+        for i, op in enumerate(graph.operators):
+            for t in op.inputs if op.inputs is not None else ():
+                if t >= 0:
+                    readers.setdefault(t, []).append(i)
+        modules = dict(job.module.named_modules())
+        sizes = boundary_sizes(job, paths)
+
+        def scope(block: str) -> str:
+            parts, segments = [], block.split(".")
+            for n in range(1, len(segments) + 1):
+                m = modules[".".join(segments[:n])]
+                if not isinstance(m, __import__("torch").nn.ModuleList):
+                    parts.append(f"{type(m).__module__}.{type(m).__qualname__}_{segments[n - 1]}")
+            return "/".join(parts)
+
+        def inside(tensor: int, where: str) -> bool:
+            return any(p.endswith(where) or where + "/" in p for p in re.split(r";\d*", names[tensor]) if p)
+
+        graph_outputs = list(graph.outputs)
+        outputs: dict[str, int] = {paths[-1]: 0}
+        for block in paths[:-1]:
+            where = "/" + scope(block)
+            leaving = [
+                t
+                for t, i in sorted(made_by.items(), key=lambda kv: kv[1])
+                if inside(t, where)
+                and int(np.prod(graph.tensors[t].shape)) == sizes[block]
+                and (t in graph_outputs or any(not any(inside(o, where) for o in graph.operators[r].outputs) for r in readers.get(t, ())))
+            ]
+            if not leaving:
+                continue
+            tensor = leaving[-1]
+            if tensor not in graph_outputs:
+                graph_outputs.append(tensor)
+                signature = model.signatureDefs[0] if model.signatureDefs else None
+                if signature is not None:
+                    entry = fb.TensorMapT()
+                    entry.name = f"block_{len(graph_outputs) - 1}".encode()
+                    entry.tensorIndex = tensor
+                    signature.outputs.append(entry)
+            outputs[block] = graph_outputs.index(tensor)
+        graph.outputs = graph_outputs
+        builder = flatbuffers.Builder(1 << 20)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        folder.mkdir(parents=True, exist_ok=True)
+        out_path = folder / Path(path).name
+        out_path.write_bytes(bytes(builder.Output()))
+        return ExposedBlocks(
+            out_path, outputs, probe=False, how="the shipped flatbuffer, with the boundaries' tensors added as outputs"
+        )
 
     def weight_storage(self, path: Path) -> dict[str, int]:
         from ai_edge_litert import schema_py_generated as schema

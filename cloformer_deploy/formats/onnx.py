@@ -31,6 +31,7 @@ from .base import (
     Backend,
     BenchRuntime,
     ExportJob,
+    ExposedBlocks,
     ModelSpec,
     NativeRunner,
     Runner,
@@ -62,6 +63,9 @@ class OnnxRunner(Runner):
 
     def run(self, batch: ImageBatch) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch.tensor})[0].astype(np.float32)
+
+    def run_outputs(self, batch: ImageBatch) -> list[np.ndarray]:
+        return [np.asarray(o, np.float32) for o in self.session.run(None, {self.input_name: batch.tensor})]
 
     def describe(self) -> dict:
         import onnxruntime as ort
@@ -341,6 +345,80 @@ class OnnxBackend(Backend):
             buf = io.BytesIO()
             torch.onnx.export(job.module, (job.example,), buf, dynamo=False, **kwargs)
             return onnx.load_from_string(buf.getvalue())
+
+    def expose_blocks(self, path, job, paths, folder, log) -> ExposedBlocks:
+        """The shipped graph with the boundaries' values added as outputs. Which value ends a block is read from
+        the exporter's own scopes: the graph is exported once more (not simplified), and a block's boundary is the
+        last value made inside the block's scope that a node outside it reads. The shipped graph keeps the
+        exporter's value names; where the simplifier removed a value, the one the next block's node reads in its
+        place stands for it."""
+        import ast
+
+        import onnx
+        from onnx import helper
+
+        opset = int(job.options.get("opset") or DEFAULT_OPSET)
+        if opset < DYNAMO_MIN_OPSET:
+            raise NotImplementedError(f"an opset-{opset} graph carries no module scopes; export it at opset 18 or later")
+        log("finding the block boundaries (torch.onnx export once more)")
+        raw = self._to_onnx(job, opset).graph
+        scopes: dict[str, set[str]] = {}
+        for node in raw.node:
+            said = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
+            for out in node.output:
+                scopes[out] = set(ast.literal_eval(said)) if said else set()
+        readers: dict[str, list] = {}
+        for node in raw.node:
+            for i, name in enumerate(node.input):
+                readers.setdefault(name, []).append((node, i))
+        raw_outputs = {o.name for o in raw.output}
+        shipped = onnx.load(str(path))
+        made = {out: node for node in shipped.graph.node for out in node.output}
+        types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(shipped).graph.value_info}
+        types.update({v.name: v.type.tensor_type.elem_type for v in shipped.graph.output})
+        outputs: dict[str, int] = {paths[-1]: 0}
+        added: list[str] = []
+        for block in paths[:-1]:
+            leaving = [
+                out
+                for node in raw.node
+                for out in node.output
+                if block in scopes.get(out, ())
+                and (out in raw_outputs or any(block not in scopes.get(r.output[0], ()) for r, _ in readers.get(out, ())))
+            ]
+            if not leaving:
+                continue
+            value = leaving[-1]
+            if value not in made:  # simplified away: the value the next block reads in its place
+                value = None
+                for reader, i in readers.get(leaving[-1], ()):
+                    twin = made.get(reader.output[0])
+                    if twin is not None and twin.op_type == reader.op_type and i < len(twin.input):
+                        value = twin.input[i]
+                        break
+            if value is None or value not in made:
+                continue
+            quantized = [n for n in shipped.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == value]
+            if quantized:
+                # an int8 graph reads the boundary through its QuantizeLinear: show that quantised value,
+                # dequantised by a node of its own, so ONNX Runtime still fuses the block's ops as it ships
+                q = quantized[0]
+                shown = f"{value}_block_output"
+                if shown not in added:
+                    shipped.graph.node.append(
+                        helper.make_node("DequantizeLinear", [q.output[0], *q.input[1:]], [shown], name=shown)
+                    )
+                value, types[shown] = shown, onnx.TensorProto.FLOAT
+            if value not in added:
+                added.append(value)
+                shipped.graph.output.append(
+                    helper.make_tensor_value_info(value, types.get(value, onnx.TensorProto.FLOAT), None)
+                )
+            outputs[block] = [o.name for o in shipped.graph.output].index(value)
+        folder.mkdir(parents=True, exist_ok=True)
+        out_path = folder / Path(path).name
+        onnx.save(shipped, str(out_path))
+        return ExposedBlocks(out_path, outputs, probe=False, how="the shipped graph, with the boundaries' values added as outputs")
 
     def weight_storage(self, path: Path) -> dict[str, int]:
         import numpy as np

@@ -301,3 +301,14 @@ def to_deploy(
     for p in out.parameters():
         p.requires_grad_(False)
     return out
+
+
+def deploy_form(model: nn.Module, input_size, recorded_steps: list[str]) -> nn.Module:
+    """The deploy form a manifest entry records by its ``deploy_steps`` (steps, then extra steps), made again."""
+    known = {s.name for s in DEPLOY_STEPS}
+    return to_deploy(
+        model,
+        input_size,
+        steps=[s for s in recorded_steps if s in known],
+        extra_steps=[s for s in recorded_steps if s not in known],
+    )

@@ -1,7 +1,7 @@
 """The pipeline: checkpoint -> deploy form -> artifacts -> validation -> bundle and manifest.
 
-``export`` writes a bundle; ``validate_bundle`` validates one again (here and on a target). Both take an
-options object (:class:`ExportOptions`, :class:`ValidateOptions`) or its fields as keyword arguments.
+``export`` writes a bundle; ``validate_bundle`` validates one again (here and on a target); ``drift_by_block``
+locates its drift block by block (``validate_bundle(..., by_block=True)`` runs it too). They take an options object (:class:`ExportOptions`, :class:`ValidateOptions`) or its fields as keyword arguments.
 
 Importing the package imports neither torch nor a converter (the CLI parses its flags from
 :mod:`.options` first); the functions are imported on first use.
@@ -13,6 +13,8 @@ from ..lazy import lazy_names
 
 _WHERE = {
     "ArtifactResult": "exporter",
+    "DriftByBlock": "by_block",
+    "drift_by_block": "by_block",
     "Evaluation": "evaluate",
     "evaluate_bundle": "evaluate",
     "ExportResult": "exporter",

@@ -259,7 +259,8 @@ class ValidateOptions(TargetOptions):
     out: str | None = option(
         None,
         "with --data: folder for accuracy.json, accuracy.md, accuracy.png, flipped.csv and the finished shards "
-        "(default: runtime_bench/<bundle folder name>/); a run stopped before its end continues from there",
+        "(default: runtime_bench/<bundle folder name>/); a run stopped before its end continues from there. With "
+        "--by-block: folder for drift_by_block.json, .md and .png (the same default)",
     )
     shard_size: int = option(
         DEFAULT_SHARD_SIZE,
@@ -267,6 +268,12 @@ class ValidateOptions(TargetOptions):
         check=lambda flag, v: whole_number(flag, v, 1, 100_000),
     )
     min_top1_agreement: float | None = option(None, "also require this top-1 agreement (0..1)", check=fraction)
+    by_block: bool = option(
+        False,
+        "locate drift: every artifact's outputs at each block boundary (stem, each block of each stage, head) on "
+        "this machine and the target, against PyTorch fp32, and the first block that departs; writes "
+        "drift_by_block.json, .md and .png in --out",
+    )
     gpu: bool = option(
         False,
         "also validate every artifact whose format has a GPU path on the target's GPU, in each GPU runtime (LiteRT: "
@@ -280,12 +287,16 @@ def evaluation_checked(opts: ValidateOptions) -> None:
     a cluster runs on this machine's kind of target only, and --out must be writable."""
     if opts.gpu and opts.data is not None:
         raise ExportInputError("--gpu validates on the bundled photographs; drop --data, or drop --gpu")
+    if opts.by_block and opts.data is not None:
+        raise ExportInputError("--by-block runs on the bundled photographs; drop --data, or drop --by-block")
     if opts.data is None:
-        given = [n for n in EVALUATION_FIELDS if opts.was_given(n)]
+        given = [n for n in EVALUATION_FIELDS if opts.was_given(n) and not (n == "out" and opts.by_block)]
         if given:
             raise ExportInputError(
                 f"--{given[0].replace('_', '-')} applies to --data; add --data with a validation set"
             )
+        if opts.out is not None:
+            writable_folder("--out", opts.out)
         return
     target = str(opts.target).strip().lower()
     if opts.cluster is not None and target.startswith(("ssh://", "adb://")):

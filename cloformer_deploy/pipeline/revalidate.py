@@ -38,6 +38,12 @@ def validate_bundle(
         if opts.bundle is None:
             raise ExportInputError("no bundle given; pass the folder written by cloformer-export")
         evaluation_checked(opts)
+        if opts.by_block:
+            from .by_block import drift_by_block
+
+            found = drift_by_block(opts, progress=progress)
+            rows = found.document["artifacts"]
+            return all("error" not in r for r in rows), rows
         if opts.data is not None:
             from .evaluate import evaluate_bundle
 

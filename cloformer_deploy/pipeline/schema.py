@@ -48,6 +48,12 @@ SCHEMAS = {
         "accuracy.json",
         "docs/accuracy.md",
     ),
+    "drift_by_block": (
+        "pipeline/schemas/drift_by_block.schema.json",
+        "pipeline/schemas/drift_by_block.source.json",
+        "drift_by_block.json",
+        "docs/drift_by_block.md",
+    ),
 }
 RESULTS_SCHEMA_VERSION = 1  # results.json's "schema_version" (optional: older results have none)
 
@@ -73,7 +79,12 @@ def assemble(name: str) -> dict:
     if name not in SCHEMAS:
         raise KeyError(f"no schema {name!r}; choose from {', '.join(SCHEMAS)}")
     source = json.loads(resources.files("cloformer_deploy").joinpath(SCHEMAS[name][1]).read_text(encoding="utf-8"))
-    return {"manifest": _with_formats, "results": _with_runtimes, "accuracy": _with_artifacts}[name](source)
+    return {
+        "manifest": _with_formats,
+        "results": _with_runtimes,
+        "accuracy": _with_artifacts,
+        "drift_by_block": _with_block_artifacts,
+    }[name](source)
 
 
 def published_text(name: str) -> str:
@@ -97,6 +108,16 @@ def _with_artifacts(schema: dict) -> dict:
     from ..formats import BACKENDS
 
     row = schema["$defs"]["row"]["properties"]
+    row["format"]["enum"] = list(BACKENDS)
+    row["precision"]["enum"] = list(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
+    return schema
+
+
+def _with_block_artifacts(schema: dict) -> dict:
+    """drift_by_block.json's schema with the formats and precisions of this version."""
+    from ..formats import BACKENDS
+
+    row = schema["$defs"]["artifact"]["properties"]
     row["format"]["enum"] = list(BACKENDS)
     row["precision"]["enum"] = list(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
     return schema
