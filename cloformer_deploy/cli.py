@@ -208,8 +208,8 @@ def _by_block(opts, progress) -> int:
     rows = [["artifact", "target", "probe", "final vs shipped", "first departure"]]
     for a in found.document["artifacts"]:
         where = a["target"] if a["runtime"] is None else f"{a['target']} {a['runtime']}"
-        if "error" in a:
-            rows.append([a["file"], where, "", "", f"not run: {a['error'][:70]}"])
+        if "error" in a or "note" in a:
+            rows.append([a["file"], where, "", "", f"not run: {(a.get('error') or a['note'])[:70]}"])
             continue
         vs = a["final_vs_shipped"]
         same = "bit-exact" if vs["bit_exact"] else f"{vs['max_abs']:.2g}"

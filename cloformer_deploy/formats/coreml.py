@@ -372,6 +372,12 @@ class CoreMLBackend(Backend):
 
         return constant_storage(path)
 
+    def expose_blocks(self, path, job, paths, folder, log):
+        raise NotImplementedError(
+            "Core ML does not show its block boundaries yet: the package's variable names are not mapped to the "
+            "model's blocks"
+        )
+
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
         from .coreml_placement import COMPUTE_UNITS
 

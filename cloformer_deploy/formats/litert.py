@@ -32,9 +32,9 @@ from .base import (
     ExportJob,
     ExposedBlocks,
     ModelSpec,
-    boundary_sizes,
     NativeRunner,
     Runner,
+    boundary_sizes,
     register,
     storage_totals,
 )
@@ -447,6 +447,7 @@ class LiteRTBackend(Backend):
         after the modules that made it (``<module class>_<name>`` joined by ``/``); a block's boundary is the last
         tensor made inside the block that an operator outside it reads."""
         import flatbuffers
+        import torch
         from ai_edge_litert import schema_py_generated as fb
 
         model = fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(Path(path).read_bytes(), 0))
@@ -468,7 +469,7 @@ class LiteRTBackend(Backend):
             parts, segments = [], block.split(".")
             for n in range(1, len(segments) + 1):
                 m = modules[".".join(segments[:n])]
-                if not isinstance(m, __import__("torch").nn.ModuleList):
+                if not isinstance(m, torch.nn.ModuleList):
                     parts.append(f"{type(m).__module__}.{type(m).__qualname__}_{segments[n - 1]}")
             return "/".join(parts)
 
@@ -484,7 +485,10 @@ class LiteRTBackend(Backend):
                 for t, i in sorted(made_by.items(), key=lambda kv: kv[1])
                 if inside(t, where)
                 and int(np.prod(graph.tensors[t].shape)) == sizes[block]
-                and (t in graph_outputs or any(not any(inside(o, where) for o in graph.operators[r].outputs) for r in readers.get(t, ())))
+                and (
+                    t in graph_outputs
+                    or any(not any(inside(o, where) for o in graph.operators[r].outputs) for r in readers.get(t, ()))
+                )
             ]
             if not leaving:
                 continue

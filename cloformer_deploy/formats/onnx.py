@@ -359,7 +359,9 @@ class OnnxBackend(Backend):
 
         opset = int(job.options.get("opset") or DEFAULT_OPSET)
         if opset < DYNAMO_MIN_OPSET:
-            raise NotImplementedError(f"an opset-{opset} graph carries no module scopes; export it at opset 18 or later")
+            raise NotImplementedError(
+                f"an opset-{opset} graph carries no module scopes; export it at opset 18 or later"
+            )
         log("finding the block boundaries (torch.onnx export once more)")
         raw = self._to_onnx(job, opset).graph
         scopes: dict[str, set[str]] = {}
@@ -374,7 +376,9 @@ class OnnxBackend(Backend):
         raw_outputs = {o.name for o in raw.output}
         shipped = onnx.load(str(path))
         made = {out: node for node in shipped.graph.node for out in node.output}
-        types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(shipped).graph.value_info}
+        types = {
+            v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(shipped).graph.value_info
+        }
         types.update({v.name: v.type.tensor_type.elem_type for v in shipped.graph.output})
         outputs: dict[str, int] = {paths[-1]: 0}
         added: list[str] = []
@@ -384,7 +388,9 @@ class OnnxBackend(Backend):
                 for node in raw.node
                 for out in node.output
                 if block in scopes.get(out, ())
-                and (out in raw_outputs or any(block not in scopes.get(r.output[0], ()) for r, _ in readers.get(out, ())))
+                and (
+                    out in raw_outputs or any(block not in scopes.get(r.output[0], ()) for r, _ in readers.get(out, ()))
+                )
             ]
             if not leaving:
                 continue
@@ -418,7 +424,9 @@ class OnnxBackend(Backend):
         folder.mkdir(parents=True, exist_ok=True)
         out_path = folder / Path(path).name
         onnx.save(shipped, str(out_path))
-        return ExposedBlocks(out_path, outputs, probe=False, how="the shipped graph, with the boundaries' values added as outputs")
+        return ExposedBlocks(
+            out_path, outputs, probe=False, how="the shipped graph, with the boundaries' values added as outputs"
+        )
 
     def weight_storage(self, path: Path) -> dict[str, int]:
         import numpy as np

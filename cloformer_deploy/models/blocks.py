@@ -7,6 +7,7 @@ every deploy form keep these names: the deploy steps change what is inside a blo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import numpy as np
@@ -66,14 +67,16 @@ class BoundaryModule(nn.Module):
 
     def __init__(self, model: nn.Module, paths: list[str]):
         super().__init__()
-        self.model = model
+        self.model = copy.deepcopy(model)  # its hooks stay on this copy
         self.paths = list(paths)
-        self._seen: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
         for path in self.paths:
-            modules[path].register_forward_hook(lambda m, a, out, p=path: self._seen.__setitem__(p, out))
+            # kept on the block itself, so that a copy of this module (an fp16 pass) keeps working
+            self.model.get_submodule(path).register_forward_hook(_keep_output)
 
     def forward(self, x: torch.Tensor):
-        self._seen.clear()
         logits = self.model(x)
-        return (logits, *[self._seen[p] for p in self.paths])
+        return (logits, *[self.model.get_submodule(p).__dict__.pop("_boundary_output") for p in self.paths])
+
+
+def _keep_output(module: nn.Module, args, out) -> None:
+    module.__dict__["_boundary_output"] = out

@@ -185,7 +185,9 @@ def _run(opts, opened, on, out: Path, progress: Progress) -> DriftByBlock:
                     where = t.name if runtime is None else f"{t.name} {runtime}"
                     with progress.stage(f"{label}: by block on {where}") as stage:
                         artifacts.append(
-                            _artifact(t, runtime, options, entry, opened.folder, exposed, paths, ref, spec, images, stage)
+                            _artifact(
+                                t, runtime, options, entry, opened.folder, exposed, paths, ref, spec, images, stage
+                            )
                         )
                     progress.log(f"{label} on {where}: first departure {artifacts[-1]['first_departure'] or 'none'}")
     finally:
@@ -242,15 +244,11 @@ def _artifact(target, runtime, options, entry, folder: Path, exposed, paths, ref
         "blocks": [],
         "first_departure": None,
     }
-    problem = None
-    if isinstance(exposed, str):
-        problem = exposed
-    elif not target.can_run(backend):
-        problem = target.cannot_run(backend)
-    elif runtime is not None:
-        problem = target.gpu_problem(backend)
-    else:
-        problem = target.missing(backend)
+    if isinstance(exposed, str):  # the format cannot show its boundaries: said, not a failure
+        return {**row, "note": exposed}
+    if not target.can_run(backend):
+        return {**row, "note": target.cannot_run(backend)}
+    problem = target.gpu_problem(backend) if runtime is not None else target.missing(backend)
     if problem:
         return {**row, "error": problem}
     row["how"] = exposed.how
@@ -327,18 +325,21 @@ def markdown(doc: dict) -> str:
     ]
     for a in doc["artifacts"]:
         where = a["target"] if a.get("runtime") is None else f"{a['target']} {a['runtime']}"
-        if "error" in a:
-            lines.append(f"| {a['file']} | {where} | | | not run: {a['error']} |")
+        if "error" in a or "note" in a:
+            lines.append(f"| {a['file']} | {where} | | | not run: {a.get('error') or a['note']} |")
             continue
         vs = a["final_vs_shipped"]
         same = "bit-exact" if vs["bit_exact"] else f"differs by {vs['max_abs']:.3g}"
         lines.append(
             f"| {a['file']} | {where} | {'yes' if a['probe'] else 'no'} | {same} | {a['first_departure'] or 'none'} |"
         )
-    ran = [a for a in doc["artifacts"] if "error" not in a]
+    ran = [a for a in doc["artifacts"] if "error" not in a and "note" not in a]
     if ran:
         lines += ["", "Relative error per block (- where the artifact does not show the boundary):", ""]
-        heads = [f"{a['format']} {a['precision']} {a['target']}" + (f" {a['runtime']}" if a.get("runtime") else "") for a in ran]
+        heads = [
+            f"{a['format']} {a['precision']} {a['target']}" + (f" {a['runtime']}" if a.get("runtime") else "")
+            for a in ran
+        ]
         lines.append("| block | " + " | ".join(heads) + " |")
         lines.append("| --- |" + " --- |" * len(ran))
         for i, name in enumerate(doc["blocks"]):
@@ -371,7 +372,7 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ran = [a for a in doc["artifacts"] if "error" not in a]
+    ran = [a for a in doc["artifacts"] if "error" not in a and "note" not in a]
     names = doc["blocks"]
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(names) + 3), 5.5))
     floor = 1e-9
@@ -381,15 +382,23 @@ def plot(doc: dict, path: Path) -> None:
         (line,) = ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=_series_label(a))
         if a["first_departure"] is not None:
             i = names.index(a["first_departure"])
-            ax.plot([i], [max(a["blocks"][i]["rel_err"] or floor, floor)], marker="X", markersize=12,
-                    color=line.get_color(), markeredgecolor="black")
+            ax.plot(
+                [i],
+                [max(a["blocks"][i]["rel_err"] or floor, floor)],
+                marker="X",
+                markersize=12,
+                color=line.get_color(),
+                markeredgecolor="black",
+            )
     ax.axhline(doc["rule"]["floor"], color="grey", linestyle=":", linewidth=1)
-    ax.text(0, doc["rule"]["floor"] * 1.15, "departure floor", color="grey", fontsize=8)
+    ax.text(len(names) - 1, doc["rule"]["floor"] * 1.15, "departure floor", color="grey", fontsize=8, ha="right")
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("relative error vs PyTorch fp32")
-    ax.set_title(f"Drift by block: {doc['model']} at {doc['input_size'][0]}x{doc['input_size'][1]} (X: first departure)")
+    ax.set_title(
+        f"Drift by block: {doc['model']} at {doc['input_size'][0]}x{doc['input_size'][1]} (X: first departure)"
+    )
     ax.grid(True, which="major", axis="y", alpha=0.3)
     if ran:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

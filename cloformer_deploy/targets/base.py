@@ -180,13 +180,15 @@ class WorkerProcess:
         line, _, self._pending = self._pending.partition(b"\n")
         return line + b"\n"
 
-    def run_batch(self, names, images: np.ndarray, tensor: np.ndarray) -> dict:
-        """Logits of one batch; its arrays travel once per worker, later runs name it by a key of its content."""
+    def run_batch(self, names, images: np.ndarray, tensor: np.ndarray, every_output: bool = False) -> dict:
+        """Logits of one batch; its arrays travel once per worker, later runs name it by a key of its content.
+        ``every_output``: the answer's ``outputs`` also holds every output of the program, the logits first."""
         key = hashlib.sha1(np.ascontiguousarray(tensor).tobytes()).hexdigest()
+        more = {"all": True} if every_output else {}
         if key in self.sent:
-            return self.ask({"cmd": "run", "key": key})
+            return self.ask({"cmd": "run", "key": key, **more})
         answer = self.ask(
-            {"cmd": "run", "key": key, "names": list(names), "images": pack(images), "tensor": pack(tensor)}
+            {"cmd": "run", "key": key, "names": list(names), "images": pack(images), "tensor": pack(tensor), **more}
         )
         self.sent[key] = None
         while len(self.sent) > KEPT_BATCHES:  # the worker forgets the oldest the same way
@@ -258,6 +260,13 @@ class WorkerRunner(Runner):
         answer = self.worker.run_batch(batch.names, batch.images, batch.tensor)
         self.run_ms.append(answer["ms"])
         return unpack(answer["logits"])
+
+    def run_outputs(self, batch: ImageBatch) -> list[np.ndarray]:
+        answer = self.worker.run_batch(batch.names, batch.images, batch.tensor, every_output=True)
+        self.run_ms.append(answer["ms"])
+        if "outputs" not in answer:  # a runner of an older release
+            raise WorkerError(f"the runner on {self.target.name} returns its first output only; set it up again")
+        return [unpack(o) for o in answer["outputs"]]
 
     def run_ahead(self, batches) -> Iterator[np.ndarray]:
         """Logits of each batch of ``batches`` (an iterable, made lazily) in turn, each sent once and not kept: the

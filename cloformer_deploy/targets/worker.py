@@ -7,7 +7,8 @@ inputs or outputs. Commands:
 
 - ``open``: open an artifact (``format``, ``path``, ``spec``, ``info``, ``threads``) -> load time,
   the runner's description and structural problems; or the eager PyTorch model (``format: "eager"``).
-- ``run``: logits of one batch (``names``, ``images``, ``tensor``) -> logits and the time it took.
+- ``run``: logits of one batch (``names``, ``images``, ``tensor``) -> logits and the time it took; with ``all``,
+  also ``outputs``: every output of the program, the logits first (a file showing its block boundaries).
   A batch sent with a ``key`` is kept; later runs of it send the ``key`` alone (a phone over Wi-Fi
   receives each validation image once per worker, not once per artifact).
 - ``time``: ``n`` timed runs of the last batch, prepared once -> times in ms.
@@ -366,6 +367,14 @@ def main(argv: list[str] | None = None) -> None:
                             del batches[next(iter(batches))]
                 else:
                     batch = batches[cmd["key"]]
+                if cmd.get("all"):  # every output: a file that shows its block boundaries
+                    t = time.perf_counter()
+                    outs = runner.run_outputs(batch)
+                    ms = (time.perf_counter() - t) * 1e3
+                    reply(
+                        {"ms": ms, "logits": pack(outs[0]), "outputs": [pack(np.asarray(o, np.float32)) for o in outs]}
+                    )
+                    continue
                 prepared = runner.prepare(batch)
                 t = time.perf_counter()
                 out = runner.infer(prepared)
