@@ -129,12 +129,18 @@ class ExposedBlocks:
     how: str  # one line for the report: how the boundaries were reached
 
 
-def boundary_sizes(job: ExportJob, paths: list[str]) -> dict[str, int]:
-    """Values per image of each boundary of the job's deploy form (what a candidate value must hold)."""
+def boundary_shapes(job: ExportJob, paths: list[str]) -> dict[str, tuple[int, ...]]:
+    """Each boundary's shape for one image of the job's deploy form, in PyTorch's layout (what a candidate value
+    must hold, in that layout or channels-last)."""
     from ..models.blocks import block_outputs
 
     example = job.example.detach().numpy()[:1]
-    return {p: int(v[0].size) for p, v in block_outputs(job.module, paths, example).items()}
+    return {p: tuple(int(d) for d in v.shape) for p, v in block_outputs(job.module, paths, example).items()}
+
+
+def channels_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(N, C, H, W) -> (N, H, W, C); other ranks unchanged."""
+    return (shape[0], *shape[2:], shape[1]) if len(shape) == 4 else shape
 
 
 @dataclass(frozen=True)

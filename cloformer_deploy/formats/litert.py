@@ -34,7 +34,8 @@ from .base import (
     ModelSpec,
     NativeRunner,
     Runner,
-    boundary_sizes,
+    boundary_shapes,
+    channels_last,
     register,
     storage_totals,
 )
@@ -463,7 +464,7 @@ class LiteRTBackend(Backend):
                 if t >= 0:
                     readers.setdefault(t, []).append(i)
         modules = dict(job.module.named_modules())
-        sizes = boundary_sizes(job, paths)
+        shapes = boundary_shapes(job, paths)
 
         def scope(block: str) -> str:
             parts, segments = [], block.split(".")
@@ -476,6 +477,18 @@ class LiteRTBackend(Backend):
         def inside(tensor: int, where: str) -> bool:
             return any(p.endswith(where) or where + "/" in p for p in re.split(r";\d*", names[tensor]) if p)
 
+        # values that depend on the image (a tensor the converter computes from weights alone never ends a block)
+        from_input = set(graph.inputs)
+        for op in graph.operators:
+            if any(t in from_input for t in (op.inputs if op.inputs is not None else ())):
+                from_input.update(op.outputs if op.outputs is not None else ())
+
+        def fits(t: int, shape: tuple[int, ...]) -> bool:
+            have = tuple(int(d) for d in graph.tensors[t].shape)
+            kept = tuple(d for d in shape if d != 1)
+            pooled = len(shape) != 4 or shape[2:] == (1, 1)  # (N, C, 1, 1) may be held as (N, C): same order
+            return have in (shape, channels_last(shape)) or (pooled and tuple(d for d in have if d != 1) == kept)
+
         graph_outputs = list(graph.outputs)
         outputs: dict[str, int] = {paths[-1]: 0}
         for block in paths[:-1]:
@@ -484,7 +497,8 @@ class LiteRTBackend(Backend):
                 t
                 for t, i in sorted(made_by.items(), key=lambda kv: kv[1])
                 if inside(t, where)
-                and int(np.prod(graph.tensors[t].shape)) == sizes[block]
+                and t in from_input
+                and fits(t, shapes[block])
                 and (
                     t in graph_outputs
                     or any(not any(inside(o, where) for o in graph.operators[r].outputs) for r in readers.get(t, ()))
@@ -492,7 +506,10 @@ class LiteRTBackend(Backend):
             ]
             if not leaving:
                 continue
-            tensor = leaving[-1]
+            # the block's own ops (its residual additions) end it; a sub-module's value the scheduler placed later
+            # (an activation read again outside) does not
+            own = [t for t in leaving if any(p.endswith(where) for p in re.split(r";\d*", names[t]) if p)]
+            tensor = (own or leaving)[-1]
             if tensor not in graph_outputs:
                 graph_outputs.append(tensor)
                 signature = model.signatureDefs[0] if model.signatureDefs else None
