@@ -172,3 +172,43 @@ def test_every_format_of_the_bundle_by_block(tiny_bundle, tiny_checkpoint, tmp_p
             assert a["first_departure"] is None
     printed = capsys.readouterr().out
     assert "first departure" in printed and JSON_NAME in printed
+
+
+@pytest.mark.e2e
+def test_native_runners_return_every_output_as_python_does(tiny_bundle, tiny_checkpoint, native_runners, tmp_path):
+    """The files showing their block boundaries, run by each native runner: every output, bit-exact with the
+    Python runtime's (integer tensors as their stored values)."""
+    from cloformer_deploy.formats import BACKENDS
+    from cloformer_deploy.images import load_images
+    from cloformer_deploy.models.blocks import block_paths
+    from cloformer_deploy.models.deploy import deploy_form
+    from cloformer_deploy.pipeline.by_block import _probe_job
+    from cloformer_deploy.pipeline.opened import open_bundle
+    from cloformer_deploy.targets.local import LocalTarget
+
+    opened = open_bundle(tiny_bundle.bundle, tiny_checkpoint)
+    spec = opened.spec
+    batch = next(load_images(spec.input_size, spec.mean, spec.std).batches(spec.batch))
+    example = torch.from_numpy(batch.tensor)
+    paths = block_paths(opened.prepared.module, example)
+    local = LocalTarget()
+    checked = set()
+    try:
+        for entry in opened.manifest["artifacts"]:
+            fmt = entry["format"]
+            if fmt not in ("onnx", "tflite", "executorch") or not local.runs_natively(fmt):
+                continue
+            module = deploy_form(opened.prepared.module, spec.input_size, entry["deploy_steps"])
+            job = _probe_job(BACKENDS[fmt], entry, module, example, spec, entry["precision"])
+            exposed = BACKENDS[fmt].expose_blocks(opened.folder / entry["path"], job, paths, tmp_path, lambda t: None)
+            python = BACKENDS[fmt].open(exposed.path, spec, entry).run_outputs(batch)
+            native = local.runner(fmt, exposed.path, spec, entry, native=True)
+            assert native.describe().get("runner") == "native"
+            got = native.run_outputs(batch)
+            assert len(got) == len(python) == max(exposed.outputs.values()) + 1
+            for a, b in zip(python, got):
+                np.testing.assert_array_equal(a.reshape(-1), b.reshape(-1))
+            checked.add(fmt)
+    finally:
+        local.close()
+    assert checked == {"onnx", "tflite", "executorch"}

@@ -93,8 +93,9 @@ class Runner(ABC):
         """Logits (N, num_classes) as float32 for one batch of exactly the artifact's batch size."""
 
     def run_outputs(self, batch: ImageBatch) -> list[np.ndarray]:
-        """Every output of one batch as float32 (quantised values dequantised), the logits first: what an artifact
-        made by :meth:`Backend.expose_blocks` shows."""
+        """Every output of one batch as float32, the logits first: what an artifact made by
+        :meth:`Backend.expose_blocks` shows. An integer tensor comes as its stored values
+        (:attr:`ExposedBlocks.scales` dequantises them)."""
         return [self.run(batch)]
 
     def prepare(self, batch: ImageBatch):
@@ -127,6 +128,8 @@ class ExposedBlocks:
     outputs: dict[str, int]
     probe: bool
     how: str  # one line for the report: how the boundaries were reached
+    # output index -> (scale, zero point) of an output a runner returns as its stored integers
+    scales: dict[int, tuple[float, int]] = field(default_factory=dict)
 
 
 def boundary_shapes(job: ExportJob, paths: list[str]) -> dict[str, tuple[int, ...]]:

@@ -76,12 +76,8 @@ class LiteRTRunner(Runner):
     def run_outputs(self, batch: ImageBatch) -> list[np.ndarray]:
         self.infer(self.prepare(batch))
         outs = []
-        for detail in self.interpreter.get_output_details():
-            value = np.array(self.interpreter.get_tensor(detail["index"]))
-            scale, zero = detail["quantization"]
-            if value.dtype.kind in "iu" and scale:  # an int8 model's boundary: its real value
-                value = (value.astype(np.float32) - zero) * scale
-            outs.append(value.astype(np.float32))
+        for detail in self.interpreter.get_output_details():  # integers as stored: the caller dequantises
+            outs.append(np.array(self.interpreter.get_tensor(detail["index"])).astype(np.float32))
         return outs
 
     def check_structure(self) -> list[str]:
@@ -515,18 +511,28 @@ class LiteRTBackend(Backend):
                 signature = model.signatureDefs[0] if model.signatureDefs else None
                 if signature is not None:
                     entry = fb.TensorMapT()
-                    entry.name = f"block_{len(graph_outputs) - 1}".encode()
+                    # named so that a runtime listing the signature's outputs by name keeps their order
+                    entry.name = f"output_{len(graph_outputs) - 1:03d}".encode()
                     entry.tensorIndex = tensor
                     signature.outputs.append(entry)
             outputs[block] = graph_outputs.index(tensor)
         graph.outputs = graph_outputs
+        scales = {}
+        for i, t in enumerate(graph_outputs):
+            q = graph.tensors[t].quantization
+            if i and q is not None and q.scale is not None and len(q.scale) == 1:
+                scales[i] = (float(q.scale[0]), int(q.zeroPoint[0]) if q.zeroPoint is not None else 0)
         builder = flatbuffers.Builder(1 << 20)
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
         folder.mkdir(parents=True, exist_ok=True)
         out_path = folder / Path(path).name
         out_path.write_bytes(bytes(builder.Output()))
         return ExposedBlocks(
-            out_path, outputs, probe=False, how="the shipped flatbuffer, with the boundaries' tensors added as outputs"
+            out_path,
+            outputs,
+            probe=False,
+            how="the shipped flatbuffer, with the boundaries' tensors added as outputs",
+            scales=scales,
         )
 
     def weight_storage(self, path: Path) -> dict[str, int]:

@@ -124,8 +124,11 @@ class ExecuTorchModel : public cfd::Model {
     check(method_->execute(), "running forward");
   }
 
-  std::vector<float> output(std::vector<int64_t>& shape) override {
-    const EValue& value = method_->get_output(0);
+  size_t output_count() override { return method_->outputs_size(); }
+
+  std::vector<float> output_at(size_t index, std::vector<int64_t>& shape) override {
+    if (index >= method_->outputs_size()) throw std::runtime_error("forward has no output " + std::to_string(index));
+    const EValue& value = method_->get_output(index);
     if (!value.isTensor()) throw std::runtime_error("forward's output is not a tensor");
     auto t = value.toTensor();
     shape.assign(t.sizes().begin(), t.sizes().end());

@@ -71,7 +71,17 @@ constexpr int kCpu = 1, kGpu = 2;  // hardware accelerator bits
 constexpr int kAnyInteger = 2;
 constexpr int kAutoRegisterAccelerators = 24, kMinLogSeverity = 25;  // environment option tags
 constexpr int kWarning = 2;
-constexpr int kFloat32 = 1;
+// element types (LiteRT's numbering, TFLite's): the ones an output of ours may hold
+constexpr int kFloat32 = 1, kInt32 = 2, kUInt8 = 3, kInt16 = 7, kInt8 = 9, kFloat16 = 10;
+
+size_t element_bytes(int element) {
+  switch (element) {
+    case kFloat32: case kInt32: return 4;
+    case kInt16: case kFloat16: return 2;
+    case kUInt8: case kInt8: return 1;
+    default: throw std::runtime_error("an output's element type (" + std::to_string(element) + ") is not one the runner reads");
+  }
+}
 constexpr size_t kAlignment = 64;  // LiteRT's host buffers are 64-byte aligned
 // The GPU accelerator's precision option: 1 computes in fp16 (its default on a GPU that has fp16), 2 in fp32
 constexpr int kGpuFp16 = 1, kGpuFp32 = 2;
@@ -239,8 +249,12 @@ class LiteRtModel : public cfd::Model {
     LrHandle tensor = nullptr;
     check(LiteRtGetSignatureInputTensorByIndex(signature, 0, &tensor), "reading the input");
     check(LiteRtGetRankedTensorType(tensor, &input_type_), "reading the input's type");
-    check(LiteRtGetSignatureOutputTensorByIndex(signature, 0, &tensor), "reading the output");
-    check(LiteRtGetRankedTensorType(tensor, &output_type_), "reading the output's type");
+    output_types_.resize(outputs_);
+    for (size_t i = 0; i < outputs_; i++) {  // beyond the first: a file's block boundaries
+      check(LiteRtGetSignatureOutputTensorByIndex(signature, i, &tensor), "reading an output");
+      check(LiteRtGetRankedTensorType(tensor, &output_types_[i]), "reading an output's type");
+    }
+    output_type_ = output_types_[0];
 
     check(LiteRtCreateOptions(&options_), "making the options");
     if (gpu_) {
@@ -262,19 +276,24 @@ class LiteRtModel : public cfd::Model {
 
     if (input_type_.element == kFloat32 && output_type_.element == kFloat32) {
       input_.resize(count_of(dims_of(input_type_)));
-      output_.resize(count_of(dims_of(output_type_)));
       check(LiteRtCreateTensorBufferFromHostMemory(&input_type_, input_.data, input_.count * sizeof(float), nullptr,
                                                    &input_buffer_),
             "making the input buffer");
-      check(LiteRtCreateTensorBufferFromHostMemory(&output_type_, output_.data, output_.count * sizeof(float),
-                                                   nullptr, &output_buffer_),
-            "making the output buffer");
+      outputs_host_.resize(outputs_);
+      output_buffers_.assign(outputs_, nullptr);
+      for (size_t i = 0; i < outputs_; i++) {
+        size_t bytes = count_of(dims_of(output_types_[i])) * element_bytes(output_types_[i].element);
+        outputs_host_[i].resize((bytes + sizeof(float) - 1) / sizeof(float));
+        check(LiteRtCreateTensorBufferFromHostMemory(&output_types_[i], outputs_host_[i].data, bytes, nullptr,
+                                                     &output_buffers_[i]),
+              "making an output buffer");
+      }
     }
     if (gpu_ && input_buffer_) {
       // the GPU accelerator picks its adapter and builds its shaders at the first run: part of loading, as an app
       // warms up its model, and the only place the adapter is named
       bool read = said.captured();
-      LrStatus ran = LiteRtRunCompiledModel(compiled_, 0, 1, &input_buffer_, 1, &output_buffer_);
+      LrStatus ran = LiteRtRunCompiledModel(compiled_, 0, 1, &input_buffer_, outputs_, output_buffers_.data());
       std::string text = said.stop();
       check(ran, "the GPU's first run", last_error(text));
       adapter_ = after(text, "Selected adapter: ");
@@ -284,12 +303,15 @@ class LiteRtModel : public cfd::Model {
 
   void release() {
     if (input_buffer_) LiteRtDestroyTensorBuffer(input_buffer_);
-    if (output_buffer_) LiteRtDestroyTensorBuffer(output_buffer_);
+    for (LrHandle& buffer : output_buffers_) {
+      if (buffer) LiteRtDestroyTensorBuffer(buffer);
+      buffer = nullptr;
+    }
     if (compiled_) LiteRtDestroyCompiledModel(compiled_);
     if (options_) LiteRtDestroyOptions(options_);
     if (model_) LiteRtDestroyModel(model_);
     if (env_) LiteRtDestroyEnvironment(env_);
-    input_buffer_ = output_buffer_ = compiled_ = options_ = model_ = env_ = nullptr;
+    input_buffer_ = compiled_ = options_ = model_ = env_ = nullptr;
   }
 
   std::string describe() override {
@@ -338,13 +360,31 @@ class LiteRtModel : public cfd::Model {
   }
 
   void infer() override {
-    check(LiteRtRunCompiledModel(compiled_, 0, 1, &input_buffer_, 1, &output_buffer_), "running the model");
+    check(LiteRtRunCompiledModel(compiled_, 0, 1, &input_buffer_, outputs_, output_buffers_.data()),
+          "running the model");
   }
 
-  std::vector<float> output(std::vector<int64_t>& shape) override {
-    std::vector<int32_t> dims = dims_of(output_type_);
+  size_t output_count() override { return outputs_; }
+
+  std::vector<float> output_at(size_t index, std::vector<int64_t>& shape) override {
+    if (index >= outputs_host_.size()) throw std::runtime_error("no output " + std::to_string(index));
+    const LrTensorType& type = output_types_[index];
+    std::vector<int32_t> dims = dims_of(type);
     shape.assign(dims.begin(), dims.end());
-    return std::vector<float>(output_.data, output_.data + output_.count);
+    const size_t n = count_of(dims);
+    const void* p = outputs_host_[index].data;
+    std::vector<float> out(n);
+    for (size_t i = 0; i < n; i++) {
+      switch (type.element) {
+        case kFloat32: out[i] = static_cast<const float*>(p)[i]; break;
+        case kFloat16: out[i] = cfd::from_half(static_cast<const uint16_t*>(p)[i]); break;
+        case kInt8: out[i] = static_cast<const int8_t*>(p)[i]; break;
+        case kUInt8: out[i] = static_cast<const uint8_t*>(p)[i]; break;
+        case kInt16: out[i] = static_cast<const int16_t*>(p)[i]; break;
+        default: out[i] = static_cast<float>(static_cast<const int32_t*>(p)[i]); break;
+      }
+    }
+    return out;
   }
 
  private:
@@ -353,10 +393,13 @@ class LiteRtModel : public cfd::Model {
   std::string adapter_;
   bool adapter_read_ = false;
   LrHandle env_ = nullptr, model_ = nullptr, options_ = nullptr, compiled_ = nullptr;
-  LrHandle input_buffer_ = nullptr, output_buffer_ = nullptr;
+  LrHandle input_buffer_ = nullptr;
+  std::vector<LrHandle> output_buffers_;
   LrTensorType input_type_{}, output_type_{};
+  std::vector<LrTensorType> output_types_;
   size_t inputs_ = 0, outputs_ = 0;
-  HostBuffer input_, output_;
+  HostBuffer input_;
+  std::vector<HostBuffer> outputs_host_;
 };
 
 }  // namespace

@@ -46,7 +46,14 @@ class OnnxModel : public cfd::Model {
     check(api->GetAllocatorWithDefaultOptions(&allocator_), "getting the allocator");
     check(api->SessionGetInputCount(session_, &inputs_), "counting the inputs");
     check(api->SessionGetInputName(session_, 0, allocator_, &input_name_), "reading the input's name");
-    check(api->SessionGetOutputName(session_, 0, allocator_, &output_name_), "reading the output's name");
+    size_t outputs = 0;
+    check(api->SessionGetOutputCount(session_, &outputs), "counting the outputs");
+    for (size_t i = 0; i < outputs; i++) {  // beyond the first: a file's block boundaries
+      char* name = nullptr;
+      check(api->SessionGetOutputName(session_, i, allocator_, &name), "reading an output's name");
+      output_names_.push_back(name);
+    }
+    outputs_.assign(outputs, nullptr);
     OrtTypeInfo* info = nullptr;
     check(api->SessionGetInputTypeInfo(session_, 0, &info), "reading the input's type");
     const OrtTensorTypeAndShapeInfo* tensor = nullptr;
@@ -62,17 +69,18 @@ class OnnxModel : public cfd::Model {
 
   void release() {
     if (input_) api->ReleaseValue(input_);
-    if (output_) api->ReleaseValue(output_);
+    release_outputs();
     if (memory_) api->ReleaseMemoryInfo(memory_);
     if (allocator_) {
       if (input_name_) allocator_->Free(allocator_, input_name_);
-      if (output_name_) allocator_->Free(allocator_, output_name_);
+      for (const char* name : output_names_) allocator_->Free(allocator_, const_cast<char*>(name));
     }
+    output_names_.clear();
     if (session_) api->ReleaseSession(session_);
     if (env_) api->ReleaseEnv(env_);
-    input_ = output_ = nullptr;
+    input_ = nullptr;
     memory_ = nullptr;
-    input_name_ = output_name_ = nullptr;
+    input_name_ = nullptr;
     allocator_ = nullptr;
     session_ = nullptr;
     env_ = nullptr;
@@ -107,16 +115,26 @@ class OnnxModel : public cfd::Model {
   }
 
   void infer() override {
-    if (output_) api->ReleaseValue(output_);  // as the Python runner: ONNX Runtime allocates each run's output
-    output_ = nullptr;
+    release_outputs();  // as the Python runner: ONNX Runtime allocates each run's outputs
     const char* in[] = {input_name_};
-    const char* out[] = {output_name_};
-    check(api->Run(session_, nullptr, in, &input_, 1, out, 1, &output_), "running the model");
+    check(api->Run(session_, nullptr, in, &input_, 1, output_names_.data(), output_names_.size(), outputs_.data()),
+          "running the model");
   }
 
-  std::vector<float> output(std::vector<int64_t>& shape) override {
+  void release_outputs() {
+    for (OrtValue*& value : outputs_) {
+      if (value) api->ReleaseValue(value);
+      value = nullptr;
+    }
+  }
+
+  size_t output_count() override { return outputs_.size(); }
+
+  std::vector<float> output_at(size_t index, std::vector<int64_t>& shape) override {
+    if (index >= outputs_.size() || !outputs_[index]) throw std::runtime_error("no output " + std::to_string(index));
+    OrtValue* output = outputs_[index];
     OrtTensorTypeAndShapeInfo* info = nullptr;
-    check(api->GetTensorTypeAndShape(output_, &info), "reading the output's shape");
+    check(api->GetTensorTypeAndShape(output, &info), "reading the output's shape");
     size_t dims = 0, count = 0;
     ONNXTensorElementDataType type;
     OrtStatus* read = api->GetDimensionsCount(info, &dims);
@@ -129,7 +147,7 @@ class OnnxModel : public cfd::Model {
     api->ReleaseTensorTypeAndShapeInfo(info);
     check(read, "reading the output's type");
     void* p = nullptr;
-    check(api->GetTensorMutableData(output_, &p), "reading the output");
+    check(api->GetTensorMutableData(output, &p), "reading the output");
     std::vector<float> out(count);
     if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       memcpy(out.data(), p, count * sizeof(float));
@@ -147,9 +165,9 @@ class OnnxModel : public cfd::Model {
   OrtAllocator* allocator_ = nullptr;
   OrtMemoryInfo* memory_ = nullptr;
   OrtValue* input_ = nullptr;
-  OrtValue* output_ = nullptr;
+  std::vector<OrtValue*> outputs_;
   char* input_name_ = nullptr;
-  char* output_name_ = nullptr;
+  std::vector<const char*> output_names_;
   size_t inputs_ = 0;
   ONNXTensorElementDataType input_type_ = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   std::vector<int64_t> input_shape_, shape_;

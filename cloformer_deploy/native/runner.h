@@ -428,7 +428,11 @@ class Model {
   // The input in the runtime's own form, made once (an fp16 program's images converted here, not when timed).
   virtual void prepare(const FloatArray& tensor) = 0;
   virtual void infer() = 0;
-  virtual std::vector<float> output(std::vector<int64_t>& shape) = 0;
+  // Outputs of the last run, the logits first; beyond the first, a file's block boundaries (an integer tensor as its
+  // integer values: the host, which knows the file, dequantises).
+  virtual size_t output_count() { return 1; }
+  virtual std::vector<float> output_at(size_t index, std::vector<int64_t>& shape) = 0;
+  std::vector<float> output(std::vector<int64_t>& shape) { return output_at(0, shape); }
 };
 
 // Opens a program: its path, its thread count (0: the runtime's default) and the whole "open" message, whose
@@ -558,7 +562,18 @@ inline int serve(int argc, char** argv, const std::string& runtime, const std::s
         double ms = ms_since(t);
         std::vector<int64_t> shape;
         std::vector<float> out = model->output(shape);
-        reply("{\"ms\": " + number(ms) + ", \"logits\": " + pack(out, shape) + "}");
+        std::string every;
+        const Json* all = cmd.get("all");
+        if (all && all->kind == Json::Bool && all->boolean) {  // every output: a file showing its block boundaries
+          every = ", \"outputs\": [" + pack(out, shape);
+          for (size_t i = 1; i < model->output_count(); i++) {
+            std::vector<int64_t> more_shape;
+            std::vector<float> more = model->output_at(i, more_shape);
+            every += ", " + pack(more, more_shape);
+          }
+          every += "]";
+        }
+        reply("{\"ms\": " + number(ms) + ", \"logits\": " + pack(out, shape) + every + "}");
       } else if (name == "time") {
         if (!model || !prepared) throw std::runtime_error("no batch has run yet");
         long long n = whole(need(cmd, "n", Json::Number), 0, 100000000, "n");

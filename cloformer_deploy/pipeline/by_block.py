@@ -257,6 +257,9 @@ def _artifact(target, runtime, options, entry, folder: Path, exposed, paths, ref
         shipped = _final(target, runtime, options, fmt, folder / entry["path"], spec, entry, images, stage)
     except (WorkerError, RuntimeError, ValueError) as e:
         return {**row, "error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__}
+    for i, (scale, zero) in exposed.scales.items():
+        if i < len(outs):
+            outs[i] = (outs[i].astype(np.float64) - zero) * scale
     final = outs[0]
     row["final_vs_shipped"] = {
         "max_abs": float(np.abs(final.astype(np.float64) - shipped).max()),
