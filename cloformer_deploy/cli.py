@@ -194,6 +194,8 @@ def validate_main(p: _Parser, argv) -> int:
 
     ok, reports = validate_bundle(opts, progress=Progress(quiet=args.quiet))
     for r in reports:
+        if r.get("problems") and r.get("figures") and not r["passed"]:  # this machine's verdict, with where it starts
+            print(f"{r['path']}: FAIL -- {'; '.join(r['problems'])}")
         for name, t in (r.get("targets") or {}).items():
             print(f"{r['path']} on {name}: {_target_verdict(t)}")
     print(f"{'PASS' if ok else 'FAIL'}: {sum(r['passed'] for r in reports)}/{len(reports)} artifacts pass")

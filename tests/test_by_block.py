@@ -134,6 +134,14 @@ def test_a_corrupted_block_inside_the_file_is_named(tiny_bundle, tiny_checkpoint
     assert target in (tmp_path / "b" / MD_NAME).read_text()
     assert block_paths  # the same names the model's modules have
 
+    # a plain validation of the broken file fails, and its verdict names the block and the command
+    from cloformer_deploy.pipeline import validate_bundle
+
+    ok, reports = validate_bundle(bundle=str(tmp_path / "broken"), weights=str(tiny_checkpoint))
+    assert not ok
+    said = reports[0]["problems"][-1]
+    assert f"first departs at {target}" in said and "--by-block" in said
+
 
 def test_by_block_bad_input_is_one_line_and_writes_nothing(tiny_bundle, tmp_path, capsys):
     from cloformer_deploy.cli import validate_main
@@ -160,12 +168,15 @@ def test_every_format_of_the_bundle_by_block(tiny_bundle, tiny_checkpoint, tmp_p
     rows = {(a["format"], a["precision"]): a for a in doc["artifacts"]}
     assert code == 0, [a.get("error") for a in doc["artifacts"]]
     for (fmt, precision), a in rows.items():
-        if fmt == "coreml" or (fmt == "executorch" and precision == "int8"):
+        if fmt == "executorch" and precision == "int8":
             assert "note" in a  # said, not run
             continue
         assert a["probe"] is (fmt == "executorch")
-        if fmt in ("onnx", "tflite"):
+        if fmt in ("onnx", "tflite", "coreml"):
             assert a["final_vs_shipped"]["bit_exact"], (fmt, precision)
+        if precision == "fp16":
+            shown = [b["rel_err"] for b in a["blocks"] if b["exposed"]]
+            assert len(shown) >= len(a["blocks"]) - 2 and max(shown) < 1e-2, (fmt, shown)
         if precision == "fp32":
             shown = [b["rel_err"] for b in a["blocks"] if b["exposed"]]
             assert max(shown) < 1e-4, (fmt, shown)

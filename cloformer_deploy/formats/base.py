@@ -130,6 +130,7 @@ class ExposedBlocks:
     how: str  # one line for the report: how the boundaries were reached
     # output index -> (scale, zero point) of an output a runner returns as its stored integers
     scales: dict[int, tuple[float, int]] = field(default_factory=dict)
+    open_info: dict = field(default_factory=dict)  # what its runner is opened with besides the manifest entry
 
 
 def boundary_shapes(job: ExportJob, paths: list[str]) -> dict[str, tuple[int, ...]]:

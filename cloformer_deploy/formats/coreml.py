@@ -18,7 +18,7 @@ import numpy as np
 from ..images import ImageBatch
 from ..inputs import choice
 from ..options import option
-from .base import Backend, BenchRuntime, ExportJob, ModelSpec, Runner, register
+from .base import Backend, BenchRuntime, ExportJob, ExposedBlocks, ModelSpec, Runner, register
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +54,14 @@ class CoreMLRunner(Runner):
     differently, and latency needs a Mac or an iPhone.
     """
 
-    def __init__(self, path: Path, spec: ModelSpec, compute_units: str = "ALL", emulate: bool | None = None):
+    def __init__(
+        self,
+        path: Path,
+        spec: ModelSpec,
+        compute_units: str = "ALL",
+        emulate: bool | None = None,
+        block_outputs: tuple[str, ...] = (),
+    ):
         import time
 
         import coremltools as ct
@@ -77,10 +84,13 @@ class CoreMLRunner(Runner):
             self.placement = compute_plan_placement(self.model, compute_units)
         self.method = "coreml" if self.on_mac else "emulated"
         self.interpreter = None
-        if not self.on_mac:
+        self.block_outputs = tuple(block_outputs)
+        if (
+            not self.on_mac or self.block_outputs
+        ):  # a file's block boundaries are read in the interpreter, also on a Mac
             from .mil_interpreter import MILInterpreter
 
-            self.interpreter = MILInterpreter(path)
+            self.interpreter = MILInterpreter(path, extra_outputs=self.block_outputs)
         self.fp16: dict = {"first_nonfinite_op": None, "nonfinite_ops": 0, "largest_fp16_departures": []}
 
     def describe(self) -> dict:
@@ -139,6 +149,23 @@ class CoreMLRunner(Runner):
     def run(self, batch: ImageBatch) -> np.ndarray:
         return self.infer(self.prepare(batch))
 
+    def run_outputs(self, batch: ImageBatch) -> list[np.ndarray]:
+        """The logits and each of ``block_outputs``, by the project's interpreter (on a Mac too: Core ML shows no
+        intermediate value of a compiled model)."""
+        values = [[] for _ in range(1 + len(self.block_outputs))]
+        for x in self._feeds(batch):
+            outputs, _ = self.interpreter.run({self.mlspec.description.input[0].name: x})
+            key = self.mlspec.description.predictedProbabilitiesName or self.interpreter.output_names[0]
+            values[0].append(outputs[key].float().reshape(x.shape[0], -1).numpy())
+            for i, name in enumerate(self.block_outputs):
+                values[i + 1].append(outputs[name].float().numpy())
+        return [np.concatenate(v).astype(np.float32) for v in values]
+
+    def _feeds(self, batch: ImageBatch) -> list[np.ndarray]:
+        if self.mlspec.description.input[0].type.WhichOneof("Type") == "imageType":
+            return [batch.images[i : i + 1].transpose(0, 3, 1, 2).astype(np.float32) for i in range(len(batch))]
+        return [batch.tensor]
+
     def prepare(self, batch: ImageBatch):
         """On a Mac, the feeds ``MLModel.predict`` takes (PIL images for an image input), made once."""
         if not self.on_mac:
@@ -158,12 +185,8 @@ class CoreMLRunner(Runner):
     def _emulate(self, batch: ImageBatch) -> np.ndarray:
         desc = self.mlspec.description
         inp = desc.input[0]
-        if inp.type.WhichOneof("Type") == "imageType":
-            feeds = [batch.images[i : i + 1].transpose(0, 3, 1, 2).astype(np.float32) for i in range(len(batch))]
-        else:
-            feeds = [batch.tensor]
         rows = []
-        for x in feeds:
+        for x in self._feeds(batch):
             outputs, report = self.interpreter.run({inp.name: x}, trace=self.interpreter.is_fp16)
             if report is not None:
                 self._merge(report.as_dict())
@@ -372,10 +395,55 @@ class CoreMLBackend(Backend):
 
         return constant_storage(path)
 
-    def expose_blocks(self, path, job, paths, folder, log):
-        raise NotImplementedError(
-            "Core ML does not show its block boundaries yet: the package's variable names are not mapped to the "
-            "model's blocks"
+    def expose_blocks(self, path, job, paths, folder, log) -> ExposedBlocks:
+        """The same package, its boundaries' variables read by the project's interpreter as it runs. The converter
+        names each variable after the torch.export node that made it (a cast to fp16 adds ``_cast_fp16``), so the
+        module is exported once more as the export step did, and a block's boundary is the last node made inside
+        the block that a node outside it reads."""
+        import torch
+
+        from .coreml_input import PixelNormalize
+        from .mil_interpreter import MILInterpreter
+
+        wrapped = job.options.get("coreml_input", "image") == "image"
+        h, w = job.spec.input_size
+        module = PixelNormalize(job.module, job.spec.mean, job.spec.std).eval() if wrapped else job.module
+        example = torch.full((job.spec.batch, 3, h, w), 128.0) if wrapped else job.example
+        log("finding the block boundaries (torch.export once more)")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            graph = torch.export.export(module, (example,)).run_decompositions({}).graph
+        prefix = "module." if wrapped else ""
+
+        def scopes(node) -> set[str]:
+            return {v[0] for v in (node.meta.get("nn_module_stack") or {}).values()}
+
+        variables = {n for op in MILInterpreter(path).compute_ops for n, _ in op.outputs}
+        names: list[str] = []
+        outputs: dict[str, int] = {paths[-1]: 0}
+        for block in paths[:-1]:
+            scope = prefix + block
+            leaving = [
+                n.name
+                for n in graph.nodes
+                if n.op == "call_function" and scope in scopes(n) and any(scope not in scopes(u) for u in n.users)
+            ]
+            found = (
+                next((v for v in (f"{leaving[-1]}_cast_fp16", leaving[-1]) if v in variables), None)
+                if leaving
+                else None
+            )
+            if found is None:
+                continue
+            if found not in names:
+                names.append(found)
+            outputs[block] = 1 + names.index(found)
+        return ExposedBlocks(
+            Path(path),
+            outputs,
+            probe=False,
+            how="the shipped package, its boundaries' variables read by the project's interpreter as it runs",
+            open_info={"block_outputs": names},
         )
 
     def open(self, path: Path, spec: ModelSpec, info: dict, threads: int | None = None) -> Runner:
@@ -383,7 +451,8 @@ class CoreMLBackend(Backend):
 
         units = info.get("compute_units") or "ALL"
         units = choice("compute units", units, COMPUTE_UNITS)
-        return CoreMLRunner(path, spec, compute_units=units)  # Core ML chooses its own threads
+        # Core ML chooses its own threads
+        return CoreMLRunner(path, spec, compute_units=units, block_outputs=tuple(info.get("block_outputs") or ()))
 
 
 def compress_weights(mlmodel, precision: str):

@@ -567,7 +567,7 @@ class MILInterpreter:
     thread that the OS has given to another process stalls every op (seconds per image on a busy machine).
     """
 
-    def __init__(self, package: str | Path, num_threads: int | None = 1):
+    def __init__(self, package: str | Path, num_threads: int | None = 1, extra_outputs: tuple[str, ...] = ()):
         import coremltools as ct
 
         self.package = Path(package)
@@ -581,6 +581,7 @@ class MILInterpreter:
         self.input_dtypes = {i.name: _tensor_type(i.type)[0] for i in function.inputs}
         self.input_names = list(self.input_dtypes)
         self.output_names = list(block.outputs)
+        self.extra_outputs = list(extra_outputs)  # variables kept and returned too (a file's block boundaries)
         self.consts: dict[str, Any] = {}  # the program's constants, as stored
         self.compute_ops: list[Operation] = []
         for op_spec in block.operations:
@@ -588,6 +589,10 @@ class MILInterpreter:
                 self.consts[op_spec.outputs[0].name] = _decode_value(op_spec.attributes["val"], blobs)
             else:
                 self.compute_ops.append(_read_operation(op_spec, blobs))
+        missing = [v for v in self.extra_outputs if v not in {n for op in self.compute_ops for n, _ in op.outputs}]
+        if missing:
+            raise ValueError(f"the program has no variable {missing[0]!r}")
+        self.output_names += [v for v in self.extra_outputs if v not in self.output_names]
         unknown = sorted({op.op_type for op in self.compute_ops} - KERNELS.keys())
         if unknown:
             raise UnsupportedOpError(f"the Core ML interpreter has no kernel for: {', '.join(unknown)}")

@@ -147,20 +147,52 @@ def drift_by_block(options: ValidateOptions | None = None, /, *, progress: Progr
             on.close()
 
 
-def _run(opts, opened, on, out: Path, progress: Progress) -> DriftByBlock:
+def _reference(opened):
+    """The validation photographs, the boundaries and the deploy forms' PyTorch values at them (made on demand)."""
     import torch
 
-    from ..models.blocks import block_outputs, block_paths
+    from ..models.blocks import block_paths
 
     spec = opened.spec
     images = load_images(spec.input_size, spec.mean, spec.std)
     usable = len(images) - len(images) % spec.batch
     example = torch.from_numpy(images.tensor[: spec.batch])
-    authors = opened.prepared.module
-    paths = block_paths(authors, example)
+    paths = block_paths(opened.prepared.module, example)
+    return (
+        images,
+        usable,
+        example,
+        paths,
+        _Forms(opened.prepared.module, spec.input_size, paths, images.tensor[:usable]),
+    )
+
+
+def locate_departure(opened, entry: dict, progress: Progress) -> dict:
+    """One artifact's blocks on this machine (what a failed validation's verdict names): its by-block row."""
+    import tempfile
+
+    backend = BACKENDS[entry["format"]]
+    images, _, example, paths, forms = _reference(opened)
+    module, ref = forms.get(entry["deploy_steps"])
+    job = _probe_job(backend, entry, module, example, opened.spec, entry["precision"])
+    label = f"{entry['format']} {entry['precision']}"
+    with tempfile.TemporaryDirectory() as tmp, progress.stage(f"{label}: where it departs") as stage:
+        try:
+            exposed = backend.expose_blocks(opened.folder / entry["path"], job, paths, Path(tmp), stage.update)
+        except NotImplementedError as e:
+            exposed = str(e)
+        return _artifact(
+            LocalTarget(), None, None, entry, opened.folder, exposed, paths, ref, opened.spec, images, stage
+        )
+
+
+def _run(opts, opened, on, out: Path, progress: Progress) -> DriftByBlock:
+    from ..models.blocks import block_outputs
+
+    spec = opened.spec
+    images, usable, example, paths, forms = _reference(opened)
     with progress.stage("PyTorch fp32 at every block boundary"):
-        authors_ref = block_outputs(authors, paths, images.tensor[:usable])
-        forms = _Forms(authors, spec.input_size, paths, images.tensor[:usable])
+        authors_ref = block_outputs(opened.prepared.module, paths, images.tensor[:usable])
     targets = [LocalTarget()] + ([on] if on.kind != "local" else [])
     work = out / "probes"
     artifacts, deploy_vs_authors = [], {}
@@ -253,7 +285,9 @@ def _artifact(target, runtime, options, entry, folder: Path, exposed, paths, ref
         return {**row, "error": problem}
     row["how"] = exposed.how
     try:
-        outs = _outputs(target, runtime, options, fmt, exposed.path, spec, entry, images, stage)
+        outs = _outputs(
+            target, runtime, options, fmt, exposed.path, spec, {**entry, **exposed.open_info}, images, stage
+        )
         shipped = _final(target, runtime, options, fmt, folder / entry["path"], spec, entry, images, stage)
     except (WorkerError, RuntimeError, ValueError) as e:
         return {**row, "error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__}

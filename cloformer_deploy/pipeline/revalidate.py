@@ -85,6 +85,9 @@ def validate_bundle(
                 if on.kind != "local":
                     validation = entry.setdefault("validation", {})
                     validation.setdefault("targets", {})[on.name] = report["targets"][on.name]
+                if not report["passed"]:  # where it starts: named in the verdict, the whole picture one command away
+                    report["problems"].append(departure_sentence(opened, entry, progress))
+                    progress.log(f"{fmt} {entry['precision']}: {report['problems'][-1]}")
                 # this machine's and the target's verdict together, as the command's exit code tells
                 reports.append(
                     {"format": fmt, "path": entry["path"], "precision": entry["precision"], **report, "passed": passed}
@@ -95,6 +98,26 @@ def validate_bundle(
             write_manifest(opened.folder, opened.manifest)
             schema_bug(opened.manifest, opened.folder / MANIFEST)
         return all(r["passed"] for r in reports), reports
+
+
+def departure_sentence(opened, entry: dict, progress: Progress) -> str:
+    """Which block a failed artifact first departs at on this machine, and the command that draws every block."""
+    from .by_block import locate_departure
+
+    command = f"cloformer-validate {opened.folder} --by-block" + (
+        f" --weights {opened.spec.weights}" if opened.spec.weights else ""
+    )
+    try:
+        row = locate_departure(opened, entry, progress)
+    except Exception as e:  # the verdict stands without it
+        return f"its blocks could not be examined ({type(e).__name__}); see: {command}"
+    if "error" in row or "note" in row:
+        return f"its blocks are not shown here ({row.get('error') or row.get('note')}); see: {command}"
+    block = row["first_departure"]
+    if block is None:
+        return f"no block departs by itself (the error grows evenly); see: {command}"
+    err = next(b["rel_err"] for b in row["blocks"] if b["name"] == block)
+    return f"it first departs at {block} (relative error {err:.3g}); see: {command}"
 
 
 def gpu_runtimes(fmt: str, precision: str, min_top1_agreement: float | None) -> tuple:
