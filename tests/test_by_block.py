@@ -37,11 +37,18 @@ def test_no_departure_while_errors_grow_as_rounding_does():
 def test_the_first_block_that_jumps_past_the_floor_departs():
     errors = [1e-6, 2e-6, 0.3, 0.5]
     assert first_departure(_blocks(errors)) == "b2"
+    assert first_departure(_blocks([1e-6, 2e-6, 0.3])) == "b2"  # the last block has no next one to carry it
     # at int8's level, a jump of less than DEPARTURE_JUMP times what came before is carried error
     assert first_departure(_blocks([0.009, 0.011, 0.02, 0.03])) is None
-    assert first_departure(_blocks([0.009, 0.011, 0.02, 0.02 * DEPARTURE_JUMP * 1.01])) == "b3"
+    assert first_departure(_blocks([0.009, 0.011, 0.02, 0.02 * DEPARTURE_JUMP * 1.01, 0.1])) == "b3"
     # the stem departs on its own once past the floor: nothing before it carries error
     assert first_departure(_blocks([DEPARTURE_FLOOR * 2, 0.03])) == "b0"
+
+
+def test_an_error_the_next_block_does_not_carry_is_not_a_departure():
+    # one boundary's value alone is off (a converter named another block's value after it): not where drift starts
+    assert first_departure(_blocks([1e-6, 0.6, 2e-6, 3e-6])) is None
+    assert first_departure(_blocks([0.009, 0.6, 0.012, 0.02, 0.3, 0.4])) == "b4"
 
 
 def test_a_hidden_block_is_skipped_and_a_non_finite_one_departs():

@@ -70,17 +70,22 @@ def block_figures(out: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def first_departure(blocks: list[dict]) -> str | None:
-    """The first block that departs (:data:`DEPARTURE_FLOOR`, :data:`DEPARTURE_JUMP`); a non-finite output
-    departs at once. Blocks the artifact does not show are skipped; their error is carried by the next one."""
+    """The first block that departs (:data:`DEPARTURE_FLOOR`, :data:`DEPARTURE_JUMP`) and whose error the next
+    block still carries (an error that vanishes at the next boundary is that one value's, not where drift starts:
+    e.g. a value an int8 converter names after the wrong block); a non-finite output departs at once. Blocks the
+    artifact does not show are skipped; their error is carried by the next one."""
+    shown = [b for b in blocks if b.get("exposed", True)]
     carried = 0.0
-    for block in blocks:
-        if not block.get("exposed", True):
-            continue
+    for i, block in enumerate(shown):
         if not block["finite"]:
             return block["name"]
         err = block["rel_err"]
-        if err >= DEPARTURE_FLOOR and err >= DEPARTURE_JUMP * carried:
-            return block["name"]
+        bar = max(DEPARTURE_FLOOR, DEPARTURE_JUMP * carried)
+        if err >= bar:
+            after = shown[i + 1] if i + 1 < len(shown) else None
+            if after is None or not after["finite"] or after["rel_err"] >= bar:
+                return block["name"]
+            continue  # not carried on: left out of what later blocks are measured against
         carried = max(carried, err)
     return None
 
@@ -248,8 +253,9 @@ def _run(opts, opened, on, out: Path, progress: Progress) -> DriftByBlock:
 def departure_rule_text() -> str:
     return (
         f"a block departs when its relative error is at least {DEPARTURE_FLOOR:g} and at least "
-        f"{DEPARTURE_JUMP:g} times the largest relative error of the blocks before it; the first such block is the "
-        "first departure (a non-finite output departs at once)"
+        f"{DEPARTURE_JUMP:g} times the largest relative error of the blocks before it, and the next block's error is "
+        "past the same bar (the error is carried on); the first such block is the first departure (a non-finite "
+        "output departs at once)"
     )
 
 
