@@ -33,7 +33,7 @@ def test_all_takes_the_gpu_runtimes_only_when_named():
 
 
 def test_a_gpu_row_is_held_to_the_precision_the_gpu_computes_in():
-    from cloformer_deploy.pipeline.revalidate import gpu_runtimes
+    from cloformer_deploy.pipeline.gpu_rows import gpu_runtimes
 
     fp32 = {name: bounds for name, _, bounds in gpu_runtimes("tflite", "fp32", None)}
     assert fp32["litert-gpu"].min_cosine == 0.999 and fp32["litert-gpu"].max_abs is None  # fp16 arithmetic
@@ -56,8 +56,8 @@ def test_targets_that_reach_no_gpu_say_why():
 
 
 def test_gpu_validation_needs_an_artifact_with_a_gpu_path_and_its_runner():
+    from cloformer_deploy.pipeline.gpu_rows import gpu_checked
     from cloformer_deploy.pipeline.options import ExportInputError
-    from cloformer_deploy.pipeline.revalidate import gpu_checked
 
     onnx_only = {"artifacts": [{"format": "onnx", "precision": "fp32"}]}
     with pytest.raises(ExportInputError, match=r"no artifact of this bundle has a GPU path \(it holds onnx\)"):

@@ -29,9 +29,9 @@ from ..targets import WorkerError
 from ..targets.local import LocalTarget
 from ..validation.outputs import run_all
 from . import schema
+from .gpu_rows import gpu_checked, gpu_runtimes
 from .opened import open_bundle
 from .options import ExportInputError, ValidateOptions, evaluation_checked
-from .revalidate import gpu_checked, gpu_runtimes
 
 SCHEMA_VERSION = 1
 JSON_NAME, MD_NAME, PNG_NAME = "drift_by_block.json", "drift_by_block.md", "drift_by_block.png"
