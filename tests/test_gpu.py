@@ -156,3 +156,24 @@ def test_bench_gpu_rows_are_drift_beside_the_cpu_rows(software_gpu, tiny_bundle,
     assert rows["litert-gpu"]["drift"]["max_abs"] > rows["litert-gpu-fp32"]["drift"]["max_abs"]
     text = Path(res.out / "results.md").read_text()
     assert "litert-gpu" in text and "software GPU" in text
+
+
+@pytest.mark.e2e
+def test_drift_by_block_on_the_software_gpu(software_gpu, tiny_bundle, tiny_checkpoint, tmp_path):
+    """--by-block --gpu: the .tflite's blocks on the GPU in both precisions, beside its CPU row; fp32 arithmetic
+    keeps every block at the CPU's level, fp16 arithmetic shows at every block."""
+    from cloformer_deploy.pipeline import drift_by_block
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle.bundle, bundle, ignore=shutil.ignore_patterns("*.pte", "*.onnx", "*.mlpackage"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artifacts"] = [e for e in manifest["artifacts"] if e["format"] == "tflite" and e["precision"] == "fp32"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    found = drift_by_block(bundle=str(bundle), weights=str(tiny_checkpoint), gpu=True, out=str(tmp_path / "o"))
+    rows = {a["runtime"]: a for a in found.document["artifacts"]}
+    assert set(rows) == {None, "litert-gpu", "litert-gpu-fp32"}
+    for row in rows.values():
+        assert "error" not in row and row["final_vs_shipped"]["bit_exact"], row
+    worst = {k: max(b["rel_err"] for b in r["blocks"] if b["exposed"]) for k, r in rows.items()}
+    assert worst[None] < 1e-5 and worst["litert-gpu-fp32"] < 1e-5
+    assert worst["litert-gpu"] > 10 * worst["litert-gpu-fp32"]

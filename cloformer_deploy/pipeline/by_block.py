@@ -198,7 +198,7 @@ def _run(opts, opened, on, out: Path, progress: Progress) -> DriftByBlock:
     images, usable, example, paths, forms = _reference(opened)
     with progress.stage("PyTorch fp32 at every block boundary"):
         authors_ref = block_outputs(opened.prepared.module, paths, images.tensor[:usable])
-    targets = [LocalTarget()] + ([on] if on.kind != "local" else [])
+    targets = [on] if on.kind == "local" else [LocalTarget(), on]  # the GPU rows are the given target's
     work = out / "probes"
     artifacts, deploy_vs_authors = [], {}
     try:
