@@ -126,6 +126,7 @@ def test_a_corrupted_block_inside_the_file_is_named(tiny_bundle, tiny_checkpoint
     assert problem("drift_by_block", clean.document) is None
     for name in (JSON_NAME, MD_NAME, PNG_NAME):
         assert (tmp_path / "c" / name).stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([JSON_NAME, MD_NAME, PNG_NAME])  # no probes
 
     blocks = [b["name"] for b in row["blocks"] if b["name"].startswith("layers.")]
     target = blocks[len(blocks) // 2]

@@ -15,6 +15,7 @@ its final output is compared with the shipped file's on the same target (``final
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,8 +175,6 @@ def _reference(opened):
 
 def locate_departure(opened, entry: dict, progress: Progress) -> dict:
     """One artifact's blocks on this machine (what a failed validation's verdict names): its by-block row."""
-    import tempfile
-
     backend = BACKENDS[entry["format"]]
     images, _, example, paths, forms = _reference(opened)
     module, ref = forms.get(entry["deploy_steps"])
@@ -199,7 +198,8 @@ def _run(opts, opened, on, out: Path, progress: Progress) -> DriftByBlock:
     with progress.stage("PyTorch fp32 at every block boundary"):
         authors_ref = block_outputs(opened.prepared.module, paths, images.tensor[:usable])
     targets = [on] if on.kind == "local" else [LocalTarget(), on]  # the GPU rows are the given target's
-    work = out / "probes"
+    scratch = tempfile.TemporaryDirectory(prefix="cloformer-blocks-")  # the files showing their blocks: not kept
+    work = Path(scratch.name)
     artifacts, deploy_vs_authors = [], {}
     try:
         for entry in opened.manifest["artifacts"]:
@@ -230,6 +230,7 @@ def _run(opts, opened, on, out: Path, progress: Progress) -> DriftByBlock:
     finally:
         for t in targets:
             t.close()
+        scratch.cleanup()
     document = {
         "schema_version": SCHEMA_VERSION,
         "bundle": str(opened.folder),
