@@ -49,6 +49,9 @@ def test_an_error_the_next_block_does_not_carry_is_not_a_departure():
     # one boundary's value alone is off (a converter named another block's value after it): not where drift starts
     assert first_departure(_blocks([1e-6, 0.6, 2e-6, 3e-6])) is None
     assert first_departure(_blocks([0.009, 0.6, 0.012, 0.02, 0.3, 0.4])) == "b4"
+    # FAT-B0's int8 .tflite: its stem reads 0.64 and the first block 0.013: the stem's value is not carried on; the
+    # first block's, past the floor, is
+    assert first_departure(_blocks([0.64, 0.0133, 0.0274, 0.03])) == "b1"
 
 
 def test_a_hidden_block_is_skipped_and_a_non_finite_one_departs():

@@ -72,7 +72,7 @@ def block_figures(out: np.ndarray, ref: np.ndarray) -> dict:
 
 def first_departure(blocks: list[dict]) -> str | None:
     """The first block that departs (:data:`DEPARTURE_FLOOR`, :data:`DEPARTURE_JUMP`) and whose error the next
-    block still carries (an error that vanishes at the next boundary is that one value's, not where drift starts:
+    block carries on (an error that falls back at the next boundary is that one value's, not where drift starts:
     e.g. a value an int8 converter names after the wrong block); a non-finite output departs at once. Blocks the
     artifact does not show are skipped; their error is carried by the next one."""
     shown = [b for b in blocks if b.get("exposed", True)]
@@ -84,7 +84,7 @@ def first_departure(blocks: list[dict]) -> str | None:
         bar = max(DEPARTURE_FLOOR, DEPARTURE_JUMP * carried)
         if err >= bar:
             after = shown[i + 1] if i + 1 < len(shown) else None
-            if after is None or not after["finite"] or after["rel_err"] >= bar:
+            if after is None or not after["finite"] or after["rel_err"] >= max(bar, err / DEPARTURE_JUMP):
                 return block["name"]
             continue  # not carried on: left out of what later blocks are measured against
         carried = max(carried, err)
@@ -254,9 +254,9 @@ def _run(opts, opened, on, out: Path, progress: Progress) -> DriftByBlock:
 def departure_rule_text() -> str:
     return (
         f"a block departs when its relative error is at least {DEPARTURE_FLOOR:g} and at least "
-        f"{DEPARTURE_JUMP:g} times the largest relative error of the blocks before it, and the next block's error is "
-        "past the same bar (the error is carried on); the first such block is the first departure (a non-finite "
-        "output departs at once)"
+        f"{DEPARTURE_JUMP:g} times the largest relative error of the blocks before it, and the next block carries it on "
+        f"(its error is past the same bar and at least 1/{DEPARTURE_JUMP:g} of this one); the first such block is the "
+        "first departure (a non-finite output departs at once)"
     )
 
 
@@ -420,10 +420,24 @@ def plot(doc: dict, path: Path) -> None:
     names = doc["blocks"]
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(names) + 3), 5.5))
     floor = 1e-9
+    # one colour per artifact, one line style per target (and GPU runtime): a file's rows on two targets pair up
+    artifacts = list(dict.fromkeys(a["file"] for a in ran))
+    places = list(dict.fromkeys((a["target"], a.get("runtime")) for a in ran))
+    colours = plt.get_cmap("tab10" if len(artifacts) <= 10 else "tab20")
+    styles = ["-", "--", ":", "-."]
     for a in ran:
         xs = [i for i, b in enumerate(a["blocks"]) if b["rel_err"] is not None]
         ys = [max(a["blocks"][i]["rel_err"], floor) for i in xs]
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=_series_label(a))
+        (line,) = ax.plot(
+            xs,
+            ys,
+            marker="o",
+            markersize=3,
+            linewidth=1.2,
+            color=colours(artifacts.index(a["file"]) % colours.N),
+            linestyle=styles[places.index((a["target"], a.get("runtime"))) % len(styles)],
+            label=_series_label(a),
+        )
         if a["first_departure"] is not None:
             i = names.index(a["first_departure"])
             ax.plot(
