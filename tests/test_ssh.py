@@ -682,3 +682,26 @@ def test_a_device_without_a_vulkan_driver_gives_gpu_error_rows_and_the_rest_runs
     assert cpu["error"] is None and cpu["latency_ms"]["runs"] == 3 and cpu["runner"] == "native"
     assert "no Vulkan device reached" in gpu["error"] and gpu["latency_ms"] is None, gpu["error"]
     assert not live_processes(device["remote_dir"])
+
+
+@pytest.mark.e2e
+def test_drift_by_block_on_the_device(sshd, device, tiny_bundle, tiny_checkpoint, tmp_path):
+    """--by-block --target ssh://: the device's native runners return every block, the same bits as here."""
+    from cloformer_deploy.pipeline import drift_by_block
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle.bundle, bundle, ignore=shutil.ignore_patterns("*.pte", "*.mlpackage"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artifacts"] = [e for e in manifest["artifacts"] if e["format"] in ("onnx", "tflite")]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    found = drift_by_block(
+        bundle=str(bundle), weights=str(tiny_checkpoint), target=sshd.address, out=str(tmp_path / "o"), **device
+    )
+    rows = found.document["artifacts"]
+    assert {r["target"] for r in rows} == {"local", sshd.address}
+    for fmt in ("onnx", "tflite"):
+        here = next(r for r in rows if r["format"] == fmt and r["target"] == "local")
+        there = next(r for r in rows if r["format"] == fmt and r["target"] == sshd.address)
+        assert "error" not in there and there["final_vs_shipped"]["bit_exact"], there
+        assert [b["rel_err"] for b in there["blocks"]] == [b["rel_err"] for b in here["blocks"]]
+    assert not live_processes(device["remote_dir"])
