@@ -124,6 +124,31 @@ def test_bench_and_validate_on_the_phone_with_the_native_runners(phone, tiny_bun
     assert not live_processes(phone["remote_dir"])
 
 
+@pytest.mark.e2e
+def test_drift_by_block_on_the_phone(phone, tiny_bundle, tiny_checkpoint, tmp_path):
+    """--by-block --target adb://: the phone's native runners return every block, the same figures as here."""
+    import json
+    import shutil
+
+    from cloformer_deploy.pipeline import drift_by_block
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle.bundle, bundle, ignore=shutil.ignore_patterns("*.pte", "*.mlpackage"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artifacts"] = [e for e in manifest["artifacts"] if e["format"] in ("onnx", "tflite")]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    found = drift_by_block(
+        bundle=str(bundle), weights=str(tiny_checkpoint), target="adb://R58M42ABCDE", out=str(tmp_path / "o"), **phone
+    )
+    rows = found.document["artifacts"]
+    for fmt in ("onnx", "tflite"):
+        here = next(r for r in rows if r["format"] == fmt and r["target"] == "local")
+        there = next(r for r in rows if r["format"] == fmt and r["target"] == "adb://R58M42ABCDE")
+        assert "error" not in there and there["final_vs_shipped"]["bit_exact"], there
+        assert [b["rel_err"] for b in there["blocks"]] == [b["rel_err"] for b in here["blocks"]]
+    assert not live_processes(phone["remote_dir"])
+
+
 def test_check_and_setup_a_phone(phone, capsys, tmp_path):
     from cloformer_deploy.cli import device_main
 
