@@ -86,3 +86,26 @@ def live_processes(marker: str, seconds: float = 8.0) -> list[str]:
         if not found or time.monotonic() > end:
             return found
         time.sleep(0.2)
+
+
+def bundle_with_formats(bundle, folder, formats, precisions=None):
+    """A copy of ``bundle`` at ``folder`` holding only the artifacts of ``formats`` (and ``precisions``, if given)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    shutil.copytree(bundle, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    kept = [
+        e
+        for e in manifest["artifacts"]
+        if e["format"] in formats and (precisions is None or e["precision"] in precisions)
+    ]
+    for e in manifest["artifacts"]:
+        if e not in kept:
+            target = folder / e["path"]
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    manifest["artifacts"] = kept
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder

@@ -14,7 +14,7 @@ import pytest
 from cloformer_deploy.targets import TargetError, get_target
 from cloformer_deploy.targets import adb as adb_module
 
-from helpers import live_processes
+from helpers import bundle_with_formats, live_processes
 
 STANDIN = Path(__file__).with_name("standin_adb.py")
 
@@ -127,16 +127,10 @@ def test_bench_and_validate_on_the_phone_with_the_native_runners(phone, tiny_bun
 @pytest.mark.e2e
 def test_drift_by_block_on_the_phone(phone, tiny_bundle, tiny_checkpoint, tmp_path):
     """--by-block --target adb://: the phone's native runners return every block, the same figures as here."""
-    import json
-    import shutil
 
     from cloformer_deploy.pipeline import drift_by_block
 
-    bundle = tmp_path / "b"
-    shutil.copytree(tiny_bundle.bundle, bundle, ignore=shutil.ignore_patterns("*.pte", "*.mlpackage"))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["artifacts"] = [e for e in manifest["artifacts"] if e["format"] in ("onnx", "tflite")]
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    bundle = bundle_with_formats(tiny_bundle.bundle, tmp_path / "b", ("onnx", "tflite"))
     found = drift_by_block(
         bundle=str(bundle), weights=str(tiny_checkpoint), target="adb://R58M42ABCDE", out=str(tmp_path / "o"), **phone
     )

@@ -18,6 +18,8 @@ import pytest
 
 from cloformer_deploy.runtime_bench.runtimes import BUNDLE_RUNTIMES, GPU_RUNTIMES, IN_ALL, RUNTIMES
 
+from helpers import bundle_with_formats
+
 
 def test_the_gpu_runtimes_run_the_bundles_tflite_and_are_named_not_implied():
     assert GPU_RUNTIMES == ("litert-gpu", "litert-gpu-fp32")
@@ -164,11 +166,7 @@ def test_drift_by_block_on_the_software_gpu(software_gpu, tiny_bundle, tiny_chec
     keeps every block at the CPU's level, fp16 arithmetic shows at every block."""
     from cloformer_deploy.pipeline import drift_by_block
 
-    bundle = tmp_path / "b"
-    shutil.copytree(tiny_bundle.bundle, bundle, ignore=shutil.ignore_patterns("*.pte", "*.onnx", "*.mlpackage"))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["artifacts"] = [e for e in manifest["artifacts"] if e["format"] == "tflite" and e["precision"] == "fp32"]
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    bundle = bundle_with_formats(tiny_bundle.bundle, tmp_path / "b", ("tflite",), ("fp32",))
     found = drift_by_block(bundle=str(bundle), weights=str(tiny_checkpoint), gpu=True, out=str(tmp_path / "o"))
     rows = {a["runtime"]: a for a in found.document["artifacts"]}
     assert set(rows) == {None, "litert-gpu", "litert-gpu-fp32"}

@@ -24,7 +24,7 @@ from cloformer_deploy.targets import TargetError, WorkerError, get_target
 from cloformer_deploy.targets.ssh import SshTarget, device_needs
 
 import loopback_sshd
-from helpers import live_processes
+from helpers import bundle_with_formats, live_processes
 
 SITE = Path(find_spec("numpy").submodule_search_locations[0]).parent  # this venv's site-packages
 BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")  # with -S: a Python with no packages at all
@@ -689,11 +689,7 @@ def test_drift_by_block_on_the_device(sshd, device, tiny_bundle, tiny_checkpoint
     """--by-block --target ssh://: the device's native runners return every block, the same bits as here."""
     from cloformer_deploy.pipeline import drift_by_block
 
-    bundle = tmp_path / "b"
-    shutil.copytree(tiny_bundle.bundle, bundle, ignore=shutil.ignore_patterns("*.pte", "*.mlpackage"))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["artifacts"] = [e for e in manifest["artifacts"] if e["format"] in ("onnx", "tflite")]
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    bundle = bundle_with_formats(tiny_bundle.bundle, tmp_path / "b", ("onnx", "tflite"))
     found = drift_by_block(
         bundle=str(bundle), weights=str(tiny_checkpoint), target=sshd.address, out=str(tmp_path / "o"), **device
     )

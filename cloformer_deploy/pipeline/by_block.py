@@ -3,9 +3,8 @@
 Every artifact of a bundle shows the outputs of the network's block boundaries (the stem, each block of each
 stage, the norm, the pool and the head: :mod:`..models.blocks`) on the validation photographs, on this machine and
 on the target given (and its GPU with ``--gpu``). Each is compared with PyTorch fp32 at the same boundary, in the
-deploy form the artifact was exported from (the form whose logits are parity-checked against the authors'; a
-deploy step may move a norm's scale across a boundary, so the authors' own values there differ by design: the
-report says by how much, as ``deploy_vs_authors``).
+deploy form the artifact was exported from (the form whose logits are parity-checked against the authors'); the
+report gives that form's own difference from the authors' at each boundary as ``deploy_vs_authors``.
 
 Where the runtime shows the shipped file's intermediate values, the shipped file runs with them as added
 outputs; where a delegate is opaque, a probe export of the same form, precision and quantisation stands in, and
@@ -95,10 +94,6 @@ def first_departure(blocks: list[dict]) -> str | None:
 class DriftByBlock:
     document: dict
     out: Path
-
-    @property
-    def departures(self) -> dict[str, str | None]:
-        return {f"{a['file']} on {a['target']}": a["first_departure"] for a in self.document["artifacts"]}
 
 
 def _job_options(backend, entry: dict) -> dict:
