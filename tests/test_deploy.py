@@ -245,6 +245,40 @@ def test_fp16_xnnpack_steps_keep_the_function_and_reach_their_targets(name):
     assert scalar_args == []
 
 
+def _means_of_self_products(module: torch.nn.Module, example: torch.Tensor) -> int:
+    """Means whose input is a value multiplied by itself, in the exported graph of ``module``."""
+    with torch.no_grad():
+        graph = torch.export.export(module, (example,)).graph
+    return sum(
+        1
+        for n in graph.nodes
+        if n.op == "call_function"
+        and "mean" in str(n.target)
+        and getattr(n.args[0], "target", None) == torch.ops.aten.mul.Tensor
+        and n.args[0].args[0] is n.args[0].args[1]
+    )
+
+
+@pytest.mark.parametrize("name", ["cloformer_xxs", "fat_b0"])
+def test_variance_from_two_differences_is_bit_exact_and_leaves_no_mean_of_a_square(name):
+    """XNNPACK (executorch 1.5.1) turns mean(v * v) into a mean of squares, which has no fp16 kernel, and runs it
+    and every node after it in fp32: the fp16 form computes the variance's two factors by two subtractions."""
+    from cloformer_deploy.models.deploy import FP16_XNNPACK_STEPS
+
+    assert "variance_from_two_differences" in FP16_XNNPACK_STEPS
+    model = _model(name)
+    x = torch.randn(1, 3, 64, 96)
+    without = [s for s in FP16_XNNPACK_STEPS if s != "variance_from_two_differences"]
+    plain = cd.to_deploy(model, (64, 96), extra_steps=without)
+    two = cd.to_deploy(model, (64, 96), extra_steps=FP16_XNNPACK_STEPS)
+    for dtype in (torch.float32, torch.float16):
+        with torch.no_grad():
+            assert torch.equal(copy.deepcopy(plain).to(dtype)(x.to(dtype)), copy.deepcopy(two).to(dtype)(x.to(dtype)))
+    norms = sum(isinstance(m, ChannelNorm) for m in two.modules())
+    assert _means_of_self_products(plain, x) >= norms > 0  # what the test looks for is there without the step
+    assert _means_of_self_products(two, x) == 0
+
+
 def test_scale_norm_inputs_is_exact_and_fits_fp16():
     """Stem 2000x louder (the norm after it makes that the same function): its squared deviations pass fp16's
     65504; a power-of-two input scale brings them under the limit without changing fp32 output by one bit."""

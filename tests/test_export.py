@@ -448,13 +448,22 @@ def test_executorch_fp16_is_one_partition_and_validated(tiny_variant, tiny_check
     assert {"gelu_as_erfc_polynomial", "silu_as_sigmoid_product"} <= set(entry["deploy_steps"])
     runner = BACKENDS["executorch"].open(r.artifacts[0].path, None, entry)
     assert runner.dtype == np.float16
+    # XNNPACK makes a mean of a value times itself a mean of squares, which it runs in fp32 with every node after
+    # it (and an fp32 copy of each weight they read): the program holds none, and every value is fp16
+    from cloformer_deploy.formats.executorch import xnnpack_graphs, xnnpack_tensors
+
+    (graph,) = xnnpack_graphs(r.artifacts[0].path)
+    nodes = [(n["xnode_union_type"], n["xnode_union"]) for n in graph["xnodes"]]
+    squares = {u["output_id"] for kind, u in nodes if kind == "XNNMultiply" and u["input1_id"] == u["input2_id"]}
+    means = [u for kind, u in nodes if kind == "XNNGlobalAvgPooling2d"]
+    assert means and not [u for u in means if u["input_id"] in squares]
+    assert {t["datatype"] for t in xnnpack_tensors(graph).values()} == {"xnn_datatype_fp16"}
 
 
 @pytest.mark.e2e
 def test_executorch_fp16_scales_loud_norms_and_stays_accurate(tiny_variant, tmp_path):
     """Stem activations 2000x larger: squared deviations pass fp16's 65504. The export scales those norms'
-    inputs and stays one partition and accurate. (XNNPACK on this x86 CPU, which has no fp16 arithmetic,
-    computes an fp16 graph in fp32, so the overflow itself shows only on ARM: see the eager fp16 test.)"""
+    inputs and stays one partition and accurate. (The eager fp16 test shows the overflow the scaling prevents.)"""
     from cloformer_deploy.formats.base import ExportJob, ModelSpec
     from cloformer_deploy.formats.executorch import ExecuTorchRunner
     from cloformer_deploy.images import ImageBatch

@@ -185,12 +185,11 @@ _XNN_STORAGE = {
 }
 
 
-def xnnpack_constants(path: Path) -> dict[str, int]:
-    """Bytes of the constants of every XNNPACK partition of a ``.pte``, by the type XNNPACK is told they have.
+def xnnpack_graphs(path: Path) -> list[dict]:
+    """The XNNPACK graph of every partition of a ``.pte``, as JSON (values, nodes, constant buffers).
 
     Each partition's graph is a flatbuffer of the schema the executorch wheel ships; its ``flatc`` turns it into
-    JSON (no reader of it ships in Python). Constants outside a delegate (none in this project's programs) are not
-    counted."""
+    JSON (no reader of it ships in Python)."""
     import json
     import subprocess
     from importlib import resources
@@ -201,10 +200,8 @@ def xnnpack_constants(path: Path) -> dict[str, int]:
     flatc = str(resources.files("executorch.data.bin").joinpath("flatc"))
     schema = str(resources.files("executorch.backends.xnnpack.serialization").joinpath("schema.fbs"))
     data = Path(path).read_bytes()
-    pairs = []
-    index = 0
-    while (payload := _extract_delegate_payload(data, "xnnpack", index)) is not None:
-        index += 1
+    graphs = []
+    while (payload := _extract_delegate_payload(data, "xnnpack", len(graphs))) is not None:
         header = XNNHeader.from_bytes(payload[: XNNHeader.EXPECTED_LENGTH])
         with tempfile.TemporaryDirectory() as folder:
             graph = Path(folder) / "graph.bin"
@@ -219,11 +216,28 @@ def xnnpack_constants(path: Path) -> dict[str, int]:
                 raise RuntimeError(f"flatc could not read the XNNPACK graph: {done.stderr.strip()[:200]}")
             # flatc writes clamp bounds as inf and -inf, which JSON spells otherwise
             text = re.sub(r"(?<=[:\[,\s])(-?)inf\b", r"\1Infinity", (Path(folder) / "graph.json").read_text())
-        xgraph = json.loads(re.sub(r"(?<=[:\[,\s])-?nan\b", "NaN", text))
-        constants = xgraph.get("constant_data", [])
-        for value in xgraph.get("xvalues", []):
-            tensor = value.get("xvalue_union") or {}
-            tensor = tensor.get("tensor_value", tensor)  # a quantized value wraps its tensor
+        graphs.append(json.loads(re.sub(r"(?<=[:\[,\s])-?nan\b", "NaN", text)))
+    return graphs
+
+
+def xnnpack_tensors(graph: dict) -> dict[int, dict]:
+    """A partition graph's tensor values by id (a quantized value's tensor unwrapped)."""
+    tensors = {}
+    for value in graph.get("xvalues", []):
+        tensor = value.get("xvalue_union") or {}
+        tensor = tensor.get("tensor_value", tensor)
+        tensors[tensor.get("id_out")] = tensor
+    return tensors
+
+
+def xnnpack_constants(path: Path) -> dict[str, int]:
+    """Bytes of the constants of every XNNPACK partition of a ``.pte``, by the type XNNPACK is told they have.
+
+    Constants outside a delegate (none in this project's programs) are not counted."""
+    pairs = []
+    for graph in xnnpack_graphs(path):
+        constants = graph.get("constant_data", [])
+        for tensor in xnnpack_tensors(graph).values():
             at = tensor.get("constant_buffer_idx", 0)
             if at:
                 kind = str(tensor.get("datatype", "")).removeprefix("xnn_datatype_")

@@ -188,6 +188,17 @@ def gelu_as_erfc_polynomial(model: nn.Module, input_size) -> None:
     ask_modules(model, None, torch_rules={nn.GELU: lambda m: ErfcGELU()})
 
 
+def variance_from_two_differences(model: nn.Module, input_size) -> None:
+    """Channel norms' variance as mean((x - m) * (x - m)) with each difference computed: fp16 stays fp16 in XNNPACK.
+
+    The values are the same bit for bit. XNNPACK (executorch 1.5.1) rewrites the mean of a value times itself as
+    a mean of squares, which its fp16 fallback does not list: on any CPU it runs that node in fp32, and every node
+    after it too, with an fp32 copy of each weight it reads. CloFormer-XXS's fp16 ``.pte`` held 16.5 MB of such
+    copies; with the step, none.
+    """
+    ask_modules(model, "variance_from_two_differences")
+
+
 def norm_constants_as_buffers(model: nn.Module, input_size) -> None:
     """Channel norms' epsilon as a tensor of the model's dtype: a float scalar becomes an fp32 constant and a cast."""
     ask_modules(model, "norm_constants_as_buffers")
@@ -261,11 +272,17 @@ EXTRA_STEPS = {
         pool_as_depthwise_conv,
         silu_as_sigmoid_product,
         gelu_as_erfc_polynomial,
+        variance_from_two_differences,
         norm_constants_as_buffers,
     )
 }
 # what fp16 XNNPACK needs to run the whole network in one partition
-FP16_XNNPACK_STEPS = ["silu_as_sigmoid_product", "gelu_as_erfc_polynomial", "norm_constants_as_buffers"]
+FP16_XNNPACK_STEPS = [
+    "silu_as_sigmoid_product",
+    "gelu_as_erfc_polynomial",
+    "variance_from_two_differences",
+    "norm_constants_as_buffers",
+]
 DEFAULT_STEPS = [s.name for s in DEPLOY_STEPS]
 # the default steps without merged projections (taken by ONNX: channel slices cost it layout reorders)
 UNMERGED_STEPS = [n for n in DEFAULT_STEPS if n != "merge_parallel_convs"]

@@ -64,9 +64,13 @@ class ChannelNorm(nn.Module):
             self.weight = self.bias = None
 
     single_reduce = False  # set by the single_reduce_norm step
+    two_differences = False  # set by the variance_from_two_differences step
 
     def deploy_single_reduce_norm(self) -> None:
         self.single_reduce = True
+
+    def deploy_variance_from_two_differences(self) -> None:
+        self.two_differences = True
 
     def deploy_norm_constants_as_buffers(self) -> None:
         constant_buffer(self, "eps_tensor", self.eps)
@@ -82,8 +86,11 @@ class ChannelNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:  # a power of two: exact, and the norm is scale-free (eps rescaled)
             x = x * self.input_scale
-        xc = x - self._mean_chw(x)
-        var = self._mean_chw(xc * xc)
+        mean = self._mean_chw(x)
+        xc = x - mean
+        # the same products either way; XNNPACK turns mean(xc * xc) into a mean of squares, which it has no fp16
+        # kernel for, and runs that node and every node after it in fp32
+        var = self._mean_chw(xc * (x - mean) if self.two_differences else xc * xc)
         y = xc * torch.rsqrt(var + (self.eps if self.eps_tensor is None else self.eps_tensor))
         if self.weight is not None:
             y = y * self.weight + self.bias
