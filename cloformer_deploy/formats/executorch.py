@@ -59,12 +59,15 @@ class ExecuTorchRunner(Runner):
     def __init__(self, path: Path, threads: int | None = None):
         from executorch.runtime import Runtime
 
-        if threads:
-            from executorch.extension.pybindings import portable_lib
+        # the runtime logs its threadpool reset and cpuinfo's probing through std::cerr, which its bindings send
+        # to sys.stderr: a notebook's or a test's, not the descriptor quiet_libraries filters
+        with native_noise_held():
+            if threads:
+                from executorch.extension.pybindings import portable_lib
 
-            portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's pool is the process's
-        self.program = Runtime.get().load_program(str(path))
-        self.forward = self.program.load_method("forward")
+                portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's pool is the process's
+            self.program = Runtime.get().load_program(str(path))
+            self.forward = self.program.load_method("forward")
         self.dtype = input_dtype(self.forward)
 
     def prepare(self, batch: ImageBatch):
