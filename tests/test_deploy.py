@@ -261,8 +261,8 @@ def _means_of_self_products(module: torch.nn.Module, example: torch.Tensor) -> i
 
 @pytest.mark.parametrize("name", ["cloformer_xxs", "fat_b0"])
 def test_variance_from_two_differences_is_bit_exact_and_leaves_no_mean_of_a_square(name):
-    """XNNPACK (executorch 1.5.1) turns mean(v * v) into a mean of squares, which has no fp16 kernel, and runs it
-    and every node after it in fp32: the fp16 form computes the variance's two factors by two subtractions."""
+    """XNNPACK (executorch 1.5.1) turns mean(v * v) into a mean of squares, which its fp16 fallback does not list,
+    and runs it and every node after it in fp32: the fp16 form computes the variance's factors by two subtractions."""
     from cloformer_deploy.models.deploy import FP16_XNNPACK_STEPS
 
     assert "variance_from_two_differences" in FP16_XNNPACK_STEPS

@@ -229,7 +229,7 @@ def xnnpack_tensors(graph: dict) -> dict[int, dict]:
     for value in graph.get("xvalues", []):
         tensor = value.get("xvalue_union") or {}
         tensor = tensor.get("tensor_value", tensor)
-        tensors[tensor.get("id_out")] = tensor
+        tensors[tensor.get("id_out", 0)] = tensor  # flatc leaves out a field at its default
     return tensors
 
 

@@ -191,10 +191,9 @@ def gelu_as_erfc_polynomial(model: nn.Module, input_size) -> None:
 def variance_from_two_differences(model: nn.Module, input_size) -> None:
     """Channel norms' variance as mean((x - m) * (x - m)) with each difference computed: fp16 stays fp16 in XNNPACK.
 
-    The values are the same bit for bit. XNNPACK (executorch 1.5.1) rewrites the mean of a value times itself as
-    a mean of squares, which its fp16 fallback does not list: on any CPU it runs that node in fp32, and every node
-    after it too, with an fp32 copy of each weight it reads. CloFormer-XXS's fp16 ``.pte`` held 16.5 MB of such
-    copies; with the step, none.
+    In PyTorch the values are the same bit for bit. XNNPACK (executorch 1.5.1) rewrites the mean of a value times
+    itself as a mean of squares, which its fp16 fallback does not list: on any CPU it runs that node in fp32, and
+    every node after it too, with an fp32 copy of each weight they read (docs/exporting.md).
     """
     ask_modules(model, "variance_from_two_differences")
 

@@ -88,8 +88,8 @@ class ChannelNorm(nn.Module):
             x = x * self.input_scale
         mean = self._mean_chw(x)
         xc = x - mean
-        # the same products either way; XNNPACK turns mean(xc * xc) into a mean of squares, which it has no fp16
-        # kernel for, and runs that node and every node after it in fp32
+        # the same products either way; XNNPACK turns mean(xc * xc) into a mean of squares, which its fp16 fallback
+        # does not list: it runs that node and every node after it in fp32
         var = self._mean_chw(xc * (x - mean) if self.two_differences else xc * xc)
         y = xc * torch.rsqrt(var + (self.eps if self.eps_tensor is None else self.eps_tensor))
         if self.weight is not None:

@@ -30,8 +30,7 @@ class CpuProfile:
     features: str  # the Features line of /proc/cpuinfo (the kernel's hwcap names)
     about: str
     fp16: bool  # fp16 arithmetic (ARMv8.2 FEAT_FP16); without it XNNPACK (executorch 1.5.1) runs fp16 programs
-    # in fp32 with fp32 copies of their weights (measured: other outputs than on a Cortex-A76, more memory than the
-    # fp32 program); executorch 1.4.1 refused them
+    # in fp32 with fp32 copies of their weights (docs/targets.md); executorch 1.4.1 refused them
     known_bad_before: tuple[int, ...] | None = None  # QEMU versions below this compute wrong results
     known_bad_why: str = ""
 
